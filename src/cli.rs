@@ -1,0 +1,233 @@
+//! Command-line interface: flag parsing, validation and exit statuses.
+use crate::test_guest;
+use crate::vmm::{self, BootProtocol, KernelSource, SerialOutput, VmConfig};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::error::Error;
+use std::path::PathBuf;
+
+/// skvm failed before or while running the guest (configuration, host or KVM error).
+pub const EXIT_SKVM_ERROR: u8 = 1;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status of `skvm run`:
+  N        the guest wrote N to the debug-exit port (0xf4)
+  0        the guest powered off (ACPI S5)
+  1        skvm failed (bad configuration, missing file, KVM error)
+  2        invalid command line
+  3        the guest asked for a reset (i8042, ACPI reset register); skvm does not reboot
+  4        the guest crashed: triple fault, KVM internal error or failed VM entry
+  130/143  skvm was interrupted by SIGINT/SIGTERM
+A one-line reason is always printed on stderr.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "skvm",
+    version,
+    about = "A KVM hypervisor built for isolation",
+    long_about = "skvm runs x86-64 guests on KVM. Its design goal is isolation: devices are \
+                  meant to run in sandboxed processes that never map guest memory.\n\n\
+                  Quick start: `skvm run` boots the built-in test guest and exits with its status.",
+    after_help = EXIT_STATUS_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// How much skvm itself logs on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogLevel::Warn)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest and run it until it exits.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+    /// Write the built-in test guest (a PVH ELF) to a file, e.g. to boot it under another VMM.
+    ExportTestGuest {
+        /// Where to write the ELF image.
+        #[arg(long, value_name = "PATH")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel: a PVH ELF, a Linux bzImage or an uncompressed vmlinux; the format is
+    /// detected from the file. Without it skvm boots its built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk, handed to the guest as a PVH module or through Linux boot_params.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line. Default: "console=ttyS0 reboot=k panic=1" for kernels,
+    /// "scenario=hello" for the built-in test guest.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Guest RAM, with a K, M, G or T suffix (powers of 1024); a bare number means MiB.
+    /// Must be a multiple of 4 KiB, at least 8M, and no more than the host's RAM.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory_size)]
+    pub memory: u64,
+
+    /// Number of vCPUs (1 to 254), one host thread each.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: u8,
+
+    /// Where the guest's COM1 goes: `stdio` (guest input comes from stdin when it is a
+    /// terminal), `file:PATH` (created or truncated), or `none`.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialOutput,
+
+    /// Boot protocol. `auto` uses PVH when the ELF has a PVH entry note, the Linux 64-bit
+    /// boot protocol otherwise. `linux` forces the 64-bit protocol on a vmlinux with a PVH note.
+    #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
+    pub boot_protocol: BootProtocol,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+pub fn init_logging(level: LogLevel) {
+    use tracing_subscriber::filter::LevelFilter;
+    let filter = match level {
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Trace => LevelFilter::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
+    match command {
+        Command::Run(args) => {
+            let exit = vmm::run(args.into_config())?;
+            eprintln!("skvm: {}", exit.describe());
+            Ok(exit.status())
+        }
+        Command::ExportTestGuest { output } => {
+            std::fs::write(&output, test_guest::IMAGE)
+                .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+            Ok(0)
+        }
+    }
+}
+
+impl RunArgs {
+    fn into_config(self) -> VmConfig {
+        let (kernel, default_cmdline) = match self.kernel {
+            Some(path) => (KernelSource::File(path), "console=ttyS0 reboot=k panic=1"),
+            None => (KernelSource::Embedded(test_guest::IMAGE), test_guest::DEFAULT_CMDLINE),
+        };
+        VmConfig {
+            kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline.unwrap_or_else(|| default_cmdline.to_string()),
+            memory_bytes: self.memory,
+            vcpus: self.cpus,
+            serial: self.serial,
+            boot_protocol: self.boot_protocol,
+        }
+    }
+}
+
+/// Joins an error with its sources into one line.
+pub fn error_chain(err: &dyn Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+const PAGE_SIZE: u64 = 4096;
+const MIN_MEMORY: u64 = 8 << 20;
+
+fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!("`{text}` is not a size; try 512M or 2G"));
+    }
+    let shift = match suffix.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" | "M" => 20,
+        "K" => 10,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown size suffix in `{text}`; use K, M, G or T")),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{text}` is too large"))?;
+    if bytes < MIN_MEMORY {
+        return Err(format!("`{text}` is too small; the guest needs at least 8M"));
+    }
+    if bytes % PAGE_SIZE != 0 {
+        return Err(format!("`{text}` is not a multiple of the 4 KiB page size"));
+    }
+    Ok(bytes)
+}
+
+fn parse_serial(text: &str) -> Result<SerialOutput, String> {
+    match text {
+        "stdio" => Ok(SerialOutput::Stdio),
+        "none" => Ok(SerialOutput::None),
+        _ => match text.strip_prefix("file:") {
+            Some("") => Err("`file:` needs a path, e.g. file:/tmp/console.log".into()),
+            Some(path) => Ok(SerialOutput::File(PathBuf::from(path))),
+            None => Err(format!("`{text}` is not one of stdio, file:PATH, none")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("512"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("16384k"), Ok(16 << 20));
+        assert!(parse_memory_size("0").is_err());
+        assert!(parse_memory_size("1K").is_err());
+        assert!(parse_memory_size("12345679K").is_err());
+        assert!(parse_memory_size("99999999999999T").is_err());
+        assert!(parse_memory_size("lots").is_err());
+        assert!(parse_memory_size("5X").is_err());
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert!(matches!(parse_serial("stdio"), Ok(SerialOutput::Stdio)));
+        assert!(matches!(parse_serial("none"), Ok(SerialOutput::None)));
+        assert!(matches!(parse_serial("file:/tmp/x"), Ok(SerialOutput::File(p)) if p == PathBuf::from("/tmp/x")));
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! skvm: a KVM hypervisor built for isolation.
+//!
+//! The tree follows the trust model: `vmm/` is the trusted VMM process
+//! (KVM, vCPUs, guest memory, boot, legacy devices).
+mod cli;
+mod test_guest;
+mod vmm;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_logging(cli.log_level);
+    match cli::dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("skvm: error: {}", cli::error_chain(err.as_ref()));
+            ExitCode::from(cli::EXIT_SKVM_ERROR)
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Loading a guest: kernel, initrd, command line, platform tables, and the
+//! register state the boot protocol asks for.
+mod acpi;
+mod cpu_state;
+mod kernel;
+mod linux;
+mod pvh;
+
+pub use cpu_state::BootEntry;
+
+use super::config::{KernelSource, VmConfig};
+use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_HOLE_START};
+use super::memory::{memory_map, GuestMemory, GuestRam};
+use super::{Error, Result};
+use kernel::EntryPoint;
+use linux_loader::cmdline::Cmdline;
+use std::path::Path;
+use vm_memory::{Bytes, GuestAddress};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// Where the initrd went.
+#[derive(Debug, Clone, Copy)]
+pub struct InitrdPlacement {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Everything the boot-protocol writers need to describe to the guest.
+pub struct BootInfo {
+    pub memory_bytes: u64,
+    pub cmdline_size: usize,
+    pub initrd: Option<InitrdPlacement>,
+    pub rsdp: u64,
+}
+
+pub fn load(ram: &GuestRam, config: &VmConfig) -> Result<BootEntry> {
+    let mem = ram.memory();
+    let (kernel_name, kernel_bytes) = read_kernel(&config.kernel)?;
+    let kernel = kernel::load(&mem, &kernel_name, &kernel_bytes, config.boot_protocol)?;
+    drop(kernel_bytes);
+
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&mem, path, kernel.end, ram.size(), kernel.initrd_max())?),
+        None => None,
+    };
+    let cmdline_size = write_cmdline(&mem, &config.cmdline)?;
+    let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+    let info = BootInfo { memory_bytes: ram.size(), cmdline_size, initrd, rsdp };
+
+    match kernel.entry {
+        EntryPoint::Pvh(entry) => {
+            pvh::write_start_info(&mem, &info)?;
+            let entry = BootEntry::pvh(entry);
+            entry.write_gdt(&mem)?;
+            Ok(entry)
+        }
+        EntryPoint::Linux64 { entry, setup_header } => {
+            linux::write_boot_params(&mem, &info, setup_header)?;
+            cpu_state::write_linux64_tables(&mem)?;
+            let entry = BootEntry::linux64(entry);
+            entry.write_gdt(&mem)?;
+            Ok(entry)
+        }
+    }
+}
+
+fn read_kernel(source: &KernelSource) -> Result<(String, Vec<u8>)> {
+    match source {
+        KernelSource::Embedded(image) => Ok(("built-in test guest".into(), image.to_vec())),
+        KernelSource::File(path) => {
+            let bytes = std::fs::read(path).map_err(|source| Error::ReadFile { what: "kernel", path: path.clone(), source })?;
+            Ok((path.display().to_string(), bytes))
+        }
+    }
+}
+
+/// Puts the initrd as high as possible in low RAM, page-aligned, above the kernel.
+fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, memory_bytes: u64, max_end: u64) -> Result<InitrdPlacement> {
+    let bytes = std::fs::read(path).map_err(|source| Error::ReadFile { what: "initrd", path: path.into(), source })?;
+    let size = bytes.len() as u64;
+    let top = memory_bytes.min(MMIO_HOLE_START).min(max_end);
+    let addr = top.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1)).filter(|&a| a >= kernel_end);
+    let Some(addr) = addr else {
+        return Err(Error::Boot(format!(
+            "initrd {} ({} MiB) does not fit in guest RAM above the kernel; give the guest more --memory",
+            path.display(),
+            size >> 20
+        )));
+    };
+    mem.write_slice(&bytes, GuestAddress(addr)).map_err(|e| Error::Boot(format!("writing the initrd: {e}")))?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+/// Writes the NUL-terminated command line; returns its size including the NUL.
+fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<usize> {
+    let cmdline = Cmdline::try_from(text, CMDLINE_MAX_SIZE).map_err(|e| {
+        Error::Boot(format!("invalid kernel command line ({e}); at most {} bytes of printable ASCII", CMDLINE_MAX_SIZE - 1))
+    })?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| Error::Boot(format!("writing the command line: {e}")))?;
+    Ok(text.len() + 1)
+}
+
+/// The e820 view of RAM shared by both boot protocols.
+fn e820(info: &BootInfo) -> impl Iterator<Item = (u64, u64, u32)> {
+    memory_map(info.memory_bytes).into_iter().map(|e| (e.start, e.size, e.kind as u32))
+}

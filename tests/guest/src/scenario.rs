@@ -1,0 +1,113 @@
+//! What the guest does, chosen on the command line:
+//!
+//! * `scenario=hello` (default): report what the VMM handed over, then exit.
+//! * `scenario=fault`: execute `ud2` in ring 3; the exception path reports
+//!   it and exits with 0xe6.
+//! * `scenario=triple-fault`: wipe the IDT in memory, then fault: the CPU
+//!   cannot deliver the exception and shuts down.
+//! * `scenario=poweroff`: ACPI S5 without the debug-exit port.
+//! * `scenario=reset`: i8042 reset without the debug-exit port.
+//! * `scenario=spin`: loop forever (for signal tests).
+//! * `scenario=echo`: echo serial input until a newline or `.`.
+//! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
+//!
+//! `exit=N` picks the status for the debug-exit port (default 0).
+use crate::{acpi, console, platform, println, pvh};
+
+const MIB: u64 = 1 << 20;
+/// An address in the VMM's 32-bit MMIO hole that no device claims.
+const UNCLAIMED_MMIO: u64 = 0xdfff_f000;
+
+fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn parse_u8(text: &str) -> Option<u8> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u8::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+fn report(info: &pvh::StartInfo) {
+    println!("cpl: {}", platform::cpl());
+    println!("start-info-version: {}", info.version());
+    println!("modules: {}", info.module_count());
+    println!("cmdline: {}", info.cmdline());
+    let (mut ram, mut ranges, mut ram_end) = (0u64, 0u32, 0u64);
+    for entry in info.memmap() {
+        println!("memmap: {:#012x}-{:#012x} type {}", entry.addr, entry.addr + entry.size, entry.kind);
+        if entry.kind == pvh::E820_RAM {
+            ram += entry.size;
+            ranges += 1;
+            ram_end = ram_end.max(entry.addr + entry.size);
+        }
+    }
+    println!("ram-bytes: {}", ram);
+    println!("ram-ranges: {}", ranges);
+    println!("ram-end: {:#x} ({} MiB)", ram_end, ram_end / MIB);
+    match info.rsdp().and_then(acpi::cpu_count) {
+        Some(cpus) => println!("cpus: {}", cpus),
+        None => println!("cpus: unknown (no valid ACPI MADT)"),
+    }
+}
+
+pub fn run(info: &pvh::StartInfo) -> ! {
+    let cmdline = info.cmdline();
+    let status = param(cmdline, "exit").and_then(parse_u8).unwrap_or(0);
+    let scenario = param(cmdline, "scenario").unwrap_or("hello");
+    report(info);
+    println!("scenario: {}", scenario);
+    match scenario {
+        "hello" => {}
+        "fault" => {
+            // SAFETY: deliberately raises #UD to exercise the exception path.
+            unsafe { core::arch::asm!("ud2") }
+        }
+        "triple-fault" => wipe_idt_and_fault(),
+        "poweroff" => platform::acpi_poweroff(),
+        "reset" => platform::i8042_reset(),
+        "spin" => loop {
+            core::hint::spin_loop();
+        },
+        "echo" => echo(),
+        "mmio-probe" => {
+            platform::mmio_write32(UNCLAIMED_MMIO, 0x5a5a_5a5a);
+            println!("mmio-read: {:#x}", platform::mmio_read32(UNCLAIMED_MMIO));
+        }
+        other => {
+            println!("error: unknown scenario {}", other);
+            platform::exit(0xd1);
+        }
+    }
+    println!("exit: {}", status);
+    platform::exit(status)
+}
+
+fn echo() {
+    console::write_str("echo: ready\n");
+    loop {
+        if let Some(byte) = console::try_read() {
+            let mut buf = [0u8; 4];
+            console::write_str((byte as char).encode_utf8(&mut buf));
+            if byte == b'\n' || byte == b'.' {
+                console::write_str("\necho: done\n");
+                return;
+            }
+        }
+    }
+}
+
+fn wipe_idt_and_fault() -> ! {
+    extern "C" {
+        static mut idt: [u8; 512];
+    }
+    // SAFETY: the IDT page is user-writable in this guest by design; wiping
+    // it makes the next exception undeliverable, which is the point.
+    unsafe {
+        core::ptr::write_bytes(core::ptr::addr_of_mut!(idt) as *mut u8, 0, 512);
+        core::arch::asm!("ud2", options(noreturn))
+    }
+}
