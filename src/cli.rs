@@ -117,7 +117,7 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
         Command::Run(args) => {
             let exit = vmm::run(args.into_config())?;
             eprintln!("skvm: {}", exit.describe());
-            Ok(exit.status())
+            vmm::exit_now(exit.status())
         }
         Command::ExportTestGuest { output } => {
             std::fs::write(&output, test_guest::IMAGE)
@@ -131,7 +131,10 @@ impl RunArgs {
     fn into_config(self) -> VmConfig {
         let (kernel, default_cmdline) = match self.kernel {
             Some(path) => (KernelSource::File(path), "console=ttyS0 reboot=k panic=1"),
-            None => (KernelSource::Embedded(test_guest::IMAGE), test_guest::DEFAULT_CMDLINE),
+            None => (
+                KernelSource::Embedded(test_guest::IMAGE),
+                test_guest::DEFAULT_CMDLINE,
+            ),
         };
         VmConfig {
             kernel,
@@ -165,12 +168,18 @@ const MIN_MEMORY: u64 = 8 << 20;
 
 fn parse_memory_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
     if digits.is_empty() {
         return Err(format!("`{text}` is not a size; try 512M or 2G"));
     }
-    let shift = match suffix.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match suffix
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" | "M" => 20,
         "K" => 10,
         "G" => 30,
@@ -183,7 +192,9 @@ fn parse_memory_size(text: &str) -> Result<u64, String> {
         .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("`{text}` is too large"))?;
     if bytes < MIN_MEMORY {
-        return Err(format!("`{text}` is too small; the guest needs at least 8M"));
+        return Err(format!(
+            "`{text}` is too small; the guest needs at least 8M"
+        ));
     }
     if bytes % PAGE_SIZE != 0 {
         return Err(format!("`{text}` is not a multiple of the 4 KiB page size"));
@@ -226,7 +237,9 @@ mod tests {
     fn serial_specs() {
         assert!(matches!(parse_serial("stdio"), Ok(SerialOutput::Stdio)));
         assert!(matches!(parse_serial("none"), Ok(SerialOutput::None)));
-        assert!(matches!(parse_serial("file:/tmp/x"), Ok(SerialOutput::File(p)) if p == PathBuf::from("/tmp/x")));
+        assert!(
+            matches!(parse_serial("file:/tmp/x"), Ok(SerialOutput::File(p)) if p == std::path::Path::new("/tmp/x"))
+        );
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());
     }

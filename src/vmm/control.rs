@@ -14,12 +14,17 @@ pub struct VmControl {
 impl VmControl {
     pub fn new() -> Self {
         let (sender, receiver) = channel();
-        VmControl { stopping: AtomicBool::new(false), sender, receiver: Mutex::new(receiver) }
+        VmControl {
+            stopping: AtomicBool::new(false),
+            sender,
+            receiver: Mutex::new(receiver),
+        }
     }
 
     /// Asks the VM to stop for `reason`; later requests are ignored.
     pub fn request_exit(&self, reason: VmExit) {
         if !self.stopping.swap(true, Ordering::SeqCst) {
+            tracing::debug!("exit requested: {reason:?}");
             // The receiver lives as long as self, so this cannot fail.
             let _ = self.sender.send(reason);
         }
@@ -32,6 +37,9 @@ impl VmControl {
     /// Blocks until the first exit request and returns it.
     pub fn wait(&self) -> VmExit {
         let receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
-        receiver.recv().unwrap_or(VmExit::Crash { vcpu: 0, reason: "exit channel closed".into() })
+        receiver.recv().unwrap_or(VmExit::Crash {
+            vcpu: 0,
+            reason: "exit channel closed".into(),
+        })
     }
 }

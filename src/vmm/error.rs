@@ -27,7 +27,11 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("{what} {path} is {reason}")]
-    BadImage { what: &'static str, path: String, reason: String },
+    BadImage {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("{0}")]
     Boot(String),
     #[error("cannot open serial output {path}")]

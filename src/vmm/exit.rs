@@ -32,7 +32,9 @@ impl VmExit {
 
     pub fn describe(&self) -> String {
         match self {
-            VmExit::DebugExit(status) => format!("guest exited through the debug port with status {status}"),
+            VmExit::DebugExit(status) => {
+                format!("guest exited through the debug port with status {status}")
+            }
             VmExit::PowerOff => "guest powered off (ACPI S5)".into(),
             VmExit::Reset { source } => format!("guest requested a reset ({source}); stopping"),
             VmExit::TripleFault { vcpu } => format!("guest crashed: triple fault on vCPU {vcpu}"),

@@ -6,7 +6,9 @@ use super::layout::{EBDA_START, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START};
 use super::{Error, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -41,12 +43,28 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 pub fn memory_map(size: u64) -> Vec<MemoryMapEntry> {
     let low_end = size.min(MMIO_HOLE_START);
     let mut map = vec![
-        MemoryMapEntry { start: 0, size: EBDA_START, kind: MemoryKind::Ram },
-        MemoryMapEntry { start: EBDA_START, size: HIMEM_START - EBDA_START, kind: MemoryKind::Reserved },
-        MemoryMapEntry { start: HIMEM_START, size: low_end - HIMEM_START, kind: MemoryKind::Ram },
+        MemoryMapEntry {
+            start: 0,
+            size: EBDA_START,
+            kind: MemoryKind::Ram,
+        },
+        MemoryMapEntry {
+            start: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            kind: MemoryKind::Reserved,
+        },
+        MemoryMapEntry {
+            start: HIMEM_START,
+            size: low_end - HIMEM_START,
+            kind: MemoryKind::Ram,
+        },
     ];
     if size > low_end {
-        map.push(MemoryMapEntry { start: MMIO_HOLE_END, size: size - low_end, kind: MemoryKind::Ram });
+        map.push(MemoryMapEntry {
+            start: MMIO_HOLE_END,
+            size: size - low_end,
+            kind: MemoryKind::Ram,
+        });
     }
     map
 }
@@ -67,11 +85,18 @@ impl GuestRam {
     pub fn new(size: u64) -> Result<Self> {
         if let Some(host) = host_ram_bytes() {
             if size > host {
-                return Err(Error::MemoryTooLarge { requested: size / MIB, available: host / MIB });
+                return Err(Error::MemoryTooLarge {
+                    requested: size / MIB,
+                    available: host / MIB,
+                });
             }
         }
-        let mmap = GuestMemory::from_ranges(&ram_ranges(size)).map_err(|e| Error::AllocateMemory(size / MIB, e))?;
-        Ok(GuestRam { memory: GuestMemoryAtomic::new(mmap), size })
+        let mmap = GuestMemory::from_ranges(&ram_ranges(size))
+            .map_err(|e| Error::AllocateMemory(size / MIB, e))?;
+        Ok(GuestRam {
+            memory: GuestMemoryAtomic::new(mmap),
+            size,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -99,7 +124,8 @@ impl GuestRam {
             };
             // SAFETY: the mapping stays alive as long as the VM: GuestRam outlives
             // every vCPU, and skvm exits without unmapping guest memory.
-            unsafe { vm.set_user_memory_region(slot_region) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(slot_region) }
+                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
@@ -113,11 +139,21 @@ mod tests {
 
     #[test]
     fn small_guest_has_one_low_range() {
-        assert_eq!(ram_ranges(512 * MIB), vec![(GuestAddress(0), (512 * MIB) as usize)]);
+        assert_eq!(
+            ram_ranges(512 * MIB),
+            vec![(GuestAddress(0), (512 * MIB) as usize)]
+        );
         let map = memory_map(512 * MIB);
-        let ram: u64 = map.iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == MemoryKind::Ram)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, 512 * MIB - (HIMEM_START - EBDA_START));
-        assert_eq!(map.last().unwrap().start + map.last().unwrap().size, 512 * MIB);
+        assert_eq!(
+            map.last().unwrap().start + map.last().unwrap().size,
+            512 * MIB
+        );
     }
 
     #[test]
@@ -125,8 +161,17 @@ mod tests {
         let size = 4096 * MIB;
         let ranges = ram_ranges(size);
         assert_eq!(ranges[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(ranges[1], (GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize));
+        assert_eq!(
+            ranges[1],
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize
+            )
+        );
         let last = memory_map(size).pop().unwrap();
-        assert_eq!(last.start + last.size, MMIO_HOLE_END + size - MMIO_HOLE_START);
+        assert_eq!(
+            last.start + last.size,
+            MMIO_HOLE_END + size - MMIO_HOLE_START
+        );
     }
 }

@@ -10,34 +10,48 @@ mod layout;
 mod legacy;
 mod memory;
 mod signals;
+mod teardown;
 mod vcpu;
 mod vm;
 
 pub use config::{BootProtocol, KernelSource, SerialOutput, VmConfig};
 pub use error::Error;
 pub use exit::VmExit;
+pub use teardown::exit_now;
 
 use control::VmControl;
 use kvm_ioctls::Kvm;
 use std::sync::Arc;
+use tracing::debug;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Boots the guest described by `config` and blocks until it stops.
 pub fn run(config: VmConfig) -> Result<VmExit> {
+    let images = boot::BootImages::read(&config)?;
+    // KVM_GET_SUPPORTED_CPUID is slow on some hosts and needs no VM: fetch it
+    // on the second core while this one builds the VM.
+    let cpuid = std::thread::spawn(vcpu::supported_cpuid);
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let vm = vm::create(&kvm)?;
     let ram = memory::GuestRam::new(config.memory_bytes)?;
-    ram.register(&vm)?;
+    let vm = vm::create(&kvm, &ram)?;
+    debug!("VM created with {} MiB of RAM", config.memory_bytes >> 20);
 
     let control = Arc::new(VmControl::new());
-    let legacy = Arc::new(legacy::LegacyDevices::new(&vm, &config.serial, control.clone())?);
-    let entry = boot::load(&ram, &config)?;
+    let legacy = Arc::new(legacy::LegacyDevices::new(
+        &vm,
+        &config.serial,
+        control.clone(),
+    )?);
+    let entry = boot::load(&ram, &config, images)?;
+    debug!("guest loaded: {entry:?}");
 
     // Signals must be blocked before any thread exists so only signals::watch sees them.
     signals::block_exit_signals()?;
-    let base_cpuid = vcpu::supported_cpuid(&kvm)?;
+    let base_cpuid = cpuid
+        .join()
+        .map_err(|_| Error::Boot("CPUID query thread panicked".into()))??;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let vcpu = vcpu::Vcpu::new(&vm, index, legacy.clone(), control.clone())?;
@@ -47,7 +61,12 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     for vcpu in vcpus {
         vcpu.spawn()?;
     }
+    debug!("{} vCPUs running", config.vcpus);
     signals::watch(control.clone())?;
     legacy.forward_stdin_if_terminal();
-    Ok(control.wait())
+    let exit = control.wait();
+    // The caller leaves through `exit_now`, which hands the VM's teardown to the
+    // kernel in the background; unmapping guest memory here would cost more.
+    std::mem::forget((vm, ram, kvm));
+    Ok(exit)
 }

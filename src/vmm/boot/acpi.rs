@@ -5,12 +5,16 @@
 //! The DSDT describes COM1 and the S5 sleep state; later, virtio-mmio devices
 //! (`LNRO0005`), which Debian's kernel finds only through ACPI.
 use super::super::layout::{ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDR, LAPIC_ADDR};
-use super::super::legacy::{ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_GSI};
+use super::super::legacy::{
+    ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_GSI,
+};
 use super::super::memory::GuestMemory;
 use super::super::{Error, Result};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -71,16 +75,34 @@ fn dsdt() -> Vec<u8> {
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
     let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1]);
     // \_S5: SLP_TYP 5 for both PM1 registers; the hardware-reduced path writes it to 0x600.
-    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]));
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]),
+    );
 
-    let mut dsdt = Sdt::new(*b"DSDT", 36, DSDT_REVISION, OEM_ID, *b"SKVMDSDT", OEM_REVISION);
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        *b"SKVMDSDT",
+        OEM_REVISION,
+    );
     dsdt.append_slice(&bytes_of(&system_bus));
     dsdt.append_slice(&bytes_of(&s5));
     dsdt.as_slice().to_vec()
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io_byte = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64);
+    let io_byte = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port as u64,
+        )
+    };
     let mut fadt = FADTBuilder::new(OEM_ID, *b"SKVMFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -89,12 +111,18 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.reset_value = ACPI_RESET_VALUE;
     fadt.sleep_control_reg = io_byte(ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_byte(ACPI_SLEEP_STATUS_PORT);
-    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
+    fadt.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
     bytes_of(&fadt.finalize())
 }
 
 fn madt(vcpus: u8) -> Vec<u8> {
-    let mut madt = MADT::new(OEM_ID, *b"SKVMMADT", OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR));
+    let mut madt = MADT::new(
+        OEM_ID,
+        *b"SKVMMADT",
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
@@ -127,7 +155,10 @@ impl TableWriter<'_> {
 /// Writes all tables and returns the RSDP's address.
 pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<u64> {
     let rsdp_addr = ACPI_TABLES_START;
-    let mut out = TableWriter { mem, next: rsdp_addr + Rsdp::len() as u64 };
+    let mut out = TableWriter {
+        mem,
+        next: rsdp_addr + Rsdp::len() as u64,
+    };
     let dsdt_addr = out.put(&dsdt())?;
     let fadt_addr = out.put(&fadt(dsdt_addr))?;
     let madt_addr = out.put(&madt(vcpus))?;
@@ -135,8 +166,11 @@ pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<u64> {
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     let xsdt_addr = out.put(&bytes_of(&xsdt))?;
-    mem.write_slice(&bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)), GuestAddress(rsdp_addr))
-        .map_err(|e| Error::Boot(format!("writing the RSDP: {e}")))?;
+    mem.write_slice(
+        &bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)),
+        GuestAddress(rsdp_addr),
+    )
+    .map_err(|e| Error::Boot(format!("writing the RSDP: {e}")))?;
     Ok(rsdp_addr)
 }
 

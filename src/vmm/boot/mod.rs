@@ -14,7 +14,6 @@ use super::memory::{memory_map, GuestMemory, GuestRam};
 use super::{Error, Result};
 use kernel::EntryPoint;
 use linux_loader::cmdline::Cmdline;
-use std::path::Path;
 use vm_memory::{Bytes, GuestAddress};
 
 const PAGE_SIZE: u64 = 4096;
@@ -34,19 +33,69 @@ pub struct BootInfo {
     pub rsdp: u64,
 }
 
-pub fn load(ram: &GuestRam, config: &VmConfig) -> Result<BootEntry> {
-    let mem = ram.memory();
-    let (kernel_name, kernel_bytes) = read_kernel(&config.kernel)?;
-    let kernel = kernel::load(&mem, &kernel_name, &kernel_bytes, config.boot_protocol)?;
-    drop(kernel_bytes);
+/// The files a guest boots from, read (and the kernel's format and the
+/// command line checked) before any KVM work, so that bad input fails fast.
+pub struct BootImages {
+    kernel_name: String,
+    kernel: Vec<u8>,
+    initrd: Option<(String, Vec<u8>)>,
+}
 
-    let initrd = match &config.initrd {
-        Some(path) => Some(load_initrd(&mem, path, kernel.end, ram.size(), kernel.initrd_max())?),
+impl BootImages {
+    pub fn read(config: &VmConfig) -> Result<Self> {
+        check_cmdline(&config.cmdline)?;
+        let (kernel_name, kernel) = read_kernel(&config.kernel)?;
+        kernel::detect(&kernel).map_err(|reason| Error::BadImage {
+            what: "kernel",
+            path: kernel_name.clone(),
+            reason,
+        })?;
+        let initrd = match &config.initrd {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|source| Error::ReadFile {
+                    what: "initrd",
+                    path: path.clone(),
+                    source,
+                })?;
+                Some((path.display().to_string(), bytes))
+            }
+            None => None,
+        };
+        Ok(BootImages {
+            kernel_name,
+            kernel,
+            initrd,
+        })
+    }
+}
+
+pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages) -> Result<BootEntry> {
+    let mem = ram.memory();
+    let kernel = kernel::load(
+        &mem,
+        &images.kernel_name,
+        &images.kernel,
+        config.boot_protocol,
+    )?;
+    let initrd = match &images.initrd {
+        Some((name, bytes)) => Some(load_initrd(
+            &mem,
+            name,
+            bytes,
+            kernel.end,
+            ram.size(),
+            kernel.initrd_max(),
+        )?),
         None => None,
     };
     let cmdline_size = write_cmdline(&mem, &config.cmdline)?;
     let rsdp = acpi::write_tables(&mem, config.vcpus)?;
-    let info = BootInfo { memory_bytes: ram.size(), cmdline_size, initrd, rsdp };
+    let info = BootInfo {
+        memory_bytes: ram.size(),
+        cmdline_size,
+        initrd,
+        rsdp,
+    };
 
     match kernel.entry {
         EntryPoint::Pvh(entry) => {
@@ -55,7 +104,10 @@ pub fn load(ram: &GuestRam, config: &VmConfig) -> Result<BootEntry> {
             entry.write_gdt(&mem)?;
             Ok(entry)
         }
-        EntryPoint::Linux64 { entry, setup_header } => {
+        EntryPoint::Linux64 {
+            entry,
+            setup_header,
+        } => {
             linux::write_boot_params(&mem, &info, setup_header)?;
             cpu_state::write_linux64_tables(&mem)?;
             let entry = BootEntry::linux64(entry);
@@ -69,40 +121,71 @@ fn read_kernel(source: &KernelSource) -> Result<(String, Vec<u8>)> {
     match source {
         KernelSource::Embedded(image) => Ok(("built-in test guest".into(), image.to_vec())),
         KernelSource::File(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Error::ReadFile { what: "kernel", path: path.clone(), source })?;
+            let bytes = std::fs::read(path).map_err(|source| Error::ReadFile {
+                what: "kernel",
+                path: path.clone(),
+                source,
+            })?;
             Ok((path.display().to_string(), bytes))
         }
     }
 }
 
 /// Puts the initrd as high as possible in low RAM, page-aligned, above the kernel.
-fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, memory_bytes: u64, max_end: u64) -> Result<InitrdPlacement> {
-    let bytes = std::fs::read(path).map_err(|source| Error::ReadFile { what: "initrd", path: path.into(), source })?;
+fn load_initrd(
+    mem: &GuestMemory,
+    name: &str,
+    bytes: &[u8],
+    kernel_end: u64,
+    memory_bytes: u64,
+    max_end: u64,
+) -> Result<InitrdPlacement> {
     let size = bytes.len() as u64;
     let top = memory_bytes.min(MMIO_HOLE_START).min(max_end);
-    let addr = top.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1)).filter(|&a| a >= kernel_end);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !(PAGE_SIZE - 1))
+        .filter(|&a| a >= kernel_end);
     let Some(addr) = addr else {
         return Err(Error::Boot(format!(
-            "initrd {} ({} MiB) does not fit in guest RAM above the kernel; give the guest more --memory",
-            path.display(),
+            "initrd {name} ({} MiB) does not fit in guest RAM above the kernel; give the guest more --memory",
             size >> 20
         )));
     };
-    mem.write_slice(&bytes, GuestAddress(addr)).map_err(|e| Error::Boot(format!("writing the initrd: {e}")))?;
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| Error::Boot(format!("writing the initrd: {e}")))?;
     Ok(InitrdPlacement { addr, size })
 }
 
 /// Writes the NUL-terminated command line; returns its size including the NUL.
 fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<usize> {
-    let cmdline = Cmdline::try_from(text, CMDLINE_MAX_SIZE).map_err(|e| {
-        Error::Boot(format!("invalid kernel command line ({e}); at most {} bytes of printable ASCII", CMDLINE_MAX_SIZE - 1))
-    })?;
+    let cmdline = Cmdline::try_from(text, CMDLINE_MAX_SIZE)
+        .map_err(|e| Error::Boot(format!("invalid kernel command line: {e}")))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| Error::Boot(format!("writing the command line: {e}")))?;
     Ok(text.len() + 1)
 }
 
+/// Kernels parse the command line as printable ASCII in a fixed buffer.
+fn check_cmdline(text: &str) -> Result<()> {
+    if text.len() >= CMDLINE_MAX_SIZE {
+        return Err(Error::Boot(format!(
+            "the kernel command line is {} bytes; at most {} fit",
+            text.len(),
+            CMDLINE_MAX_SIZE - 1
+        )));
+    }
+    if let Some(at) = text.bytes().position(|b| !(b' '..=b'~').contains(&b)) {
+        return Err(Error::Boot(format!(
+            "the kernel command line has a non-printable or non-ASCII byte at offset {at}"
+        )));
+    }
+    Ok(())
+}
+
 /// The e820 view of RAM shared by both boot protocols.
 fn e820(info: &BootInfo) -> impl Iterator<Item = (u64, u64, u32)> {
-    memory_map(info.memory_bytes).into_iter().map(|e| (e.start, e.size, e.kind as u32))
+    memory_map(info.memory_bytes)
+        .into_iter()
+        .map(|e| (e.start, e.size, e.kind as u32))
 }

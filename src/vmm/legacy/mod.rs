@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use tracing::debug;
 use vm_superio::{I8042Device, Trigger};
 
-pub use power::{ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_RESET_VALUE, DEBUG_EXIT_PORT};
+pub use power::{
+    ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, DEBUG_EXIT_PORT,
+};
 pub use serial::{COM1_BASE, COM1_GSI};
 
 const I8042_DATA_PORT: u16 = 0x60;
@@ -25,7 +27,9 @@ struct ResetLine(Arc<VmControl>);
 impl Trigger for ResetLine {
     type E = std::convert::Infallible;
     fn trigger(&self) -> std::result::Result<(), Self::E> {
-        self.0.request_exit(VmExit::Reset { source: "i8042 reset line" });
+        self.0.request_exit(VmExit::Reset {
+            source: "i8042 reset line",
+        });
         Ok(())
     }
 }

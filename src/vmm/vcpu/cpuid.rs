@@ -16,8 +16,12 @@ const EDX_HTT: u32 = 1 << 28;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
-pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
+/// KVM's supported CPUID table, through a /dev/kvm handle of its own so it
+/// can run beside VM creation.
+pub fn supported_cpuid() -> Result<CpuId> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
 /// Bits needed to number `count` cores.
@@ -72,8 +76,16 @@ mod tests {
 
     fn table() -> CpuId {
         let entries = [
-            kvm_cpuid_entry2 { function: LEAF_FEATURES, ebx: 0xffff_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: LEAF_EXT_TOPOLOGY, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: LEAF_FEATURES,
+                ebx: 0xffff_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: LEAF_EXT_TOPOLOGY,
+                index: 1,
+                ..Default::default()
+            },
         ];
         CpuId::from_entries(&entries).unwrap()
     }

@@ -25,13 +25,12 @@ global_asm!(include_str!("boot.S"), options(att_syntax));
 /// address of the PVH `hvm_start_info`.
 #[no_mangle]
 extern "C" fn guest_main(start_info_addr: u32) -> ! {
-    console::write_str("skvm-test-guest: hello from ring 3\n");
-    let info = match pvh::StartInfo::at(start_info_addr as u64) {
-        Some(info) => info,
-        None => {
-            println!("error: no valid hvm_start_info at {:#x}", start_info_addr);
-            platform::exit(0xd0);
-        }
+    let Some(info) = pvh::StartInfo::at(start_info_addr as u64) else {
+        println!(
+            "skvm-test-guest: error: no valid hvm_start_info at {:#x}",
+            start_info_addr
+        );
+        platform::exit(0xd0);
     };
     scenario::run(&info)
 }

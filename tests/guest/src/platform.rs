@@ -15,13 +15,17 @@ const I8042_RESET: u8 = 0xfe;
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as above.
-    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -41,6 +45,13 @@ pub fn cpl() -> u16 {
     // SAFETY: reading CS has no side effects.
     unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) }
     cs & 3
+}
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc is allowed at CPL3 (CR4.TSD is clear).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (hi as u64) << 32 | lo as u64
 }
 
 /// Ends the VM with `status`: skvm's debug-exit port first, then ACPI S5 and

@@ -30,6 +30,26 @@ pub struct MemmapEntry {
     reserved: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Module {
+    pub paddr: u64,
+    pub size: u64,
+    cmdline_paddr: u64,
+    reserved: u64,
+}
+
+impl Module {
+    /// The module's first byte, or 0 when it is empty or not mapped.
+    pub fn first_byte(&self) -> u8 {
+        if self.size == 0 || !mapped(self.paddr, 1) {
+            return 0;
+        }
+        // SAFETY: mapped, and inside the module.
+        unsafe { read_unaligned(self.paddr as *const u8) }
+    }
+}
+
 pub struct StartInfo {
     raw: RawStartInfo,
 }
@@ -70,6 +90,13 @@ impl StartInfo {
         // SAFETY: `len` bytes were just read from mapped memory.
         let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
         core::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    pub fn first_module(&self) -> Option<Module> {
+        let addr = self.raw.modlist_paddr;
+        let valid = self.raw.nr_modules > 0 && mapped(addr, core::mem::size_of::<Module>() as u64);
+        // SAFETY: the entry lies in mapped memory (checked).
+        valid.then(|| unsafe { read_unaligned(addr as *const Module) })
     }
 
     pub fn rsdp(&self) -> Option<u64> {

@@ -1,6 +1,7 @@
 //! What the guest does, chosen on the command line:
 //!
 //! * `scenario=hello` (default): report what the VMM handed over, then exit.
+//! * `scenario=shutdown`: exit at once, printing nothing (boot benchmarks).
 //! * `scenario=fault`: execute `ud2` in ring 3; the exception path reports
 //!   it and exits with 0xe6.
 //! * `scenario=triple-fault`: wipe the IDT in memory, then fault: the CPU
@@ -9,6 +10,7 @@
 //! * `scenario=reset`: i8042 reset without the debug-exit port.
 //! * `scenario=spin`: loop forever (for signal tests).
 //! * `scenario=echo`: echo serial input until a newline or `.`.
+//! * `scenario=exit-cost`: time port and MMIO exits to unclaimed addresses.
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
 //! `exit=N` picks the status for the debug-exit port (default 0).
@@ -35,10 +37,23 @@ fn report(info: &pvh::StartInfo) {
     println!("cpl: {}", platform::cpl());
     println!("start-info-version: {}", info.version());
     println!("modules: {}", info.module_count());
+    if let Some(module) = info.first_module() {
+        println!(
+            "module0: {:#x} {} bytes, first byte {:#04x}",
+            module.paddr,
+            module.size,
+            module.first_byte()
+        );
+    }
     println!("cmdline: {}", info.cmdline());
     let (mut ram, mut ranges, mut ram_end) = (0u64, 0u32, 0u64);
     for entry in info.memmap() {
-        println!("memmap: {:#012x}-{:#012x} type {}", entry.addr, entry.addr + entry.size, entry.kind);
+        println!(
+            "memmap: {:#012x}-{:#012x} type {}",
+            entry.addr,
+            entry.addr + entry.size,
+            entry.kind
+        );
         if entry.kind == pvh::E820_RAM {
             ram += entry.size;
             ranges += 1;
@@ -58,6 +73,10 @@ pub fn run(info: &pvh::StartInfo) -> ! {
     let cmdline = info.cmdline();
     let status = param(cmdline, "exit").and_then(parse_u8).unwrap_or(0);
     let scenario = param(cmdline, "scenario").unwrap_or("hello");
+    if scenario == "shutdown" {
+        platform::exit(status);
+    }
+    console::write_str("skvm-test-guest: hello from ring 3\n");
     report(info);
     println!("scenario: {}", scenario);
     match scenario {
@@ -73,6 +92,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
             core::hint::spin_loop();
         },
         "echo" => echo(),
+        "exit-cost" => exit_cost(),
         "mmio-probe" => {
             platform::mmio_write32(UNCLAIMED_MMIO, 0x5a5a_5a5a);
             println!("mmio-read: {:#x}", platform::mmio_read32(UNCLAIMED_MMIO));
@@ -110,4 +130,22 @@ fn wipe_idt_and_fault() -> ! {
         core::ptr::write_bytes(core::ptr::addr_of_mut!(idt) as *mut u8, 0, 512);
         core::arch::asm!("ud2", options(noreturn))
     }
+}
+
+/// TSC ticks per VM exit for a ring-3 port write and a ring-3 MMIO write.
+fn exit_cost() {
+    const ROUNDS: u64 = 2000;
+    const UNCLAIMED_PORT: u16 = 0x80;
+    let start = platform::rdtsc();
+    for _ in 0..ROUNDS {
+        platform::outb(UNCLAIMED_PORT, 0);
+    }
+    let port = (platform::rdtsc() - start) / ROUNDS;
+    let start = platform::rdtsc();
+    for _ in 0..ROUNDS {
+        platform::mmio_write32(UNCLAIMED_MMIO, 0);
+    }
+    let mmio = (platform::rdtsc() - start) / ROUNDS;
+    println!("exit-cost-port-tsc: {}", port);
+    println!("exit-cost-mmio-tsc: {}", mmio);
 }

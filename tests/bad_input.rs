@@ -1,0 +1,219 @@
+//! Bad flags and bad files: one clear error line, a non-zero status, no panic.
+mod common;
+
+use common::*;
+
+fn write_temp(name: &str, bytes: &[u8]) -> String {
+    let path = temp_path(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    let out = run(&["run", "--kernel", "/nonexistent/vmlinux"]);
+    out.assert_clean_error();
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr
+            .contains("cannot read kernel /nonexistent/vmlinux: No such file"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn directory_as_kernel() {
+    let out = run(&["run", "--kernel", "/tmp"]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr.contains("cannot read kernel /tmp"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn truncated_elf() {
+    let guest = std::fs::read(TEST_GUEST).unwrap();
+    for (name, len) in [("trunc-header.elf", 40), ("trunc-body.elf", 4096)] {
+        let path = write_temp(name, &guest[..len]);
+        let out = run(&["run", "--kernel", &path]);
+        out.assert_clean_error();
+        assert!(
+            out.stderr.contains(&format!("kernel {path} is")),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn random_bytes_as_kernel() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let path = write_temp("random.bin", &bytes);
+    let out = run(&["run", "--kernel", &path]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr.contains("not a kernel skvm can boot"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn compressed_kernel_is_named_as_such() {
+    let path = write_temp("vmlinuz.gz", &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0]);
+    let out = run(&["run", "--kernel", &path]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("compressed"), "{}", out.stderr);
+}
+
+#[test]
+fn elf_without_pvh_note_cannot_force_pvh() {
+    let mut guest = std::fs::read(TEST_GUEST).unwrap();
+    // Rename the note type (XEN_ELFNOTE_PHYS32_ENTRY = 18) so no PVH entry remains.
+    let needle = [4u8, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = guest
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("PVH note in the test guest");
+    guest[at + 8] = 17;
+    let path = write_temp("no-pvh.elf", &guest);
+    let out = run(&["run", "--kernel", &path, "--boot-protocol", "pvh"]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr.contains("without a PVH entry note"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn missing_initrd() {
+    let out = run(&["run", "--initrd", "/nonexistent/initrd.img"]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr
+            .contains("cannot read initrd /nonexistent/initrd.img"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn initrd_too_big_for_memory() {
+    let path = write_temp("big-initrd.bin", &vec![0u8; 9 << 20]);
+    let out = run(&["run", "--memory", "8M", "--initrd", &path]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr.contains("does not fit in guest RAM"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_memory_sizes() {
+    for (size, expect) in [
+        ("0", "too small"),
+        ("1K", "too small"),
+        ("8193K", "4 KiB page"),
+        ("lots", "not a size"),
+        ("12Q", "unknown size suffix"),
+        ("99999999999999999999G", "too large"),
+    ] {
+        let out = run(&["run", "--memory", size]);
+        out.assert_clean_error();
+        assert_eq!(out.code(), Some(2), "usage errors exit 2");
+        assert!(
+            out.stderr.contains(expect),
+            "--memory {size}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused() {
+    let out = run(&["run", "--memory", "64T"]);
+    out.assert_clean_error();
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr.contains("more than this host's"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_vcpu_counts() {
+    for cpus in ["0", "255", "-1", "many"] {
+        let out = run(&["run", "--cpus", cpus]);
+        out.assert_clean_error();
+        assert_eq!(out.code(), Some(2), "--cpus {cpus}");
+    }
+}
+
+#[test]
+fn bad_serial_and_protocol_values() {
+    for args in [
+        ["--serial", "tcp:1234"],
+        ["--serial", "file:"],
+        ["--boot-protocol", "multiboot"],
+    ] {
+        let mut full = vec!["run"];
+        full.extend_from_slice(&args);
+        let out = run(&full);
+        out.assert_clean_error();
+        assert_eq!(out.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn unwritable_serial_file() {
+    let out = run(&["run", "--serial", "file:/nonexistent/dir/console.log"]);
+    out.assert_clean_error();
+    assert!(
+        out.stderr
+            .contains("cannot open serial output /nonexistent/dir/console.log"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn overlong_or_binary_cmdline() {
+    let long = "x".repeat(3000);
+    for cmdline in [long.as_str(), "bad\u{1}byte"] {
+        let out = run(&["run", "--cmdline", cmdline]);
+        out.assert_clean_error();
+        assert!(out.stderr.contains("command line"), "{}", out.stderr);
+    }
+}
+
+#[test]
+fn help_teaches() {
+    let out = run(&["run", "--help"]);
+    assert_eq!(out.code(), Some(0));
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--serial",
+        "--boot-protocol",
+        "Exit status",
+    ] {
+        assert!(out.stdout.contains(flag), "--help lacks {flag}");
+    }
+}
