@@ -8,7 +8,14 @@ use std::path::PathBuf;
 /// skvm failed before or while running the guest (configuration, host or KVM error).
 pub const EXIT_SKVM_ERROR: u8 = 1;
 
-const EXIT_STATUS_HELP: &str = "\
+const RUN_HELP: &str = "\
+Examples:
+  skvm run                                        boot the built-in test guest
+  skvm run --cpus 2 --cmdline 'scenario=hello exit=3'
+  skvm run --kernel vmlinux --initrd initrd.img --memory 1G --cmdline 'console=ttyS0'
+  skvm run --kernel vmlinux --serial file:/tmp/console.log
+  skvm export-test-guest --output guest.elf       the same guest, for other VMMs
+
 Exit status of `skvm run`:
   N        the guest wrote N to the debug-exit port (0xf4)
   0        the guest powered off (ACPI S5)
@@ -27,7 +34,7 @@ A one-line reason is always printed on stderr.";
     long_about = "skvm runs x86-64 guests on KVM. Its design goal is isolation: devices are \
                   meant to run in sandboxed processes that never map guest memory.\n\n\
                   Quick start: `skvm run` boots the built-in test guest and exits with its status.",
-    after_help = EXIT_STATUS_HELP
+    after_help = RUN_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -41,7 +48,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest and run it until it exits.
-    #[command(after_help = EXIT_STATUS_HELP)]
+    #[command(after_help = RUN_HELP)]
     Run(RunArgs),
     /// Write the built-in test guest (a PVH ELF) to a file, e.g. to boot it under another VMM.
     ExportTestGuest {

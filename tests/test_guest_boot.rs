@@ -287,3 +287,55 @@ fn stdin_that_is_not_a_terminal_is_left_alone() {
     let out = wait_with_deadline(child.spawn().unwrap(), Duration::from_secs(30));
     assert_eq!(out.code(), Some(5));
 }
+
+#[test]
+fn terminal_input_reaches_the_guest() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // A pseudo-terminal stands in for the user's terminal on stdin.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors we then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: both descriptors are fresh and owned here.
+    let (mut master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = skvm(&[
+        "run",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "scenario=echo exit=11",
+    ]);
+    cmd.stdin(slave);
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    master.write_all(b"ping.\n").unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    assert_eq!(
+        out.code(),
+        Some(11),
+        "stdout: {} stderr: {}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("echo: ready")
+            && out.stdout.contains("ping.")
+            && out.stdout.contains("echo: done"),
+        "{}",
+        out.stdout
+    );
+}

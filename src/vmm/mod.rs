@@ -45,7 +45,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         control.clone(),
     )?);
     let entry = boot::load(&ram, &config, images)?;
-    debug!("guest loaded: {entry:?}");
+    debug!("guest loaded: {entry}");
 
     // Signals must be blocked before any thread exists so only signals::watch sees them.
     signals::block_exit_signals()?;

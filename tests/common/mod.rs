@@ -111,6 +111,17 @@ pub fn wait_with_deadline(mut child: Child, limit: Duration) -> Outcome {
     }
 }
 
+/// Runs skvm for `time`, then kills it (if it is still running) and returns what it printed.
+pub fn run_for(args: &[&str], time: Duration) -> Outcome {
+    let mut child = skvm(args).spawn().expect("cannot start skvm");
+    let deadline = Instant::now() + time;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    wait_with_deadline(child, Duration::from_secs(10))
+}
+
 pub fn run(args: &[&str]) -> Outcome {
     wait_with_deadline(
         skvm(args).spawn().expect("cannot start skvm"),
@@ -128,4 +139,48 @@ pub fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("skvm-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
+}
+
+/// Runs skvm until its console prints a line containing every one of `wanted`
+/// (in any lines), then kills it. Returns the console so far, or panics with
+/// it when `limit` passes first.
+pub fn run_until_console_has(args: &[&str], wanted: &[&str], limit: Duration) -> String {
+    use std::io::BufRead;
+    use std::sync::mpsc;
+    let mut child = skvm(args)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start skvm");
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut console = String::new();
+    let result = loop {
+        if wanted.iter().all(|w| console.contains(w)) {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => {
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => break Err("deadline passed"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err("skvm exited"),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(why) = result {
+        panic!("console never showed {wanted:?} ({why} after {limit:?}); console:\n{console}");
+    }
+    console
 }

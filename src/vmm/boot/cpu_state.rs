@@ -110,6 +110,15 @@ fn descriptor(seg: &kvm_segment) -> u64 {
         | ((base >> 24) & 0xff) << 56
 }
 
+impl std::fmt::Display for BootEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.mode {
+            Mode::Protected32 => write!(f, "PVH entry (32-bit protected mode) at {:#x}", self.rip),
+            Mode::Long64 => write!(f, "Linux 64-bit entry (long mode) at {:#x}", self.rip),
+        }
+    }
+}
+
 impl BootEntry {
     pub fn pvh(entry: GuestAddress) -> Self {
         BootEntry {
