@@ -6,14 +6,7 @@ use std::process::Command;
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let guest_dir = manifest_dir.join("tests/guest");
-    for input in [
-        "src",
-        "link.ld",
-        "build.rs",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".cargo/config.toml",
-    ] {
+    for input in ["src", "link.ld", "build.rs", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(input).display());
     }
 
@@ -25,13 +18,7 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest_dir)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--offline",
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--locked", "--offline", "--target-dir"])
         .arg(&guest_target);
     // The outer build's flags and wrappers (clippy, coverage) are not for the guest:
     // it has its own in tests/guest/.cargo/config.toml.
@@ -47,17 +34,11 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd
-        .status()
-        .expect("failed to run cargo for the test guest");
+    let status = cmd.status().expect("failed to run cargo for the test guest");
     if !status.success() {
         panic!("building the test guest in {} failed", guest_dir.display());
     }
     let guest = guest_target.join("release/skvm-test-guest");
-    assert!(
-        Path::new(&guest).exists(),
-        "test guest missing at {}",
-        guest.display()
-    );
+    assert!(Path::new(&guest).exists(), "test guest missing at {}", guest.display());
     println!("cargo:rustc-env=SKVM_TEST_GUEST={}", guest.display());
 }

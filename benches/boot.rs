@@ -38,15 +38,7 @@ fn first_output(binary: &str) -> Duration {
 fn exit(binary: &str) -> Duration {
     let start = Instant::now();
     let status = Command::new(binary)
-        .args([
-            "run",
-            "--memory",
-            "128M",
-            "--serial",
-            "none",
-            "--cmdline",
-            "scenario=shutdown",
-        ])
+        .args(["run", "--memory", "128M", "--serial", "none", "--cmdline", "scenario=shutdown"])
         .stderr(Stdio::null())
         .status()
         .expect("cannot start skvm");

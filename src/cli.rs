@@ -1,6 +1,7 @@
 //! Command-line interface: flag parsing, validation and exit statuses.
+use crate::devices::process::{DeviceProcess, MemoryChannel, Misbehaviour, SharedRegion};
 use crate::test_guest;
-use crate::vmm::{self, BootProtocol, KernelSource, SerialOutput, VmConfig};
+use crate::vmm::{self, BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::error::Error;
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Boot a guest and run it until it exits.
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
+    /// A device process; the VMM starts these itself.
+    #[command(hide = true)]
+    Device(DeviceArgs),
     /// Write the built-in test guest (a PVH ELF) to a file, e.g. to boot it under another VMM.
     ExportTestGuest {
         /// Where to write the ELF image.
@@ -92,6 +96,49 @@ pub struct RunArgs {
     /// boot protocol otherwise. `linux` forces the 64-bit protocol on a vmlinux with a PVH note.
     #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
     pub boot_protocol: BootProtocol,
+    /// A virtio-blk disk backed by a host file: `path=FILE[,readonly=on]`. Repeat for more
+    /// disks (up to 8). Each runs as its own device, in the memory mode below.
+    #[arg(long, value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
+    pub disk: Vec<DiskConfig>,
+
+    /// How devices reach guest memory. `rpc`: a sandboxed process that never maps guest RAM
+    /// and asks the VMM for every access. `shared`: a sandboxed process that maps a memfd of
+    /// guest RAM. `inprocess`: a thread of the VMM.
+    #[arg(long, value_enum, default_value_t = MemoryMode::Rpc, conflicts_with = "rpc_memory")]
+    pub memory_mode: MemoryMode,
+
+    /// Same as `--memory-mode rpc`.
+    #[arg(long)]
+    pub rpc_memory: bool,
+
+    /// Test-only: make every device process misbehave.
+    #[arg(long, value_enum, hide = true)]
+    pub test_device_misbehave: Option<Misbehaviour>,
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    control_fd: i32,
+    #[arg(long)]
+    notify_fd: i32,
+    #[arg(long)]
+    irq_fd: i32,
+    #[arg(long)]
+    disk_fd: i32,
+    #[arg(long, conflicts_with = "memfd")]
+    memory_fd: Option<i32>,
+    #[arg(long, requires = "region")]
+    memfd: Option<i32>,
+    /// GUEST_ADDR:SIZE:FILE_OFFSET of each piece of the memfd.
+    #[arg(long, value_parser = parse_region)]
+    region: Vec<SharedRegion>,
+    #[arg(long)]
+    readonly: bool,
+    #[arg(long, value_enum)]
+    misbehave: Option<Misbehaviour>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -112,11 +159,7 @@ pub fn init_logging(level: LogLevel) {
         LogLevel::Debug => LevelFilter::DEBUG,
         LogLevel::Trace => LevelFilter::TRACE,
     };
-    tracing_subscriber::fmt()
-        .with_max_level(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_max_level(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
@@ -125,6 +168,25 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
             let exit = vmm::run(args.into_config())?;
             eprintln!("skvm: {}", exit.describe());
             vmm::exit_now(exit.status())
+        }
+        Command::Device(args) => {
+            let memory = match (args.memory_fd, args.memfd) {
+                (Some(socket), None) => MemoryChannel::Rpc { socket },
+                (None, Some(memfd)) => MemoryChannel::Shared { memfd, regions: args.region },
+                _ => return Err("a device needs exactly one of --memory-fd and --memfd".into()),
+            };
+            let device = DeviceProcess {
+                name: args.name.clone(),
+                control: args.control_fd,
+                memory,
+                notify: args.notify_fd,
+                irq: args.irq_fd,
+                disk: args.disk_fd,
+                readonly: args.readonly,
+                misbehave: args.misbehave,
+            };
+            device.run().map_err(|e| format!("device {}: {e}", args.name))?;
+            Ok(0)
         }
         Command::ExportTestGuest { output } => {
             std::fs::write(&output, test_guest::IMAGE)
@@ -138,10 +200,7 @@ impl RunArgs {
     fn into_config(self) -> VmConfig {
         let (kernel, default_cmdline) = match self.kernel {
             Some(path) => (KernelSource::File(path), "console=ttyS0 reboot=k panic=1"),
-            None => (
-                KernelSource::Embedded(test_guest::IMAGE),
-                test_guest::DEFAULT_CMDLINE,
-            ),
+            None => (KernelSource::Embedded(test_guest::IMAGE), test_guest::DEFAULT_CMDLINE),
         };
         VmConfig {
             kernel,
@@ -151,6 +210,9 @@ impl RunArgs {
             vcpus: self.cpus,
             serial: self.serial,
             boot_protocol: self.boot_protocol,
+            disks: self.disk,
+            memory_mode: if self.rpc_memory { MemoryMode::Rpc } else { self.memory_mode },
+            test_misbehaviour: self.test_device_misbehave,
         }
     }
 }
@@ -175,18 +237,12 @@ const MIN_MEMORY: u64 = 8 << 20;
 
 fn parse_memory_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
     if digits.is_empty() {
         return Err(format!("`{text}` is not a size; try 512M or 2G"));
     }
-    let shift = match suffix
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
+    let shift = match suffix.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
         "" | "M" => 20,
         "K" => 10,
         "G" => 30,
@@ -199,14 +255,36 @@ fn parse_memory_size(text: &str) -> Result<u64, String> {
         .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("`{text}` is too large"))?;
     if bytes < MIN_MEMORY {
-        return Err(format!(
-            "`{text}` is too small; the guest needs at least 8M"
-        ));
+        return Err(format!("`{text}` is too small; the guest needs at least 8M"));
     }
     if bytes % PAGE_SIZE != 0 {
         return Err(format!("`{text}` is not a multiple of the 4 KiB page size"));
     }
     Ok(bytes)
+}
+
+fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut readonly = false;
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("readonly", "on" | "true")) => readonly = true,
+            Some(("readonly", "off" | "false")) => readonly = false,
+            _ => return Err(format!("`{part}` is not path=FILE or readonly=on|off")),
+        }
+    }
+    let path = path.ok_or("a disk needs path=FILE")?;
+    Ok(DiskConfig { path, readonly })
+}
+
+fn parse_region(text: &str) -> Result<SharedRegion, String> {
+    let parts: Vec<u64> =
+        text.split(':').map(|p| p.parse::<u64>()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    match parts[..] {
+        [guest_addr, size, file_offset] => Ok(SharedRegion { guest_addr, size, file_offset }),
+        _ => Err(format!("`{text}` is not GUEST_ADDR:SIZE:FILE_OFFSET")),
+    }
 }
 
 fn parse_serial(text: &str) -> Result<SerialOutput, String> {
@@ -238,6 +316,16 @@ mod tests {
         assert!(parse_memory_size("99999999999999T").is_err());
         assert!(parse_memory_size("lots").is_err());
         assert!(parse_memory_size("5X").is_err());
+    }
+
+    #[test]
+    fn disk_specs() {
+        let disk = parse_disk("path=/tmp/d.img,readonly=on").unwrap();
+        assert_eq!(disk, DiskConfig { path: "/tmp/d.img".into(), readonly: true });
+        assert!(!parse_disk("path=/tmp/d.img").unwrap().readonly);
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=").is_err());
+        assert!(parse_disk("file=/x").is_err());
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! skvm: a KVM hypervisor built for isolation.
 //!
 //! The tree follows the trust model: `vmm/` is the trusted VMM process
-//! (KVM, vCPUs, guest memory, boot, legacy devices).
+//! (KVM, vCPUs, guest memory, boot, legacy devices, virtio transport and
+//! memory service); `devices/` is device code, which runs untrusted in
+//! sandboxed processes; `sandbox/` confines those processes;
+//! `guest_access.rs` is the one implementation of guest-memory checks.
 mod cli;
+mod devices;
+mod guest_access;
+mod sandbox;
 mod test_guest;
 mod vmm;
 

@@ -14,23 +14,14 @@ fn missing_kernel_file() {
     let out = run(&["run", "--kernel", "/nonexistent/vmlinux"]);
     out.assert_clean_error();
     assert_eq!(out.code(), Some(1));
-    assert!(
-        out.stderr
-            .contains("cannot read kernel /nonexistent/vmlinux: No such file"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot read kernel /nonexistent/vmlinux: No such file"), "{}", out.stderr);
 }
 
 #[test]
 fn directory_as_kernel() {
     let out = run(&["run", "--kernel", "/tmp"]);
     out.assert_clean_error();
-    assert!(
-        out.stderr.contains("cannot read kernel /tmp"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot read kernel /tmp"), "{}", out.stderr);
 }
 
 #[test]
@@ -40,11 +31,7 @@ fn truncated_elf() {
         let path = write_temp(name, &guest[..len]);
         let out = run(&["run", "--kernel", &path]);
         out.assert_clean_error();
-        assert!(
-            out.stderr.contains(&format!("kernel {path} is")),
-            "{}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(&format!("kernel {path} is")), "{}", out.stderr);
     }
 }
 
@@ -62,11 +49,7 @@ fn random_bytes_as_kernel() {
     let path = write_temp("random.bin", &bytes);
     let out = run(&["run", "--kernel", &path]);
     out.assert_clean_error();
-    assert!(
-        out.stderr.contains("not a kernel skvm can boot"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("not a kernel skvm can boot"), "{}", out.stderr);
 }
 
 #[test]
@@ -82,31 +65,19 @@ fn elf_without_pvh_note_cannot_force_pvh() {
     let mut guest = std::fs::read(TEST_GUEST).unwrap();
     // Rename the note type (XEN_ELFNOTE_PHYS32_ENTRY = 18) so no PVH entry remains.
     let needle = [4u8, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
-    let at = guest
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("PVH note in the test guest");
+    let at = guest.windows(needle.len()).position(|w| w == needle).expect("PVH note in the test guest");
     guest[at + 8] = 17;
     let path = write_temp("no-pvh.elf", &guest);
     let out = run(&["run", "--kernel", &path, "--boot-protocol", "pvh"]);
     out.assert_clean_error();
-    assert!(
-        out.stderr.contains("without a PVH entry note"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("without a PVH entry note"), "{}", out.stderr);
 }
 
 #[test]
 fn missing_initrd() {
     let out = run(&["run", "--initrd", "/nonexistent/initrd.img"]);
     out.assert_clean_error();
-    assert!(
-        out.stderr
-            .contains("cannot read initrd /nonexistent/initrd.img"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot read initrd /nonexistent/initrd.img"), "{}", out.stderr);
 }
 
 #[test]
@@ -114,11 +85,7 @@ fn initrd_too_big_for_memory() {
     let path = write_temp("big-initrd.bin", &vec![0u8; 9 << 20]);
     let out = run(&["run", "--memory", "8M", "--initrd", &path]);
     out.assert_clean_error();
-    assert!(
-        out.stderr.contains("does not fit in guest RAM"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("does not fit in guest RAM"), "{}", out.stderr);
 }
 
 #[test]
@@ -134,11 +101,7 @@ fn bad_memory_sizes() {
         let out = run(&["run", "--memory", size]);
         out.assert_clean_error();
         assert_eq!(out.code(), Some(2), "usage errors exit 2");
-        assert!(
-            out.stderr.contains(expect),
-            "--memory {size}: {}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(expect), "--memory {size}: {}", out.stderr);
     }
 }
 
@@ -147,11 +110,7 @@ fn memory_beyond_the_host_is_refused() {
     let out = run(&["run", "--memory", "64T"]);
     out.assert_clean_error();
     assert_eq!(out.code(), Some(1));
-    assert!(
-        out.stderr.contains("more than this host's"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("more than this host's"), "{}", out.stderr);
 }
 
 #[test]
@@ -165,11 +124,7 @@ fn bad_vcpu_counts() {
 
 #[test]
 fn bad_serial_and_protocol_values() {
-    for args in [
-        ["--serial", "tcp:1234"],
-        ["--serial", "file:"],
-        ["--boot-protocol", "multiboot"],
-    ] {
+    for args in [["--serial", "tcp:1234"], ["--serial", "file:"], ["--boot-protocol", "multiboot"]] {
         let mut full = vec!["run"];
         full.extend_from_slice(&args);
         let out = run(&full);
@@ -182,12 +137,7 @@ fn bad_serial_and_protocol_values() {
 fn unwritable_serial_file() {
     let out = run(&["run", "--serial", "file:/nonexistent/dir/console.log"]);
     out.assert_clean_error();
-    assert!(
-        out.stderr
-            .contains("cannot open serial output /nonexistent/dir/console.log"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot open serial output /nonexistent/dir/console.log"), "{}", out.stderr);
 }
 
 #[test]
@@ -204,16 +154,9 @@ fn overlong_or_binary_cmdline() {
 fn help_teaches() {
     let out = run(&["run", "--help"]);
     assert_eq!(out.code(), Some(0));
-    for flag in [
-        "--kernel",
-        "--initrd",
-        "--cmdline",
-        "--memory",
-        "--cpus",
-        "--serial",
-        "--boot-protocol",
-        "Exit status",
-    ] {
+    for flag in
+        ["--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--serial", "--boot-protocol", "Exit status"]
+    {
         assert!(out.stdout.contains(flag), "--help lacks {flag}");
     }
 }

@@ -30,11 +30,7 @@ fn disassemble(section: &str) -> String {
         .args(["-d", "--no-show-raw-insn", "-j", section, TEST_GUEST])
         .output()
         .expect("objdump (binutils) is needed; scripts/setup.sh installs it");
-    assert!(
-        out.status.success(),
-        "objdump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "objdump failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -48,10 +44,7 @@ fn ring0_code_uses_no_instruction_pvm_cannot_run() {
             let text = line.split(":\t").nth(1).unwrap_or("");
             let mnemonic = text.split_whitespace().next().unwrap_or("");
             for bad in FORBIDDEN {
-                assert!(
-                    mnemonic != *bad && !text.contains(bad),
-                    "{section}: forbidden `{bad}` in `{line}`"
-                );
+                assert!(mnemonic != *bad && !text.contains(bad), "{section}: forbidden `{bad}` in `{line}`");
             }
         }
     }
@@ -66,13 +59,7 @@ fn elf_is_a_pvh_kernel_loadable_by_other_vmms() {
     let entry = u64::from_le_bytes(elf[24..32].try_into().unwrap());
     assert!(entry >= 0x10_0000, "entry {entry:#x} below 1 MiB");
     let needle = [4u8, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
-    let at = elf
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("no XEN_ELFNOTE_PHYS32_ENTRY note");
+    let at = elf.windows(needle.len()).position(|w| w == needle).expect("no XEN_ELFNOTE_PHYS32_ENTRY note");
     let pvh_entry = u32::from_le_bytes(elf[at + 16..at + 20].try_into().unwrap());
-    assert!(
-        pvh_entry >= 0x10_0000,
-        "PVH entry {pvh_entry:#x} below 1 MiB"
-    );
+    assert!(pvh_entry >= 0x10_0000, "PVH entry {pvh_entry:#x} below 1 MiB");
 }

@@ -16,8 +16,7 @@ use std::time::Duration;
 /// Time allowed for "Linux version": about 30 s on an idle PVM host, with
 /// room for a loaded machine.
 const FIRST_LINE_LIMIT: Duration = Duration::from_secs(240);
-const CMDLINE: &str =
-    "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 skvm-test-marker";
+const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 skvm-test-marker";
 const INIT_MARKER: &str = "SKVM-LINUX-INIT-OK";
 
 struct Kit {
@@ -28,10 +27,7 @@ impl Kit {
     fn load() -> Kit {
         let env_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/linux-kit/kit.env");
         let text = std::fs::read_to_string(&env_file).unwrap_or_else(|e| {
-            panic!(
-                "no Linux guest kit at {} ({e}); run scripts/linux-kit.sh first",
-                env_file.display()
-            )
+            panic!("no Linux guest kit at {} ({e}); run scripts/linux-kit.sh first", env_file.display())
         });
         let vars = text
             .lines()
@@ -42,14 +38,8 @@ impl Kit {
     }
 
     fn path(&self, key: &str) -> &str {
-        let path = self
-            .vars
-            .get(key)
-            .unwrap_or_else(|| panic!("kit.env has no {key}"));
-        assert!(
-            Path::new(path).exists(),
-            "{key}={path} is missing; rerun scripts/linux-kit.sh"
-        );
+        let path = self.vars.get(key).unwrap_or_else(|| panic!("kit.env has no {key}"));
+        assert!(Path::new(path).exists(), "{key}={path} is missing; rerun scripts/linux-kit.sh");
         path
     }
 }
@@ -86,10 +76,7 @@ fn boots_to_first_lines(kernel_key: &str, protocol: &str) {
         "linux_boot: {kernel_key} via {protocol}: the kernel printed its banner, our command line and our e820 map. \
          Not checked here: the boot to the init marker (slow tier, needs hardware virtualisation)."
     );
-    assert!(
-        console.contains(&kit.vars["KERNEL_VERSION"].replace("-amd64", "")),
-        "unexpected kernel:\n{console}"
-    );
+    assert!(console.contains(&kit.vars["KERNEL_VERSION"].replace("-amd64", "")), "unexpected kernel:\n{console}");
 }
 
 #[test]
@@ -108,30 +95,12 @@ fn bzimage_loads_at_its_64bit_entry_and_runs() {
     // default tier checks that skvm loads it, enters it at load address +
     // 0x200 in long mode, and that it runs for a while without crashing.
     let kit = Kit::load();
-    let args = [
-        "--log-level",
-        "debug",
-        "run",
-        "--kernel",
-        kit.path("BZIMAGE"),
-        "--memory",
-        "256M",
-        "--cmdline",
-        CMDLINE,
-    ];
+    let args =
+        ["--log-level", "debug", "run", "--kernel", kit.path("BZIMAGE"), "--memory", "256M", "--cmdline", CMDLINE];
     let out = run_for(&args, Duration::from_secs(3));
-    assert!(
-        out.stderr
-            .contains("guest loaded: Linux 64-bit entry (long mode) at 0x100200"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("guest loaded: Linux 64-bit entry (long mode) at 0x100200"), "{}", out.stderr);
     assert!(!out.stderr.contains("crashed"), "{}", out.stderr);
-    assert!(
-        out.status.code().is_none(),
-        "skvm stopped by itself: {}",
-        out.stderr
-    );
+    assert!(out.status.code().is_none(), "skvm stopped by itself: {}", out.stderr);
 }
 
 #[test]

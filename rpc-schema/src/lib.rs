@@ -1,10 +1,144 @@
 //! The wire contract between the skvm VMM and its sandboxed device processes.
 //!
 //! Nothing else in skvm defines messages that cross the process boundary.
-//! The services (device -> VMM guest-memory access, VMM -> device control)
-//! arrive with the sandboxed devices; this crate fixes the version they are
-//! negotiated under.
+//! Two tarpc services run over two unix sockets per device, encoded with
+//! bincode 1.3 and length-delimited frames of at most [`MAX_FRAME`] bytes:
+//!
+//! * [`GuestMemory`], served by the VMM: the device's only way to reach
+//!   guest memory. Every request is checked against the current RAM map.
+//! * [`DeviceControl`], served by the device: the VMM activates, configures,
+//!   resets, saves and restores it.
+//!
+//! Both begin with a `hello` that carries [`PROTOCOL_VERSION`]; any other
+//! call before a successful hello is refused.
+//!
+//! A later, higher-level service can let the VMM walk descriptor chains and
+//! hand a device only the buffers the guest posted to it (grant-style
+//! confinement, fewer round trips); [`Segment`] is already the unit such a
+//! service would grant.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Most bytes one memory request may move (sum over its segments).
+pub const MAX_TRANSFER: u64 = 1 << 20;
+/// Most segments in one memory request.
+pub const MAX_SEGMENTS: usize = 1024;
+/// Largest frame either side accepts: a maximal transfer plus encoding overhead.
+pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
+
+/// A range of guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// Bytes to store at a guest-physical address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteSegment {
+    pub addr: u64,
+    pub data: ByteBuf,
+}
+
+/// Why the VMM refused a memory request. Nothing of the request was done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MemoryError {
+    #[error("protocol version {device} is not the VMM's {vmm}")]
+    VersionMismatch { device: u32, vmm: u32 },
+    #[error("no hello yet: the first call must be hello")]
+    NoHello,
+    #[error("range {addr:#x}+{len:#x} overflows the address space")]
+    Overflow { addr: u64, len: u64 },
+    #[error("range {addr:#x}+{len:#x} is not guest RAM")]
+    OutOfRange { addr: u64, len: u64 },
+    #[error("request moves {len} bytes; the limit is {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("request has {count} segments; the limit is {max}")]
+    TooManySegments { count: usize, max: usize },
+    #[error("this device's access to guest memory was revoked")]
+    Revoked,
+}
+
+/// Device -> VMM: guest memory access, the device's only way to reach it.
+#[tarpc::service]
+pub trait GuestMemory {
+    /// Opens the session. `device` names the device in the VMM's logs.
+    async fn hello(version: u32, device: String) -> Result<(), MemoryError>;
+    /// Reads each segment; the reply holds one buffer per segment, in order.
+    async fn read(segments: Vec<Segment>) -> Result<Vec<ByteBuf>, MemoryError>;
+    /// Writes each segment in order; all are checked before any is written.
+    async fn write(segments: Vec<WriteSegment>) -> Result<(), MemoryError>;
+}
+
+/// One virtqueue as the driver set it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    pub index: u16,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// What a device is, reported in its hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Virtio device id (2 = block, 4 = entropy).
+    pub device_id: u32,
+    pub features: u64,
+    pub queue_count: u16,
+    pub max_queue_size: u16,
+    /// The device-specific configuration space.
+    pub config: ByteBuf,
+}
+
+/// A device's state, enough to rebuild its process and carry on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub features: u64,
+    pub queues: Vec<QueueState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub config: QueueConfig,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// Why a device refused a control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DeviceError {
+    #[error("protocol version {vmm} is not the device's {device}")]
+    VersionMismatch { vmm: u32, device: u32 },
+    #[error("invalid queue configuration: {0}")]
+    BadQueue(String),
+    #[error("config access {offset}+{len} is outside the config space")]
+    BadConfigAccess { offset: u32, len: u32 },
+    #[error("the device is not active")]
+    NotActive,
+    #[error("the device failed: {0}")]
+    Failed(String),
+}
+
+/// VMM -> device: lifecycle and configuration.
+#[tarpc::service]
+pub trait DeviceControl {
+    /// Opens the session and describes the device.
+    async fn hello(version: u32) -> Result<DeviceInfo, DeviceError>;
+    /// Starts processing with the negotiated features and the driver's queues.
+    async fn activate(features: u64, queues: Vec<QueueConfig>) -> Result<(), DeviceError>;
+    /// Writes to the device-specific config space.
+    async fn write_config(offset: u32, data: ByteBuf) -> Result<(), DeviceError>;
+    /// Stops processing and forgets the queues.
+    async fn reset() -> Result<(), DeviceError>;
+    /// The state a fresh device process needs to carry on.
+    async fn save() -> Result<DeviceState, DeviceError>;
+    /// Resumes from a saved state.
+    async fn restore(state: DeviceState) -> Result<(), DeviceError>;
+}

@@ -10,6 +10,27 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub serial: SerialOutput,
     pub boot_protocol: BootProtocol,
+    pub disks: Vec<DiskConfig>,
+    pub memory_mode: MemoryMode,
+    /// Test-only: make every device process misbehave this way.
+    pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// How device code reaches guest memory.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryMode {
+    /// A sandboxed process that asks the VMM for every access.
+    Rpc,
+    /// A sandboxed process that maps a memfd of guest RAM.
+    Shared,
+    /// A thread of the VMM.
+    Inprocess,
 }
 
 #[derive(Debug)]

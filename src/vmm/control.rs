@@ -14,11 +14,7 @@ pub struct VmControl {
 impl VmControl {
     pub fn new() -> Self {
         let (sender, receiver) = channel();
-        VmControl {
-            stopping: AtomicBool::new(false),
-            sender,
-            receiver: Mutex::new(receiver),
-        }
+        VmControl { stopping: AtomicBool::new(false), sender, receiver: Mutex::new(receiver) }
     }
 
     /// Asks the VM to stop for `reason`; later requests are ignored.
@@ -37,9 +33,6 @@ impl VmControl {
     /// Blocks until the first exit request and returns it.
     pub fn wait(&self) -> VmExit {
         let receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
-        receiver.recv().unwrap_or(VmExit::Crash {
-            vcpu: 0,
-            reason: "exit channel closed".into(),
-        })
+        receiver.recv().unwrap_or(VmExit::Crash { vcpu: 0, reason: "exit channel closed".into() })
     }
 }

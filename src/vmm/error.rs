@@ -27,11 +27,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("{what} {path} is {reason}")]
-    BadImage {
-        what: &'static str,
-        path: String,
-        reason: String,
-    },
+    BadImage { what: &'static str, path: String, reason: String },
     #[error("{0}")]
     Boot(String),
     #[error("cannot open serial output {path}")]
@@ -40,8 +36,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Device(String),
     #[error("host setup failed: {0}")]
     Host(String, #[source] std::io::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Host("creating an eventfd or socket".into(), e)
+    }
 }
 
 impl Error {

@@ -8,7 +8,8 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  reserved: EBDA and BIOS area, holds the ACPI tables at 0xe_0000
 //! 0x0010_0000  RAM for kernel, initrd and the guest (up to 3 GiB)
-//! 0xc000_0000  32-bit MMIO hole: devices, IOAPIC, LAPIC, KVM's TSS
+//! 0xc000_0000  32-bit MMIO hole: virtio-mmio devices at 0xd000_0000,
+//!              IOAPIC, LAPIC, KVM's TSS
 //! 0x1_0000_0000 RAM above 4 GiB, when there is more than 3 GiB
 //! ```
 
@@ -30,6 +31,11 @@ pub const ACPI_TABLES_END: u64 = 0x100000;
 pub const HIMEM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// virtio-mmio devices, 4 KiB apart, from the bottom of the MMIO hole.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Their interrupts: IOAPIC pins 16 and up (one each, edge-triggered).
+pub const VIRTIO_GSI_BASE: u32 = 16;
+pub const MAX_VIRTIO_DEVICES: usize = 8;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;

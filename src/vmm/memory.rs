@@ -4,10 +4,14 @@
 //! whole (memory hotplug) while vCPUs and device servers read a snapshot.
 use super::layout::{EBDA_START, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START};
 use super::{Error, Result};
+use crate::devices::process::SharedRegion;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -43,28 +47,12 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 pub fn memory_map(size: u64) -> Vec<MemoryMapEntry> {
     let low_end = size.min(MMIO_HOLE_START);
     let mut map = vec![
-        MemoryMapEntry {
-            start: 0,
-            size: EBDA_START,
-            kind: MemoryKind::Ram,
-        },
-        MemoryMapEntry {
-            start: EBDA_START,
-            size: HIMEM_START - EBDA_START,
-            kind: MemoryKind::Reserved,
-        },
-        MemoryMapEntry {
-            start: HIMEM_START,
-            size: low_end - HIMEM_START,
-            kind: MemoryKind::Ram,
-        },
+        MemoryMapEntry { start: 0, size: EBDA_START, kind: MemoryKind::Ram },
+        MemoryMapEntry { start: EBDA_START, size: HIMEM_START - EBDA_START, kind: MemoryKind::Reserved },
+        MemoryMapEntry { start: HIMEM_START, size: low_end - HIMEM_START, kind: MemoryKind::Ram },
     ];
     if size > low_end {
-        map.push(MemoryMapEntry {
-            start: MMIO_HOLE_END,
-            size: size - low_end,
-            kind: MemoryKind::Ram,
-        });
+        map.push(MemoryMapEntry { start: MMIO_HOLE_END, size: size - low_end, kind: MemoryKind::Ram });
     }
     map
 }
@@ -79,24 +67,69 @@ fn host_ram_bytes() -> Option<u64> {
 pub struct GuestRam {
     memory: GuestMemoryAtomic<GuestMemory>,
     size: u64,
+    /// Backing file when RAM must be shareable with device processes.
+    memfd: Option<File>,
+}
+
+fn create_memfd(size: u64) -> Result<File> {
+    // SAFETY: valid NUL-terminated name; the new descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(c"skvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Host("memfd_create for guest RAM".into(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| Error::Host("sizing the guest RAM memfd".into(), e))?;
+    Ok(file)
 }
 
 impl GuestRam {
-    pub fn new(size: u64) -> Result<Self> {
+    /// `shareable` backs RAM with a memfd that device processes can map
+    /// (the `shared` memory mode); otherwise it is private anonymous memory.
+    pub fn new(size: u64, shareable: bool) -> Result<Self> {
         if let Some(host) = host_ram_bytes() {
             if size > host {
-                return Err(Error::MemoryTooLarge {
-                    requested: size / MIB,
-                    available: host / MIB,
-                });
+                return Err(Error::MemoryTooLarge { requested: size / MIB, available: host / MIB });
             }
         }
-        let mmap = GuestMemory::from_ranges(&ram_ranges(size))
-            .map_err(|e| Error::AllocateMemory(size / MIB, e))?;
-        Ok(GuestRam {
-            memory: GuestMemoryAtomic::new(mmap),
-            size,
-        })
+        let ranges = ram_ranges(size);
+        let alloc_err = |e| Error::AllocateMemory(size / MIB, e);
+        let (mmap, memfd) = if shareable {
+            let file = create_memfd(size)?;
+            let mut offset = 0u64;
+            let mut with_files = Vec::with_capacity(ranges.len());
+            for &(addr, len) in &ranges {
+                let handle = file.try_clone().map_err(|e| Error::Host("cloning the RAM memfd".into(), e))?;
+                with_files.push((addr, len, Some(FileOffset::new(handle, offset))));
+                offset += len as u64;
+            }
+            (GuestMemory::from_ranges_with_files(with_files).map_err(alloc_err)?, Some(file))
+        } else {
+            (GuestMemory::from_ranges(&ranges).map_err(alloc_err)?, None)
+        };
+        Ok(GuestRam { memory: GuestMemoryAtomic::new(mmap), size, memfd })
+    }
+
+    /// A handle on the swappable map, for device memory servers.
+    pub fn atomic(&self) -> GuestMemoryAtomic<GuestMemory> {
+        self.memory.clone()
+    }
+
+    pub fn memfd(&self) -> Option<RawFd> {
+        self.memfd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Where each piece of the memfd sits in the guest.
+    pub fn shared_regions(&self) -> Vec<SharedRegion> {
+        let mut offset = 0;
+        ram_ranges(self.size)
+            .into_iter()
+            .map(|(addr, len)| {
+                let region = SharedRegion { guest_addr: addr.0, size: len as u64, file_offset: offset };
+                offset += len as u64;
+                region
+            })
+            .collect()
     }
 
     pub fn size(&self) -> u64 {
@@ -124,14 +157,11 @@ impl GuestRam {
             };
             // SAFETY: the mapping stays alive as long as the VM: GuestRam outlives
             // every vCPU, and skvm exits without unmapping guest memory.
-            unsafe { vm.set_user_memory_region(slot_region) }
-                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(slot_region) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
 }
-
-use vm_memory::GuestAddressSpace as _;
 
 #[cfg(test)]
 mod tests {
@@ -139,21 +169,11 @@ mod tests {
 
     #[test]
     fn small_guest_has_one_low_range() {
-        assert_eq!(
-            ram_ranges(512 * MIB),
-            vec![(GuestAddress(0), (512 * MIB) as usize)]
-        );
+        assert_eq!(ram_ranges(512 * MIB), vec![(GuestAddress(0), (512 * MIB) as usize)]);
         let map = memory_map(512 * MIB);
-        let ram: u64 = map
-            .iter()
-            .filter(|e| e.kind == MemoryKind::Ram)
-            .map(|e| e.size)
-            .sum();
+        let ram: u64 = map.iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
         assert_eq!(ram, 512 * MIB - (HIMEM_START - EBDA_START));
-        assert_eq!(
-            map.last().unwrap().start + map.last().unwrap().size,
-            512 * MIB
-        );
+        assert_eq!(map.last().unwrap().start + map.last().unwrap().size, 512 * MIB);
     }
 
     #[test]
@@ -161,17 +181,8 @@ mod tests {
         let size = 4096 * MIB;
         let ranges = ram_ranges(size);
         assert_eq!(ranges[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(
-            ranges[1],
-            (
-                GuestAddress(MMIO_HOLE_END),
-                (size - MMIO_HOLE_START) as usize
-            )
-        );
+        assert_eq!(ranges[1], (GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize));
         let last = memory_map(size).pop().unwrap();
-        assert_eq!(
-            last.start + last.size,
-            MMIO_HOLE_END + size - MMIO_HOLE_START
-        );
+        assert_eq!(last.start + last.size, MMIO_HOLE_END + size - MMIO_HOLE_START);
     }
 }

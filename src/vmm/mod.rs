@@ -6,15 +6,17 @@ mod config;
 mod control;
 mod error;
 mod exit;
+mod io;
 mod layout;
 mod legacy;
 mod memory;
 mod signals;
 mod teardown;
 mod vcpu;
+mod virtio;
 mod vm;
 
-pub use config::{BootProtocol, KernelSource, SerialOutput, VmConfig};
+pub use config::{BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 pub use error::Error;
 pub use exit::VmExit;
 pub use teardown::exit_now;
@@ -29,32 +31,35 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Boots the guest described by `config` and blocks until it stops.
 pub fn run(config: VmConfig) -> Result<VmExit> {
     let images = boot::BootImages::read(&config)?;
+    // Blocked before any thread exists, so that only signals::watch sees them.
+    signals::block_exit_signals()?;
     // KVM_GET_SUPPORTED_CPUID is slow on some hosts and needs no VM: fetch it
     // on the second core while this one builds the VM.
     let cpuid = std::thread::spawn(vcpu::supported_cpuid);
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let ram = memory::GuestRam::new(config.memory_bytes)?;
+    let shareable = config.memory_mode == MemoryMode::Shared && !config.disks.is_empty();
+    let ram = memory::GuestRam::new(config.memory_bytes, shareable)?;
     let vm = vm::create(&kvm, &ram)?;
     debug!("VM created with {} MiB of RAM", config.memory_bytes >> 20);
 
     let control = Arc::new(VmControl::new());
-    let legacy = Arc::new(legacy::LegacyDevices::new(
-        &vm,
-        &config.serial,
-        control.clone(),
-    )?);
-    let entry = boot::load(&ram, &config, images)?;
+    let legacy = Arc::new(legacy::LegacyDevices::new(&vm, &config.serial, control.clone())?);
+    let devices = if config.disks.is_empty() {
+        Vec::new()
+    } else {
+        let runtime = virtio::start_rpc_runtime()?;
+        virtio::launch(&config, &vm, &ram, &runtime)?
+    };
+    let slots: Vec<virtio::MmioSlot> = devices.iter().map(|d| d.slot).collect();
+    let io = Arc::new(io::IoBus { legacy: legacy.clone(), virtio: devices });
+    let entry = boot::load(&ram, &config, images, &slots)?;
     debug!("guest loaded: {entry}");
 
-    // Signals must be blocked before any thread exists so only signals::watch sees them.
-    signals::block_exit_signals()?;
-    let base_cpuid = cpuid
-        .join()
-        .map_err(|_| Error::Boot("CPUID query thread panicked".into()))??;
+    let base_cpuid = cpuid.join().map_err(|_| Error::Boot("CPUID query thread panicked".into()))??;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let vcpu = vcpu::Vcpu::new(&vm, index, legacy.clone(), control.clone())?;
+        let vcpu = vcpu::Vcpu::new(&vm, index, io.clone(), control.clone())?;
         vcpu.configure(&base_cpuid, config.vcpus, (index == 0).then_some(&entry))?;
         vcpus.push(vcpu);
     }
@@ -65,8 +70,31 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     signals::watch(control.clone())?;
     legacy.forward_stdin_if_terminal();
     let exit = control.wait();
+    report_device_counters(&io);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
     // kernel in the background; unmapping guest memory here would cost more.
-    std::mem::forget((vm, ram, kvm));
+    std::mem::forget((vm, ram, kvm, io));
     Ok(exit)
+}
+
+/// Per-device memory-service counters, for `--log-level info` and benchmarks.
+fn report_device_counters(io: &io::IoBus) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for device in &io.virtio {
+        let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let host = transport.host();
+        if let Some(access) = &host.access {
+            tracing::info!(
+                "device {}: {} memory RPCs, {} bytes, {} refused",
+                host.name,
+                access.rpcs.load(Relaxed),
+                access.bytes.load(Relaxed),
+                access.refused.load(Relaxed)
+            );
+        }
+        let reason = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(reason) = reason {
+            tracing::info!("device {}: failed during the run: {reason}", host.name);
+        }
+    }
 }

@@ -21,10 +21,7 @@ pub fn block_exit_signals() -> Result<()> {
     // SAFETY: valid set, no old mask requested.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(Error::Host(
-            "blocking SIGINT/SIGTERM".into(),
-            std::io::Error::from_raw_os_error(rc),
-        ));
+        return Err(Error::Host("blocking SIGINT/SIGTERM".into(), std::io::Error::from_raw_os_error(rc)));
     }
     Ok(())
 }

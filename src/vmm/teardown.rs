@@ -32,12 +32,7 @@ pub fn exit_now(status: u8) -> ! {
     unsafe {
         let top = stack.as_mut_ptr().add(REAPER_STACK_SIZE) as *mut libc::c_void;
         // If clone fails we simply pay for the teardown ourselves.
-        libc::clone(
-            reaper,
-            top,
-            libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS,
-            std::ptr::null_mut(),
-        );
+        libc::clone(reaper, top, libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS, std::ptr::null_mut());
         libc::_exit(status as i32)
     }
 }

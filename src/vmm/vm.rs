@@ -21,10 +21,7 @@ pub fn check_capabilities(kvm: &Kvm, vcpus: u8) -> Result<()> {
     }
     let max = kvm.get_max_vcpus();
     if vcpus as usize > max {
-        return Err(Error::TooManyVcpus {
-            requested: vcpus,
-            max,
-        });
+        return Err(Error::TooManyVcpus { requested: vcpus, max });
     }
     Ok(())
 }
@@ -37,16 +34,10 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd> {
     ram.register(&vm)?;
     // Both addresses sit in the MMIO hole, away from RAM and devices; they must be
     // set before the first vCPU exists.
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-        .map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDR).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
     Ok(vm)
 }

@@ -24,53 +24,23 @@ impl Outcome {
     /// The value of a `key: value` line the test guest printed.
     pub fn guest_value(&self, key: &str) -> Option<&str> {
         let prefix = format!("{key}: ");
-        self.stdout
-            .lines()
-            .find_map(|line| line.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+        self.stdout.lines().find_map(|line| line.trim_end_matches('\r').strip_prefix(prefix.as_str()))
     }
 
     pub fn assert_clean_error(&self) {
-        assert_ne!(
-            self.code(),
-            Some(0),
-            "expected failure, got success; stderr: {}",
-            self.stderr
-        );
-        assert!(
-            self.code().is_some(),
-            "killed by a signal: {:?}",
-            self.status
-        );
-        assert!(
-            !self.stderr.contains("panicked"),
-            "skvm panicked: {}",
-            self.stderr
-        );
-        assert!(
-            !self.stderr.contains("RUST_BACKTRACE"),
-            "skvm panicked: {}",
-            self.stderr
-        );
-        let lines: Vec<&str> = self
-            .stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
+        assert_ne!(self.code(), Some(0), "expected failure, got success; stderr: {}", self.stderr);
+        assert!(self.code().is_some(), "killed by a signal: {:?}", self.status);
+        assert!(!self.stderr.contains("panicked"), "skvm panicked: {}", self.stderr);
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "skvm panicked: {}", self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(!lines.is_empty(), "no error message");
-        assert!(
-            lines[0].contains("error"),
-            "first stderr line is not an error: {}",
-            self.stderr
-        );
+        assert!(lines[0].contains("error"), "first stderr line is not an error: {}", self.stderr);
     }
 }
 
 pub fn skvm(args: &[&str]) -> Command {
     let mut cmd = Command::new(SKVM);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -104,11 +74,7 @@ pub fn wait_with_deadline(mut child: Child, limit: Duration) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Outcome {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    Outcome { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
 }
 
 /// Runs skvm for `time`, then kills it (if it is still running) and returns what it printed.
@@ -123,10 +89,7 @@ pub fn run_for(args: &[&str], time: Duration) -> Outcome {
 }
 
 pub fn run(args: &[&str]) -> Outcome {
-    wait_with_deadline(
-        skvm(args).spawn().expect("cannot start skvm"),
-        Duration::from_secs(60),
-    )
+    wait_with_deadline(skvm(args).spawn().expect("cannot start skvm"), Duration::from_secs(60))
 }
 
 pub fn run_guest(extra: &[&str], cmdline: &str) -> Outcome {
@@ -147,10 +110,7 @@ pub fn temp_path(name: &str) -> std::path::PathBuf {
 pub fn run_until_console_has(args: &[&str], wanted: &[&str], limit: Duration) -> String {
     use std::io::BufRead;
     use std::sync::mpsc;
-    let mut child = skvm(args)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cannot start skvm");
+    let mut child = skvm(args).stderr(Stdio::inherit()).spawn().expect("cannot start skvm");
     let stdout = child.stdout.take().unwrap();
     let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {

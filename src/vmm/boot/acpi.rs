@@ -5,16 +5,13 @@
 //! The DSDT describes COM1 and the S5 sleep state; later, virtio-mmio devices
 //! (`LNRO0005`), which Debian's kernel finds only through ACPI.
 use super::super::layout::{ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDR, LAPIC_ADDR};
-use super::super::legacy::{
-    ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_GSI,
-};
+use super::super::legacy::{ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_GSI};
 use super::super::memory::GuestMemory;
+use super::super::virtio::MmioSlot;
 use super::super::{Error, Result};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{
-    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
-};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -50,14 +47,33 @@ impl Aml for InterruptSourceOverride {
     }
 }
 
-const PIT_OVERRIDE: InterruptSourceOverride = InterruptSourceOverride {
-    kind: 2,
-    length: 10,
-    bus: 0,
-    source: 0,
-    gsi: U32::new(2),
-    flags: U16::new(0),
-};
+const PIT_OVERRIDE: InterruptSourceOverride =
+    InterruptSourceOverride { kind: 2, length: 10, bus: 0, source: 0, gsi: U32::new(2), flags: U16::new(0) };
+
+/// `Device (VRnn) { _HID "LNRO0005", _UID n, _CRS { Memory32Fixed, Interrupt } }`
+struct VirtioMmioAml {
+    name: String,
+    index: u32,
+    slot: MmioSlot,
+}
+
+impl VirtioMmioAml {
+    fn new(index: usize, slot: &MmioSlot) -> Self {
+        VirtioMmioAml { name: format!("VR{index:02X}"), index: index as u32, slot: *slot }
+    }
+}
+
+impl Aml for VirtioMmioAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let window = aml::Memory32Fixed::new(true, self.slot.base as u32, super::super::virtio::mmio::MMIO_SIZE as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, self.slot.gsi);
+        let resources = aml::ResourceTemplate::new(vec![&window, &irq]);
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &self.index);
+        let crs = aml::Name::new("_CRS".into(), &resources);
+        aml::Device::new(self.name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
+}
 
 fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -65,7 +81,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(devices: &[MmioSlot]) -> Vec<u8> {
     let com1_ports = aml::IO::new(COM1_BASE, COM1_BASE, 1, 8);
     let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
     let com1_resources = aml::ResourceTemplate::new(vec![&com1_ports, &com1_irq]);
@@ -73,36 +89,22 @@ fn dsdt() -> Vec<u8> {
     let uid = aml::Name::new("_UID".into(), &0u8);
     let crs = aml::Name::new("_CRS".into(), &com1_resources);
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    // virtio-mmio devices as Linux's ACPI probe expects them (LNRO0005).
+    let virtio: Vec<VirtioMmioAml> = devices.iter().enumerate().map(|(i, slot)| VirtioMmioAml::new(i, slot)).collect();
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(virtio.iter().map(|d| d as &dyn Aml));
+    let system_bus = aml::Scope::new("\\_SB_".into(), children);
     // \_S5: SLP_TYP 5 for both PM1 registers; the hardware-reduced path writes it to 0x600.
-    let s5 = aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]),
-    );
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]));
 
-    let mut dsdt = Sdt::new(
-        *b"DSDT",
-        36,
-        DSDT_REVISION,
-        OEM_ID,
-        *b"SKVMDSDT",
-        OEM_REVISION,
-    );
+    let mut dsdt = Sdt::new(*b"DSDT", 36, DSDT_REVISION, OEM_ID, *b"SKVMDSDT", OEM_REVISION);
     dsdt.append_slice(&bytes_of(&system_bus));
     dsdt.append_slice(&bytes_of(&s5));
     dsdt.as_slice().to_vec()
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io_byte = |port: u16| {
-        GAS::new(
-            AddressSpace::SystemIo,
-            8,
-            0,
-            AccessSize::ByteAccess,
-            port as u64,
-        )
-    };
+    let io_byte = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64);
     let mut fadt = FADTBuilder::new(OEM_ID, *b"SKVMFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -111,18 +113,12 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.reset_value = ACPI_RESET_VALUE;
     fadt.sleep_control_reg = io_byte(ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_byte(ACPI_SLEEP_STATUS_PORT);
-    fadt.iapc_boot_arch =
-        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
     bytes_of(&fadt.finalize())
 }
 
 fn madt(vcpus: u8) -> Vec<u8> {
-    let mut madt = MADT::new(
-        OEM_ID,
-        *b"SKVMMADT",
-        OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_ADDR),
-    );
+    let mut madt = MADT::new(OEM_ID, *b"SKVMMADT", OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR));
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
@@ -153,24 +149,18 @@ impl TableWriter<'_> {
 }
 
 /// Writes all tables and returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<u64> {
+pub fn write_tables(mem: &GuestMemory, vcpus: u8, devices: &[MmioSlot]) -> Result<u64> {
     let rsdp_addr = ACPI_TABLES_START;
-    let mut out = TableWriter {
-        mem,
-        next: rsdp_addr + Rsdp::len() as u64,
-    };
-    let dsdt_addr = out.put(&dsdt())?;
+    let mut out = TableWriter { mem, next: rsdp_addr + Rsdp::len() as u64 };
+    let dsdt_addr = out.put(&dsdt(devices))?;
     let fadt_addr = out.put(&fadt(dsdt_addr))?;
     let madt_addr = out.put(&madt(vcpus))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"SKVMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     let xsdt_addr = out.put(&bytes_of(&xsdt))?;
-    mem.write_slice(
-        &bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)),
-        GuestAddress(rsdp_addr),
-    )
-    .map_err(|e| Error::Boot(format!("writing the RSDP: {e}")))?;
+    mem.write_slice(&bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)), GuestAddress(rsdp_addr))
+        .map_err(|e| Error::Boot(format!("writing the RSDP: {e}")))?;
     Ok(rsdp_addr)
 }
 
@@ -184,7 +174,7 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_describe_every_cpu() {
-        for table in [dsdt(), fadt(0x1000), madt(3)] {
+        for table in [dsdt(&[]), fadt(0x1000), madt(3)] {
             let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, table.len());
             assert_eq!(checksum(&table), 0);
@@ -203,10 +193,11 @@ mod tests {
 
     #[test]
     fn dsdt_names_com1_and_s5() {
-        let dsdt = dsdt();
+        let dsdt = dsdt(&[MmioSlot { base: 0xd000_0000, gsi: 16 }]);
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"COM1"));
         assert!(has(b"_S5_"));
         assert!(has(b"_CRS"));
+        assert!(has(b"VR00") && has(b"LNRO0005"));
     }
 }

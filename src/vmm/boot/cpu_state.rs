@@ -1,9 +1,7 @@
 //! The boot vCPU's registers for each protocol, and the GDT and page tables
 //! the Linux 64-bit protocol needs in guest memory. Both protocols start in
 //! protected or long mode: real mode is unreliable on some hosts (PVM).
-use super::super::layout::{
-    BOOT_STACK_TOP, GDT_START, PDPT_START, PD_START, PML4_START, ZERO_PAGE_START,
-};
+use super::super::layout::{BOOT_STACK_TOP, GDT_START, PDPT_START, PD_START, PML4_START, ZERO_PAGE_START};
 use super::super::memory::GuestMemory;
 use super::super::{Error, Result};
 use kvm_bindings::{kvm_regs, kvm_segment};
@@ -49,17 +47,9 @@ struct Selectors {
     tss: u16,
 }
 
-const PVH_SELECTORS: Selectors = Selectors {
-    code: 0x08,
-    data: 0x10,
-    tss: 0x18,
-};
+const PVH_SELECTORS: Selectors = Selectors { code: 0x08, data: 0x10, tss: 0x18 };
 /// The Linux boot protocol asks for __BOOT_CS = 0x10 and __BOOT_DS = 0x18.
-const LINUX_SELECTORS: Selectors = Selectors {
-    code: 0x10,
-    data: 0x18,
-    tss: 0x20,
-};
+const LINUX_SELECTORS: Selectors = Selectors { code: 0x10, data: 0x18, tss: 0x20 };
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
@@ -80,27 +70,14 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 }
 
 fn tss_segment(selector: u16) -> kvm_segment {
-    kvm_segment {
-        limit: 0x67,
-        g: 0,
-        s: 0,
-        db: 0,
-        l: 0,
-        type_: SEG_TYPE_TSS_BUSY,
-        ..segment(selector, 0, false)
-    }
+    kvm_segment { limit: 0x67, g: 0, s: 0, db: 0, l: 0, type_: SEG_TYPE_TSS_BUSY, ..segment(selector, 0, false) }
 }
 
 /// Encodes a segment as a GDT descriptor.
 fn descriptor(seg: &kvm_segment) -> u64 {
-    let limit = if seg.g == 1 {
-        seg.limit >> 12
-    } else {
-        seg.limit
-    } as u64;
+    let limit = if seg.g == 1 { seg.limit >> 12 } else { seg.limit } as u64;
     let base = seg.base;
-    let access =
-        seg.type_ as u64 | (seg.s as u64) << 4 | (seg.dpl as u64) << 5 | (seg.present as u64) << 7;
+    let access = seg.type_ as u64 | (seg.s as u64) << 4 | (seg.dpl as u64) << 5 | (seg.present as u64) << 7;
     let flags = (seg.avl as u64) | (seg.l as u64) << 1 | (seg.db as u64) << 2 | (seg.g as u64) << 3;
     (limit & 0xffff)
         | (base & 0xff_ffff) << 16
@@ -121,17 +98,11 @@ impl std::fmt::Display for BootEntry {
 
 impl BootEntry {
     pub fn pvh(entry: GuestAddress) -> Self {
-        BootEntry {
-            mode: Mode::Protected32,
-            rip: entry.0,
-        }
+        BootEntry { mode: Mode::Protected32, rip: entry.0 }
     }
 
     pub fn linux64(entry: GuestAddress) -> Self {
-        BootEntry {
-            mode: Mode::Long64,
-            rip: entry.0,
-        }
+        BootEntry { mode: Mode::Long64, rip: entry.0 }
     }
 
     fn selectors(&self) -> &'static Selectors {
@@ -144,11 +115,7 @@ impl BootEntry {
     fn segments(&self) -> (kvm_segment, kvm_segment, kvm_segment) {
         let sel = self.selectors();
         let long = matches!(self.mode, Mode::Long64);
-        (
-            segment(sel.code, SEG_TYPE_CODE, long),
-            segment(sel.data, SEG_TYPE_DATA, false),
-            tss_segment(sel.tss),
-        )
+        (segment(sel.code, SEG_TYPE_CODE, long), segment(sel.data, SEG_TYPE_DATA, false), tss_segment(sel.tss))
     }
 
     /// The GDT matching `segments`, as the guest would find it at GDT_START.
@@ -170,11 +137,7 @@ impl BootEntry {
         sregs.tr = tss;
         sregs.gdt.base = GDT_START;
         sregs.gdt.limit = (self.gdt().len() * 8 - 1) as u16;
-        let mut regs = kvm_regs {
-            rip: self.rip,
-            rflags: RFLAGS_RESERVED,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rip: self.rip, rflags: RFLAGS_RESERVED, ..Default::default() };
         match self.mode {
             Mode::Protected32 => {
                 sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
@@ -208,24 +171,14 @@ impl BootEntry {
 
 /// Identity-maps the low 4 GiB with 2 MiB pages for the Linux 64-bit entry.
 pub fn write_linux64_tables(mem: &GuestMemory) -> Result<()> {
-    let err =
-        |e: vm_memory::GuestMemoryError| Error::Boot(format!("writing boot page tables: {e}"));
-    mem.write_obj(PDPT_START | PTE_PRESENT_WRITABLE, GuestAddress(PML4_START))
-        .map_err(err)?;
+    let err = |e: vm_memory::GuestMemoryError| Error::Boot(format!("writing boot page tables: {e}"));
+    mem.write_obj(PDPT_START | PTE_PRESENT_WRITABLE, GuestAddress(PML4_START)).map_err(err)?;
     for gib in 0..IDENTITY_MAPPED_GIB {
         let pd = PD_START + gib * 0x1000;
-        mem.write_obj(
-            pd | PTE_PRESENT_WRITABLE,
-            GuestAddress(PDPT_START + gib * 8),
-        )
-        .map_err(err)?;
+        mem.write_obj(pd | PTE_PRESENT_WRITABLE, GuestAddress(PDPT_START + gib * 8)).map_err(err)?;
         for i in 0..512u64 {
             let addr = (gib << 30) | (i << 21);
-            mem.write_obj(
-                addr | PTE_PRESENT_WRITABLE | PDE_LARGE_PAGE,
-                GuestAddress(pd + i * 8),
-            )
-            .map_err(err)?;
+            mem.write_obj(addr | PTE_PRESENT_WRITABLE | PDE_LARGE_PAGE, GuestAddress(pd + i * 8)).map_err(err)?;
         }
     }
     Ok(())
@@ -237,18 +190,9 @@ mod tests {
 
     #[test]
     fn descriptors_match_the_classic_encodings() {
-        assert_eq!(
-            descriptor(&segment(0x10, SEG_TYPE_CODE, true)),
-            0x00af_9b00_0000_ffff
-        );
-        assert_eq!(
-            descriptor(&segment(0x18, SEG_TYPE_DATA, false)),
-            0x00cf_9300_0000_ffff
-        );
-        assert_eq!(
-            descriptor(&segment(0x08, SEG_TYPE_CODE, false)),
-            0x00cf_9b00_0000_ffff
-        );
+        assert_eq!(descriptor(&segment(0x10, SEG_TYPE_CODE, true)), 0x00af_9b00_0000_ffff);
+        assert_eq!(descriptor(&segment(0x18, SEG_TYPE_DATA, false)), 0x00cf_9300_0000_ffff);
+        assert_eq!(descriptor(&segment(0x08, SEG_TYPE_CODE, false)), 0x00cf_9b00_0000_ffff);
         assert_eq!(descriptor(&tss_segment(0x20)), 0x0000_8b00_0000_0067);
     }
 

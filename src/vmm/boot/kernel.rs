@@ -28,10 +28,7 @@ pub enum Format {
 
 pub enum EntryPoint {
     Pvh(GuestAddress),
-    Linux64 {
-        entry: GuestAddress,
-        setup_header: Option<setup_header>,
-    },
+    Linux64 { entry: GuestAddress, setup_header: Option<setup_header> },
 }
 
 pub struct LoadedKernel {
@@ -44,14 +41,10 @@ impl LoadedKernel {
     /// The end of the highest range the kernel accepts an initrd in.
     pub fn initrd_max(&self) -> u64 {
         match &self.entry {
-            EntryPoint::Linux64 {
-                setup_header: Some(hdr),
-                ..
-            } if hdr.initrd_addr_max != 0 => hdr.initrd_addr_max as u64 + 1,
-            EntryPoint::Linux64 {
-                setup_header: Some(_),
-                ..
-            } => DEFAULT_INITRD_ADDR_MAX + 1,
+            EntryPoint::Linux64 { setup_header: Some(hdr), .. } if hdr.initrd_addr_max != 0 => {
+                hdr.initrd_addr_max as u64 + 1
+            }
+            EntryPoint::Linux64 { setup_header: Some(_), .. } => DEFAULT_INITRD_ADDR_MAX + 1,
             _ => u64::MAX,
         }
     }
@@ -68,9 +61,7 @@ pub fn detect(bytes: &[u8]) -> std::result::Result<Format, String> {
         }
         let machine = u16::from_le_bytes([bytes[18], bytes[19]]);
         if machine != EM_X86_64 {
-            return Err(format!(
-                "an ELF file for another architecture (e_machine {machine})"
-            ));
+            return Err(format!("an ELF file for another architecture (e_machine {machine})"));
         }
         return Ok(Format::Elf);
     }
@@ -89,66 +80,37 @@ pub fn detect(bytes: &[u8]) -> std::result::Result<Format, String> {
     Err("not a kernel skvm can boot (expected a PVH ELF, a vmlinux ELF or a bzImage)".into())
 }
 
-pub fn load(
-    mem: &GuestMemory,
-    name: &str,
-    bytes: &[u8],
-    protocol: BootProtocol,
-) -> Result<LoadedKernel> {
-    let bad = |reason: String| Error::BadImage {
-        what: "kernel",
-        path: name.into(),
-        reason,
-    };
+pub fn load(mem: &GuestMemory, name: &str, bytes: &[u8], protocol: BootProtocol) -> Result<LoadedKernel> {
+    let bad = |reason: String| Error::BadImage { what: "kernel", path: name.into(), reason };
     let format = detect(bytes).map_err(bad)?;
     let himem = Some(GuestAddress(HIMEM_START));
     let mut image = Cursor::new(bytes);
     match format {
         Format::Elf => {
-            let result = Elf::load(mem, None, &mut image, himem)
-                .map_err(|e| bad(format!("not loadable: {e}")))?;
+            let result = Elf::load(mem, None, &mut image, himem).map_err(|e| bad(format!("not loadable: {e}")))?;
             let entry = match (result.pvh_boot_cap, protocol) {
-                (
-                    PvhBootCapability::PvhEntryPresent(entry),
-                    BootProtocol::Auto | BootProtocol::Pvh,
-                ) => EntryPoint::Pvh(entry),
-                (_, BootProtocol::Pvh) => {
-                    return Err(bad(
-                        "an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)".into(),
-                    ))
+                (PvhBootCapability::PvhEntryPresent(entry), BootProtocol::Auto | BootProtocol::Pvh) => {
+                    EntryPoint::Pvh(entry)
                 }
-                _ => EntryPoint::Linux64 {
-                    entry: result.kernel_load,
-                    setup_header: None,
-                },
+                (_, BootProtocol::Pvh) => {
+                    return Err(bad("an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)".into()))
+                }
+                _ => EntryPoint::Linux64 { entry: result.kernel_load, setup_header: None },
             };
-            Ok(LoadedKernel {
-                entry,
-                end: result.kernel_end,
-            })
+            Ok(LoadedKernel { entry, end: result.kernel_end })
         }
         Format::BzImage => {
             if protocol == BootProtocol::Pvh {
-                return Err(bad(
-                    "a bzImage, which has no PVH entry; use --boot-protocol linux or auto".into(),
-                ));
+                return Err(bad("a bzImage, which has no PVH entry; use --boot-protocol linux or auto".into()));
             }
-            let result = BzImage::load(mem, None, &mut image, himem)
-                .map_err(|e| bad(format!("not loadable: {e}")))?;
-            let header = result
-                .setup_header
-                .ok_or_else(|| bad("a bzImage without a setup header".into()))?;
+            let result = BzImage::load(mem, None, &mut image, himem).map_err(|e| bad(format!("not loadable: {e}")))?;
+            let header = result.setup_header.ok_or_else(|| bad("a bzImage without a setup header".into()))?;
             if header.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(bad(
-                    "a bzImage without a 64-bit entry point (xloadflags)".into()
-                ));
+                return Err(bad("a bzImage without a 64-bit entry point (xloadflags)".into()));
             }
             let entry = GuestAddress(result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET);
             Ok(LoadedKernel {
-                entry: EntryPoint::Linux64 {
-                    entry,
-                    setup_header: Some(header),
-                },
+                entry: EntryPoint::Linux64 { entry, setup_header: Some(header) },
                 end: result.kernel_end,
             })
         }
@@ -175,9 +137,7 @@ mod tests {
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect(&bz), Ok(Format::BzImage));
 
-        assert!(detect(&[0x1f, 0x8b, 8, 0])
-            .unwrap_err()
-            .contains("compressed"));
+        assert!(detect(&[0x1f, 0x8b, 8, 0]).unwrap_err().contains("compressed"));
         assert!(detect(b"hello world").unwrap_err().contains("not a kernel"));
         assert!(detect(&[]).is_err());
     }

@@ -13,11 +13,7 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 const LOADFLAG_LOADED_HIGH: u8 = 0x01;
 
-pub fn write_boot_params(
-    mem: &GuestMemory,
-    info: &BootInfo,
-    header: Option<setup_header>,
-) -> Result<()> {
+pub fn write_boot_params(mem: &GuestMemory, info: &BootInfo, header: Option<setup_header>) -> Result<()> {
     let mut params = boot_params::default();
     if let Some(header) = header {
         params.hdr = header;
@@ -37,13 +33,8 @@ pub fn write_boot_params(
     }
     params.acpi_rsdp_addr = info.rsdp;
     for (i, (addr, size, kind)) in e820(info).enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: kind,
-        };
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type: kind };
         params.e820_entries = i as u8 + 1;
     }
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|e| Error::Boot(format!("writing boot_params: {e}")))
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START)).map_err(|e| Error::Boot(format!("writing boot_params: {e}")))
 }

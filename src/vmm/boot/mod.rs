@@ -11,6 +11,7 @@ pub use cpu_state::BootEntry;
 use super::config::{KernelSource, VmConfig};
 use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_HOLE_START};
 use super::memory::{memory_map, GuestMemory, GuestRam};
+use super::virtio::MmioSlot;
 use super::{Error, Result};
 use kernel::EntryPoint;
 use linux_loader::cmdline::Cmdline;
@@ -61,41 +62,21 @@ impl BootImages {
             }
             None => None,
         };
-        Ok(BootImages {
-            kernel_name,
-            kernel,
-            initrd,
-        })
+        Ok(BootImages { kernel_name, kernel, initrd })
     }
 }
 
-pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages) -> Result<BootEntry> {
+/// Loads the guest; `devices` are the virtio-mmio slots to describe to it.
+pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages, devices: &[MmioSlot]) -> Result<BootEntry> {
     let mem = ram.memory();
-    let kernel = kernel::load(
-        &mem,
-        &images.kernel_name,
-        &images.kernel,
-        config.boot_protocol,
-    )?;
+    let kernel = kernel::load(&mem, &images.kernel_name, &images.kernel, config.boot_protocol)?;
     let initrd = match &images.initrd {
-        Some((name, bytes)) => Some(load_initrd(
-            &mem,
-            name,
-            bytes,
-            kernel.end,
-            ram.size(),
-            kernel.initrd_max(),
-        )?),
+        Some((name, bytes)) => Some(load_initrd(&mem, name, bytes, kernel.end, ram.size(), kernel.initrd_max())?),
         None => None,
     };
-    let cmdline_size = write_cmdline(&mem, &config.cmdline)?;
-    let rsdp = acpi::write_tables(&mem, config.vcpus)?;
-    let info = BootInfo {
-        memory_bytes: ram.size(),
-        cmdline_size,
-        initrd,
-        rsdp,
-    };
+    let cmdline_size = write_cmdline(&mem, &with_devices(&config.cmdline, devices)?)?;
+    let rsdp = acpi::write_tables(&mem, config.vcpus, devices)?;
+    let info = BootInfo { memory_bytes: ram.size(), cmdline_size, initrd, rsdp };
 
     match kernel.entry {
         EntryPoint::Pvh(entry) => {
@@ -104,10 +85,7 @@ pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages) -> Result<Boo
             entry.write_gdt(&mem)?;
             Ok(entry)
         }
-        EntryPoint::Linux64 {
-            entry,
-            setup_header,
-        } => {
+        EntryPoint::Linux64 { entry, setup_header } => {
             linux::write_boot_params(&mem, &info, setup_header)?;
             cpu_state::write_linux64_tables(&mem)?;
             let entry = BootEntry::linux64(entry);
@@ -121,11 +99,8 @@ fn read_kernel(source: &KernelSource) -> Result<(String, Vec<u8>)> {
     match source {
         KernelSource::Embedded(image) => Ok(("built-in test guest".into(), image.to_vec())),
         KernelSource::File(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Error::ReadFile {
-                what: "kernel",
-                path: path.clone(),
-                source,
-            })?;
+            let bytes =
+                std::fs::read(path).map_err(|source| Error::ReadFile { what: "kernel", path: path.clone(), source })?;
             Ok((path.display().to_string(), bytes))
         }
     }
@@ -142,18 +117,14 @@ fn load_initrd(
 ) -> Result<InitrdPlacement> {
     let size = bytes.len() as u64;
     let top = memory_bytes.min(MMIO_HOLE_START).min(max_end);
-    let addr = top
-        .checked_sub(size)
-        .map(|a| a & !(PAGE_SIZE - 1))
-        .filter(|&a| a >= kernel_end);
+    let addr = top.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1)).filter(|&a| a >= kernel_end);
     let Some(addr) = addr else {
         return Err(Error::Boot(format!(
             "initrd {name} ({} MiB) does not fit in guest RAM above the kernel; give the guest more --memory",
             size >> 20
         )));
     };
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|e| Error::Boot(format!("writing the initrd: {e}")))?;
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| Error::Boot(format!("writing the initrd: {e}")))?;
     Ok(InitrdPlacement { addr, size })
 }
 
@@ -164,6 +135,17 @@ fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<usize> {
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| Error::Boot(format!("writing the command line: {e}")))?;
     Ok(text.len() + 1)
+}
+
+/// Appends `virtio_mmio.device=` for each device, for kernels that find
+/// virtio-mmio devices on the command line (Debian's find them through ACPI).
+fn with_devices(cmdline: &str, devices: &[MmioSlot]) -> Result<String> {
+    let mut full = cmdline.to_string();
+    for slot in devices {
+        full.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.gsi));
+    }
+    check_cmdline(&full)?;
+    Ok(full)
 }
 
 /// Kernels parse the command line as printable ASCII in a fixed buffer.
@@ -185,7 +167,5 @@ fn check_cmdline(text: &str) -> Result<()> {
 
 /// The e820 view of RAM shared by both boot protocols.
 fn e820(info: &BootInfo) -> impl Iterator<Item = (u64, u64, u32)> {
-    memory_map(info.memory_bytes)
-        .into_iter()
-        .map(|e| (e.start, e.size, e.kind as u32))
+    memory_map(info.memory_bytes).into_iter().map(|e| (e.start, e.size, e.kind as u32))
 }

@@ -1,21 +1,18 @@
 //! Devices the VMM emulates itself on the port I/O bus: COM1, the i8042
 //! reset line, skvm's debug-exit port and the ACPI sleep/reset register.
-//! Anything else on the port or MMIO buses reads as all-ones and ignores
-//! writes, as on real hardware with nothing decoding the address.
+//! Other ports read as all-ones and ignore writes.
 mod power;
 mod serial;
 
 use super::control::VmControl;
 use super::exit::VmExit;
-use super::{Error, Result, SerialOutput};
+use super::{Result, SerialOutput};
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 use tracing::debug;
 use vm_superio::{I8042Device, Trigger};
 
-pub use power::{
-    ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, DEBUG_EXIT_PORT,
-};
+pub use power::{ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, DEBUG_EXIT_PORT};
 pub use serial::{COM1_BASE, COM1_GSI};
 
 const I8042_DATA_PORT: u16 = 0x60;
@@ -27,9 +24,7 @@ struct ResetLine(Arc<VmControl>);
 impl Trigger for ResetLine {
     type E = std::convert::Infallible;
     fn trigger(&self) -> std::result::Result<(), Self::E> {
-        self.0.request_exit(VmExit::Reset {
-            source: "i8042 reset line",
-        });
+        self.0.request_exit(VmExit::Reset { source: "i8042 reset line" });
         Ok(())
     }
 }
@@ -52,9 +47,8 @@ impl LegacyDevices {
     pub fn forward_stdin_if_terminal(self: &Arc<Self>) {
         if self.serial.reads_stdin() {
             let devices = self.clone();
-            if let Err(e) = std::thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || serial::forward_stdin(&devices.serial))
+            if let Err(e) =
+                std::thread::Builder::new().name("stdin".into()).spawn(move || serial::forward_stdin(&devices.serial))
             {
                 tracing::warn!("no serial input: cannot start the stdin thread: {e}");
             }
@@ -90,24 +84,9 @@ impl LegacyDevices {
             _ => debug!("unclaimed port write {port:#x} = {data:02x?}"),
         }
     }
-
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        debug!("unclaimed MMIO read {addr:#x} ({} bytes)", data.len());
-        data.fill(0xff);
-    }
-
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        debug!("unclaimed MMIO write {addr:#x} = {data:02x?}");
-    }
 }
 
 /// Device state stays usable even if a thread panicked while holding it.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Host("creating an eventfd".into(), e)
-    }
 }

@@ -20,9 +20,7 @@ const S5: u8 = 5;
 
 pub fn sleep_control_write(value: u8) -> Option<VmExit> {
     if value == ACPI_RESET_VALUE {
-        return Some(VmExit::Reset {
-            source: "ACPI reset register",
-        });
+        return Some(VmExit::Reset { source: "ACPI reset register" });
     }
     let sleep_type = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
     (value & SLP_EN != 0 && sleep_type == S5).then_some(VmExit::PowerOff)

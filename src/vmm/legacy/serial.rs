@@ -38,21 +38,15 @@ impl Com1 {
         let (sink, reads_stdin): (Box<dyn Write + Send>, bool) = match output {
             SerialOutput::Stdio => (Box::new(std::io::stdout()), std::io::stdin().is_terminal()),
             SerialOutput::File(path) => {
-                let file = std::fs::File::create(path).map_err(|source| Error::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?;
+                let file =
+                    std::fs::File::create(path).map_err(|source| Error::SerialFile { path: path.clone(), source })?;
                 (Box::new(file), false)
             }
             SerialOutput::None => (Box::new(std::io::sink()), false),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.register_irqfd(&irq, COM1_GSI)
-            .map_err(Error::kvm("KVM_IRQFD (COM1)"))?;
-        Ok(Com1 {
-            uart: Mutex::new(Serial::new(IrqLine(irq), sink)),
-            reads_stdin,
-        })
+        vm.register_irqfd(&irq, COM1_GSI).map_err(Error::kvm("KVM_IRQFD (COM1)"))?;
+        Ok(Com1 { uart: Mutex::new(Serial::new(IrqLine(irq), sink)), reads_stdin })
     }
 
     pub fn reads_stdin(&self) -> bool {

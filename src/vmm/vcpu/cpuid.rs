@@ -20,8 +20,7 @@ const TOPOLOGY_LEVEL_CORE: u32 = 2;
 /// can run beside VM creation.
 pub fn supported_cpuid() -> Result<CpuId> {
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
 /// Bits needed to number `count` cores.
@@ -76,16 +75,8 @@ mod tests {
 
     fn table() -> CpuId {
         let entries = [
-            kvm_cpuid_entry2 {
-                function: LEAF_FEATURES,
-                ebx: 0xffff_0800,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: LEAF_EXT_TOPOLOGY,
-                index: 1,
-                ..Default::default()
-            },
+            kvm_cpuid_entry2 { function: LEAF_FEATURES, ebx: 0xffff_0800, ..Default::default() },
+            kvm_cpuid_entry2 { function: LEAF_EXT_TOPOLOGY, index: 1, ..Default::default() },
         ];
         CpuId::from_entries(&entries).unwrap()
     }

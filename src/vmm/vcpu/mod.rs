@@ -7,7 +7,7 @@ pub use cpuid::supported_cpuid;
 use super::boot::BootEntry;
 use super::control::VmControl;
 use super::exit::VmExit;
-use super::legacy::LegacyDevices;
+use super::io::IoBus;
 use super::{Error, Result};
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -17,40 +17,21 @@ use tracing::debug;
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
-    devices: Arc<LegacyDevices>,
+    io: Arc<IoBus>,
     control: Arc<VmControl>,
 }
 
 impl Vcpu {
-    pub fn new(
-        vm: &VmFd,
-        index: u8,
-        devices: Arc<LegacyDevices>,
-        control: Arc<VmControl>,
-    ) -> Result<Self> {
-        let fd = vm
-            .create_vcpu(index as u64)
-            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-        Ok(Vcpu {
-            fd,
-            index,
-            devices,
-            control,
-        })
+    pub fn new(vm: &VmFd, index: u8, io: Arc<IoBus>, control: Arc<VmControl>) -> Result<Self> {
+        let fd = vm.create_vcpu(index as u64).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu { fd, index, io, control })
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; registers only for the boot
     /// vCPU (the others wait for INIT/SIPI in the in-kernel LAPIC).
-    pub fn configure(
-        &self,
-        base_cpuid: &CpuId,
-        vcpu_count: u8,
-        boot: Option<&BootEntry>,
-    ) -> Result<()> {
+    pub fn configure(&self, base_cpuid: &CpuId, vcpu_count: u8, boot: Option<&BootEntry>) -> Result<()> {
         let cpuid = cpuid::for_vcpu(base_cpuid, self.index, vcpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        self.fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         setup::set_boot_msrs(&self.fd)?;
         setup::set_fpu(&self.fd)?;
         setup::set_lint(&self.fd)?;
@@ -75,42 +56,29 @@ impl Vcpu {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => {
-                    self.control.request_exit(VmExit::Crash {
-                        vcpu: index,
-                        reason: format!("KVM_RUN failed: {e}"),
-                    });
+                    self.control.request_exit(VmExit::Crash { vcpu: index, reason: format!("KVM_RUN failed: {e}") });
                     return;
                 }
             };
             match exit {
-                VcpuExit::IoIn(port, data) => self.devices.pio_read(port, data),
-                VcpuExit::IoOut(port, data) => self.devices.pio_write(port, data),
-                VcpuExit::MmioRead(addr, data) => self.devices.mmio_read(addr, data),
-                VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
-                VcpuExit::Shutdown => self
-                    .control
-                    .request_exit(VmExit::TripleFault { vcpu: index }),
-                VcpuExit::SystemEvent(kind, _) => {
-                    self.control.request_exit(system_event(kind, index))
-                }
+                VcpuExit::IoIn(port, data) => self.io.pio_read(port, data),
+                VcpuExit::IoOut(port, data) => self.io.pio_write(port, data),
+                VcpuExit::MmioRead(addr, data) => self.io.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) => self.io.mmio_write(addr, data),
+                VcpuExit::Shutdown => self.control.request_exit(VmExit::TripleFault { vcpu: index }),
+                VcpuExit::SystemEvent(kind, _) => self.control.request_exit(system_event(kind, index)),
                 VcpuExit::Hlt => debug!("vCPU {index} halted"),
                 VcpuExit::FailEntry(reason, cpu) => self.control.request_exit(VmExit::Crash {
                     vcpu: index,
-                    reason: format!(
-                        "VM entry failed (hardware reason {reason:#x}, host CPU {cpu})"
-                    ),
+                    reason: format!("VM entry failed (hardware reason {reason:#x}, host CPU {cpu})"),
                 }),
                 VcpuExit::InternalError => {
                     let reason = internal_error(&mut self.fd);
-                    self.control.request_exit(VmExit::Crash {
-                        vcpu: index,
-                        reason,
-                    });
+                    self.control.request_exit(VmExit::Crash { vcpu: index, reason });
                 }
-                other => self.control.request_exit(VmExit::Crash {
-                    vcpu: index,
-                    reason: format!("unexpected KVM exit {other:?}"),
-                }),
+                other => self
+                    .control
+                    .request_exit(VmExit::Crash { vcpu: index, reason: format!("unexpected KVM exit {other:?}") }),
             }
         }
     }
@@ -119,13 +87,8 @@ impl Vcpu {
 fn system_event(kind: u32, vcpu: u8) -> VmExit {
     match kind {
         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
-        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset {
-            source: "KVM system event",
-        },
-        other => VmExit::Crash {
-            vcpu,
-            reason: format!("KVM system event {other}"),
-        },
+        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset { source: "KVM system event" },
+        other => VmExit::Crash { vcpu, reason: format!("KVM system event {other}") },
     }
 }
 
@@ -133,9 +96,6 @@ fn system_event(kind: u32, vcpu: u8) -> VmExit {
 fn internal_error(fd: &mut VcpuFd) -> String {
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
     let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-    let rip = fd
-        .get_regs()
-        .map(|r| format!("{:#x}", r.rip))
-        .unwrap_or_else(|_| "unknown".into());
+    let rip = fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
     format!("KVM internal error (suberror {suberror}) at rip {rip}")
 }

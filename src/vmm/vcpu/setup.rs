@@ -35,33 +35,18 @@ pub fn set_boot_msrs(fd: &VcpuFd) -> Result<()> {
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ];
-    let entries: Vec<kvm_msr_entry> = values
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|_| Error::Boot("too many boot MSRs".into()))?;
+    let entries: Vec<kvm_msr_entry> =
+        values.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Boot("too many boot MSRs".into()))?;
     let written = fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
     if written < entries.len() {
-        debug!(
-            "KVM took {written} of {} boot MSRs; first refused: {:#x}",
-            entries.len(),
-            entries[written].index
-        );
+        debug!("KVM took {written} of {} boot MSRs; first refused: {:#x}", entries.len(), entries[written].index);
     }
     Ok(())
 }
 
 pub fn set_fpu(fd: &VcpuFd) -> Result<()> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     fd.set_fpu(&fpu).map_err(Error::kvm("KVM_SET_FPU"))
 }
 
@@ -78,16 +63,10 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// firmware leaves them on a PC.
 pub fn set_lint(fd: &VcpuFd) -> Result<()> {
     let mut lapic = fd.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
-    for (offset, mode) in [
-        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
-        (APIC_LVT_LINT1, APIC_MODE_NMI),
-    ] {
+    for (offset, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
         let reg = &mut lapic.regs[offset..offset + 4];
         let value = u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
-        for (dst, src) in reg
-            .iter_mut()
-            .zip(set_delivery_mode(value, mode).to_le_bytes())
-        {
+        for (dst, src) in reg.iter_mut().zip(set_delivery_mode(value, mode).to_le_bytes()) {
             *dst = src as libc::c_char;
         }
     }
@@ -100,10 +79,7 @@ mod tests {
 
     #[test]
     fn delivery_mode_replaces_only_bits_8_to_10() {
-        assert_eq!(
-            set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
-            0x0001_0700
-        );
+        assert_eq!(set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
         assert_eq!(set_delivery_mode(0x0001_0700, APIC_MODE_NMI), 0x0001_0400);
     }
 }

@@ -16,8 +16,7 @@ fn checksum_ok(addr: u64, len: u64) -> bool {
 
 /// Finds a table by signature through the RSDP's XSDT.
 fn find_table(rsdp: u64, wanted: &[u8; 4]) -> Option<u64> {
-    if &read::<[u8; 8]>(rsdp) != b"RSD PTR " || read::<u8>(rsdp + 15) < 2 || !checksum_ok(rsdp, 20)
-    {
+    if &read::<[u8; 8]>(rsdp) != b"RSD PTR " || read::<u8>(rsdp + 15) < 2 || !checksum_ok(rsdp, 20) {
         return None;
     }
     let xsdt: u64 = read(rsdp + 24);

@@ -11,11 +11,14 @@
 #![no_main]
 
 mod acpi;
+mod blk;
+mod blk_scenarios;
 mod console;
 mod mem;
 mod platform;
 mod pvh;
 mod scenario;
+mod virtio;
 
 use core::arch::global_asm;
 
@@ -26,10 +29,7 @@ global_asm!(include_str!("boot.S"), options(att_syntax));
 #[no_mangle]
 extern "C" fn guest_main(start_info_addr: u32) -> ! {
     let Some(info) = pvh::StartInfo::at(start_info_addr as u64) else {
-        println!(
-            "skvm-test-guest: error: no valid hvm_start_info at {:#x}",
-            start_info_addr
-        );
+        println!("skvm-test-guest: error: no valid hvm_start_info at {:#x}", start_info_addr);
         platform::exit(0xd0);
     };
     scenario::run(&info)

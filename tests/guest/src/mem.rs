@@ -29,10 +29,7 @@ unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 {
 #[no_mangle]
 unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
-        let (x, y) = (
-            core::ptr::read_volatile(a.add(i)),
-            core::ptr::read_volatile(b.add(i)),
-        );
+        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
         if x != y {
             return x as i32 - y as i32;
         }

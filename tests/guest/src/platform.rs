@@ -15,17 +15,13 @@ const I8042_RESET: u8 = 0xfe;
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as above.
-    unsafe {
-        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
     value
 }
 

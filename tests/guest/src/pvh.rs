@@ -106,11 +106,8 @@ impl StartInfo {
     pub fn memmap(&self) -> impl Iterator<Item = MemmapEntry> {
         let base = self.raw.memmap_paddr;
         let size = core::mem::size_of::<MemmapEntry>() as u64;
-        let count = if mapped(base, size * self.raw.memmap_entries as u64) {
-            self.raw.memmap_entries as u64
-        } else {
-            0
-        };
+        let count =
+            if mapped(base, size * self.raw.memmap_entries as u64) { self.raw.memmap_entries as u64 } else { 0 };
         // SAFETY: every entry lies in mapped memory (checked above).
         (0..count).map(move |i| unsafe { read_unaligned((base + i * size) as *const MemmapEntry) })
     }

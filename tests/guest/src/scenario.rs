@@ -13,7 +13,11 @@
 //! * `scenario=exit-cost`: time port and MMIO exits to unclaimed addresses.
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
+//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
+//!   `blk_scenarios.rs`.
+//!
 //! `exit=N` picks the status for the debug-exit port (default 0).
+use crate::blk_scenarios::{self, BenchParams};
 use crate::{acpi, console, platform, println, pvh};
 
 const MIB: u64 = 1 << 20;
@@ -21,9 +25,7 @@ const MIB: u64 = 1 << 20;
 const UNCLAIMED_MMIO: u64 = 0xdfff_f000;
 
 fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_ascii_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+    cmdline.split_ascii_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn parse_u8(text: &str) -> Option<u8> {
@@ -38,22 +40,12 @@ fn report(info: &pvh::StartInfo) {
     println!("start-info-version: {}", info.version());
     println!("modules: {}", info.module_count());
     if let Some(module) = info.first_module() {
-        println!(
-            "module0: {:#x} {} bytes, first byte {:#04x}",
-            module.paddr,
-            module.size,
-            module.first_byte()
-        );
+        println!("module0: {:#x} {} bytes, first byte {:#04x}", module.paddr, module.size, module.first_byte());
     }
     println!("cmdline: {}", info.cmdline());
     let (mut ram, mut ranges, mut ram_end) = (0u64, 0u32, 0u64);
     for entry in info.memmap() {
-        println!(
-            "memmap: {:#012x}-{:#012x} type {}",
-            entry.addr,
-            entry.addr + entry.size,
-            entry.kind
-        );
+        println!("memmap: {:#012x}-{:#012x} type {}", entry.addr, entry.addr + entry.size, entry.kind);
         if entry.kind == pvh::E820_RAM {
             ram += entry.size;
             ranges += 1;
@@ -93,6 +85,25 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         },
         "echo" => echo(),
         "exit-cost" => exit_cost(),
+        "blk-pattern" => {
+            let seed = param(cmdline, "seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+            let failed = blk_scenarios::run_pattern(info, seed);
+            if failed != 0 {
+                platform::exit(failed);
+            }
+        }
+        "blk-readonly" => check(blk_scenarios::run_readonly(info)),
+        "blk-hostile" => check(blk_scenarios::run_hostile(info)),
+        "blk-bench" => {
+            let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
+            let params = BenchParams {
+                rw: param(cmdline, "rw").unwrap_or("randread"),
+                block_size: number("bs", 4096),
+                depth: number("qd", 1) as u16,
+                ops: number("ops", 1000),
+            };
+            check(blk_scenarios::run_bench(info, &params));
+        }
         "mmio-probe" => {
             platform::mmio_write32(UNCLAIMED_MMIO, 0x5a5a_5a5a);
             println!("mmio-read: {:#x}", platform::mmio_read32(UNCLAIMED_MMIO));
@@ -104,6 +115,14 @@ pub fn run(info: &pvh::StartInfo) -> ! {
     }
     println!("exit: {}", status);
     platform::exit(status)
+}
+
+/// Reports a scenario's failure and exits with 0xb0.
+fn check(result: Result<(), &'static str>) {
+    if let Err(why) = result {
+        println!("error: {}", why);
+        platform::exit(0xb0);
+    }
 }
 
 fn echo() {

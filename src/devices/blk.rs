@@ -1,0 +1,204 @@
+//! virtio-blk (virtio 1.x, 5.2): read, write, flush and get-id on a host
+//! file the VMM opened. Every request header and buffer layout is checked;
+//! a bad request gets an error status, never a crash.
+use super::features;
+use super::memory::{read_all, AccessError, DeviceMemory};
+use super::virtqueue::{Buffer, Chain};
+use rpc_schema::{DeviceInfo, Segment, WriteSegment};
+use serde_bytes::ByteBuf;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+pub const DEVICE_ID: u32 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+pub const QUEUE_SIZE: u16 = 256;
+const HEADER_SIZE: u32 = 16;
+const ID_SIZE: usize = 20;
+
+pub const F_RO: u64 = 1 << 5;
+pub const F_FLUSH: u64 = 1 << 9;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+/// Counters a benchmark or the VMM can read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockStats {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+pub struct BlockDevice {
+    file: File,
+    readonly: bool,
+    sectors: u64,
+    id: [u8; ID_SIZE],
+    pub stats: BlockStats,
+}
+
+/// A request split into its parts, or the reason it cannot be served.
+struct Parsed {
+    head: u16,
+    header: Buffer,
+    data: Vec<Buffer>,
+    status: Option<Buffer>,
+}
+
+impl BlockDevice {
+    pub fn new(file: File, readonly: bool, id: &str) -> std::io::Result<Self> {
+        let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        let mut serial = [0u8; ID_SIZE];
+        let bytes = id.as_bytes();
+        serial[..bytes.len().min(ID_SIZE)].copy_from_slice(&bytes[..bytes.len().min(ID_SIZE)]);
+        Ok(BlockDevice { file, readonly, sectors, id: serial, stats: BlockStats::default() })
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        let mut features = features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | F_FLUSH;
+        if self.readonly {
+            features |= F_RO;
+        }
+        // Config space: capacity in 512-byte sectors (the fields after it
+        // belong to features we do not offer).
+        DeviceInfo {
+            device_id: DEVICE_ID,
+            features,
+            queue_count: 1,
+            max_queue_size: QUEUE_SIZE,
+            config: ByteBuf::from(self.sectors.to_le_bytes().to_vec()),
+        }
+    }
+
+    fn parse(chain: Chain) -> Parsed {
+        let mut buffers = chain.buffers;
+        let status = match buffers.last() {
+            Some(last) if buffers.len() >= 2 && last.writable && last.len >= 1 => buffers.pop(),
+            _ => None,
+        };
+        let header = if buffers.is_empty() { Buffer { addr: 0, len: 0, writable: true } } else { buffers.remove(0) };
+        Parsed { head: chain.head, header, data: buffers, status }
+    }
+
+    /// Serves `chains`; returns the data and status writes and the used-ring
+    /// completions (head, bytes written to the driver's buffers).
+    pub async fn process<M: DeviceMemory>(
+        &mut self,
+        mem: &M,
+        chains: Vec<Chain>,
+    ) -> Result<(Vec<WriteSegment>, Vec<(u16, u32)>), AccessError> {
+        let requests: Vec<Parsed> = chains.into_iter().map(Self::parse).collect();
+        // One batch reads every header and every driver-to-device buffer.
+        let mut wanted = Vec::new();
+        for r in &requests {
+            if r.status.is_some() && !r.header.writable && r.header.len >= HEADER_SIZE {
+                wanted.push(Segment { addr: r.header.addr, len: HEADER_SIZE });
+                wanted.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
+            }
+        }
+        let mut fetched = match read_all(mem, &wanted).await {
+            Ok(bytes) => Some(bytes.into_iter()),
+            // A refused batch means some request names memory outside RAM:
+            // fall back to one request at a time to find it.
+            Err(AccessError::Refused(_)) => None,
+            Err(e) => return Err(e),
+        };
+
+        let (mut writes, mut done) = (Vec::new(), Vec::with_capacity(requests.len()));
+        for r in &requests {
+            let readable = r.status.is_some() && !r.header.writable && r.header.len >= HEADER_SIZE;
+            let inputs = if !readable {
+                None
+            } else if let Some(iter) = fetched.as_mut() {
+                let count = 1 + r.data.iter().filter(|b| !b.writable).count();
+                Some(iter.by_ref().take(count).collect::<Vec<_>>())
+            } else {
+                let mut own = vec![Segment { addr: r.header.addr, len: HEADER_SIZE }];
+                own.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
+                read_all(mem, &own).await.ok()
+            };
+            let (status, mut data_writes, written) = match inputs {
+                Some(inputs) => self.execute(r, inputs),
+                None => (S_IOERR, Vec::new(), 0),
+            };
+            self.stats.requests += 1;
+            if status != S_OK {
+                self.stats.errors += 1;
+            }
+            writes.append(&mut data_writes);
+            let used = match r.status {
+                Some(s) => {
+                    writes.push(WriteSegment { addr: s.addr, data: ByteBuf::from(vec![status]) });
+                    written + 1
+                }
+                None => 0,
+            };
+            done.push((r.head, used));
+        }
+        Ok((writes, done))
+    }
+
+    /// Runs one request whose header and input buffers are in `inputs`.
+    /// Returns (status, writes of data for the driver, bytes of such data).
+    fn execute(&mut self, r: &Parsed, inputs: Vec<Vec<u8>>) -> (u8, Vec<WriteSegment>, u32) {
+        let header = &inputs[0];
+        let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let data_len: u64 = r.data.iter().map(|b| b.len as u64).sum();
+        let in_bounds = || {
+            data_len % SECTOR_SIZE == 0
+                && sector
+                    .checked_mul(SECTOR_SIZE)
+                    .and_then(|o| o.checked_add(data_len))
+                    .is_some_and(|end| end <= self.sectors * SECTOR_SIZE)
+        };
+        match kind {
+            T_IN if r.data.iter().all(|b| b.writable) && in_bounds() => {
+                let mut bytes = vec![0u8; data_len as usize];
+                if self.file.read_exact_at(&mut bytes, sector * SECTOR_SIZE).is_err() {
+                    return (S_IOERR, Vec::new(), 0);
+                }
+                let mut offset = 0usize;
+                let writes = r
+                    .data
+                    .iter()
+                    .map(|b| {
+                        let chunk = &bytes[offset..offset + b.len as usize];
+                        offset += b.len as usize;
+                        WriteSegment { addr: b.addr, data: ByteBuf::from(chunk.to_vec()) }
+                    })
+                    .collect();
+                (S_OK, writes, data_len as u32)
+            }
+            T_OUT if !self.readonly && r.data.iter().all(|b| !b.writable) && in_bounds() => {
+                let bytes: Vec<u8> = inputs[1..].concat();
+                match self.file.write_all_at(&bytes, sector * SECTOR_SIZE) {
+                    Ok(()) => (S_OK, Vec::new(), 0),
+                    Err(_) => (S_IOERR, Vec::new(), 0),
+                }
+            }
+            T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (S_OK, Vec::new(), 0),
+                Err(_) => (S_IOERR, Vec::new(), 0),
+            },
+            T_GET_ID => match r.data.first() {
+                Some(b) if b.writable && r.data.len() == 1 => {
+                    let len = (b.len as usize).min(ID_SIZE);
+                    (
+                        S_OK,
+                        vec![WriteSegment { addr: b.addr, data: ByteBuf::from(self.id[..len].to_vec()) }],
+                        len as u32,
+                    )
+                }
+                _ => (S_IOERR, Vec::new(), 0),
+            },
+            T_IN | T_OUT => (S_IOERR, Vec::new(), 0),
+            _ => (S_UNSUPP, Vec::new(), 0),
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Test-only: a device that breaks the memory protocol on purpose, so tests
+//! can show the VMM refuses each request and survives. Reached only through
+//! the hidden `--test-device-misbehave hostile-rpc` flag.
+use rpc_schema::{GuestMemoryClient, Segment, WriteSegment, MAX_SEGMENTS, MAX_TRANSFER, PROTOCOL_VERSION};
+use serde_bytes::ByteBuf;
+use tarpc::context;
+
+fn report(what: &str, outcome: String) {
+    eprintln!("hostile-rpc: {what}: {outcome}");
+}
+
+/// Sends one of each kind of bad request and reports the VMM's answers,
+/// then writes garbage onto the memory socket (through `raw`, a duplicate of
+/// its descriptor), which must cost this device its channel and nothing more.
+pub async fn probe(client: &GuestMemoryClient, raw: std::os::fd::RawFd) {
+    let seg = |addr, len| Segment { addr, len };
+    let ask = |segments: Vec<Segment>| client.read(context::current(), segments);
+    report("read before hello", format!("{:?}", ask(vec![seg(0x1000, 8)]).await));
+    report(
+        "wrong version",
+        format!("{:?}", client.hello(context::current(), PROTOCOL_VERSION + 99, "hostile".into()).await),
+    );
+    report("hello", format!("{:?}", client.hello(context::current(), PROTOCOL_VERSION, "hostile".into()).await));
+    report("out of range", format!("{:?}", ask(vec![seg(0xd000_0000, 8)]).await));
+    report("overflow", format!("{:?}", ask(vec![seg(u64::MAX - 4, 8)]).await));
+    report("oversized", format!("{:?}", ask(vec![seg(0x10_0000, (MAX_TRANSFER * 2) as u32)]).await));
+    report("too many segments", format!("{:?}", ask(vec![seg(0x1000, 1); MAX_SEGMENTS + 1]).await));
+    let write = vec![WriteSegment { addr: u64::MAX - 1, data: ByteBuf::from(vec![0u8; 16]) }];
+    report("overflowing write", format!("{:?}", client.write(context::current(), write).await));
+    let garbage = [
+        0x00, 0x00, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x13, 0x37, 0x42, 0x42, 0x99, 0x99,
+        0x99, 0x99,
+    ];
+    // SAFETY: writing a local buffer to a socket descriptor we own.
+    let sent = unsafe { libc::write(raw, garbage.as_ptr() as *const libc::c_void, garbage.len()) };
+    report("garbage bytes", format!("sent {sent}"));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}

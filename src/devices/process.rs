@@ -1,0 +1,146 @@
+//! The device process: `skvm device ...`, started by the VMM re-executing
+//! its own binary. It keeps only the descriptors it was given, confines
+//! itself, then serves one device until the VMM closes the control channel.
+use super::blk::BlockDevice;
+use super::memory::{MappedMemory, RpcMemory};
+use super::runner::serve_block;
+use crate::sandbox;
+use rpc_schema::{GuestMemoryClient, MAX_FRAME, PROTOCOL_VERSION};
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
+use tarpc::serde_transport;
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How the process reaches guest memory.
+#[derive(Debug, Clone)]
+pub enum MemoryChannel {
+    /// A socket to the VMM's memory service.
+    Rpc { socket: RawFd },
+    /// A memfd of guest RAM and where each piece of it sits in the guest.
+    Shared { memfd: RawFd, regions: Vec<SharedRegion> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// Test-only misbehaviour, to prove the VMM survives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Misbehaviour {
+    /// Make a system call outside the allowlist once confined.
+    ForbiddenSyscall,
+    /// Send refused requests, then garbage bytes, on the memory channel.
+    HostileRpc,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceProcess {
+    pub name: String,
+    pub control: RawFd,
+    pub memory: MemoryChannel,
+    pub notify: RawFd,
+    pub irq: RawFd,
+    pub disk: RawFd,
+    pub readonly: bool,
+    pub misbehave: Option<Misbehaviour>,
+}
+
+fn framed(
+    fd: RawFd,
+) -> std::io::Result<tarpc::tokio_util::codec::Framed<tokio::net::UnixStream, LengthDelimitedCodec>> {
+    // SAFETY: the VMM handed us this descriptor to own.
+    let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    socket.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(socket)?;
+    Ok(LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream))
+}
+
+fn map_shared(memfd: RawFd, regions: &[SharedRegion]) -> Result<GuestMemoryMmap, String> {
+    // SAFETY: the VMM handed us this memfd to own.
+    let file = unsafe { File::from_raw_fd(memfd) };
+    let ranges = regions
+        .iter()
+        .map(|r| {
+            let handle = file.try_clone().map_err(|e| e.to_string())?;
+            Ok((GuestAddress(r.guest_addr), r.size as usize, Some(FileOffset::new(handle, r.file_offset))))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| format!("cannot map guest RAM: {e}"))
+}
+
+impl DeviceProcess {
+    fn fds(&self) -> Vec<RawFd> {
+        let memory = match self.memory {
+            MemoryChannel::Rpc { socket } => socket,
+            MemoryChannel::Shared { memfd, .. } => memfd,
+        };
+        let mut fds = vec![0, 1, 2, self.control, memory, self.notify, self.irq, self.disk];
+        fds.sort_unstable();
+        fds.dedup();
+        fds
+    }
+
+    /// Runs the device; returns when the VMM is done with it.
+    pub fn run(self) -> Result<(), String> {
+        let fds = self.fds();
+        sandbox::close_other_fds(&fds).map_err(|e| e.to_string())?;
+        // Mapping guest RAM (shared mode) needs mmap of a new file, which the
+        // sandbox forbids: it happens first, and touches no guest data.
+        let shared = match &self.memory {
+            MemoryChannel::Shared { memfd, regions } => Some(map_shared(*memfd, regions)?),
+            MemoryChannel::Rpc { .. } => None,
+        };
+        let filter = sandbox::block_device_filter()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the event loop: {e}"))?;
+        runtime.block_on(async move {
+            let control = framed(self.control).map_err(|e| format!("control socket: {e}"))?;
+            let memory_socket = match self.memory {
+                MemoryChannel::Rpc { socket } => Some(framed(socket).map_err(|e| format!("memory socket: {e}"))?),
+                MemoryChannel::Shared { .. } => None,
+            };
+            // SAFETY: descriptors handed over by the VMM, owned from here on.
+            let (notify, irq) = unsafe { (EventFd::from_raw_fd(self.notify), EventFd::from_raw_fd(self.irq)) };
+            // SAFETY: as above.
+            let disk = unsafe { File::from_raw_fd(self.disk) };
+            let blk = BlockDevice::new(disk, self.readonly, &self.name).map_err(|e| format!("disk: {e}"))?;
+            let raw_memory_socket = match (self.misbehave, &self.memory) {
+                // SAFETY: duplicating a descriptor we own, for the hostile test path.
+                (Some(Misbehaviour::HostileRpc), MemoryChannel::Rpc { socket }) => unsafe { libc::dup(*socket) },
+                _ => -1,
+            };
+            let highest_fd = *fds.last().unwrap() as u64 + 8;
+            sandbox::confine(&filter, highest_fd).map_err(|e| format!("sandbox: {e}"))?;
+            if self.misbehave == Some(Misbehaviour::ForbiddenSyscall) {
+                // SAFETY: a harmless syscall that the filter does not allow.
+                unsafe { libc::syscall(libc::SYS_getppid) };
+            }
+            let control = serde_transport::new(control, Bincode::default());
+            match (memory_socket, shared) {
+                (Some(socket), _) => {
+                    let client =
+                        GuestMemoryClient::new(Default::default(), serde_transport::new(socket, Bincode::default()))
+                            .spawn();
+                    if self.misbehave == Some(Misbehaviour::HostileRpc) {
+                        super::hostile::probe(&client, raw_memory_socket).await;
+                    }
+                    let hello = client.hello(tarpc::context::current(), PROTOCOL_VERSION, self.name.clone()).await;
+                    hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
+                    serve_block(RpcMemory::new(client), blk, control, notify, irq).await
+                }
+                (None, Some(mapped)) => {
+                    serve_block(MappedMemory::new(GuestMemoryAtomic::new(mapped)), blk, control, notify, irq).await
+                }
+                (None, None) => Err("no guest memory channel".into()),
+            }
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! Address dispatch for vCPU exits: port I/O to the legacy devices, MMIO to
+//! the virtio-mmio transports. Unclaimed addresses read as all-ones and
+//! ignore writes, as on real hardware with nothing decoding them.
+use super::legacy::LegacyDevices;
+use super::virtio::mmio::MMIO_SIZE;
+use super::virtio::VirtioDevice;
+use std::sync::{Arc, MutexGuard};
+use tracing::debug;
+
+pub struct IoBus {
+    pub legacy: Arc<LegacyDevices>,
+    pub virtio: Vec<VirtioDevice>,
+}
+
+impl IoBus {
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.legacy.pio_read(port, data)
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        self.legacy.pio_write(port, data)
+    }
+
+    fn transport(&self, addr: u64) -> Option<(MutexGuard<'_, super::virtio::mmio::MmioTransport>, u64)> {
+        self.virtio.iter().find(|d| (d.slot.base..d.slot.base + MMIO_SIZE).contains(&addr)).map(|d| {
+            let transport = d.transport.lock().unwrap_or_else(|e| e.into_inner());
+            (transport, addr - d.slot.base)
+        })
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.transport(addr) {
+            Some((mut transport, offset)) => transport.read(offset, data),
+            None => {
+                debug!("unclaimed MMIO read {addr:#x} ({} bytes)", data.len());
+                data.fill(0xff);
+            }
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        match self.transport(addr) {
+            Some((mut transport, offset)) => transport.write(offset, data),
+            None => debug!("unclaimed MMIO write {addr:#x} = {data:02x?}"),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The VMM's end of one device: its control client, its health, and the
+//! process or thread that runs it.
+use super::memory_service::DeviceAccess;
+use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, MAX_FRAME, PROTOCOL_VERSION};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tracing::warn;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long the VMM waits for a device to answer a control request.
+const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+pub struct DeviceHealth {
+    pub failed: AtomicBool,
+    pub reason: Mutex<Option<String>>,
+}
+
+impl DeviceHealth {
+    /// Marks the device failed (once) and logs why; the guest keeps running.
+    pub fn fail(&self, name: &str, reason: String) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
+            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        }
+    }
+}
+
+pub struct DeviceHost {
+    pub name: String,
+    pub pid: Option<u32>,
+    pub health: Arc<DeviceHealth>,
+    pub access: Option<Arc<DeviceAccess>>,
+    control: DeviceControlClient,
+    runtime: tokio::runtime::Handle,
+    notify: EventFd,
+}
+
+impl DeviceHost {
+    /// Connects to a device's control socket and says hello.
+    pub fn connect(
+        name: String,
+        runtime: &tokio::runtime::Handle,
+        control: std::os::unix::net::UnixStream,
+        notify: EventFd,
+    ) -> Result<(Self, DeviceInfo), String> {
+        control.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let client = {
+            let _context = runtime.enter();
+            let stream = tokio::net::UnixStream::from_std(control).map_err(|e| e.to_string())?;
+            let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
+            DeviceControlClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default()))
+                .spawn()
+        };
+        let host = DeviceHost {
+            name,
+            pid: None,
+            health: Arc::default(),
+            access: None,
+            control: client,
+            runtime: runtime.clone(),
+            notify,
+        };
+        let info = host.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
+        Ok((host, info))
+    }
+
+    fn call<T, F, Fut>(&self, request: F) -> Result<T, String>
+    where
+        F: FnOnce(DeviceControlClient, tarpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, rpc_schema::DeviceError>, tarpc::client::RpcError>>,
+    {
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = Instant::now() + CONTROL_DEADLINE;
+        let reply = self.runtime.block_on(request(self.control.clone(), ctx));
+        match reply {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(refused)) => Err(refused.to_string()),
+            Err(e) => {
+                let reason = format!("control channel: {e}");
+                self.health.fail(&self.name, reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    pub fn activate(&self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String> {
+        if self.health.failed.load(Ordering::SeqCst) {
+            return Err("the device has failed".into());
+        }
+        self.call(|c, ctx| async move { c.activate(ctx, features, queues).await })
+    }
+
+    pub fn reset(&self) -> Result<(), String> {
+        if self.health.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.call(|c, ctx| async move { c.reset(ctx).await })
+    }
+
+    /// A queue notify that reached the VMM (not its ioeventfd): pass it on.
+    pub fn notify_fallback(&self) {
+        let _ = self.notify.write(1);
+    }
+}

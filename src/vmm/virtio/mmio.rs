@@ -1,0 +1,236 @@
+//! The virtio-mmio transport (virtio 1.x, 4.2, register layout version 2),
+//! in the VMM. It negotiates features, collects queue addresses and turns
+//! DRIVER_OK and resets into control requests to the device. Queue notifies
+//! go straight to the device through an ioeventfd, and its interrupts come
+//! straight from it through an irqfd.
+use super::host::DeviceHost;
+use rpc_schema::{DeviceInfo, QueueConfig};
+use std::sync::atomic::Ordering;
+use tracing::{debug, warn};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4d56_4b53; // "SKVM"
+pub const MMIO_SIZE: u64 = 0x1000;
+pub const QUEUE_NOTIFY: u64 = 0x50;
+const CONFIG_SPACE: u64 = 0x100;
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+const INTERRUPT_VRING: u32 = 1;
+const INTERRUPT_CONFIG: u32 = 2;
+const VERSION_1: u64 = 1 << 32;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueRegs {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+pub struct MmioTransport {
+    info: DeviceInfo,
+    host: DeviceHost,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    config_generation: u32,
+    needs_reset_seen: bool,
+}
+
+fn set_half(value: &mut u64, high: bool, half: u32) {
+    if high {
+        *value = (*value & 0xffff_ffff) | (half as u64) << 32;
+    } else {
+        *value = (*value & !0xffff_ffff) | half as u64;
+    }
+}
+
+impl MmioTransport {
+    pub fn new(info: DeviceInfo, host: DeviceHost) -> Self {
+        let queues = vec![QueueRegs::default(); info.queue_count as usize];
+        MmioTransport {
+            info,
+            host,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            config_generation: 0,
+            needs_reset_seen: false,
+        }
+    }
+
+    pub fn host(&self) -> &DeviceHost {
+        &self.host
+    }
+
+    fn queue(&mut self) -> Option<&mut QueueRegs> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A device that failed shows DEVICE_NEEDS_RESET (and a config interrupt once).
+    fn status(&mut self) -> u32 {
+        if self.host.health.failed.load(Ordering::Relaxed) && self.status & STATUS_DRIVER_OK != 0 {
+            self.status |= STATUS_NEEDS_RESET;
+            if !self.needs_reset_seen {
+                self.needs_reset_seen = true;
+                self.config_generation = self.config_generation.wrapping_add(1);
+            }
+        }
+        self.status
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            let config = &self.info.config;
+            let start = (offset - CONFIG_SPACE) as usize;
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = config.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            debug!("virtio-mmio: ignored {}-byte read at {offset:#x}", data.len());
+            data.fill(0);
+            return;
+        }
+        let value = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.info.device_id,
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.info.features as u32,
+                1 => (self.info.features >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => {
+                let max = self.info.max_queue_size as u32;
+                self.queue().map_or(0, |_| max)
+            }
+            0x044 => self.queue().map_or(0, |q| q.ready as u32),
+            0x060 => {
+                let vring = if self.status & STATUS_DRIVER_OK != 0 { INTERRUPT_VRING } else { 0 };
+                let config = if self.needs_reset_seen { INTERRUPT_CONFIG } else { 0 };
+                vring | config
+            }
+            0x070 => self.status(),
+            0x0fc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            debug!("virtio-mmio: ignored write to read-only config space at {offset:#x}");
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            debug!("virtio-mmio: ignored {}-byte write at {offset:#x}", data.len());
+            return;
+        }
+        let value = u32::from_le_bytes(data.try_into().unwrap());
+        let setting_up = self.status & (STATUS_DRIVER_OK | STATUS_FAILED) == 0;
+        match offset {
+            0x014 => self.device_features_sel = value,
+            0x020 if setting_up && self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => set_half(&mut self.driver_features, false, value),
+                1 => set_half(&mut self.driver_features, true, value),
+                _ => {}
+            },
+            0x024 => self.driver_features_sel = value,
+            0x030 => self.queue_sel = value,
+            0x038 if setting_up => {
+                let max = self.info.max_queue_size;
+                if let Some(q) = self.queue() {
+                    q.size = value.min(max as u32) as u16;
+                }
+            }
+            0x044 if setting_up => {
+                if let Some(q) = self.queue() {
+                    q.ready = value == 1;
+                }
+            }
+            QUEUE_NOTIFY => self.host.notify_fallback(),
+            0x064 => {
+                if value & INTERRUPT_CONFIG != 0 && !self.host.health.failed.load(Ordering::Relaxed) {
+                    self.needs_reset_seen = false;
+                }
+            }
+            0x070 => self.write_status(value),
+            0x080..=0x0a4 if setting_up => {
+                let high = offset % 8 == 4;
+                if let Some(q) = self.queue() {
+                    match offset & !0x7 {
+                        0x080 => set_half(&mut q.desc, high, value),
+                        0x090 => set_half(&mut q.avail, high, value),
+                        0x0a0 => set_half(&mut q.used, high, value),
+                        _ => {}
+                    }
+                }
+            }
+            _ => debug!("virtio-mmio: ignored write {value:#x} at {offset:#x} (status {:#x})", self.status),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let new = value & !self.status;
+        if new & STATUS_FEATURES_OK != 0 {
+            let acceptable = self.driver_features & !self.info.features == 0 && self.driver_features & VERSION_1 != 0;
+            if !acceptable {
+                warn!(
+                    "virtio-mmio: driver asked for features {:#x} of {:#x}",
+                    self.driver_features, self.info.features
+                );
+                self.status |= value & !STATUS_FEATURES_OK & (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+                return;
+            }
+        }
+        if new & STATUS_DRIVER_OK != 0 {
+            let queues: Vec<QueueConfig> = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.ready)
+                .map(|(i, q)| QueueConfig { index: i as u16, size: q.size, desc: q.desc, avail: q.avail, used: q.used })
+                .collect();
+            if let Err(e) = self.host.activate(self.driver_features, queues) {
+                warn!("virtio-mmio: {} refused activation: {e}", self.host.name);
+                self.status = value | STATUS_NEEDS_RESET;
+                self.needs_reset_seen = true;
+                return;
+            }
+        }
+        self.status = value;
+    }
+
+    fn reset(&mut self) {
+        if self.status != 0 {
+            if let Err(e) = self.host.reset() {
+                debug!("virtio-mmio: reset of {}: {e}", self.host.name);
+            }
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.needs_reset_seen = false;
+        self.queues.iter_mut().for_each(|q| *q = QueueRegs::default());
+    }
+}

@@ -1,0 +1,266 @@
+//! Virtio devices as the VMM sees them: a virtio-mmio transport each, and
+//! the device itself in a sandboxed process (`rpc`, `shared`) or a thread
+//! (`inprocess`). The VMM is on the data path only as the memory server.
+mod host;
+pub mod memory_service;
+pub mod mmio;
+
+use super::config::{DiskConfig, MemoryMode, VmConfig};
+use super::layout::{VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
+use super::memory::GuestRam;
+use super::{Error, Result};
+use crate::devices::blk::BlockDevice;
+use crate::devices::memory::MappedMemory;
+use crate::devices::process::Misbehaviour;
+use host::{DeviceHealth, DeviceHost};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use memory_service::DeviceAccess;
+use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use tracing::{debug, info};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where a virtio-mmio device sits, for ACPI and the kernel command line.
+#[derive(Debug, Clone, Copy)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub gsi: u32,
+}
+
+pub fn slot(index: usize) -> MmioSlot {
+    MmioSlot { base: VIRTIO_MMIO_START + index as u64 * MMIO_SIZE, gsi: VIRTIO_GSI_BASE + index as u32 }
+}
+
+pub struct VirtioDevice {
+    pub slot: MmioSlot,
+    pub transport: Mutex<MmioTransport>,
+}
+
+/// The VMM's tokio runtime for device RPC: one thread, current-thread scheduler.
+pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Host("starting the RPC runtime".into(), e))?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("rpc".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(|e| Error::Host("starting the RPC thread".into(), e))?;
+    Ok(handle)
+}
+
+/// Starts every configured device. Call from the main thread: device
+/// processes die with the thread that started them.
+pub fn launch(
+    config: &VmConfig,
+    vm: &VmFd,
+    ram: &GuestRam,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Vec<VirtioDevice>> {
+    config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| {
+            let slot = slot(index);
+            let transport = launch_block(index, slot, disk, config, vm, ram, runtime)?;
+            Ok(VirtioDevice { slot, transport: Mutex::new(transport) })
+        })
+        .collect()
+}
+
+fn device_error(name: &str, what: &str) -> impl FnOnce(String) -> Error {
+    let context = format!("device {name}: {what}");
+    move |detail| Error::Device(format!("{context}: {detail}"))
+}
+
+fn launch_block(
+    index: usize,
+    slot: MmioSlot,
+    disk: &DiskConfig,
+    config: &VmConfig,
+    vm: &VmFd,
+    ram: &GuestRam,
+    runtime: &tokio::runtime::Handle,
+) -> Result<MmioTransport> {
+    let name = format!("blk{index}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.readonly)
+        .open(&disk.path)
+        .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.register_irqfd(&irq, slot.gsi).map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
+    let notify = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.register_ioevent(&notify, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), NoDatamatch)
+        .map_err(Error::kvm("KVM_IOEVENTFD (virtio)"))?;
+    let (control_vmm, control_device) = UnixStream::pair()?;
+    let health: Arc<DeviceHealth> = Arc::default();
+
+    let (pid, access) = match config.memory_mode {
+        MemoryMode::Inprocess => {
+            let blk =
+                BlockDevice::new(file, disk.readonly, &name).map_err(|e| device_error(&name, "disk")(e.to_string()))?;
+            spawn_thread(&name, ram, blk, control_device, notify.try_clone()?, irq.try_clone()?, health.clone())?;
+            (None, None)
+        }
+        MemoryMode::Rpc | MemoryMode::Shared => {
+            let mut child = DeviceCommand::new(&name, disk.readonly, config.test_misbehaviour);
+            child.fd("--control-fd", control_device.as_raw_fd());
+            child.fd("--notify-fd", notify.as_raw_fd());
+            child.fd("--irq-fd", irq.as_raw_fd());
+            child.fd("--disk-fd", file.as_raw_fd());
+            let mut access = None;
+            let _memory_end; // the child's end of the memory channel, open until spawn
+            if config.memory_mode == MemoryMode::Rpc {
+                let (vmm_end, device_end) = UnixStream::pair()?;
+                child.fd("--memory-fd", device_end.as_raw_fd());
+                let device_access = DeviceAccess::new(&name);
+                memory_service::serve(runtime, vmm_end, ram.atomic(), device_access.clone())?;
+                access = Some(device_access);
+                _memory_end = Some(device_end);
+            } else {
+                let memfd = ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
+                child.fd("--memfd", memfd);
+                for region in ram.shared_regions() {
+                    child.arg(format!("--region={}:{}:{}", region.guest_addr, region.size, region.file_offset));
+                }
+                _memory_end = None;
+            }
+            let pid = child.spawn(health.clone())?;
+            // The child has its own copies now.
+            drop(control_device);
+            (Some(pid), access)
+        }
+    };
+
+    let (mut host, info) =
+        DeviceHost::connect(name.clone(), runtime, control_vmm, notify).map_err(device_error(&name, "no hello"))?;
+    host.pid = pid;
+    host.health = health;
+    host.access = access;
+    info!(
+        "device {name}: virtio id {} at {:#x} (GSI {}), {:?} mode, pid {:?}",
+        info.device_id, slot.base, slot.gsi, config.memory_mode, pid
+    );
+    Ok(MmioTransport::new(info, host))
+}
+
+fn spawn_thread(
+    name: &str,
+    ram: &GuestRam,
+    blk: BlockDevice,
+    control: UnixStream,
+    notify: EventFd,
+    irq: EventFd,
+    health: Arc<DeviceHealth>,
+) -> Result<()> {
+    let memory = MappedMemory::new(ram.atomic());
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let result =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(
+                    |runtime| {
+                        runtime.block_on(async move {
+                            control.set_nonblocking(true).map_err(|e| e.to_string())?;
+                            let stream = tokio::net::UnixStream::from_std(control).map_err(|e| e.to_string())?;
+                            let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
+                                .max_frame_length(rpc_schema::MAX_FRAME)
+                                .new_framed(stream);
+                            let transport =
+                                tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
+                            crate::devices::runner::serve_block(memory, blk, transport, notify, irq).await
+                        })
+                    },
+                );
+            match result {
+                Ok(()) => debug!("device {thread_name}: stopped"),
+                Err(reason) => health.fail(&thread_name, reason),
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::Host("starting a device thread".into(), e))
+}
+
+/// `skvm device ...`: the command line of a device process.
+struct DeviceCommand {
+    command: Command,
+    fds: Vec<RawFd>,
+    name: String,
+}
+
+impl DeviceCommand {
+    fn new(name: &str, readonly: bool, misbehave: Option<Misbehaviour>) -> Self {
+        let mut command = Command::new("/proc/self/exe");
+        command.arg("device").arg("--name").arg(name);
+        if readonly {
+            command.arg("--readonly");
+        }
+        if let Some(m) = misbehave {
+            command.arg("--misbehave").arg(match m {
+                Misbehaviour::ForbiddenSyscall => "forbidden-syscall",
+                Misbehaviour::HostileRpc => "hostile-rpc",
+            });
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        DeviceCommand { command, fds: Vec::new(), name: name.into() }
+    }
+
+    fn fd(&mut self, flag: &str, fd: RawFd) {
+        self.command.arg(format!("{flag}={fd}"));
+        self.fds.push(fd);
+    }
+
+    fn arg(&mut self, arg: String) {
+        self.command.arg(arg);
+    }
+
+    /// Starts the process with exactly its descriptors inheritable, and a
+    /// thread that marks the device failed when the process ends.
+    fn spawn(mut self, health: Arc<DeviceHealth>) -> Result<u32> {
+        let fds = self.fds.clone();
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe.
+        unsafe {
+            self.command.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child =
+            self.command.spawn().map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
+        let pid = child.id();
+        let name = self.name;
+        std::thread::Builder::new()
+            .name(format!("{name}-watch"))
+            .spawn(move || {
+                let reason = match child.wait() {
+                    Ok(status) => describe_exit(status),
+                    Err(e) => format!("cannot wait for it: {e}"),
+                };
+                health.fail(&name, format!("process {pid} {reason}"));
+            })
+            .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
+        Ok(pid)
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGSYS)) => "was killed by SIGSYS (a system call outside its seccomp allowlist)".into(),
+        (_, Some(signal)) => format!("was killed by signal {signal}"),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => "ended".into(),
+    }
+}

@@ -1,0 +1,255 @@
+//! Scenarios that drive virtio-blk devices.
+//!
+//! * `blk-pattern`: on every disk, write a pattern, flush, read it back and
+//!   compare, and read the device id. Exit status: bit i set if disk i failed.
+//! * `blk-readonly`: a write must fail with VIRTIO_BLK_S_IOERR, a read succeed.
+//! * `blk-hostile`: post malformed requests; each must get an error status,
+//!   and a looping chain must leave the device failed (DEVICE_NEEDS_RESET).
+//! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
+use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
+use crate::{platform, println, pvh};
+
+/// Guest RAM for queues and buffers starts here, above the guest image.
+const ARENA_START: u64 = 8 << 20;
+const PATTERN_SECTORS: u64 = 2048; // 1 MiB
+const CHUNK: u64 = 64 * 1024;
+
+pub fn arena(info: &pvh::StartInfo) -> Option<Arena> {
+    info.memmap()
+        .find(|e| e.kind == pvh::E820_RAM && e.addr <= ARENA_START && e.addr + e.size > ARENA_START + (16 << 20))
+        .map(|e| Arena::new(ARENA_START, (e.addr + e.size).min(0xc000_0000)))
+}
+
+fn pattern_byte(disk: usize, offset: u64, seed: u64) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 9) ^ seed ^ (disk as u64 * 0x5a)) as u8
+}
+
+fn fill(addr: u64, len: u64, f: impl Fn(u64) -> u8) {
+    // SAFETY: arena memory we own.
+    let buf = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len as usize) };
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = f(i as u64);
+    }
+}
+
+fn pattern(blk: &mut Blk, disk: usize, arena: &mut Arena, seed: u64) -> Result<(), &'static str> {
+    let sectors = PATTERN_SECTORS.min(blk.capacity);
+    let bytes = sectors * SECTOR;
+    let out = arena.take(bytes).ok_or("out of memory")?;
+    let back = arena.take(bytes).ok_or("out of memory")?;
+    fill(out, bytes, |i| pattern_byte(disk, i, seed));
+    fill(back, bytes, |_| 0);
+    let mut offset = 0;
+    while offset < bytes {
+        let len = CHUNK.min(bytes - offset);
+        if blk.request(T_OUT, offset / SECTOR, out + offset, len as u32)? != 0 {
+            return Err("write failed");
+        }
+        offset += len;
+    }
+    println!("blk{}: wrote {} sectors", disk, sectors);
+    if blk.request(T_FLUSH, 0, 0, 0)? != 0 {
+        return Err("flush failed");
+    }
+    println!("blk{}: flushed", disk);
+    offset = 0;
+    while offset < bytes {
+        let len = CHUNK.min(bytes - offset);
+        if blk.request(T_IN, offset / SECTOR, back + offset, len as u32)? != 0 {
+            return Err("read failed");
+        }
+        offset += len;
+    }
+    // SAFETY: both buffers are ours and `bytes` long.
+    let (a, b) = unsafe {
+        (
+            core::slice::from_raw_parts(out as *const u8, bytes as usize),
+            core::slice::from_raw_parts(back as *const u8, bytes as usize),
+        )
+    };
+    if let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) {
+        println!("blk{}: mismatch at byte {}", disk, at);
+        return Err("read back differs");
+    }
+    println!("blk{}: read back {} sectors, all match", disk, sectors);
+    let id = arena.take(20).ok_or("out of memory")?;
+    if blk.request(T_GET_ID, 0, id, 20)? == 0 {
+        // SAFETY: 20 bytes we own.
+        let raw = unsafe { core::slice::from_raw_parts(id as *const u8, 20) };
+        let len = raw.iter().position(|&c| c == 0).unwrap_or(20);
+        println!("blk{}: id {}", disk, core::str::from_utf8(&raw[..len]).unwrap_or("?"));
+    }
+    Ok(())
+}
+
+pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
+    let Some(mut arena) = arena(info) else {
+        println!("blk: not enough RAM for buffers");
+        return 0xff;
+    };
+    let mut failed = 0u8;
+    let mut count = 0;
+    for (disk, device) in virtio::devices(info.cmdline()).enumerate() {
+        count += 1;
+        let result = Blk::init(device, &mut arena).and_then(|mut blk| pattern(&mut blk, disk, &mut arena, seed));
+        match result {
+            Ok(()) => println!("blk{}: ok", disk),
+            Err(why) => {
+                println!("blk{}: failed: {}", disk, why);
+                failed |= 1 << disk.min(7);
+            }
+        }
+    }
+    println!("blk: {} disks tested", count);
+    failed
+}
+
+fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
+    let mut arena = arena(info).ok_or("not enough RAM")?;
+    let device = virtio::devices(info.cmdline()).next().ok_or("no virtio_mmio.device= on the command line")?;
+    Ok((Blk::init(device, &mut arena)?, arena))
+}
+
+pub fn run_readonly(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut blk, mut arena) = first_disk(info)?;
+    let buf = arena.take(4096).ok_or("out of memory")?;
+    println!("blk0: write status {}", blk.request(T_OUT, 0, buf, 4096)?);
+    println!("blk0: read status {}", blk.request(T_IN, 0, buf, 4096)?);
+    Ok(())
+}
+
+/// Posts one hand-made request and reports its status (0xff: untouched).
+fn hostile_one(blk: &mut Blk, name: &str, descs: &[(u64, u32, u16)], kind: u32) -> Option<u8> {
+    let (header, status) = (blk.header_addr(0), blk.status_addr(0));
+    // SAFETY: our header and status slot.
+    unsafe {
+        core::ptr::write_volatile(header as *mut u32, kind);
+        core::ptr::write_volatile((header + 8) as *mut u64, 0);
+        core::ptr::write_volatile(status as *mut u8, 0xff);
+    }
+    let queue = blk.queue();
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let addr = match addr {
+            0 => header,
+            1 => status,
+            a => a,
+        };
+        queue.set_desc(i as u16, addr, len, flags, i as u16 + 1);
+    }
+    queue.push(0);
+    blk.kick();
+    let done = blk.wait();
+    // SAFETY: as above.
+    let status = unsafe { core::ptr::read_volatile(status as *const u8) };
+    println!("hostile {}: completed {} status {}", name, done.is_some(), status);
+    done.map(|_| status)
+}
+
+pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut blk, mut arena) = first_disk(info)?;
+    let buf = arena.take(4096).ok_or("out of memory")?;
+    let (n, w) = (DESC_F_NEXT, DESC_F_WRITE);
+    // Requests the device must answer with an error status.
+    let cases: [(&str, &[(u64, u32, u16)], u32, u8); 4] = [
+        ("bad request type", &[(0, 16, n), (buf, 512, n | w), (1, 1, w)], 99, 2),
+        ("data outside RAM", &[(0, 16, n), (0xd800_0000, 512, n | w), (1, 1, w)], T_IN, 1),
+        ("huge length", &[(0, 16, n), (buf, 0xffff_fe00, n | w), (1, 1, w)], T_IN, 1),
+        ("zero-length header", &[(0, 0, n), (buf, 512, n | w), (1, 1, w)], T_IN, 1),
+    ];
+    for (name, descs, kind, expected) in cases {
+        match hostile_one(&mut blk, name, descs, kind) {
+            Some(status) if status == expected => {}
+            _ => return Err("a malformed request did not get the expected error status"),
+        }
+    }
+    let sector_past_end = blk.capacity;
+    blk.submit(0, T_IN, sector_past_end, buf, 512);
+    blk.kick();
+    match blk.wait() {
+        Some((_, 1, _)) => println!("hostile read past the end: status 1"),
+        _ => return Err("a read past the end was not refused"),
+    }
+    // A chain that loops onto itself: the device must give up on the queue.
+    let queue = blk.queue();
+    queue.set_desc(0, buf, 16, n, 0);
+    queue.push(0);
+    blk.kick();
+    let done = blk.wait();
+    let needs_reset = blk.device.status() & STATUS_NEEDS_RESET != 0;
+    println!("hostile looping chain: completed {} needs-reset {}", done.is_some(), needs_reset);
+    if !needs_reset {
+        return Err("a looping chain did not fail the device");
+    }
+    Ok(())
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+pub struct BenchParams<'a> {
+    pub rw: &'a str,
+    pub block_size: u64,
+    pub depth: u16,
+    pub ops: u64,
+}
+
+pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static str> {
+    let (mut blk, mut arena) = first_disk(info)?;
+    let depth = p.depth.clamp(1, SLOTS);
+    let bs = p.block_size.clamp(SECTOR, 1 << 20) / SECTOR * SECTOR;
+    let span = blk.capacity * SECTOR / bs;
+    if span == 0 {
+        return Err("disk smaller than one block");
+    }
+    let buffers = arena.take(bs * depth as u64).ok_or("out of memory")?;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut next_seq = 0u64;
+    let mut pick = |rng: &mut Rng| -> (u32, u64) {
+        let random = matches!(p.rw, "randread" | "randwrite" | "mixed");
+        let block = if random {
+            rng.next() % span
+        } else {
+            let b = next_seq % span;
+            next_seq += 1;
+            b
+        };
+        let kind = match p.rw {
+            "write" | "randwrite" => T_OUT,
+            "mixed" if rng.next() % 10 >= 7 => T_OUT,
+            _ => T_IN,
+        };
+        (kind, block * bs / SECTOR)
+    };
+    println!("blk-bench: start rw={} bs={} qd={} ops={}", p.rw, bs, depth, p.ops);
+    let start = platform::rdtsc();
+    let (mut submitted, mut completed, mut errors) = (0u64, 0u64, 0u64);
+    for slot in 0..depth.min(p.ops as u16) {
+        let (kind, sector) = pick(&mut rng);
+        blk.submit(slot, kind, sector, buffers + slot as u64 * bs, bs as u32);
+        submitted += 1;
+    }
+    blk.kick();
+    while completed < submitted {
+        let Some((slot, status, _)) = blk.wait() else { return Err("no completion (timeout or device needs reset)") };
+        completed += 1;
+        errors += (status != 0) as u64;
+        if submitted < p.ops {
+            let (kind, sector) = pick(&mut rng);
+            blk.submit(slot, kind, sector, buffers + slot as u64 * bs, bs as u32);
+            submitted += 1;
+            blk.kick();
+        }
+    }
+    let ticks = platform::rdtsc() - start;
+    println!("blk-bench: done ops={} bytes={} errors={} tsc={}", completed, completed * bs, errors, ticks);
+    Ok(())
+}
