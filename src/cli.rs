@@ -111,7 +111,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub rpc_memory: bool,
 
-    /// Test-only: make every device process misbehave.
+    /// Test-only: make the first device process misbehave once the guest starts I/O.
     #[arg(long, value_enum, hide = true)]
     pub test_device_misbehave: Option<Misbehaviour>,
 }

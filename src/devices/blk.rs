@@ -42,6 +42,41 @@ pub struct BlockDevice {
     pub stats: BlockStats,
 }
 
+/// A served request: what to write back to the driver, and how it ended.
+#[derive(Debug)]
+pub struct Completion {
+    pub head: u16,
+    /// Data for the driver's device-writable buffers.
+    pub data: Vec<WriteSegment>,
+    /// Where the status byte goes, if the driver gave a usable status buffer.
+    pub status_addr: Option<u64>,
+    pub status: u8,
+    /// Bytes of `data`.
+    pub written: u32,
+}
+
+impl Completion {
+    /// The used-ring length: data plus the status byte.
+    pub fn used_len(&self) -> u32 {
+        if self.status_addr.is_some() {
+            self.written + 1
+        } else {
+            0
+        }
+    }
+
+    pub fn status_write(&self) -> Option<WriteSegment> {
+        self.status_addr.map(|addr| WriteSegment { addr, data: ByteBuf::from(vec![self.status]) })
+    }
+
+    /// The driver's buffers turned out not to be RAM: report an I/O error instead.
+    pub fn fail(&mut self) {
+        self.data.clear();
+        self.written = 0;
+        self.status = S_IOERR;
+    }
+}
+
 /// A request split into its parts, or the reason it cannot be served.
 struct Parsed {
     head: u16,
@@ -85,13 +120,12 @@ impl BlockDevice {
         Parsed { head: chain.head, header, data: buffers, status }
     }
 
-    /// Serves `chains`; returns the data and status writes and the used-ring
-    /// completions (head, bytes written to the driver's buffers).
+    /// Serves `chains`; the caller writes the completions back.
     pub async fn process<M: DeviceMemory>(
         &mut self,
         mem: &M,
         chains: Vec<Chain>,
-    ) -> Result<(Vec<WriteSegment>, Vec<(u16, u32)>), AccessError> {
+    ) -> Result<Vec<Completion>, AccessError> {
         let requests: Vec<Parsed> = chains.into_iter().map(Self::parse).collect();
         // One batch reads every header and every driver-to-device buffer.
         let mut wanted = Vec::new();
@@ -109,7 +143,7 @@ impl BlockDevice {
             Err(e) => return Err(e),
         };
 
-        let (mut writes, mut done) = (Vec::new(), Vec::with_capacity(requests.len()));
+        let mut completions = Vec::with_capacity(requests.len());
         for r in &requests {
             let readable = r.status.is_some() && !r.header.writable && r.header.len >= HEADER_SIZE;
             let inputs = if !readable {
@@ -122,7 +156,7 @@ impl BlockDevice {
                 own.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
                 read_all(mem, &own).await.ok()
             };
-            let (status, mut data_writes, written) = match inputs {
+            let (status, data, written) = match inputs {
                 Some(inputs) => self.execute(r, inputs),
                 None => (S_IOERR, Vec::new(), 0),
             };
@@ -130,17 +164,9 @@ impl BlockDevice {
             if status != S_OK {
                 self.stats.errors += 1;
             }
-            writes.append(&mut data_writes);
-            let used = match r.status {
-                Some(s) => {
-                    writes.push(WriteSegment { addr: s.addr, data: ByteBuf::from(vec![status]) });
-                    written + 1
-                }
-                None => 0,
-            };
-            done.push((r.head, used));
+            completions.push(Completion { head: r.head, data, status_addr: r.status.map(|s| s.addr), status, written });
         }
-        Ok((writes, done))
+        Ok(completions)
     }
 
     /// Runs one request whose header and input buffers are in `inputs`.

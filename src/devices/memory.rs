@@ -3,7 +3,6 @@
 use rpc_schema::{GuestMemoryClient, MemoryError, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tarpc::context;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -20,39 +19,28 @@ pub trait DeviceMemory: Send + Sync + 'static {
     fn read(&self, segments: Vec<Segment>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
     /// Writes the segments in order.
     fn write(&self, segments: Vec<WriteSegment>) -> impl Future<Output = Result<(), AccessError>> + Send;
-    /// Round trips to the VMM so far (0 where memory is mapped).
-    fn round_trips(&self) -> u64 {
-        0
-    }
 }
 
 /// `rpc` mode: every access is a request to the VMM's memory service.
 pub struct RpcMemory {
     client: GuestMemoryClient,
-    round_trips: AtomicU64,
 }
 
 impl RpcMemory {
     pub fn new(client: GuestMemoryClient) -> Self {
-        RpcMemory { client, round_trips: AtomicU64::new(0) }
+        RpcMemory { client }
     }
 }
 
 impl DeviceMemory for RpcMemory {
     async fn read(&self, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, AccessError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
         let reply = self.client.read(context::current(), segments).await;
         reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
     }
 
     async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
         let reply = self.client.write(context::current(), segments).await;
         reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
-    }
-
-    fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
     }
 }
 

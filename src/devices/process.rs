@@ -74,6 +74,24 @@ fn map_shared(memfd: RawFd, regions: &[SharedRegion]) -> Result<GuestMemoryMmap,
     GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| format!("cannot map guest RAM: {e}"))
 }
 
+/// The test-only misbehaviour, to run when the guest first notifies the queue.
+fn misbehaviour(
+    which: Option<Misbehaviour>,
+    client: Option<&GuestMemoryClient>,
+    raw_memory_socket: RawFd,
+) -> Option<super::runner::Hook> {
+    match which? {
+        Misbehaviour::ForbiddenSyscall => Some(Box::pin(async {
+            // SAFETY: a harmless system call that the filter does not allow.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        })),
+        Misbehaviour::HostileRpc => {
+            let client = client?.clone();
+            Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))
+        }
+    }
+}
+
 impl DeviceProcess {
     fn fds(&self) -> Vec<RawFd> {
         let memory = match self.memory {
@@ -119,25 +137,27 @@ impl DeviceProcess {
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
             sandbox::confine(&filter, highest_fd).map_err(|e| format!("sandbox: {e}"))?;
-            if self.misbehave == Some(Misbehaviour::ForbiddenSyscall) {
-                // SAFETY: a harmless syscall that the filter does not allow.
-                unsafe { libc::syscall(libc::SYS_getppid) };
-            }
             let control = serde_transport::new(control, Bincode::default());
             match (memory_socket, shared) {
                 (Some(socket), _) => {
                     let client =
                         GuestMemoryClient::new(Default::default(), serde_transport::new(socket, Bincode::default()))
                             .spawn();
-                    if self.misbehave == Some(Misbehaviour::HostileRpc) {
-                        super::hostile::probe(&client, raw_memory_socket).await;
-                    }
                     let hello = client.hello(tarpc::context::current(), PROTOCOL_VERSION, self.name.clone()).await;
                     hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
-                    serve_block(RpcMemory::new(client), blk, control, notify, irq).await
+                    let misbehave = misbehaviour(self.misbehave, Some(&client), raw_memory_socket);
+                    serve_block(RpcMemory::new(client), blk, control, notify, irq, misbehave).await
                 }
                 (None, Some(mapped)) => {
-                    serve_block(MappedMemory::new(GuestMemoryAtomic::new(mapped)), blk, control, notify, irq).await
+                    serve_block(
+                        MappedMemory::new(GuestMemoryAtomic::new(mapped)),
+                        blk,
+                        control,
+                        notify,
+                        irq,
+                        misbehaviour(self.misbehave, None, -1),
+                    )
+                    .await
                 }
                 (None, None) => Err("no guest memory channel".into()),
             }

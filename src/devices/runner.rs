@@ -1,9 +1,9 @@
 //! A device's event loop, the same in every memory mode: serve the VMM's
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
-use super::blk::BlockDevice;
+use super::blk::{BlockDevice, Completion};
 use super::features;
-use super::memory::{write_then, DeviceMemory};
+use super::memory::{write_then, AccessError, DeviceMemory};
 use super::virtqueue::{validate, QueueError, SplitQueue};
 use futures::StreamExt;
 use rpc_schema::{
@@ -36,13 +36,47 @@ impl<M: DeviceMemory> Core<M> {
             if chains.is_empty() {
                 return Ok(());
             }
-            let (data, done) = blk.process(mem, chains).await?;
-            let ring = queue.complete(&done);
-            write_then(mem, data, ring).await?;
+            let mut completions = blk.process(mem, chains).await?;
+            if !deliver_all(mem, queue, &completions).await? {
+                // Some buffer the driver gave is not RAM (the VMM refused the
+                // batch and wrote nothing): fail just those requests.
+                for completion in completions.iter_mut().filter(|c| !c.data.is_empty()) {
+                    match mem.write(completion.data.clone()).await {
+                        Ok(()) => completion.data.clear(),
+                        Err(AccessError::Refused(_)) => completion.fail(),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if !deliver_all(mem, queue, &completions).await? {
+                    return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
+                }
+            }
             // Always interrupt: polling drivers ignore it, interrupt-driven
             // ones tolerate a spurious one, and none can miss one.
             let _ = irq.write(1);
         }
+    }
+}
+
+/// Writes every completion's data and status, then the used ring, in one go
+/// where it fits. Returns false (and leaves the queue as it was) when the
+/// VMM refused part of it.
+async fn deliver_all<M: DeviceMemory>(
+    mem: &M,
+    queue: &mut SplitQueue,
+    completions: &[Completion],
+) -> Result<bool, QueueError> {
+    let before = queue.clone();
+    let done: Vec<(u16, u32)> = completions.iter().map(|c| (c.head, c.used_len())).collect();
+    let ring = queue.complete(&done);
+    let data = completions.iter().flat_map(|c| c.data.iter().cloned().chain(c.status_write())).collect();
+    match write_then(mem, data, ring).await {
+        Ok(()) => Ok(true),
+        Err(AccessError::Refused(_)) => {
+            *queue = before;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -132,6 +166,9 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     }
 }
 
+/// Test-only work a device does before serving its first notification.
+pub type Hook = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Runs a block device until its control channel closes (Ok) or its queue
 /// breaks (Err with the reason). Must run on a tokio runtime.
 pub async fn serve_block<M, T>(
@@ -140,6 +177,7 @@ pub async fn serve_block<M, T>(
     control: T,
     notify: EventFd,
     irq: EventFd,
+    mut before_first_request: Option<Hook>,
 ) -> Result<(), String>
 where
     M: DeviceMemory,
@@ -163,6 +201,9 @@ where
                     guard.clear_ready();
                 }
                 _ = kick.notified() => {}
+            }
+            if let Some(hook) = before_first_request.take() {
+                hook.await;
             }
             core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))?;
         }

@@ -17,11 +17,21 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 pub struct DeviceHealth {
     pub failed: AtomicBool,
     pub reason: Mutex<Option<String>>,
+    /// The device's memory access, revoked when it fails.
+    access: Option<Arc<DeviceAccess>>,
 }
 
 impl DeviceHealth {
-    /// Marks the device failed (once) and logs why; the guest keeps running.
+    pub fn new(access: Option<Arc<DeviceAccess>>) -> Arc<Self> {
+        Arc::new(DeviceHealth { access, ..Default::default() })
+    }
+
+    /// Marks the device failed (once), revokes its memory access and logs
+    /// why; the guest keeps running.
     pub fn fail(&self, name: &str, reason: String) {
+        if let Some(access) = &self.access {
+            access.revoke();
+        }
         if !self.failed.swap(true, Ordering::SeqCst) {
             warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
             *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
@@ -58,7 +68,7 @@ impl DeviceHost {
         let host = DeviceHost {
             name,
             pid: None,
-            health: Arc::default(),
+            health: DeviceHealth::new(None),
             access: None,
             control: client,
             runtime: runtime.clone(),

@@ -6,7 +6,7 @@ pub mod memory_service;
 pub mod mmio;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
-use super::layout::{VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
+use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
 use super::memory::GuestRam;
 use super::{Error, Result};
 use crate::devices::blk::BlockDevice;
@@ -62,6 +62,12 @@ pub fn launch(
     ram: &GuestRam,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<VirtioDevice>> {
+    if config.disks.len() > MAX_VIRTIO_DEVICES {
+        return Err(Error::Device(format!(
+            "{} disks given; skvm supports at most {MAX_VIRTIO_DEVICES}",
+            config.disks.len()
+        )));
+    }
     config
         .disks
         .iter()
@@ -100,29 +106,28 @@ fn launch_block(
     vm.register_ioevent(&notify, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), NoDatamatch)
         .map_err(Error::kvm("KVM_IOEVENTFD (virtio)"))?;
     let (control_vmm, control_device) = UnixStream::pair()?;
-    let health: Arc<DeviceHealth> = Arc::default();
+    let access = (config.memory_mode == MemoryMode::Rpc).then(|| DeviceAccess::new(&name));
+    let health = DeviceHealth::new(access.clone());
+    let misbehave = if index == 0 { config.test_misbehaviour } else { None };
 
-    let (pid, access) = match config.memory_mode {
+    let pid = match config.memory_mode {
         MemoryMode::Inprocess => {
             let blk =
                 BlockDevice::new(file, disk.readonly, &name).map_err(|e| device_error(&name, "disk")(e.to_string()))?;
             spawn_thread(&name, ram, blk, control_device, notify.try_clone()?, irq.try_clone()?, health.clone())?;
-            (None, None)
+            None
         }
         MemoryMode::Rpc | MemoryMode::Shared => {
-            let mut child = DeviceCommand::new(&name, disk.readonly, config.test_misbehaviour);
+            let mut child = DeviceCommand::new(&name, disk.readonly, misbehave);
             child.fd("--control-fd", control_device.as_raw_fd());
             child.fd("--notify-fd", notify.as_raw_fd());
             child.fd("--irq-fd", irq.as_raw_fd());
             child.fd("--disk-fd", file.as_raw_fd());
-            let mut access = None;
             let _memory_end; // the child's end of the memory channel, open until spawn
-            if config.memory_mode == MemoryMode::Rpc {
+            if let Some(access) = &access {
                 let (vmm_end, device_end) = UnixStream::pair()?;
                 child.fd("--memory-fd", device_end.as_raw_fd());
-                let device_access = DeviceAccess::new(&name);
-                memory_service::serve(runtime, vmm_end, ram.atomic(), device_access.clone())?;
-                access = Some(device_access);
+                memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone())?;
                 _memory_end = Some(device_end);
             } else {
                 let memfd = ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
@@ -135,7 +140,7 @@ fn launch_block(
             let pid = child.spawn(health.clone())?;
             // The child has its own copies now.
             drop(control_device);
-            (Some(pid), access)
+            Some(pid)
         }
     };
 
@@ -176,7 +181,7 @@ fn spawn_thread(
                                 .new_framed(stream);
                             let transport =
                                 tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
-                            crate::devices::runner::serve_block(memory, blk, transport, notify, irq).await
+                            crate::devices::runner::serve_block(memory, blk, transport, notify, irq, None).await
                         })
                     },
                 );
