@@ -5,8 +5,12 @@ use rpc_schema::{GuestMemoryClient, Segment, WriteSegment, MAX_SEGMENTS, MAX_TRA
 use serde_bytes::ByteBuf;
 use tarpc::context;
 
+/// One line per probe, written with a single write so that it cannot
+/// interleave with the VMM's own log lines on the shared stderr.
 fn report(what: &str, outcome: String) {
-    eprintln!("hostile-rpc: {what}: {outcome}");
+    use std::io::Write;
+    let line = format!("hostile-rpc: {what}: {outcome}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Sends one of each kind of bad request and reports the VMM's answers,

@@ -143,8 +143,12 @@ impl DeviceProcess {
                     let client =
                         GuestMemoryClient::new(Default::default(), serde_transport::new(socket, Bincode::default()))
                             .spawn();
-                    let hello = client.hello(tarpc::context::current(), PROTOCOL_VERSION, self.name.clone()).await;
-                    hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
+                    // The hostile test device opens the session itself, after
+                    // showing that requests before hello are refused.
+                    if self.misbehave != Some(Misbehaviour::HostileRpc) {
+                        let hello = client.hello(tarpc::context::current(), PROTOCOL_VERSION, self.name.clone()).await;
+                        hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
+                    }
                     let misbehave = misbehaviour(self.misbehave, Some(&client), raw_memory_socket);
                     serve_block(RpcMemory::new(client), blk, control, notify, irq, misbehave).await
                 }

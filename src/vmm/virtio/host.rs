@@ -91,6 +91,12 @@ impl DeviceHost {
             Ok(Err(refused)) => Err(refused.to_string()),
             Err(e) => {
                 let reason = format!("control channel: {e}");
+                // A dead process is the likely cause: give its watcher a moment
+                // to record why before settling for the channel error.
+                let deadline = Instant::now() + Duration::from_millis(200);
+                while self.pid.is_some() && !self.health.failed.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 self.health.fail(&self.name, reason.clone());
                 Err(reason)
             }

@@ -1,0 +1,290 @@
+//! Sandboxed virtio-blk devices in each memory mode: bytes reach the host
+//! file, read-only disks refuse writes, the sandbox is really in force, and a
+//! misbehaving device or guest costs only that device.
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+const PATTERN_BYTES: u64 = 1 << 20;
+
+fn disk(name: &str, size: u64) -> PathBuf {
+    let path = temp_path(name);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(size).unwrap();
+    path
+}
+
+fn disk_arg(path: &Path, extra: &str) -> String {
+    format!("path={}{extra}", path.display())
+}
+
+/// The byte the test guest's blk-pattern writes at `offset` of disk `index`.
+fn pattern_byte(index: u64, offset: u64, seed: u64) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 9) ^ seed ^ (index * 0x5a)) as u8
+}
+
+fn assert_pattern_on_disk(path: &Path, index: u64, seed: u64) {
+    let bytes = std::fs::read(path).unwrap();
+    for (offset, byte) in bytes[..PATTERN_BYTES as usize].iter().enumerate() {
+        assert_eq!(*byte, pattern_byte(index, offset as u64, seed), "{} byte {offset}", path.display());
+    }
+    assert!(bytes[PATTERN_BYTES as usize..].iter().all(|&b| b == 0), "bytes beyond the pattern changed");
+}
+
+#[test]
+fn pattern_reaches_the_host_file_in_every_mode() {
+    for (seed, mode) in MODES.iter().enumerate() {
+        let path = disk(&format!("pattern-{mode}.img"), 4 << 20);
+        let out = run_guest(
+            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, "")],
+            &format!("scenario=blk-pattern seed={seed}"),
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("blk0: read back 2048 sectors, all match"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("blk0: id blk0"), "{mode}: {}", out.stdout);
+        assert_pattern_on_disk(&path, 0, seed as u64);
+    }
+}
+
+#[test]
+fn rpc_memory_flag_means_rpc_mode() {
+    let path = disk("rpc-flag.img", 4 << 20);
+    let out = run_guest(
+        &["--memory", "64M", "--rpc-memory", "--log-level", "info", "--disk", &disk_arg(&path, "")],
+        "scenario=blk-pattern seed=9",
+    );
+    assert_eq!(out.code(), Some(0), "stderr {}", out.stderr);
+    assert!(out.stderr.contains("Rpc mode"), "{}", out.stderr);
+    assert!(out.stderr.contains("device blk0:") && out.stderr.contains("memory RPCs"), "{}", out.stderr);
+    assert_pattern_on_disk(&path, 0, 9);
+}
+
+#[test]
+fn readonly_disk_refuses_writes_in_every_mode() {
+    for mode in MODES {
+        let path = disk(&format!("readonly-{mode}.img"), 1 << 20);
+        let out = run_guest(
+            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, ",readonly=on")],
+            "scenario=blk-readonly",
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: {}", out.stderr);
+        assert_eq!(out.guest_value("blk0: write status"), None);
+        assert!(out.stdout.contains("blk0: write status 1"), "{mode}: VIRTIO_BLK_S_IOERR expected: {}", out.stdout);
+        assert!(out.stdout.contains("blk0: read status 0"), "{mode}: {}", out.stdout);
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0), "{mode}: read-only disk changed");
+    }
+}
+
+/// Starts a spinning guest with one disk and returns skvm and its device's pid.
+fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32) {
+    let child = skvm(&[
+        "run",
+        "--memory",
+        "64M",
+        "--memory-mode",
+        mode,
+        "--disk",
+        &disk_arg(path, ""),
+        "--cmdline",
+        "scenario=spin",
+    ])
+    .spawn()
+    .unwrap();
+    let vmm = child.id();
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(20));
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let is_child = status.lines().any(|l| l == format!("PPid:\t{vmm}"));
+            if is_child && cmdline.split(|&b| b == 0).any(|arg| arg == b"device") && status.contains("Seccomp:\t2") {
+                return (child, pid);
+            }
+        }
+    }
+    panic!("no confined device process appeared under skvm {vmm}");
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn rpc_device_is_confined_and_maps_no_guest_memory() {
+    let path = disk("confined.img", 1 << 20);
+    let (mut vmm, pid) = spinning_vm_with_device("rpc", &path);
+    assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    // Its own namespaces, not skvm's.
+    for ns in ["user", "mnt", "net", "ipc"] {
+        let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let vmm_ns = std::fs::read_link(format!("/proc/{}/ns/{ns}", vmm.id())).unwrap();
+        assert_ne!(own, vmm_ns, "{ns} namespace shared with the VMM");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("skvm-guest-ram"), "rpc device maps guest RAM:\n{maps}");
+    // No mapping anywhere near the size of guest RAM (64 MiB).
+    for line in maps.lines() {
+        let range = line.split_whitespace().next().unwrap();
+        let (start, end) = range.split_once('-').unwrap();
+        let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+        assert!(size < 32 << 20, "large mapping in the rpc device: {line}");
+    }
+    // Only the descriptors it was given (and its event loop's own).
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(fds <= 12, "device holds {fds} descriptors");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+}
+
+#[test]
+fn shared_device_maps_the_guest_ram_memfd() {
+    // The contrast that makes the rpc check meaningful.
+    let path = disk("shared-maps.img", 1 << 20);
+    let (mut vmm, pid) = spinning_vm_with_device("shared", &path);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("memfd:skvm-guest-ram"), "shared device does not map guest RAM:\n{maps}");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+}
+
+#[test]
+fn forbidden_syscall_kills_only_the_device() {
+    let (d0, d1) = (disk("sigsys-0.img", 4 << 20), disk("sigsys-1.img", 4 << 20));
+    let out = run_guest(
+        &[
+            "--memory",
+            "64M",
+            "--disk",
+            &disk_arg(&d0, ""),
+            "--disk",
+            &disk_arg(&d1, ""),
+            "--test-device-misbehave",
+            "forbidden-syscall",
+        ],
+        "scenario=blk-pattern seed=5",
+    );
+    // The guest ran to the end: disk 0 failed (bit 0 of its status), disk 1 worked.
+    assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("device blk0 failed") && out.stderr.contains("killed by SIGSYS"), "{}", out.stderr);
+    assert!(out.stdout.contains("blk0: failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("blk1: ok"), "{}", out.stdout);
+    assert_pattern_on_disk(&d1, 1, 5);
+}
+
+#[test]
+fn hostile_rpcs_are_refused_and_cost_only_that_device() {
+    let (d0, d1) = (disk("hostile-0.img", 4 << 20), disk("hostile-1.img", 4 << 20));
+    let out = run_guest(
+        &[
+            "--memory",
+            "64M",
+            "--disk",
+            &disk_arg(&d0, ""),
+            "--disk",
+            &disk_arg(&d1, ""),
+            "--test-device-misbehave",
+            "hostile-rpc",
+        ],
+        "scenario=blk-pattern seed=6",
+    );
+    for (probe, answer) in [
+        ("read before hello", "NoHello"),
+        ("wrong version", "VersionMismatch"),
+        ("out of range", "OutOfRange"),
+        ("overflow", "Overflow"),
+        ("oversized", "TooLarge"),
+        ("too many segments", "TooManySegments"),
+        ("overflowing write", "Overflow"),
+    ] {
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("hostile-rpc: {probe}:")))
+            .unwrap_or_else(|| panic!("no {probe}: {}", out.stderr));
+        assert!(line.contains(answer), "{line}");
+    }
+    assert!(out.stderr.contains("hostile-rpc: garbage bytes"), "{}", out.stderr);
+    assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("device blk0 failed"), "{}", out.stderr);
+    assert!(out.stdout.contains("blk1: ok"), "{}", out.stdout);
+    assert_pattern_on_disk(&d1, 1, 6);
+    assert!(std::fs::read(&d0).unwrap().iter().all(|&b| b == 0), "the hostile device's disk changed");
+}
+
+#[test]
+fn hostile_descriptors_get_errors_or_a_failed_device() {
+    for mode in MODES {
+        let path = disk(&format!("hostile-desc-{mode}.img"), 1 << 20);
+        let out = wait_with_deadline(
+            skvm(&[
+                "run",
+                "--memory",
+                "64M",
+                "--memory-mode",
+                mode,
+                "--disk",
+                &disk_arg(&path, ""),
+                "--cmdline",
+                "scenario=blk-hostile",
+            ])
+            .spawn()
+            .unwrap(),
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        for (case, status) in
+            [("bad request type", 2), ("data outside RAM", 1), ("huge length", 1), ("zero-length header", 1)]
+        {
+            assert!(
+                out.stdout.contains(&format!("hostile {case}: completed true status {status}")),
+                "{mode} {case}: {}",
+                out.stdout
+            );
+        }
+        assert!(out.stdout.contains("hostile read past the end: status 1"), "{mode}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("hostile looping chain: completed false needs-reset true"),
+            "{mode}: {}",
+            out.stdout
+        );
+        assert!(out.stderr.contains("device blk0 failed"), "{mode}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn bad_disk_flags_are_clear_errors() {
+    let out = run(&["run", "--disk", "path=/nonexistent/disk.img"]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("cannot read disk /nonexistent/disk.img"), "{}", out.stderr);
+    for bad in ["readonly=on", "path=", "file=/x"] {
+        let out = run(&["run", "--disk", bad]);
+        out.assert_clean_error();
+        assert_eq!(out.code(), Some(2), "--disk {bad}");
+    }
+    let out = run(&["run", "--rpc-memory", "--memory-mode", "shared"]);
+    out.assert_clean_error();
+    let path = disk("many.img", 1 << 20);
+    let arg = disk_arg(&path, ",readonly=on");
+    let mut args = vec!["run"];
+    for _ in 0..9 {
+        args.extend(["--disk", arg.as_str()]);
+    }
+    let out = run(&args);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("at most 8"), "{}", out.stderr);
+}
