@@ -106,6 +106,9 @@ fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32
             }
         }
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("no confined device process appeared under skvm {vmm}");
 }
 
