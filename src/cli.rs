@@ -1,5 +1,5 @@
 //! Command-line interface: flag parsing, validation and exit statuses.
-use crate::devices::process::{DeviceProcess, MemoryChannel, Misbehaviour, SharedRegion};
+use crate::devices::process::{DeviceKind, DeviceProcess, MemoryChannel, Misbehaviour, SharedRegion};
 use crate::test_guest;
 use crate::vmm::{self, BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -107,6 +107,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = MemoryMode::Rpc, conflicts_with = "rpc_memory")]
     pub memory_mode: MemoryMode,
 
+    /// Add a virtio-rng device, filled from the host's getrandom(2) in its own process.
+    #[arg(long)]
+    pub rng: bool,
+
     /// Same as `--memory-mode rpc`.
     #[arg(long)]
     pub rpc_memory: bool,
@@ -126,8 +130,10 @@ pub struct DeviceArgs {
     notify_fd: i32,
     #[arg(long)]
     irq_fd: i32,
-    #[arg(long)]
-    disk_fd: i32,
+    #[arg(long, value_enum)]
+    kind: DeviceKindArg,
+    #[arg(long, required_if_eq("kind", "blk"))]
+    disk_fd: Option<i32>,
     #[arg(long, conflicts_with = "memfd")]
     memory_fd: Option<i32>,
     #[arg(long, requires = "region")]
@@ -139,6 +145,12 @@ pub struct DeviceArgs {
     readonly: bool,
     #[arg(long, value_enum)]
     misbehave: Option<Misbehaviour>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DeviceKindArg {
+    Blk,
+    Rng,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -181,8 +193,11 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                 memory,
                 notify: args.notify_fd,
                 irq: args.irq_fd,
-                disk: args.disk_fd,
-                readonly: args.readonly,
+                kind: match (args.kind, args.disk_fd) {
+                    (DeviceKindArg::Blk, Some(disk)) => DeviceKind::Block { disk, readonly: args.readonly },
+                    (DeviceKindArg::Blk, None) => return Err("a block device needs --disk-fd".into()),
+                    (DeviceKindArg::Rng, _) => DeviceKind::Rng,
+                },
                 misbehave: args.misbehave,
             };
             device.run().map_err(|e| format!("device {}: {e}", args.name))?;
@@ -211,6 +226,7 @@ impl RunArgs {
             serial: self.serial,
             boot_protocol: self.boot_protocol,
             disks: self.disk,
+            rng: self.rng,
             memory_mode: if self.rpc_memory { MemoryMode::Rpc } else { self.memory_mode },
             test_misbehaviour: self.test_device_misbehave,
         }

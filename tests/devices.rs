@@ -291,3 +291,24 @@ fn bad_disk_flags_are_clear_errors() {
     out.assert_clean_error();
     assert!(out.stderr.contains("at most 8"), "{}", out.stderr);
 }
+
+#[test]
+fn rng_serves_entropy_in_every_mode_beside_a_disk() {
+    for mode in MODES {
+        let path = disk(&format!("rng-{mode}.img"), 4 << 20);
+        let out = run_guest(
+            &["--memory", "64M", "--memory-mode", mode, "--rng", "--disk", &disk_arg(&path, "")],
+            "scenario=rng",
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        assert_eq!(out.stdout.matches("rng: read 4096 bytes").count(), 2, "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("rng: two reads differ"), "{mode}: {}", out.stdout);
+        // The disk beside it still works.
+        let out = run_guest(
+            &["--memory", "64M", "--memory-mode", mode, "--rng", "--disk", &disk_arg(&path, "")],
+            "scenario=blk-pattern seed=4",
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: {}", out.stdout);
+        assert_pattern_on_disk(&path, 0, 4);
+    }
+}

@@ -3,7 +3,7 @@
 //! a bad request gets an error status, never a crash.
 use super::features;
 use super::memory::{read_all, AccessError, DeviceMemory};
-use super::virtqueue::{Buffer, Chain};
+use super::virtqueue::{Buffer, Chain, Completion};
 use rpc_schema::{DeviceInfo, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::fs::File;
@@ -40,41 +40,6 @@ pub struct BlockDevice {
     sectors: u64,
     id: [u8; ID_SIZE],
     pub stats: BlockStats,
-}
-
-/// A served request: what to write back to the driver, and how it ended.
-#[derive(Debug)]
-pub struct Completion {
-    pub head: u16,
-    /// Data for the driver's device-writable buffers.
-    pub data: Vec<WriteSegment>,
-    /// Where the status byte goes, if the driver gave a usable status buffer.
-    pub status_addr: Option<u64>,
-    pub status: u8,
-    /// Bytes of `data`.
-    pub written: u32,
-}
-
-impl Completion {
-    /// The used-ring length: data plus the status byte.
-    pub fn used_len(&self) -> u32 {
-        if self.status_addr.is_some() {
-            self.written + 1
-        } else {
-            0
-        }
-    }
-
-    pub fn status_write(&self) -> Option<WriteSegment> {
-        self.status_addr.map(|addr| WriteSegment { addr, data: ByteBuf::from(vec![self.status]) })
-    }
-
-    /// The driver's buffers turned out not to be RAM: report an I/O error instead.
-    pub fn fail(&mut self) {
-        self.data.clear();
-        self.written = 0;
-        self.status = S_IOERR;
-    }
 }
 
 /// A request split into its parts, or the reason it cannot be served.

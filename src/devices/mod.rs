@@ -5,6 +5,7 @@ pub mod blk;
 mod hostile;
 pub mod memory;
 pub mod process;
+pub mod rng;
 pub mod runner;
 pub mod virtqueue;
 
@@ -13,4 +14,35 @@ pub mod features {
     pub const VERSION_1: u64 = 1 << 32;
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
     pub const RING_EVENT_IDX: u64 = 1 << 29;
+}
+
+use memory::{AccessError, DeviceMemory};
+use rpc_schema::DeviceInfo;
+use virtqueue::{Chain, Completion};
+
+/// The device behind a transport: the only part that differs between devices.
+pub enum Backend {
+    Block(blk::BlockDevice),
+    Rng(rng::RngDevice),
+}
+
+impl Backend {
+    pub fn info(&self) -> DeviceInfo {
+        match self {
+            Backend::Block(blk) => blk.info(),
+            Backend::Rng(rng) => rng.info(),
+        }
+    }
+
+    /// Serves the requests; the caller writes the completions back.
+    pub async fn process<M: DeviceMemory>(
+        &mut self,
+        mem: &M,
+        chains: Vec<Chain>,
+    ) -> Result<Vec<Completion>, AccessError> {
+        match self {
+            Backend::Block(blk) => blk.process(mem, chains).await,
+            Backend::Rng(rng) => Ok(rng.process(chains)),
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! itself, then serves one device until the VMM closes the control channel.
 use super::blk::BlockDevice;
 use super::memory::{MappedMemory, RpcMemory};
-use super::runner::serve_block;
+use super::rng::RngDevice;
+use super::runner::serve;
+use super::Backend;
 use crate::sandbox;
 use rpc_schema::{GuestMemoryClient, MAX_FRAME, PROTOCOL_VERSION};
 use std::fs::File;
@@ -46,9 +48,15 @@ pub struct DeviceProcess {
     pub memory: MemoryChannel,
     pub notify: RawFd,
     pub irq: RawFd,
-    pub disk: RawFd,
-    pub readonly: bool,
+    pub kind: DeviceKind,
     pub misbehave: Option<Misbehaviour>,
+}
+
+/// Which device the process runs, with what it needs for it.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceKind {
+    Block { disk: RawFd, readonly: bool },
+    Rng,
 }
 
 fn framed(
@@ -98,7 +106,10 @@ impl DeviceProcess {
             MemoryChannel::Rpc { socket } => socket,
             MemoryChannel::Shared { memfd, .. } => memfd,
         };
-        let mut fds = vec![0, 1, 2, self.control, memory, self.notify, self.irq, self.disk];
+        let mut fds = vec![0, 1, 2, self.control, memory, self.notify, self.irq];
+        if let DeviceKind::Block { disk, .. } = self.kind {
+            fds.push(disk);
+        }
         fds.sort_unstable();
         fds.dedup();
         fds
@@ -127,9 +138,14 @@ impl DeviceProcess {
             };
             // SAFETY: descriptors handed over by the VMM, owned from here on.
             let (notify, irq) = unsafe { (EventFd::from_raw_fd(self.notify), EventFd::from_raw_fd(self.irq)) };
-            // SAFETY: as above.
-            let disk = unsafe { File::from_raw_fd(self.disk) };
-            let blk = BlockDevice::new(disk, self.readonly, &self.name).map_err(|e| format!("disk: {e}"))?;
+            let backend = match self.kind {
+                DeviceKind::Block { disk, readonly } => {
+                    // SAFETY: as above.
+                    let disk = unsafe { File::from_raw_fd(disk) };
+                    Backend::Block(BlockDevice::new(disk, readonly, &self.name).map_err(|e| format!("disk: {e}"))?)
+                }
+                DeviceKind::Rng => Backend::Rng(RngDevice),
+            };
             let raw_memory_socket = match (self.misbehave, &self.memory) {
                 // SAFETY: duplicating a descriptor we own, for the hostile test path.
                 (Some(Misbehaviour::HostileRpc), MemoryChannel::Rpc { socket }) => unsafe { libc::dup(*socket) },
@@ -150,12 +166,12 @@ impl DeviceProcess {
                         hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
                     }
                     let misbehave = misbehaviour(self.misbehave, Some(&client), raw_memory_socket);
-                    serve_block(RpcMemory::new(client), blk, control, notify, irq, misbehave).await
+                    serve(RpcMemory::new(client), backend, control, notify, irq, misbehave).await
                 }
                 (None, Some(mapped)) => {
-                    serve_block(
+                    serve(
                         MappedMemory::new(GuestMemoryAtomic::new(mapped)),
-                        blk,
+                        backend,
                         control,
                         notify,
                         irq,

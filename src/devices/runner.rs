@@ -1,10 +1,11 @@
 //! A device's event loop, the same in every memory mode: serve the VMM's
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
-use super::blk::{BlockDevice, Completion};
 use super::features;
 use super::memory::{write_then, AccessError, DeviceMemory};
+use super::virtqueue::Completion;
 use super::virtqueue::{validate, QueueError, SplitQueue};
+use super::Backend;
 use futures::StreamExt;
 use rpc_schema::{
     DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceError, DeviceInfo, DeviceState, QueueConfig,
@@ -20,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 struct Core<M> {
     mem: M,
-    blk: BlockDevice,
+    backend: Backend,
     queue: Option<SplitQueue>,
     features: u64,
     irq: EventFd,
@@ -29,14 +30,14 @@ struct Core<M> {
 impl<M: DeviceMemory> Core<M> {
     /// Serves requests until the driver has made none new.
     async fn service(&mut self) -> Result<(), QueueError> {
-        let Core { mem, blk, queue, irq, .. } = self;
+        let Core { mem, backend, queue, irq, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(()) };
         loop {
             let chains = queue.pop_all(mem).await?;
             if chains.is_empty() {
                 return Ok(());
             }
-            let mut completions = blk.process(mem, chains).await?;
+            let mut completions = backend.process(mem, chains).await?;
             if !deliver_all(mem, queue, &completions).await? {
                 // Some buffer the driver gave is not RAM (the VMM refused the
                 // batch and wrote nothing): fail just those requests.
@@ -130,7 +131,7 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     }
 
     async fn write_config(self, _: tarpc::context::Context, offset: u32, data: ByteBuf) -> Result<(), DeviceError> {
-        // virtio-blk's config space is read-only for the features we offer.
+        // Our devices' config spaces are read-only for the features we offer.
         Err(DeviceError::BadConfigAccess { offset, len: data.len() as u32 })
     }
 
@@ -169,11 +170,11 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
 /// Test-only work a device does before serving its first notification.
 pub type Hook = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Runs a block device until its control channel closes (Ok) or its queue
+/// Runs a device until its control channel closes (Ok) or its queue
 /// breaks (Err with the reason). Must run on a tokio runtime.
-pub async fn serve_block<M, T>(
+pub async fn serve<M, T>(
     mem: M,
-    blk: BlockDevice,
+    backend: Backend,
     control: T,
     notify: EventFd,
     irq: EventFd,
@@ -183,8 +184,8 @@ where
     M: DeviceMemory,
     T: Transport<Response<DeviceControlResponse>, ClientMessage<DeviceControlRequest>> + Send + 'static,
 {
-    let info = blk.info();
-    let core = Arc::new(Mutex::new(Core { mem, blk, queue: None, features: 0, irq }));
+    let info = backend.info();
+    let core = Arc::new(Mutex::new(Core { mem, backend, queue: None, features: 0, irq }));
     let kick = Arc::new(Notify::new());
     let server = Control { core: core.clone(), kick: kick.clone(), info };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {

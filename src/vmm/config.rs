@@ -11,6 +11,7 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub boot_protocol: BootProtocol,
     pub disks: Vec<DiskConfig>,
+    pub rng: bool,
     pub memory_mode: MemoryMode,
     /// Test-only: make every device process misbehave this way.
     pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,

@@ -38,14 +38,15 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     let cpuid = std::thread::spawn(vcpu::supported_cpuid);
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let shareable = config.memory_mode == MemoryMode::Shared && !config.disks.is_empty();
+    let has_devices = !config.disks.is_empty() || config.rng;
+    let shareable = config.memory_mode == MemoryMode::Shared && has_devices;
     let ram = memory::GuestRam::new(config.memory_bytes, shareable)?;
     let vm = vm::create(&kvm, &ram)?;
     debug!("VM created with {} MiB of RAM", config.memory_bytes >> 20);
 
     let control = Arc::new(VmControl::new());
     let legacy = Arc::new(legacy::LegacyDevices::new(&vm, &config.serial, control.clone())?);
-    let devices = if config.disks.is_empty() {
+    let devices = if !has_devices {
         Vec::new()
     } else {
         let runtime = virtio::start_rpc_runtime()?;

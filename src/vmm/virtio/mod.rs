@@ -12,6 +12,8 @@ use super::{Error, Result};
 use crate::devices::blk::BlockDevice;
 use crate::devices::memory::MappedMemory;
 use crate::devices::process::Misbehaviour;
+use crate::devices::rng::RngDevice;
+use crate::devices::Backend;
 use host::{DeviceHealth, DeviceHost};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use memory_service::DeviceAccess;
@@ -62,22 +64,40 @@ pub fn launch(
     ram: &GuestRam,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<VirtioDevice>> {
-    if config.disks.len() > MAX_VIRTIO_DEVICES {
+    let mut specs: Vec<DeviceSpec> = config.disks.iter().map(DeviceSpec::Block).collect();
+    if config.rng {
+        specs.push(DeviceSpec::Rng);
+    }
+    if specs.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::Device(format!(
-            "{} disks given; skvm supports at most {MAX_VIRTIO_DEVICES}",
-            config.disks.len()
+            "{} devices given; skvm supports at most {MAX_VIRTIO_DEVICES}",
+            specs.len()
         )));
     }
-    config
-        .disks
-        .iter()
+    let mut blocks = 0;
+    specs
+        .into_iter()
         .enumerate()
-        .map(|(index, disk)| {
+        .map(|(index, spec)| {
+            let name = match spec {
+                DeviceSpec::Block(_) => {
+                    blocks += 1;
+                    format!("blk{}", blocks - 1)
+                }
+                DeviceSpec::Rng => "rng0".to_string(),
+            };
             let slot = slot(index);
-            let transport = launch_block(index, slot, disk, config, vm, ram, runtime)?;
+            let transport = launch_device(index, name, slot, spec, config, vm, ram, runtime)?;
             Ok(VirtioDevice { slot, transport: Mutex::new(transport) })
         })
         .collect()
+}
+
+/// What one virtio device is backed by.
+#[derive(Debug, Clone, Copy)]
+enum DeviceSpec<'a> {
+    Block(&'a DiskConfig),
+    Rng,
 }
 
 fn device_error(name: &str, what: &str) -> impl FnOnce(String) -> Error {
@@ -85,21 +105,29 @@ fn device_error(name: &str, what: &str) -> impl FnOnce(String) -> Error {
     move |detail| Error::Device(format!("{context}: {detail}"))
 }
 
-fn launch_block(
+#[allow(clippy::too_many_arguments)]
+fn launch_device(
     index: usize,
+    name: String,
     slot: MmioSlot,
-    disk: &DiskConfig,
+    spec: DeviceSpec,
     config: &VmConfig,
     vm: &VmFd,
     ram: &GuestRam,
     runtime: &tokio::runtime::Handle,
 ) -> Result<MmioTransport> {
-    let name = format!("blk{index}");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!disk.readonly)
-        .open(&disk.path)
-        .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
+    // The VMM opens the backend; the device only ever gets the descriptor.
+    let disk = match spec {
+        DeviceSpec::Block(disk) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!disk.readonly)
+                .open(&disk.path)
+                .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
+            Some((file, disk.readonly))
+        }
+        DeviceSpec::Rng => None,
+    };
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_irqfd(&irq, slot.gsi).map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
     let notify = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -112,17 +140,30 @@ fn launch_block(
 
     let pid = match config.memory_mode {
         MemoryMode::Inprocess => {
-            let blk =
-                BlockDevice::new(file, disk.readonly, &name).map_err(|e| device_error(&name, "disk")(e.to_string()))?;
-            spawn_thread(&name, ram, blk, control_device, notify.try_clone()?, irq.try_clone()?, health.clone())?;
+            let backend = match disk {
+                Some((file, readonly)) => Backend::Block(
+                    BlockDevice::new(file, readonly, &name).map_err(|e| device_error(&name, "disk")(e.to_string()))?,
+                ),
+                None => Backend::Rng(RngDevice),
+            };
+            spawn_thread(&name, ram, backend, control_device, notify.try_clone()?, irq.try_clone()?, health.clone())?;
             None
         }
         MemoryMode::Rpc | MemoryMode::Shared => {
-            let mut child = DeviceCommand::new(&name, disk.readonly, misbehave);
+            let mut child = DeviceCommand::new(&name, misbehave);
             child.fd("--control-fd", control_device.as_raw_fd());
             child.fd("--notify-fd", notify.as_raw_fd());
             child.fd("--irq-fd", irq.as_raw_fd());
-            child.fd("--disk-fd", file.as_raw_fd());
+            match &disk {
+                Some((file, readonly)) => {
+                    child.arg("--kind=blk".into());
+                    child.fd("--disk-fd", file.as_raw_fd());
+                    if *readonly {
+                        child.arg("--readonly".into());
+                    }
+                }
+                None => child.arg("--kind=rng".into()),
+            }
             let _memory_end; // the child's end of the memory channel, open until spawn
             if let Some(access) = &access {
                 let (vmm_end, device_end) = UnixStream::pair()?;
@@ -159,7 +200,7 @@ fn launch_block(
 fn spawn_thread(
     name: &str,
     ram: &GuestRam,
-    blk: BlockDevice,
+    backend: Backend,
     control: UnixStream,
     notify: EventFd,
     irq: EventFd,
@@ -181,7 +222,7 @@ fn spawn_thread(
                                 .new_framed(stream);
                             let transport =
                                 tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
-                            crate::devices::runner::serve_block(memory, blk, transport, notify, irq, None).await
+                            crate::devices::runner::serve(memory, backend, transport, notify, irq, None).await
                         })
                     },
                 );
@@ -202,12 +243,9 @@ struct DeviceCommand {
 }
 
 impl DeviceCommand {
-    fn new(name: &str, readonly: bool, misbehave: Option<Misbehaviour>) -> Self {
+    fn new(name: &str, misbehave: Option<Misbehaviour>) -> Self {
         let mut command = Command::new("/proc/self/exe");
         command.arg("device").arg("--name").arg(name);
-        if readonly {
-            command.arg("--readonly");
-        }
         if let Some(m) = misbehave {
             command.arg("--misbehave").arg(match m {
                 Misbehaviour::ForbiddenSyscall => "forbidden-syscall",

@@ -90,7 +90,8 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
     };
     let mut failed = 0u8;
     let mut count = 0;
-    for (disk, device) in virtio::devices(info.cmdline()).enumerate() {
+    let disks = virtio::devices(info.cmdline()).filter(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID);
+    for (disk, device) in disks.enumerate() {
         count += 1;
         let result = Blk::init(device, &mut arena).and_then(|mut blk| pattern(&mut blk, disk, &mut arena, seed));
         match result {
@@ -107,7 +108,9 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
 
 fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
     let mut arena = arena(info).ok_or("not enough RAM")?;
-    let device = virtio::devices(info.cmdline()).next().ok_or("no virtio_mmio.device= on the command line")?;
+    let device = virtio::devices(info.cmdline())
+        .find(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID)
+        .ok_or("no virtio-blk device on the command line")?;
     Ok((Blk::init(device, &mut arena)?, arena))
 }
 

@@ -17,6 +17,7 @@ mod console;
 mod mem;
 mod platform;
 mod pvh;
+mod rng;
 mod scenario;
 mod virtio;
 

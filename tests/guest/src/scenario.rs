@@ -13,6 +13,7 @@
 //! * `scenario=exit-cost`: time port and MMIO exits to unclaimed addresses.
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
+//! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
 //!   `blk_scenarios.rs`.
 //!
@@ -92,6 +93,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
                 platform::exit(failed);
             }
         }
+        "rng" => check(crate::rng::run(info)),
         "blk-readonly" => check(blk_scenarios::run_readonly(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),
         "blk-bench" => {
