@@ -54,6 +54,21 @@ pub enum Command {
     /// A device process; the VMM starts these itself.
     #[command(hide = true)]
     Device(DeviceArgs),
+    /// Measure the guest-memory RPC service between two processes (no VM): latency and
+    /// throughput from 64 B to 1 MiB, 1 and 32 requests in flight.
+    BenchMemoryRpc {
+        /// Fewer iterations, for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The client half of bench-memory-rpc.
+    #[command(hide = true)]
+    BenchMemoryRpcClient {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        quick: bool,
+    },
     /// Write the built-in test guest (a PVH ELF) to a file, e.g. to boot it under another VMM.
     ExportTestGuest {
         /// Where to write the ELF image.
@@ -203,6 +218,8 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
             device.run().map_err(|e| format!("device {}: {e}", args.name))?;
             Ok(0)
         }
+        Command::BenchMemoryRpc { quick } => Ok(crate::rpc_bench::run(quick)?),
+        Command::BenchMemoryRpcClient { fd, quick } => Ok(crate::rpc_bench::client(fd, quick)?),
         Command::ExportTestGuest { output } => {
             std::fs::write(&output, test_guest::IMAGE)
                 .map_err(|e| format!("cannot write {}: {e}", output.display()))?;

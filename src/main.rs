@@ -8,6 +8,7 @@
 mod cli;
 mod devices;
 mod guest_access;
+mod rpc_bench;
 mod sandbox;
 mod test_guest;
 mod vmm;

@@ -13,13 +13,14 @@ mod memory;
 mod signals;
 mod teardown;
 mod vcpu;
-mod virtio;
+pub mod virtio;
 mod vm;
 
 pub use config::{BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 pub use error::Error;
 pub use exit::VmExit;
 pub use teardown::exit_now;
+pub use virtio::{memory_service, start_rpc_runtime};
 
 use control::VmControl;
 use kvm_ioctls::Kvm;
