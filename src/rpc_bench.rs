@@ -57,8 +57,13 @@ pub fn client(fd: RawFd, quick: bool) -> Result<u8, String> {
         socket.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stream = tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?;
         let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-        let client = GuestMemoryClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default())).spawn();
-        client.hello(context::current(), PROTOCOL_VERSION, "bench".into()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let client =
+            GuestMemoryClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default())).spawn();
+        client
+            .hello(context::current(), PROTOCOL_VERSION, "bench".into())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         println!("memory RPC benchmark: tarpc + bincode over a unix socket, two processes, current-thread runtimes");
         println!("{:<6} {:>9} {:>13} {:>13} {:>14}", "op", "size", "latency p50", "1 in flight", "32 in flight");
         for write in [false, true] {
@@ -72,9 +77,15 @@ pub fn client(fd: RawFd, quick: bool) -> Result<u8, String> {
                         let started = Instant::now();
                         if write {
                             let data = ByteBuf::from(vec![0xa5u8; size as usize]);
-                            client.write(context::current(), vec![WriteSegment { addr, data }]).await.map(|r| r.map(drop))
+                            client
+                                .write(context::current(), vec![WriteSegment { addr, data }])
+                                .await
+                                .map(|r| r.map(drop))
                         } else {
-                            client.read(context::current(), vec![Segment { addr, len: size }]).await.map(|r| r.map(drop))
+                            client
+                                .read(context::current(), vec![Segment { addr, len: size }])
+                                .await
+                                .map(|r| r.map(drop))
                         }
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;

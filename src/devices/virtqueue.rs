@@ -302,3 +302,73 @@ mod tests {
         assert!(validate(&QueueConfig { desc: 0x1008, ..ok }, 256).is_err());
     }
 }
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+    use crate::devices::memory::MappedMemory;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const INDIRECT: u64 = 0x4000;
+
+    fn put_desc(mem: &GuestMemoryMmap, table: u64, index: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = table + 16 * index;
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn pops_direct_and_indirect_chains_and_publishes_avail_event() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // Head 0: a direct chain 0 -> 1. Head 2: an indirect table of two descriptors.
+        put_desc(&mem, DESC, 0, 0x5000, 16, DESC_F_NEXT, 1);
+        put_desc(&mem, DESC, 1, 0x6000, 512, DESC_F_WRITE, 0);
+        put_desc(&mem, DESC, 2, INDIRECT, 32, DESC_F_INDIRECT, 0);
+        put_desc(&mem, INDIRECT, 0, 0x7000, 16, DESC_F_NEXT, 1);
+        put_desc(&mem, INDIRECT, 1, 0x8000, 1, DESC_F_WRITE, 0);
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        mem.write_obj(2u16, GuestAddress(AVAIL + 6)).unwrap();
+        mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap(); // avail idx
+        let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
+        let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
+        let mut queue = SplitQueue::new(config, true, true);
+
+        let chains = block_on(queue.pop_all(&memory)).unwrap();
+        assert_eq!(chains.len(), 2);
+        assert_eq!(
+            chains[0].buffers,
+            vec![Buffer { addr: 0x5000, len: 16, writable: false }, Buffer { addr: 0x6000, len: 512, writable: true }]
+        );
+        assert_eq!(chains[1].head, 2);
+        assert_eq!(chains[1].buffers[1], Buffer { addr: 0x8000, len: 1, writable: true });
+        assert!(block_on(queue.pop_all(&memory)).unwrap().is_empty(), "nothing new the second time");
+
+        let writes = queue.complete(&[(0, 513), (2, 1)]);
+        block_on(memory.write(writes)).unwrap();
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "used idx");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8)).unwrap(), 2, "second used element's head");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 2, "avail_event");
+    }
+
+    #[test]
+    fn refuses_an_avail_index_beyond_the_queue_and_out_of_ram_rings() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_obj(9u16, GuestAddress(AVAIL + 2)).unwrap();
+        let memory = MappedMemory::new(GuestMemoryAtomic::new(mem));
+        let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
+        let mut queue = SplitQueue::new(config, false, false);
+        assert!(matches!(block_on(queue.pop_all(&memory)), Err(QueueError::AvailOverrun { .. })));
+        let outside = QueueConfig { desc: 0xfff0, ..config };
+        let mut queue = SplitQueue::new(outside, false, false);
+        assert!(matches!(block_on(queue.pop_all(&memory)), Err(QueueError::Memory(_))));
+    }
+}

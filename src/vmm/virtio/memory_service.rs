@@ -117,3 +117,42 @@ pub fn serve(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rpc_schema::GuestMemoryClient;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn hello_first_then_checked_access_then_revocation() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let access = DeviceAccess::new("test");
+        serve(runtime.handle(), vmm_end, GuestMemoryAtomic::new(memory), access.clone()).unwrap();
+        runtime.block_on(async {
+            device_end.set_nonblocking(true).unwrap();
+            let stream = tokio::net::UnixStream::from_std(device_end).unwrap();
+            let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
+            let client =
+                GuestMemoryClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default()))
+                    .spawn();
+            let ctx = tarpc::context::current;
+            let read = |addr, len| client.read(ctx(), vec![Segment { addr, len }]);
+            assert_eq!(read(0, 4).await.unwrap(), Err(MemoryError::NoHello));
+            assert!(matches!(
+                client.hello(ctx(), PROTOCOL_VERSION + 1, "x".into()).await.unwrap(),
+                Err(MemoryError::VersionMismatch { .. })
+            ));
+            client.hello(ctx(), PROTOCOL_VERSION, "x".into()).await.unwrap().unwrap();
+            let data = ByteBuf::from(vec![7u8; 4]);
+            client.write(ctx(), vec![WriteSegment { addr: 0x100, data }]).await.unwrap().unwrap();
+            assert_eq!(read(0x100, 4).await.unwrap().unwrap()[0].as_slice(), &[7, 7, 7, 7]);
+            assert!(matches!(read(0x10000, 1).await.unwrap(), Err(MemoryError::OutOfRange { .. })));
+            access.revoke();
+            assert_eq!(read(0x100, 4).await.unwrap(), Err(MemoryError::Revoked));
+        });
+        assert_eq!(access.refused.load(Ordering::Relaxed), 4);
+    }
+}
