@@ -3,7 +3,7 @@
 //! a bad request gets an error status, never a crash.
 use super::features;
 use super::memory::{read_all, AccessError, DeviceMemory};
-use super::virtqueue::{Buffer, Chain, Completion};
+use super::virtqueue::{Buffer, Chain, Completion, Prefetched};
 use rpc_schema::{DeviceInfo, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::fs::File;
@@ -90,15 +90,17 @@ impl BlockDevice {
         &mut self,
         mem: &M,
         chains: Vec<Chain>,
+        mut prefetched: Prefetched,
     ) -> Result<Vec<Completion>, AccessError> {
         let requests: Vec<Parsed> = chains.into_iter().map(Self::parse).collect();
-        // One batch reads every header and every driver-to-device buffer.
+        // Every header and driver-to-device buffer: prefetched, or read in one batch.
+        let mut inputs: Vec<Vec<Option<Vec<u8>>>> = Vec::with_capacity(requests.len());
         let mut wanted = Vec::new();
         for r in &requests {
-            if r.status.is_some() && !r.header.writable && r.header.len >= HEADER_SIZE {
-                wanted.push(Segment { addr: r.header.addr, len: HEADER_SIZE });
-                wanted.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
-            }
+            let segments = Self::input_segments(r);
+            let got: Vec<Option<Vec<u8>>> = segments.iter().map(|s| prefetched.take(s.addr, s.len)).collect();
+            wanted.extend(segments.into_iter().zip(&got).filter(|(_, g)| g.is_none()).map(|(s, _)| s));
+            inputs.push(got);
         }
         let mut fetched = match read_all(mem, &wanted).await {
             Ok(bytes) => Some(bytes.into_iter()),
@@ -107,20 +109,24 @@ impl BlockDevice {
             Err(AccessError::Refused(_)) => None,
             Err(e) => return Err(e),
         };
+        for (r, slots) in requests.iter().zip(inputs.iter_mut()) {
+            if slots.iter().all(Option::is_some) {
+                continue;
+            }
+            match fetched.as_mut() {
+                Some(iter) => slots.iter_mut().filter(|s| s.is_none()).for_each(|s| *s = iter.next()),
+                None => {
+                    if let Ok(bytes) = read_all(mem, &Self::input_segments(r)).await {
+                        *slots = bytes.into_iter().map(Some).collect();
+                    }
+                }
+            }
+        }
 
         let mut completions = Vec::with_capacity(requests.len());
-        for r in &requests {
-            let readable = r.status.is_some() && !r.header.writable && r.header.len >= HEADER_SIZE;
-            let inputs = if !readable {
-                None
-            } else if let Some(iter) = fetched.as_mut() {
-                let count = 1 + r.data.iter().filter(|b| !b.writable).count();
-                Some(iter.by_ref().take(count).collect::<Vec<_>>())
-            } else {
-                let mut own = vec![Segment { addr: r.header.addr, len: HEADER_SIZE }];
-                own.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
-                read_all(mem, &own).await.ok()
-            };
+        for (r, slots) in requests.iter().zip(inputs) {
+            // None: no usable header, or its buffers could not be read.
+            let inputs: Option<Vec<Vec<u8>>> = if slots.is_empty() { None } else { slots.into_iter().collect() };
             let (status, data, written) = match inputs {
                 Some(inputs) => self.execute(r, inputs),
                 None => (S_IOERR, Vec::new(), 0),
@@ -132,6 +138,17 @@ impl BlockDevice {
             completions.push(Completion { head: r.head, data, status_addr: r.status.map(|s| s.addr), status, written });
         }
         Ok(completions)
+    }
+
+    /// The header and driver-to-device buffers of a well-formed request
+    /// (none when it has no usable header or status buffer).
+    fn input_segments(r: &Parsed) -> Vec<Segment> {
+        if r.status.is_none() || r.header.writable || r.header.len < HEADER_SIZE {
+            return Vec::new();
+        }
+        let mut segments = vec![Segment { addr: r.header.addr, len: HEADER_SIZE }];
+        segments.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
+        segments
     }
 
     /// Runs one request whose header and input buffers are in `inputs`.

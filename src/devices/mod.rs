@@ -18,7 +18,7 @@ pub mod features {
 
 use memory::{AccessError, DeviceMemory};
 use rpc_schema::DeviceInfo;
-use virtqueue::{Chain, Completion};
+use virtqueue::{Chain, Completion, Prefetched};
 
 /// The device behind a transport: the only part that differs between devices.
 pub enum Backend {
@@ -39,9 +39,10 @@ impl Backend {
         &mut self,
         mem: &M,
         chains: Vec<Chain>,
+        prefetched: Prefetched,
     ) -> Result<Vec<Completion>, AccessError> {
         match self {
-            Backend::Block(blk) => blk.process(mem, chains).await,
+            Backend::Block(blk) => blk.process(mem, chains, prefetched).await,
             Backend::Rng(rng) => Ok(rng.process(chains)),
         }
     }

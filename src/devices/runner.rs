@@ -33,11 +33,11 @@ impl<M: DeviceMemory> Core<M> {
         let Core { mem, backend, queue, irq, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(()) };
         loop {
-            let chains = queue.pop_all(mem).await?;
+            let (chains, prefetched) = queue.pop_all(mem).await?;
             if chains.is_empty() {
                 return Ok(());
             }
-            let mut completions = backend.process(mem, chains).await?;
+            let mut completions = backend.process(mem, chains, prefetched).await?;
             if !deliver_all(mem, queue, &completions).await? {
                 // Some buffer the driver gave is not RAM (the VMM refused the
                 // batch and wrote nothing): fail just those requests.

@@ -7,6 +7,13 @@
 //! Round trips: one read fetches the avail ring and the whole descriptor
 //! table, a second fetches indirect tables when there are any, and the used
 //! ring is updated together with the request's data in one write.
+//!
+//! Prefetch: drivers reuse their request buffers, so the first read also
+//! fetches the device-readable buffers of the chains seen last time. Where
+//! the new chains name the same buffers, the device has their contents
+//! without another round trip; where not, it reads them as usual. (The read
+//! comes after the avail index in the same request, so it sees whatever the
+//! driver wrote before publishing.)
 use super::memory::{AccessError, DeviceMemory};
 use rpc_schema::{QueueConfig, QueueState, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
@@ -15,6 +22,9 @@ const DESC_SIZE: u64 = 16;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const DESC_F_INDIRECT: u16 = 4;
+/// Most buffers, and bytes, the device prefetches on a pop.
+const MAX_PREFETCH_BUFFERS: usize = 64;
+const MAX_PREFETCH_BYTES: u64 = 64 * 1024;
 /// Longest indirect table we follow (the spec bounds chains by the queue size;
 /// indirect tables get the same generous cap as Linux's maximum queue).
 const MAX_INDIRECT: u32 = 1024;
@@ -101,6 +111,20 @@ fn to_buffers(descs: &[Descriptor]) -> Vec<Buffer> {
     descs.iter().map(|d| Buffer { addr: d.addr, len: d.len, writable: d.flags & DESC_F_WRITE != 0 }).collect()
 }
 
+/// Buffer contents fetched ahead of need (see the module notes).
+#[derive(Debug, Default)]
+pub struct Prefetched(Vec<(Segment, ByteBuf)>);
+
+impl Prefetched {
+    /// The first `len` bytes at `addr`, if they were prefetched.
+    pub fn take(&mut self, addr: u64, len: u32) -> Option<Vec<u8>> {
+        let at = self.0.iter().position(|(s, _)| s.addr == addr && s.len >= len)?;
+        let (_, mut bytes) = self.0.swap_remove(at);
+        bytes.truncate(len as usize);
+        Some(bytes.into_vec())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SplitQueue {
     config: QueueConfig,
@@ -108,11 +132,13 @@ pub struct SplitQueue {
     next_used: u16,
     event_idx: bool,
     indirect: bool,
+    /// Device-readable buffers of the last chains, to prefetch next time.
+    predicted: Vec<Segment>,
 }
 
 impl SplitQueue {
     pub fn new(config: QueueConfig, event_idx: bool, indirect: bool) -> Self {
-        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect }
+        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect, predicted: Vec::new() }
     }
 
     pub fn restore(state: &QueueState, event_idx: bool, indirect: bool) -> Self {
@@ -131,17 +157,25 @@ impl SplitQueue {
         self.config.size
     }
 
-    /// Takes every request the driver has made available since the last call.
-    pub async fn pop_all<M: DeviceMemory>(&mut self, mem: &M) -> Result<Vec<Chain>, QueueError> {
+    /// Takes every request the driver has made available since the last
+    /// call, with whatever of their readable buffers was prefetched.
+    pub async fn pop_all<M: DeviceMemory>(&mut self, mem: &M) -> Result<(Vec<Chain>, Prefetched), QueueError> {
         let size = self.size();
         let avail_len = 4 + 2 * size as u32;
         let table_len = DESC_SIZE as u32 * size as u32;
-        let snapshot = mem
-            .read(vec![
-                Segment { addr: self.config.avail, len: avail_len },
-                Segment { addr: self.config.desc, len: table_len },
-            ])
-            .await?;
+        let rings =
+            [Segment { addr: self.config.avail, len: avail_len }, Segment { addr: self.config.desc, len: table_len }];
+        let mut request = rings.to_vec();
+        request.extend_from_slice(&self.predicted);
+        let mut snapshot = match mem.read(request).await {
+            Err(AccessError::Refused(_)) if !self.predicted.is_empty() => {
+                // A predicted buffer is no longer RAM: fetch just the rings.
+                self.predicted.clear();
+                mem.read(rings.to_vec()).await?
+            }
+            other => other?,
+        };
+        let prefetched: Vec<(Segment, ByteBuf)> = self.predicted.iter().copied().zip(snapshot.drain(2..)).collect();
         let (avail, table) = (&snapshot[0], &snapshot[1]);
         let avail_idx = u16::from_le_bytes([avail[2], avail[3]]);
         let pending = avail_idx.wrapping_sub(self.next_avail);
@@ -172,7 +206,22 @@ impl SplitQueue {
             }
         }
         self.next_avail = avail_idx;
-        Ok(chains)
+        if !chains.is_empty() {
+            self.predict(&chains);
+        }
+        Ok((chains, Prefetched(prefetched)))
+    }
+
+    fn predict(&mut self, chains: &[Chain]) {
+        self.predicted.clear();
+        let mut bytes = 0;
+        for buffer in chains.iter().flat_map(|c| c.buffers.iter()).filter(|b| !b.writable && b.len > 0) {
+            if self.predicted.len() >= MAX_PREFETCH_BUFFERS || bytes + buffer.len as u64 > MAX_PREFETCH_BYTES {
+                break;
+            }
+            bytes += buffer.len as u64;
+            self.predicted.push(Segment { addr: buffer.addr, len: buffer.len });
+        }
     }
 
     /// The used-ring writes that complete `done` (head, bytes written), to be
@@ -342,7 +391,7 @@ mod ring_tests {
         let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
         let mut queue = SplitQueue::new(config, true, true);
 
-        let chains = block_on(queue.pop_all(&memory)).unwrap();
+        let (chains, _) = block_on(queue.pop_all(&memory)).unwrap();
         assert_eq!(chains.len(), 2);
         assert_eq!(
             chains[0].buffers,
@@ -350,7 +399,13 @@ mod ring_tests {
         );
         assert_eq!(chains[1].head, 2);
         assert_eq!(chains[1].buffers[1], Buffer { addr: 0x8000, len: 1, writable: true });
-        assert!(block_on(queue.pop_all(&memory)).unwrap().is_empty(), "nothing new the second time");
+        // The readable buffers just seen come back prefetched on the next pop.
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x5000)).unwrap();
+        let (chains, mut prefetched) = block_on(queue.pop_all(&memory)).unwrap();
+        assert!(chains.is_empty(), "nothing new the second time");
+        assert_eq!(prefetched.take(0x5000, 8), Some(0x1122_3344_5566_7788u64.to_le_bytes().to_vec()));
+        assert_eq!(prefetched.take(0x7000, 16).map(|b| b.len()), Some(16));
+        assert_eq!(prefetched.take(0x6000, 1), None, "writable buffers are not prefetched");
 
         let writes = queue.complete(&[(0, 513), (2, 1)]);
         block_on(memory.write(writes)).unwrap();
