@@ -7,14 +7,20 @@ use std::io::Write;
 
 const REAPER_STACK_SIZE: usize = 16 * 1024;
 
-/// The helper: drop stdio (so pipes reading skvm see EOF now), then exit;
-/// the kernel destroys the VM when this last sharer of its fds goes away.
+/// The helper: drop stdio (so pipes reading skvm see EOF now), wait for
+/// skvm to be gone (it must be the last sharer of the VM's descriptors, or
+/// skvm's own exit would pay for the teardown), then exit.
 /// Only raw system calls: it shares skvm's TLS and must not touch libc state.
-extern "C" fn reaper(_: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: closing descriptors and exiting touch no memory.
+extern "C" fn reaper(parent: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: closing descriptors, prctl, getppid, pause and exit touch no memory.
     unsafe {
         for fd in 0..3 {
             libc::syscall(libc::SYS_close, fd);
+        }
+        libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // If skvm already exited, the death signal will never come.
+        if libc::syscall(libc::SYS_getppid) == parent as libc::c_long {
+            libc::syscall(libc::SYS_pause);
         }
         libc::syscall(libc::SYS_exit, 0);
     }
@@ -32,7 +38,8 @@ pub fn exit_now(status: u8) -> ! {
     unsafe {
         let top = stack.as_mut_ptr().add(REAPER_STACK_SIZE) as *mut libc::c_void;
         // If clone fails we simply pay for the teardown ourselves.
-        libc::clone(reaper, top, libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS, std::ptr::null_mut());
+        let parent = libc::getpid() as usize as *mut libc::c_void;
+        libc::clone(reaper, top, libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS, parent);
         libc::_exit(status as i32)
     }
 }
