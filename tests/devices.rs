@@ -312,3 +312,61 @@ fn rng_serves_entropy_in_every_mode_beside_a_disk() {
         assert_pattern_on_disk(&path, 0, 4);
     }
 }
+
+#[test]
+fn inprocess_mode_starts_no_device_process() {
+    let path = disk("inprocess-none.img", 1 << 20);
+    let mut vmm = skvm(&[
+        "run",
+        "--memory",
+        "64M",
+        "--memory-mode",
+        "inprocess",
+        "--disk",
+        &disk_arg(&path, ""),
+        "--cmdline",
+        "scenario=spin",
+    ])
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vmm.id())).unwrap_or_default();
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    assert!(children.trim().is_empty(), "inprocess mode started child processes: {children}");
+}
+
+#[test]
+fn a_killed_device_fails_alone_and_the_guest_carries_on() {
+    let path = disk("killed.img", 16 << 20);
+    let child = skvm(&[
+        "run",
+        "--memory",
+        "64M",
+        "--disk",
+        &disk_arg(&path, ""),
+        "--cmdline",
+        "scenario=blk-bench rw=randread bs=4096 qd=1 ops=100000000",
+    ])
+    .spawn()
+    .unwrap();
+    let vmm = child.id();
+    // Find the device process once the guest is busy, and kill it.
+    let mut device = None;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(20));
+        let children = std::fs::read_to_string(format!("/proc/{vmm}/task/{vmm}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            device = Some(pid.parse::<i32>().unwrap());
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the device process we just found.
+    unsafe { libc::kill(device.expect("no device process"), libc::SIGKILL) };
+    let out = wait_with_deadline(child, Duration::from_secs(60));
+    // The guest noticed (no completion, DEVICE_NEEDS_RESET) and exited on its own.
+    assert_eq!(out.code(), Some(0xb0), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("error: no completion"), "{}", out.stdout);
+    assert!(out.stderr.contains("device blk0 failed") && out.stderr.contains("killed by signal 9"), "{}", out.stderr);
+}

@@ -122,6 +122,10 @@ pub fn run_readonly(info: &pvh::StartInfo) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A malformed request: name, descriptors (address 0 = our header, 1 = our
+/// status byte), request type and the status the device must answer with.
+type HostileCase<'a> = (&'a str, &'a [(u64, u32, u16)], u32, u8);
+
 /// Posts one hand-made request and reports its status (0xff: untouched).
 fn hostile_one(blk: &mut Blk, name: &str, descs: &[(u64, u32, u16)], kind: u32) -> Option<u8> {
     let (header, status) = (blk.header_addr(0), blk.status_addr(0));
@@ -154,7 +158,7 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
     let buf = arena.take(4096).ok_or("out of memory")?;
     let (n, w) = (DESC_F_NEXT, DESC_F_WRITE);
     // Requests the device must answer with an error status.
-    let cases: [(&str, &[(u64, u32, u16)], u32, u8); 4] = [
+    let cases: [HostileCase; 4] = [
         ("bad request type", &[(0, 16, n), (buf, 512, n | w), (1, 1, w)], 99, 2),
         ("data outside RAM", &[(0, 16, n), (0xd800_0000, 512, n | w), (1, 1, w)], T_IN, 1),
         ("huge length", &[(0, 16, n), (buf, 0xffff_fe00, n | w), (1, 1, w)], T_IN, 1),

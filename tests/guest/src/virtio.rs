@@ -178,7 +178,9 @@ impl Queue {
                 return Some(done);
             }
             spins = spins.wrapping_add(1);
-            if spins % 65536 == 0 && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > TIMEOUT_TICKS) {
+            if spins.is_multiple_of(65536)
+                && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > TIMEOUT_TICKS)
+            {
                 return None;
             }
             core::hint::spin_loop();
