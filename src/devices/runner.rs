@@ -214,3 +214,70 @@ where
         result = queue_loop => result,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::memory::MappedMemory;
+    use crate::devices::rng::RngDevice;
+    use rpc_schema::{DeviceControlClient, QueueState};
+    use tarpc::tokio_serde::formats::Bincode;
+    use tarpc::tokio_util::codec::LengthDelimitedCodec;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    fn framed(
+        socket: std::os::unix::net::UnixStream,
+    ) -> tarpc::tokio_util::codec::Framed<tokio::net::UnixStream, LengthDelimitedCodec> {
+        socket.set_nonblocking(true).unwrap();
+        LengthDelimitedCodec::builder().new_framed(tokio::net::UnixStream::from_std(socket).unwrap())
+    }
+
+    #[test]
+    fn control_activates_saves_restores_and_resets() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
+            let device_transport = tarpc::serde_transport::new(framed(device_end), Bincode::default());
+            let (notify, irq) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
+            tokio::spawn(serve(memory, Backend::Rng(RngDevice), device_transport, notify, irq, None));
+            let client = DeviceControlClient::new(
+                Default::default(),
+                tarpc::serde_transport::new(framed(vmm_end), Bincode::default()),
+            )
+            .spawn();
+            let ctx = tarpc::context::current;
+
+            let info = client.hello(ctx(), PROTOCOL_VERSION).await.unwrap().unwrap();
+            assert_eq!(info.device_id, crate::devices::rng::DEVICE_ID);
+            assert!(matches!(
+                client.hello(ctx(), PROTOCOL_VERSION + 1).await.unwrap(),
+                Err(DeviceError::VersionMismatch { .. })
+            ));
+            assert!(matches!(client.save(ctx()).await.unwrap(), Err(DeviceError::NotActive)));
+
+            let queue = QueueConfig { index: 0, size: 16, desc: 0x1000, avail: 0x2000, used: 0x3000 };
+            let odd = QueueConfig { size: 3, ..queue };
+            assert!(matches!(
+                client.activate(ctx(), info.features, vec![odd]).await.unwrap(),
+                Err(DeviceError::BadQueue(_))
+            ));
+            client.activate(ctx(), info.features, vec![queue]).await.unwrap().unwrap();
+            let state = client.save(ctx()).await.unwrap().unwrap();
+            assert_eq!(state.queues, vec![QueueState { config: queue, next_avail: 0, next_used: 0 }]);
+
+            // A rebuilt device carries on where the old one stopped.
+            mem.write_obj(5u16, GuestAddress(queue.avail + 2)).unwrap();
+            let moved = DeviceState {
+                features: state.features,
+                queues: vec![QueueState { config: queue, next_avail: 5, next_used: 5 }],
+            };
+            client.restore(ctx(), moved.clone()).await.unwrap().unwrap();
+            assert_eq!(client.save(ctx()).await.unwrap().unwrap(), moved);
+
+            client.reset(ctx()).await.unwrap().unwrap();
+            assert!(matches!(client.save(ctx()).await.unwrap(), Err(DeviceError::NotActive)));
+        });
+    }
+}
