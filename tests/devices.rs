@@ -165,22 +165,17 @@ fn shared_device_maps_the_guest_ram_memfd() {
     vmm.wait().unwrap();
 }
 
+/// Runs blk-pattern (with `seed`) on two rpc-mode disks whose first device misbehaves.
+fn two_disks_first_misbehaving(misbehaviour: &str, seed: u64) -> (Outcome, PathBuf, PathBuf) {
+    let (d0, d1) = (disk(&format!("{misbehaviour}-0.img"), 4 << 20), disk(&format!("{misbehaviour}-1.img"), 4 << 20));
+    let (arg0, arg1) = (disk_arg(&d0, ""), disk_arg(&d1, ""));
+    let args = ["--memory", "64M", "--disk", &arg0, "--disk", &arg1, "--test-device-misbehave", misbehaviour];
+    (run_guest(&args, &format!("scenario=blk-pattern seed={seed}")), d0, d1)
+}
+
 #[test]
 fn forbidden_syscall_kills_only_the_device() {
-    let (d0, d1) = (disk("sigsys-0.img", 4 << 20), disk("sigsys-1.img", 4 << 20));
-    let out = run_guest(
-        &[
-            "--memory",
-            "64M",
-            "--disk",
-            &disk_arg(&d0, ""),
-            "--disk",
-            &disk_arg(&d1, ""),
-            "--test-device-misbehave",
-            "forbidden-syscall",
-        ],
-        "scenario=blk-pattern seed=5",
-    );
+    let (out, _, d1) = two_disks_first_misbehaving("forbidden-syscall", 5);
     // The guest ran to the end: disk 0 failed (bit 0 of its status), disk 1 worked.
     assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stderr.contains("device blk0 failed") && out.stderr.contains("killed by SIGSYS"), "{}", out.stderr);
@@ -191,20 +186,7 @@ fn forbidden_syscall_kills_only_the_device() {
 
 #[test]
 fn hostile_rpcs_are_refused_and_cost_only_that_device() {
-    let (d0, d1) = (disk("hostile-0.img", 4 << 20), disk("hostile-1.img", 4 << 20));
-    let out = run_guest(
-        &[
-            "--memory",
-            "64M",
-            "--disk",
-            &disk_arg(&d0, ""),
-            "--disk",
-            &disk_arg(&d1, ""),
-            "--test-device-misbehave",
-            "hostile-rpc",
-        ],
-        "scenario=blk-pattern seed=6",
-    );
+    let (out, d0, d1) = two_disks_first_misbehaving("hostile-rpc", 6);
     for (probe, answer) in [
         ("read before hello", "NoHello"),
         ("wrong version", "VersionMismatch"),
