@@ -4,6 +4,7 @@
 mod host;
 pub mod memory_service;
 pub mod mmio;
+mod spawn;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
 use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
@@ -11,17 +12,15 @@ use super::memory::GuestRam;
 use super::{Error, Result};
 use crate::devices::blk::BlockDevice;
 use crate::devices::memory::MappedMemory;
-use crate::devices::process::Misbehaviour;
 use crate::devices::rng::RngDevice;
 use crate::devices::Backend;
 use host::{DeviceHealth, DeviceHost};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use memory_service::DeviceAccess;
 use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
-use std::os::fd::{AsRawFd, RawFd};
+use spawn::DeviceCommand;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
 use vmm_sys_util::eventfd::EventFd;
@@ -233,77 +232,4 @@ fn spawn_thread(
         })
         .map(drop)
         .map_err(|e| Error::Host("starting a device thread".into(), e))
-}
-
-/// `skvm device ...`: the command line of a device process.
-struct DeviceCommand {
-    command: Command,
-    fds: Vec<RawFd>,
-    name: String,
-}
-
-impl DeviceCommand {
-    fn new(name: &str, misbehave: Option<Misbehaviour>) -> Self {
-        let mut command = Command::new("/proc/self/exe");
-        command.arg("device").arg("--name").arg(name);
-        if let Some(m) = misbehave {
-            command.arg("--misbehave").arg(match m {
-                Misbehaviour::ForbiddenSyscall => "forbidden-syscall",
-                Misbehaviour::HostileRpc => "hostile-rpc",
-            });
-        }
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        DeviceCommand { command, fds: Vec::new(), name: name.into() }
-    }
-
-    fn fd(&mut self, flag: &str, fd: RawFd) {
-        self.command.arg(format!("{flag}={fd}"));
-        self.fds.push(fd);
-    }
-
-    fn arg(&mut self, arg: String) {
-        self.command.arg(arg);
-    }
-
-    /// Starts the process with exactly its descriptors inheritable, and a
-    /// thread that marks the device failed when the process ends.
-    fn spawn(mut self, health: Arc<DeviceHealth>) -> Result<u32> {
-        let fds = self.fds.clone();
-        // SAFETY: the closure only calls fcntl, which is async-signal-safe.
-        unsafe {
-            self.command.pre_exec(move || {
-                for &fd in &fds {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child =
-            self.command.spawn().map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
-        let pid = child.id();
-        let name = self.name;
-        std::thread::Builder::new()
-            .name(format!("{name}-watch"))
-            .spawn(move || {
-                let reason = match child.wait() {
-                    Ok(status) => describe_exit(status),
-                    Err(e) => format!("cannot wait for it: {e}"),
-                };
-                health.fail(&name, format!("process {pid} {reason}"));
-            })
-            .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
-        Ok(pid)
-    }
-}
-
-fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (_, Some(libc::SIGSYS)) => "was killed by SIGSYS (a system call outside its seccomp allowlist)".into(),
-        (_, Some(signal)) => format!("was killed by signal {signal}"),
-        (Some(code), _) => format!("exited with status {code}"),
-        _ => "ended".into(),
-    }
 }
