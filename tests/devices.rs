@@ -352,3 +352,17 @@ fn a_killed_device_fails_alone_and_the_guest_carries_on() {
     assert!(out.stdout.contains("error: no completion"), "{}", out.stdout);
     assert!(out.stderr.contains("device blk0 failed") && out.stderr.contains("killed by signal 9"), "{}", out.stderr);
 }
+
+#[test]
+fn a_disk_in_use_by_another_vm_is_refused() {
+    let path = disk("locked.img", 1 << 20);
+    let mut first = skvm(&["run", "--memory", "64M", "--disk", &disk_arg(&path, ""), "--cmdline", "scenario=spin"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let out = run_guest(&["--memory", "64M", "--disk", &disk_arg(&path, "")], "scenario=hello");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    out.assert_clean_error();
+    assert!(out.stderr.contains("is in use by another process"), "{}", out.stderr);
+}

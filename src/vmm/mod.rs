@@ -73,6 +73,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     legacy.forward_stdin_if_terminal();
     let exit = control.wait();
     report_device_counters(&io);
+    virtio::stop_all(&io.virtio);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
     // kernel in the background; unmapping guest memory here would cost more.
     std::mem::forget((vm, ram, kvm, io));

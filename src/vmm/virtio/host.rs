@@ -17,6 +17,10 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 pub struct DeviceHealth {
     pub failed: AtomicBool,
     pub reason: Mutex<Option<String>>,
+    /// The VMM is shutting the device down: its end is not a failure.
+    stopping: AtomicBool,
+    /// The device's process or thread has finished.
+    ended: AtomicBool,
     /// The device's memory access, revoked when it fails.
     access: Option<Arc<DeviceAccess>>,
 }
@@ -32,10 +36,20 @@ impl DeviceHealth {
         if let Some(access) = &self.access {
             access.revoke();
         }
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         if !self.failed.swap(true, Ordering::SeqCst) {
             warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
             *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
         }
+    }
+}
+
+impl DeviceHealth {
+    /// Called by whatever watched the device, once it has finished.
+    pub fn mark_ended(&self) {
+        self.ended.store(true, Ordering::SeqCst);
     }
 }
 
@@ -44,7 +58,7 @@ pub struct DeviceHost {
     pub pid: Option<u32>,
     pub health: Arc<DeviceHealth>,
     pub access: Option<Arc<DeviceAccess>>,
-    control: DeviceControlClient,
+    control: Mutex<Option<DeviceControlClient>>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
 }
@@ -70,7 +84,7 @@ impl DeviceHost {
             pid: None,
             health: DeviceHealth::new(None),
             access: None,
-            control: client,
+            control: Mutex::new(Some(client)),
             runtime: runtime.clone(),
             notify,
         };
@@ -85,7 +99,9 @@ impl DeviceHost {
     {
         let mut ctx = tarpc::context::current();
         ctx.deadline = Instant::now() + CONTROL_DEADLINE;
-        let reply = self.runtime.block_on(request(self.control.clone(), ctx));
+        let client = self.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let client = client.ok_or_else(|| "the device is shut down".to_string())?;
+        let reply = self.runtime.block_on(request(client, ctx));
         match reply {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(refused)) => Err(refused.to_string()),
@@ -115,6 +131,17 @@ impl DeviceHost {
             return Ok(());
         }
         self.call(|c, ctx| async move { c.reset(ctx).await })
+    }
+
+    /// Starts an orderly stop: closing the control channel makes the device
+    /// return, and its process exit or thread end, releasing its backend.
+    pub fn begin_stop(&self) {
+        self.health.stopping.store(true, Ordering::SeqCst);
+        self.control.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn has_ended(&self) -> bool {
+        self.health.ended.load(Ordering::SeqCst)
     }
 
     /// A queue notify that reached the VMM (not its ioeventfd): pass it on.

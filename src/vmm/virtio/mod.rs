@@ -41,6 +41,21 @@ pub struct VirtioDevice {
     pub transport: Mutex<MmioTransport>,
 }
 
+/// Most time skvm waits for its devices to stop before it exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Stops every device in order, so that their backends (and disk locks) are
+/// released before skvm exits and the next VM can take them.
+pub fn stop_all(devices: &[VirtioDevice]) {
+    // A vCPU still inside a control call holds its transport: skip it rather than wait.
+    let hosts: Vec<_> = devices.iter().filter_map(|d| d.transport.try_lock().ok()).collect();
+    hosts.iter().for_each(|t| t.host().begin_stop());
+    let deadline = std::time::Instant::now() + STOP_GRACE;
+    while !hosts.iter().all(|t| t.host().has_ended()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// The VMM's tokio runtime for device RPC: one thread, current-thread scheduler.
 pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -92,6 +107,18 @@ pub fn launch(
         .collect()
 }
 
+/// Two VMs writing one disk corrupt it: take an exclusive lock for a
+/// writable disk and a shared one for a read-only disk (held until exit).
+fn lock_disk(file: &std::fs::File, disk: &DiskConfig) -> Result<()> {
+    let mode = if disk.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Device(format!("disk {} is in use by another process ({e})", disk.path.display())));
+    }
+    Ok(())
+}
+
 /// What one virtio device is backed by.
 #[derive(Debug, Clone, Copy)]
 enum DeviceSpec<'a> {
@@ -123,6 +150,7 @@ fn launch_device(
                 .write(!disk.readonly)
                 .open(&disk.path)
                 .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
+            lock_disk(&file, disk)?;
             Some((file, disk.readonly))
         }
         DeviceSpec::Rng => None,
@@ -229,6 +257,7 @@ fn spawn_thread(
                 Ok(()) => debug!("device {thread_name}: stopped"),
                 Err(reason) => health.fail(&thread_name, reason),
             }
+            health.mark_ended();
         })
         .map(drop)
         .map_err(|e| Error::Host("starting a device thread".into(), e))

@@ -65,6 +65,7 @@ impl DeviceCommand {
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
                 health.fail(&name, format!("process {pid} {reason}"));
+                health.mark_ended();
             })
             .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
         Ok(pid)
