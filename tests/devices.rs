@@ -366,3 +366,26 @@ fn a_disk_in_use_by_another_vm_is_refused() {
     out.assert_clean_error();
     assert!(out.stderr.contains("is in use by another process"), "{}", out.stderr);
 }
+
+#[test]
+fn write_zeroes_and_discard_reach_the_host_file() {
+    for mode in MODES {
+        let path = disk(&format!("zeroes-{mode}.img"), 1 << 20);
+        let out = run_guest(
+            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, "")],
+            "scenario=blk-zeroes",
+        );
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("blk0: write-zeroes status 0"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("blk0: discard status 0"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("blk0: write-zeroes past the end status 1"), "{mode}: {}", out.stdout);
+        let bytes = std::fs::read(&path).unwrap();
+        for (offset, byte) in bytes[..32 * 512].iter().enumerate() {
+            let expected = match offset / 512 {
+                8..16 | 24..28 => 0, // written as zeroes; discarded (a punched hole reads zero)
+                _ => pattern_byte(0, offset as u64, 7),
+            };
+            assert_eq!(*byte, expected, "{mode}: byte {offset}");
+        }
+    }
+}

@@ -7,6 +7,7 @@ use super::virtqueue::{Buffer, Chain, Completion, Prefetched};
 use rpc_schema::{DeviceInfo, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 pub const DEVICE_ID: u32 = 2;
@@ -17,11 +18,28 @@ const ID_SIZE: usize = 20;
 
 pub const F_RO: u64 = 1 << 5;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+/// A discard / write-zeroes segment: sector u64, num_sectors u32, flags u32.
+const RANGE_SEGMENT_SIZE: usize = 16;
+const RANGE_FLAG_UNMAP: u32 = 1;
+/// Largest discard / write-zeroes range in sectors (1 GiB), one range per request.
+const MAX_RANGE_SECTORS: u32 = 1 << 21;
+/// Config-space offsets (virtio 1.x, 5.2.4) of the fields we fill.
+const CONFIG_SIZE: usize = 60;
+const CONFIG_MAX_DISCARD_SECTORS: usize = 36;
+const CONFIG_MAX_DISCARD_SEG: usize = 40;
+const CONFIG_DISCARD_ALIGNMENT: usize = 44;
+const CONFIG_MAX_WRITE_ZEROES_SECTORS: usize = 48;
+const CONFIG_MAX_WRITE_ZEROES_SEG: usize = 52;
+const CONFIG_WRITE_ZEROES_MAY_UNMAP: usize = 56;
 
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
@@ -63,15 +81,26 @@ impl BlockDevice {
         let mut features = features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | F_FLUSH;
         if self.readonly {
             features |= F_RO;
+        } else {
+            features |= F_DISCARD | F_WRITE_ZEROES;
         }
-        // Config space: capacity in 512-byte sectors (the fields after it
-        // belong to features we do not offer).
+        // Config space: capacity in 512-byte sectors, and the discard and
+        // write-zeroes limits (fields for features we do not offer stay 0).
+        let mut config = vec![0u8; CONFIG_SIZE];
+        let mut put = |offset: usize, value: u32| config[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        put(CONFIG_MAX_DISCARD_SECTORS, MAX_RANGE_SECTORS);
+        put(CONFIG_MAX_DISCARD_SEG, 1);
+        put(CONFIG_DISCARD_ALIGNMENT, 1);
+        put(CONFIG_MAX_WRITE_ZEROES_SECTORS, MAX_RANGE_SECTORS);
+        put(CONFIG_MAX_WRITE_ZEROES_SEG, 1);
+        config[CONFIG_WRITE_ZEROES_MAY_UNMAP] = 1;
+        config[..8].copy_from_slice(&self.sectors.to_le_bytes());
         DeviceInfo {
             device_id: DEVICE_ID,
             features,
             queue_count: 1,
             max_queue_size: QUEUE_SIZE,
-            config: ByteBuf::from(self.sectors.to_le_bytes().to_vec()),
+            config: ByteBuf::from(config),
         }
     }
 
@@ -205,8 +234,46 @@ impl BlockDevice {
                 }
                 _ => (S_IOERR, Vec::new(), 0),
             },
-            T_IN | T_OUT => (S_IOERR, Vec::new(), 0),
+            T_DISCARD | T_WRITE_ZEROES if !self.readonly => {
+                let ranges = inputs[1..].concat();
+                (self.zero_range(kind, &ranges), Vec::new(), 0)
+            }
+            T_IN | T_OUT | T_DISCARD | T_WRITE_ZEROES => (S_IOERR, Vec::new(), 0),
             _ => (S_UNSUPP, Vec::new(), 0),
         }
+    }
+
+    /// DISCARD or WRITE_ZEROES of the one range in `ranges`. Both punch a hole
+    /// (the file reads back zeroes); where the filesystem cannot, write-zeroes
+    /// writes zeroes and discard, being advisory, does nothing.
+    fn zero_range(&mut self, kind: u32, ranges: &[u8]) -> u8 {
+        if ranges.len() != RANGE_SEGMENT_SIZE {
+            return S_IOERR;
+        }
+        let sector = u64::from_le_bytes(ranges[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(ranges[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(ranges[12..16].try_into().unwrap());
+        let allowed_flags = if kind == T_WRITE_ZEROES { RANGE_FLAG_UNMAP } else { 0 };
+        let end = sector.checked_add(count as u64);
+        if count > MAX_RANGE_SECTORS || flags & !allowed_flags != 0 || end.is_none_or(|e| e > self.sectors) {
+            return S_IOERR;
+        }
+        let (offset, len) = (sector * SECTOR_SIZE, count as u64 * SECTOR_SIZE);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on the disk descriptor we own, within its size.
+        let punched = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) } == 0;
+        if punched || kind == T_DISCARD {
+            return S_OK;
+        }
+        let zeroes = vec![0u8; (len as usize).min(1 << 20)];
+        let mut done = 0;
+        while done < len {
+            let chunk = (len - done).min(zeroes.len() as u64) as usize;
+            if self.file.write_all_at(&zeroes[..chunk], offset + done).is_err() {
+                return S_IOERR;
+            }
+            done += chunk as u64;
+        }
+        S_OK
     }
 }

@@ -14,6 +14,7 @@ pub const BLOCK_DEVICE_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_pread64, "disk reads"),
     (libc::SYS_pwrite64, "disk writes"),
     (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
+    (libc::SYS_fallocate, "VIRTIO_BLK_T_DISCARD and WRITE_ZEROES (punch a hole)"),
     (libc::SYS_futex, "tokio and allocator locks"),
     (libc::SYS_getrandom, "RPC trace ids (tarpc), hash seeds"),
     (libc::SYS_mmap, "allocator"),

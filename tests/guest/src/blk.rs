@@ -10,6 +10,10 @@ pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
 const QUEUE_SIZE: u16 = 256;
 pub const SLOTS: u16 = 64;
 
@@ -48,7 +52,7 @@ impl Blk {
         if !device.is_virtio() || device.device_id() != DEVICE_ID {
             return Err("not a virtio-blk device");
         }
-        device.negotiate(F_VERSION_1 | F_FLUSH)?;
+        device.negotiate(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES)?;
         let queue = Queue::new(arena.take(Queue::footprint(QUEUE_SIZE)).ok_or("out of memory")?, QUEUE_SIZE);
         device.setup_queue(0, &queue)?;
         let headers = arena.take(16 * SLOTS as u64 + SLOTS as u64).ok_or("out of memory")?;

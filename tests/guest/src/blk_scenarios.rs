@@ -3,10 +3,12 @@
 //! * `blk-pattern`: on every disk, write a pattern, flush, read it back and
 //!   compare, and read the device id. Exit status: bit i set if disk i failed.
 //! * `blk-readonly`: a write must fail with VIRTIO_BLK_S_IOERR, a read succeed.
+//! * `blk-zeroes`: write a pattern over 32 sectors, WRITE_ZEROES sectors
+//!   8..16, DISCARD sectors 24..28, read back and report.
 //! * `blk-hostile`: post malformed requests; each must get an error status,
 //!   and a looping chain must leave the device failed (DEVICE_NEEDS_RESET).
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
-use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
 use crate::{platform, println, pvh};
 
@@ -258,5 +260,43 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
     }
     let ticks = platform::rdtsc() - start;
     println!("blk-bench: done ops={} bytes={} errors={} tsc={}", completed, completed * bs, errors, ticks);
+    Ok(())
+}
+
+/// One range request (DISCARD or WRITE_ZEROES) for `count` sectors at `sector`.
+fn zero_request(blk: &mut Blk, arena: &mut Arena, kind: u32, sector: u64, count: u32) -> Result<u8, &'static str> {
+    let range = arena.take(16).ok_or("out of memory")?;
+    // SAFETY: 16 bytes we own.
+    unsafe {
+        core::ptr::write_volatile(range as *mut u64, sector);
+        core::ptr::write_volatile((range + 8) as *mut u32, count);
+        core::ptr::write_volatile((range + 12) as *mut u32, 0);
+    }
+    blk.request(kind, 0, range, 16)
+}
+
+pub fn run_zeroes(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut blk, mut arena) = first_disk(info)?;
+    let bytes = 32 * SECTOR;
+    let buf = arena.take(bytes).ok_or("out of memory")?;
+    fill(buf, bytes, |i| pattern_byte(0, i, 7));
+    if blk.request(T_OUT, 0, buf, bytes as u32)? != 0 {
+        return Err("write failed");
+    }
+    println!("blk0: write-zeroes status {}", zero_request(&mut blk, &mut arena, T_WRITE_ZEROES, 8, 8)?);
+    println!("blk0: discard status {}", zero_request(&mut blk, &mut arena, T_DISCARD, 24, 4)?);
+    let end = blk.capacity;
+    println!("blk0: write-zeroes past the end status {}", zero_request(&mut blk, &mut arena, T_WRITE_ZEROES, end, 1)?);
+    fill(buf, bytes, |_| 0xee);
+    if blk.request(T_IN, 0, buf, bytes as u32)? != 0 {
+        return Err("read failed");
+    }
+    // SAFETY: our buffer.
+    let data = unsafe { core::slice::from_raw_parts(buf as *const u8, bytes as usize) };
+    let zeroed = data[8 * 512..16 * 512].iter().all(|&b| b == 0);
+    let kept = (0..bytes as usize)
+        .filter(|i| !(8 * 512..16 * 512).contains(i) && !(24 * 512..28 * 512).contains(i))
+        .all(|i| data[i] == pattern_byte(0, i as u64, 7));
+    println!("blk0: zeroed range reads zero {}, the rest kept {}", zeroed, kept);
     Ok(())
 }

@@ -95,6 +95,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         }
         "rng" => check(crate::rng::run(info)),
         "blk-readonly" => check(blk_scenarios::run_readonly(info)),
+        "blk-zeroes" => check(blk_scenarios::run_zeroes(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),
         "blk-bench" => {
             let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
