@@ -51,6 +51,17 @@ pub enum Command {
     /// Boot a guest and run it until it exits.
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
+    /// Talk to a running skvm through its control API (`skvm run --api-socket PATH`).
+    Ctl {
+        /// The socket given to `skvm run --api-socket`.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// Print the API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::ctl::CtlCommand,
+    },
     /// A device process; the VMM starts these itself.
     #[command(hide = true)]
     Device(DeviceArgs),
@@ -125,6 +136,11 @@ pub struct RunArgs {
     /// Add a virtio-rng device, filled from the host's getrandom(2) in its own process.
     #[arg(long)]
     pub rng: bool,
+
+    /// Serve the control API (HTTP/1.1 + JSON, see docs/api.yaml) on this unix socket;
+    /// `skvm ctl --api-socket PATH` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 
     /// Same as `--memory-mode rpc`.
     #[arg(long)]
@@ -218,6 +234,7 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
             device.run().map_err(|e| format!("device {}: {e}", args.name))?;
             Ok(0)
         }
+        Command::Ctl { api_socket, json, command } => Ok(crate::ctl::run(&api_socket, command, json)?),
         Command::BenchMemoryRpc { quick } => Ok(crate::rpc_bench::run(quick)?),
         Command::BenchMemoryRpcClient { fd, quick } => Ok(crate::rpc_bench::client(fd, quick)?),
         Command::ExportTestGuest { output } => {
@@ -244,6 +261,7 @@ impl RunArgs {
             boot_protocol: self.boot_protocol,
             disks: self.disk,
             rng: self.rng,
+            api_socket: self.api_socket,
             memory_mode: if self.rpc_memory { MemoryMode::Rpc } else { self.memory_mode },
             test_misbehaviour: self.test_device_misbehave,
         }

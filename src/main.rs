@@ -6,6 +6,7 @@
 //! sandboxed processes; `sandbox/` confines those processes;
 //! `guest_access.rs` is the one implementation of guest-memory checks.
 mod cli;
+mod ctl;
 mod devices;
 mod guest_access;
 mod rpc_bench;

@@ -13,6 +13,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
     pub memory_mode: MemoryMode,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<PathBuf>,
     /// Test-only: make every device process misbehave this way.
     pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,
 }

@@ -12,6 +12,8 @@ pub enum VmExit {
     TripleFault { vcpu: u8 },
     /// KVM could not continue running the guest.
     Crash { vcpu: u8, reason: String },
+    /// A client asked for it through the control API.
+    ApiShutdown,
     /// skvm received SIGINT or SIGTERM.
     Signal(i32),
 }
@@ -23,7 +25,7 @@ impl VmExit {
     pub fn status(&self) -> u8 {
         match self {
             VmExit::DebugExit(status) => *status,
-            VmExit::PowerOff => 0,
+            VmExit::PowerOff | VmExit::ApiShutdown => 0,
             VmExit::Reset { .. } => EXIT_RESET,
             VmExit::TripleFault { .. } | VmExit::Crash { .. } => EXIT_CRASH,
             VmExit::Signal(signal) => 128u8.wrapping_add(*signal as u8),
@@ -36,6 +38,7 @@ impl VmExit {
                 format!("guest exited through the debug port with status {status}")
             }
             VmExit::PowerOff => "guest powered off (ACPI S5)".into(),
+            VmExit::ApiShutdown => "shut down through the control API".into(),
             VmExit::Reset { source } => format!("guest requested a reset ({source}); stopping"),
             VmExit::TripleFault { vcpu } => format!("guest crashed: triple fault on vCPU {vcpu}"),
             VmExit::Crash { vcpu, reason } => format!("guest crashed on vCPU {vcpu}: {reason}"),

@@ -1,6 +1,7 @@
 //! The trusted VMM: it owns KVM, guest memory and every vCPU.
 //!
 //! `run` builds a VM from a [`VmConfig`], runs it and returns why it stopped.
+mod api;
 mod boot;
 mod config;
 mod control;
@@ -32,6 +33,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Boots the guest described by `config` and blocks until it stops.
 pub fn run(config: VmConfig) -> Result<VmExit> {
     let images = boot::BootImages::read(&config)?;
+    let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
     // Blocked before any thread exists, so that only signals::watch sees them.
     signals::block_exit_signals()?;
     // KVM_GET_SUPPORTED_CPUID is slow on some hosts and needs no VM: fetch it
@@ -69,11 +71,23 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         vcpu.spawn()?;
     }
     debug!("{} vCPUs running", config.vcpus);
+    if let Some(socket) = api_socket.as_mut() {
+        let api = api::Api {
+            control: control.clone(),
+            io: io.clone(),
+            vcpus: config.vcpus,
+            memory_bytes: config.memory_bytes,
+            memory_mode: config.memory_mode,
+            started: std::time::Instant::now(),
+        };
+        api::serve(socket, api)?;
+    }
     signals::watch(control.clone())?;
     legacy.forward_stdin_if_terminal();
     let exit = control.wait();
     report_device_counters(&io);
     virtio::stop_all(&io.virtio);
+    drop(api_socket);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
     // kernel in the background; unmapping guest memory here would cost more.
     std::mem::forget((vm, ram, kvm, io));

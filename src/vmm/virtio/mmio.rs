@@ -72,6 +72,10 @@ impl MmioTransport {
         }
     }
 
+    pub fn device_id(&self) -> u32 {
+        self.info.device_id
+    }
+
     pub fn host(&self) -> &DeviceHost {
         &self.host
     }

@@ -1,0 +1,162 @@
+//! The control API: HTTP/1.1 with JSON bodies on a unix socket
+//! (`--api-socket PATH`), described in docs/api.yaml. `skvm ctl` is its
+//! client. One request per connection, served on a thread of its own.
+mod http;
+
+use super::config::MemoryMode;
+use super::control::VmControl;
+use super::exit::VmExit;
+use super::io::IoBus;
+use super::{Error, Result};
+use http::{read_request, set_timeouts, write_response, Request, Response};
+use serde::Serialize;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Serialize)]
+struct VmInfo {
+    state: &'static str,
+    uptime_ms: u64,
+    vcpus: u8,
+    memory_bytes: u64,
+    memory_mode: &'static str,
+    devices: Vec<DeviceStatus>,
+}
+
+#[derive(Serialize)]
+struct DeviceStatus {
+    name: String,
+    kind: &'static str,
+    pid: Option<u32>,
+    healthy: bool,
+    failure: Option<String>,
+    /// The memory service's counters (rpc mode only).
+    memory_rpcs: Option<u64>,
+    memory_bytes: Option<u64>,
+    memory_refused: Option<u64>,
+}
+
+pub struct Api {
+    pub control: Arc<VmControl>,
+    pub io: Arc<IoBus>,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub memory_mode: MemoryMode,
+    pub started: Instant,
+}
+
+fn mode_name(mode: MemoryMode) -> &'static str {
+    match mode {
+        MemoryMode::Rpc => "rpc",
+        MemoryMode::Shared => "shared",
+        MemoryMode::Inprocess => "inprocess",
+    }
+}
+
+impl Api {
+    fn info(&self) -> VmInfo {
+        let devices = self
+            .io
+            .virtio
+            .iter()
+            .map(|device| {
+                let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+                let host = transport.host();
+                let failure = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let access = host.access.as_ref();
+                DeviceStatus {
+                    name: host.name.clone(),
+                    kind: match transport.device_id() {
+                        2 => "block",
+                        4 => "rng",
+                        _ => "other",
+                    },
+                    pid: host.pid,
+                    healthy: !host.health.failed.load(Relaxed),
+                    failure,
+                    memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
+                    memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
+                    memory_refused: access.map(|a| a.refused.load(Relaxed)),
+                }
+            })
+            .collect();
+        VmInfo {
+            state: if self.control.is_stopping() { "stopping" } else { "running" },
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            memory_mode: mode_name(self.memory_mode),
+            devices,
+        }
+    }
+
+    /// Answers one request; the bool says whether to shut down once it is sent.
+    fn route(&self, request: &Request) -> (Response, bool) {
+        if !request.body.is_empty() && serde_json::from_slice::<serde_json::Value>(&request.body).is_err() {
+            return (Response::error(400, "the body is not JSON"), false);
+        }
+        match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/vm") => (Response::json(200, &self.info()), false),
+            ("PUT", "/vm/shutdown") => (Response::json(200, &serde_json::json!({ "state": "stopping" })), true),
+            (_, "/vm") | (_, "/vm/shutdown") => {
+                (Response::error(405, format!("{} is not allowed here", request.method)), false)
+            }
+            (_, path) => (Response::error(404, format!("no such resource: {path}")), false),
+        }
+    }
+}
+
+/// The bound socket, made before the VM so that a bad path fails fast.
+pub struct ApiSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+/// Binds `path`, replacing a stale socket and never anything else.
+pub fn bind(path: &Path) -> Result<ApiSocket> {
+    let fail = |what: &str, e: std::io::Error| Error::Host(format!("API socket {}: {what}", path.display()), e);
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| fail("removing a stale socket", e))?
+        }
+        Ok(_) => return Err(Error::Device(format!("API socket {} exists and is not a socket", path.display()))),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail("bind", e))?;
+    Ok(ApiSocket { path: path.to_path_buf(), listener: Some(listener) })
+}
+
+/// Serves the API on a thread until skvm exits.
+pub fn serve(socket: &mut ApiSocket, api: Api) -> Result<()> {
+    let Some(listener) = socket.listener.take() else { return Ok(()) };
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                set_timeouts(&stream);
+                let (response, shutdown) = match read_request(&mut stream) {
+                    Ok(request) => api.route(&request),
+                    Err(refusal) => (refusal, false),
+                };
+                let _ = write_response(&mut stream, &response);
+                drop(stream);
+                if shutdown {
+                    api.control.request_exit(VmExit::ApiShutdown);
+                }
+            }
+        })
+        .map_err(|e| Error::Host("starting the API thread".into(), e))?;
+    Ok(())
+}
+
+/// Removes the socket file when skvm is done with it.
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,118 @@
+//! The control API and `skvm ctl`: what a user reads and what a client
+//! cannot break.
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+fn raw(socket: &Path, request: &[u8]) -> String {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+fn start(socket: &Path, extra: &[&str]) -> std::process::Child {
+    let socket_arg = socket.to_str().unwrap();
+    let mut args = vec!["run", "--memory", "64M", "--api-socket", socket_arg, "--cmdline", "scenario=spin"];
+    args.extend_from_slice(extra);
+    let mut child = skvm(&args).spawn().unwrap();
+    for _ in 0..250 {
+        if UnixStream::connect(socket).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the API socket never came up");
+}
+
+#[test]
+fn info_shows_devices_pids_and_health_then_shutdown_stops_the_vm() {
+    let socket = temp_path("api-info.sock");
+    let disk = temp_path("api-disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let vm = start(&socket, &["--disk", &disk_arg, "--rng"]);
+
+    let info = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "--json", "info"]);
+    assert_eq!(info.code(), Some(0), "{}", info.stderr);
+    let json: serde_json::Value = serde_json::from_str(info.stdout.trim()).unwrap();
+    assert_eq!(json["state"], "running");
+    assert_eq!(json["memory_bytes"], 64 << 20);
+    assert_eq!(json["memory_mode"], "rpc");
+    let devices = json["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!((devices[0]["name"].as_str(), devices[0]["kind"].as_str()), (Some("blk0"), Some("block")));
+    assert_eq!(devices[1]["kind"], "rng");
+    for device in devices {
+        let pid = device["pid"].as_u64().expect("a device process");
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is not running");
+        assert_eq!(device["healthy"], true);
+    }
+
+    let summary = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "info"]);
+    assert!(
+        summary.stdout.contains("memory mode: rpc") && summary.stdout.contains("device blk0"),
+        "{}",
+        summary.stdout
+    );
+
+    let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
+    assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
+    let out = wait_with_deadline(vm, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(0));
+    assert!(out.stderr.contains("skvm: shut down through the control API"), "{}", out.stderr);
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
+fn bad_requests_get_4xx_json_and_change_nothing() {
+    let socket = temp_path("api-bad.sock");
+    let vm = start(&socket, &[]);
+    let big = format!("PUT /vm/shutdown HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+    let cases: [(&[u8], &str); 6] = [
+        (b"GET /nowhere HTTP/1.1\r\n\r\n", "404"),
+        (b"DELETE /vm HTTP/1.1\r\n\r\n", "405"),
+        (b"GET /vm/shutdown HTTP/1.1\r\n\r\n", "405"),
+        (b"this is not http\r\n\r\n", "400"),
+        (b"PUT /vm/shutdown HTTP/1.1\r\nContent-Length: 5\r\n\r\nnope!", "400"),
+        (big.as_bytes(), "413"),
+    ];
+    for (request, status) in cases {
+        let reply = raw(&socket, request);
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status}")), "{reply}");
+        let body = reply.split("\r\n\r\n").nth(1).unwrap();
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(json["error"].is_string(), "{body}");
+    }
+    // Still running and answering.
+    let reply = raw(&socket, b"GET /vm HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("\"state\":\"running\""), "{reply}");
+    let out = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn ctl_without_a_vm_is_a_clear_error() {
+    let out = run(&["ctl", "--api-socket", "/nonexistent/skvm.sock", "info"]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("cannot reach skvm's API at /nonexistent/skvm.sock"), "{}", out.stderr);
+}
+
+#[test]
+fn api_socket_never_replaces_a_regular_file() {
+    let path = temp_path("not-a-socket");
+    std::fs::write(&path, b"keep me").unwrap();
+    let out = run(&["run", "--memory", "64M", "--api-socket", path.to_str().unwrap()]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("exists and is not a socket"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+}
