@@ -19,7 +19,7 @@ Examples:
 
 Exit status of `skvm run`:
   N        the guest wrote N to the debug-exit port (0xf4)
-  0        the guest powered off (ACPI S5)
+  0        the guest powered off (ACPI S5), or `skvm ctl ... shutdown`
   1        skvm failed (bad configuration, missing file, KVM error)
   2        invalid command line
   3        the guest asked for a reset (i8042, ACPI reset register); skvm does not reboot
