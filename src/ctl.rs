@@ -11,6 +11,10 @@ pub enum CtlCommand {
     Info,
     /// Stop the VM (skvm exits with status 0).
     Shutdown,
+    /// Stop every vCPU until `resume`; devices stay up.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
 }
 
 /// Sends one request; returns the HTTP status and the JSON body.
@@ -64,6 +68,8 @@ pub fn run(socket: &Path, command: CtlCommand, json: bool) -> Result<u8, String>
     let (method, path) = match command {
         CtlCommand::Info => ("GET", "/vm"),
         CtlCommand::Shutdown => ("PUT", "/vm/shutdown"),
+        CtlCommand::Pause => ("PUT", "/vm/pause"),
+        CtlCommand::Resume => ("PUT", "/vm/resume"),
     };
     let (status, body) = request(socket, method, path)?;
     if !(200..300).contains(&status) {
@@ -73,6 +79,8 @@ pub fn run(socket: &Path, command: CtlCommand, json: bool) -> Result<u8, String>
         (true, _) => println!("{body}"),
         (false, CtlCommand::Info) => print_info(&body),
         (false, CtlCommand::Shutdown) => println!("shutdown requested"),
+        (false, CtlCommand::Pause) => println!("paused"),
+        (false, CtlCommand::Resume) => println!("running"),
     }
     Ok(0)
 }

@@ -116,3 +116,54 @@ fn api_socket_never_replaces_a_regular_file() {
     assert!(out.stderr.contains("exists and is not a socket"), "{}", out.stderr);
     assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
 }
+
+#[test]
+fn pause_stops_the_guest_until_resume() {
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    let socket = temp_path("api-pause.sock");
+    let socket_arg = socket.to_str().unwrap().to_string();
+    let mut vm =
+        skvm(&["run", "--memory", "64M", "--cpus", "2", "--api-socket", &socket_arg, "--cmdline", "scenario=ticker"])
+            .spawn()
+            .unwrap();
+    let ticks = Arc::new(Mutex::new(0usize));
+    let stdout = vm.stdout.take().unwrap();
+    let counter = ticks.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("tick ") {
+                *counter.lock().unwrap() += 1;
+            }
+        }
+    });
+    let count = || *ticks.lock().unwrap();
+    let wait_for = |target: usize| {
+        for _ in 0..500 {
+            if count() >= target {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(wait_for(3), "the guest never ticked");
+
+    let out = run(&["ctl", "--api-socket", &socket_arg, "pause"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let info = run(&["ctl", "--api-socket", &socket_arg, "--json", "info"]);
+    assert!(info.stdout.contains("\"state\":\"paused\""), "{}", info.stdout);
+    std::thread::sleep(Duration::from_millis(300)); // let the reader catch up
+    let frozen = count();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(count(), frozen, "the guest ran while paused");
+
+    let out = run(&["ctl", "--api-socket", &socket_arg, "resume"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(wait_for(frozen + 2), "the guest did not run again after resume");
+
+    let out = run(&["ctl", "--api-socket", &socket_arg, "shutdown"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let status = vm.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

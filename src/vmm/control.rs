@@ -1,20 +1,83 @@
-//! The one place a VM's end is decided: the first exit request wins, and
-//! every vCPU stops at its next exit once it has been made.
+//! The one place a VM's end is decided (the first exit request wins, and
+//! every vCPU stops at its next exit once it has been made), and where it is
+//! paused: vCPUs are kicked out of KVM_RUN and park until resumed.
 use super::exit::VmExit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long `pause` waits for every vCPU to park.
+const PAUSE_DEADLINE: Duration = Duration::from_secs(2);
 
 pub struct VmControl {
     stopping: AtomicBool,
     sender: Sender<VmExit>,
     receiver: Mutex<Receiver<VmExit>>,
+    paused: AtomicBool,
+    /// vCPUs parked right now, and the threads that run vCPUs.
+    parked: Mutex<usize>,
+    changed: Condvar,
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
 }
 
 impl VmControl {
     pub fn new() -> Self {
         let (sender, receiver) = channel();
-        VmControl { stopping: AtomicBool::new(false), sender, receiver: Mutex::new(receiver) }
+        VmControl {
+            stopping: AtomicBool::new(false),
+            sender,
+            receiver: Mutex::new(receiver),
+            paused: AtomicBool::new(false),
+            parked: Mutex::new(0),
+            changed: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn register_vcpu_thread(&self, thread: libc::pthread_t) {
+        self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Stops every vCPU; returns once all are parked.
+    pub fn pause(&self) -> Result<(), String> {
+        if self.is_stopping() {
+            return Err("the VM is stopping".into());
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        threads.iter().for_each(|&t| super::vcpu::kick(t));
+        let deadline = Instant::now() + PAUSE_DEADLINE;
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while *parked < threads.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("only {} of {} vCPUs stopped in time", *parked, threads.len()));
+            }
+            parked = self.changed.wait_timeout(parked, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that saw `is_paused`: waits for resume or stop.
+    pub fn park(&self) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.changed.notify_all();
+        while self.is_paused() && !self.is_stopping() {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
     }
 
     /// Asks the VM to stop for `reason`; later requests are ignored.
@@ -23,6 +86,8 @@ impl VmControl {
             tracing::debug!("exit requested: {reason:?}");
             // The receiver lives as long as self, so this cannot fail.
             let _ = self.sender.send(reason);
+            let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            self.changed.notify_all();
         }
     }
 

@@ -61,6 +61,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     debug!("guest loaded: {entry}");
 
     let base_cpuid = cpuid.join().map_err(|_| Error::Boot("CPUID query thread panicked".into()))??;
+    vcpu::install_kick_handler().map_err(Error::Device)?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let vcpu = vcpu::Vcpu::new(&vm, index, io.clone(), control.clone())?;

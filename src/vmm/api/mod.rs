@@ -85,7 +85,13 @@ impl Api {
             })
             .collect();
         VmInfo {
-            state: if self.control.is_stopping() { "stopping" } else { "running" },
+            state: if self.control.is_stopping() {
+                "stopping"
+            } else if self.control.is_paused() {
+                "paused"
+            } else {
+                "running"
+            },
             uptime_ms: self.started.elapsed().as_millis() as u64,
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
@@ -102,7 +108,15 @@ impl Api {
         match (request.method.as_str(), request.path.as_str()) {
             ("GET", "/vm") => (Response::json(200, &self.info()), false),
             ("PUT", "/vm/shutdown") => (Response::json(200, &serde_json::json!({ "state": "stopping" })), true),
-            (_, "/vm") | (_, "/vm/shutdown") => {
+            ("PUT", "/vm/pause") => match self.control.pause() {
+                Ok(()) => (Response::json(200, &serde_json::json!({ "state": "paused" })), false),
+                Err(why) => (Response::error(409, why), false),
+            },
+            ("PUT", "/vm/resume") => {
+                self.control.resume();
+                (Response::json(200, &serde_json::json!({ "state": "running" })), false)
+            }
+            (_, "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume") => {
                 (Response::error(405, format!("{} is not allowed here", request.method)), false)
             }
             (_, path) => (Response::error(404, format!("no such resource: {path}")), false),

@@ -1,8 +1,10 @@
 //! One thread per vCPU, each running KVM_RUN and dispatching exits.
 mod cpuid;
+mod kick;
 mod setup;
 
 pub use cpuid::supported_cpuid;
+pub use kick::{install as install_kick_handler, kick};
 
 use super::boot::BootEntry;
 use super::control::VmControl;
@@ -42,19 +44,32 @@ impl Vcpu {
     }
 
     pub fn spawn(self) -> Result<()> {
+        let control = self.control.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || self.run())
-            .map(drop)
+            .map(|handle| {
+                use std::os::unix::thread::JoinHandleExt;
+                control.register_vcpu_thread(handle.as_pthread_t());
+            })
             .map_err(|e| Error::Host("starting a vCPU thread".into(), e))
     }
 
     fn run(mut self) {
         let index = self.index;
+        kick::arm(&mut self.fd);
         while !self.control.is_stopping() {
+            if self.control.is_paused() {
+                self.control.park();
+                continue;
+            }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick: clear it; the loop head parks if it was a pause.
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
                 Err(e) => {
                     self.control.request_exit(VmExit::Crash { vcpu: index, reason: format!("KVM_RUN failed: {e}") });
                     return;

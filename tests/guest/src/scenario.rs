@@ -9,6 +9,7 @@
 //! * `scenario=poweroff`: ACPI S5 without the debug-exit port.
 //! * `scenario=reset`: i8042 reset without the debug-exit port.
 //! * `scenario=spin`: loop forever (for signal tests).
+//! * `scenario=ticker`: print `tick N` every 2^27 TSC ticks, forever (pause tests).
 //! * `scenario=echo`: echo serial input until a newline or `.`.
 //! * `scenario=exit-cost`: time port and MMIO exits to unclaimed addresses.
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
@@ -84,6 +85,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         "spin" => loop {
             core::hint::spin_loop();
         },
+        "ticker" => ticker(),
         "echo" => echo(),
         "exit-cost" => exit_cost(),
         "blk-pattern" => {
@@ -170,4 +172,17 @@ fn exit_cost() {
     let mmio = (platform::rdtsc() - start) / ROUNDS;
     println!("exit-cost-port-tsc: {}", port);
     println!("exit-cost-mmio-tsc: {}", mmio);
+}
+
+fn ticker() -> ! {
+    const PERIOD: u64 = 1 << 27;
+    let (mut count, mut last) = (0u64, platform::rdtsc());
+    loop {
+        if platform::rdtsc() - last > PERIOD {
+            count += 1;
+            println!("tick {}", count);
+            last = platform::rdtsc();
+        }
+        core::hint::spin_loop();
+    }
 }
