@@ -21,6 +21,15 @@ fn disk_arg(path: &Path, extra: &str) -> String {
     format!("path={}{extra}", path.display())
 }
 
+/// Runs the test guest with `cmdline`, one disk (with `disk_options`, e.g.
+/// ",readonly=on") and `extra` flags, in memory mode `mode`.
+fn guest_with_disk(mode: &str, path: &Path, disk_options: &str, extra: &[&str], cmdline: &str) -> Outcome {
+    let disk = disk_arg(path, disk_options);
+    let mut args = vec!["--memory", "64M", "--memory-mode", mode, "--disk", &disk];
+    args.extend_from_slice(extra);
+    run_guest(&args, cmdline)
+}
+
 /// The byte the test guest's blk-pattern writes at `offset` of disk `index`.
 fn pattern_byte(index: u64, offset: u64, seed: u64) -> u8 {
     (offset.wrapping_mul(31) ^ (offset >> 9) ^ seed ^ (index * 0x5a)) as u8
@@ -38,10 +47,7 @@ fn assert_pattern_on_disk(path: &Path, index: u64, seed: u64) {
 fn pattern_reaches_the_host_file_in_every_mode() {
     for (seed, mode) in MODES.iter().enumerate() {
         let path = disk(&format!("pattern-{mode}.img"), 4 << 20);
-        let out = run_guest(
-            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, "")],
-            &format!("scenario=blk-pattern seed={seed}"),
-        );
+        let out = guest_with_disk(mode, &path, "", &[], &format!("scenario=blk-pattern seed={seed}"));
         assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
         assert!(out.stdout.contains("blk0: read back 2048 sectors, all match"), "{mode}: {}", out.stdout);
         assert!(out.stdout.contains("blk0: id blk0"), "{mode}: {}", out.stdout);
@@ -66,10 +72,7 @@ fn rpc_memory_flag_means_rpc_mode() {
 fn readonly_disk_refuses_writes_in_every_mode() {
     for mode in MODES {
         let path = disk(&format!("readonly-{mode}.img"), 1 << 20);
-        let out = run_guest(
-            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, ",readonly=on")],
-            "scenario=blk-readonly",
-        );
+        let out = guest_with_disk(mode, &path, ",readonly=on", &[], "scenario=blk-readonly");
         assert_eq!(out.code(), Some(0), "{mode}: {}", out.stderr);
         assert_eq!(out.guest_value("blk0: write status"), None);
         assert!(out.stdout.contains("blk0: write status 1"), "{mode}: VIRTIO_BLK_S_IOERR expected: {}", out.stdout);
@@ -278,18 +281,12 @@ fn bad_disk_flags_are_clear_errors() {
 fn rng_serves_entropy_in_every_mode_beside_a_disk() {
     for mode in MODES {
         let path = disk(&format!("rng-{mode}.img"), 4 << 20);
-        let out = run_guest(
-            &["--memory", "64M", "--memory-mode", mode, "--rng", "--disk", &disk_arg(&path, "")],
-            "scenario=rng",
-        );
+        let out = guest_with_disk(mode, &path, "", &["--rng"], "scenario=rng");
         assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
         assert_eq!(out.stdout.matches("rng: read 4096 bytes").count(), 2, "{mode}: {}", out.stdout);
         assert!(out.stdout.contains("rng: two reads differ"), "{mode}: {}", out.stdout);
         // The disk beside it still works.
-        let out = run_guest(
-            &["--memory", "64M", "--memory-mode", mode, "--rng", "--disk", &disk_arg(&path, "")],
-            "scenario=blk-pattern seed=4",
-        );
+        let out = guest_with_disk(mode, &path, "", &["--rng"], "scenario=blk-pattern seed=4");
         assert_eq!(out.code(), Some(0), "{mode}: {}", out.stdout);
         assert_pattern_on_disk(&path, 0, 4);
     }
@@ -371,10 +368,7 @@ fn a_disk_in_use_by_another_vm_is_refused() {
 fn write_zeroes_and_discard_reach_the_host_file() {
     for mode in MODES {
         let path = disk(&format!("zeroes-{mode}.img"), 1 << 20);
-        let out = run_guest(
-            &["--memory", "64M", "--memory-mode", mode, "--disk", &disk_arg(&path, "")],
-            "scenario=blk-zeroes",
-        );
+        let out = guest_with_disk(mode, &path, "", &[], "scenario=blk-zeroes");
         assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
         assert!(out.stdout.contains("blk0: write-zeroes status 0"), "{mode}: {}", out.stdout);
         assert!(out.stdout.contains("blk0: discard status 0"), "{mode}: {}", out.stdout);
