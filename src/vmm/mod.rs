@@ -97,22 +97,14 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
 
 /// Per-device memory-service counters, for `--log-level info` and benchmarks.
 fn report_device_counters(io: &io::IoBus) {
-    use std::sync::atomic::Ordering::Relaxed;
-    for device in &io.virtio {
-        let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let host = transport.host();
-        if let Some(access) = &host.access {
-            tracing::info!(
-                "device {}: {} memory RPCs, {} bytes, {} refused",
-                host.name,
-                access.rpcs.load(Relaxed),
-                access.bytes.load(Relaxed),
-                access.refused.load(Relaxed)
-            );
+    for device in virtio::status(&io.virtio) {
+        if let (Some(rpcs), Some(bytes), Some(refused)) =
+            (device.memory_rpcs, device.memory_bytes, device.memory_refused)
+        {
+            tracing::info!("device {}: {rpcs} memory RPCs, {bytes} bytes, {refused} refused", device.name);
         }
-        let reason = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(reason) = reason {
-            tracing::info!("device {}: failed during the run: {reason}", host.name);
+        if let Some(reason) = device.failure {
+            tracing::info!("device {}: failed during the run: {reason}", device.name);
         }
     }
 }

@@ -13,7 +13,6 @@ use serde::Serialize;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,20 +23,7 @@ struct VmInfo {
     vcpus: u8,
     memory_bytes: u64,
     memory_mode: &'static str,
-    devices: Vec<DeviceStatus>,
-}
-
-#[derive(Serialize)]
-struct DeviceStatus {
-    name: String,
-    kind: &'static str,
-    pid: Option<u32>,
-    healthy: bool,
-    failure: Option<String>,
-    /// The memory service's counters (rpc mode only).
-    memory_rpcs: Option<u64>,
-    memory_bytes: Option<u64>,
-    memory_refused: Option<u64>,
+    devices: Vec<super::virtio::DeviceStatus>,
 }
 
 pub struct Api {
@@ -59,31 +45,7 @@ fn mode_name(mode: MemoryMode) -> &'static str {
 
 impl Api {
     fn info(&self) -> VmInfo {
-        let devices = self
-            .io
-            .virtio
-            .iter()
-            .map(|device| {
-                let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
-                let host = transport.host();
-                let failure = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let access = host.access.as_ref();
-                DeviceStatus {
-                    name: host.name.clone(),
-                    kind: match transport.device_id() {
-                        2 => "block",
-                        4 => "rng",
-                        _ => "other",
-                    },
-                    pid: host.pid,
-                    healthy: !host.health.failed.load(Relaxed),
-                    failure,
-                    memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
-                    memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
-                    memory_refused: access.map(|a| a.refused.load(Relaxed)),
-                }
-            })
-            .collect();
+        let devices = super::virtio::status(&self.io.virtio);
         VmInfo {
             state: if self.control.is_stopping() {
                 "stopping"

@@ -41,6 +41,47 @@ pub struct VirtioDevice {
     pub transport: Mutex<MmioTransport>,
 }
 
+/// What the VMM knows about a device, for the control API and the exit log.
+#[derive(Debug, serde::Serialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub kind: &'static str,
+    pub pid: Option<u32>,
+    pub healthy: bool,
+    pub failure: Option<String>,
+    /// The memory service's counters (rpc mode only).
+    pub memory_rpcs: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_refused: Option<u64>,
+}
+
+pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
+    use std::sync::atomic::Ordering::Relaxed;
+    devices
+        .iter()
+        .map(|device| {
+            let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let host = transport.host();
+            let access = host.access.as_ref();
+            let failure = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            DeviceStatus {
+                name: host.name.clone(),
+                kind: match transport.device_id() {
+                    crate::devices::blk::DEVICE_ID => "block",
+                    crate::devices::rng::DEVICE_ID => "rng",
+                    _ => "other",
+                },
+                pid: host.pid,
+                healthy: !host.health.failed.load(Relaxed),
+                failure,
+                memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
+                memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
+                memory_refused: access.map(|a| a.refused.load(Relaxed)),
+            }
+        })
+        .collect()
+}
+
 /// Most time skvm waits for its devices to stop before it exits anyway.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
