@@ -36,10 +36,13 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
     // Blocked before any thread exists, so that only signals::watch sees them.
     signals::block_exit_signals()?;
+    let kvm = Arc::new(Kvm::new().map_err(Error::OpenKvm)?);
     // KVM_GET_SUPPORTED_CPUID is slow on some hosts and needs no VM: fetch it
     // on the second core while this one builds the VM.
-    let cpuid = std::thread::spawn(vcpu::supported_cpuid);
-    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    let cpuid = {
+        let kvm = kvm.clone();
+        std::thread::spawn(move || vcpu::supported_cpuid(&kvm))
+    };
     vm::check_capabilities(&kvm, config.vcpus)?;
     let has_devices = !config.disks.is_empty() || config.rng;
     let shareable = config.memory_mode == MemoryMode::Shared && has_devices;

@@ -16,10 +16,7 @@ const EDX_HTT: u32 = 1 << 28;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
-/// KVM's supported CPUID table, through a /dev/kvm handle of its own so it
-/// can run beside VM creation.
-pub fn supported_cpuid() -> Result<CpuId> {
-    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
