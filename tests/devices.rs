@@ -383,3 +383,14 @@ fn write_zeroes_and_discard_reach_the_host_file() {
         }
     }
 }
+
+#[test]
+fn random_register_traffic_never_takes_the_vmm_down() {
+    for (seed, mode) in MODES.iter().enumerate() {
+        let path = disk(&format!("fuzz-{mode}.img"), 1 << 20);
+        let out = guest_with_disk(mode, &path, "", &["--rng"], &format!("scenario=virtio-fuzz seed={}", seed + 11));
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("fuzz: done, 2 devices"), "{mode}: {}", out.stdout);
+        assert!(!out.stderr.contains("panicked"), "{mode}: {}", out.stderr);
+    }
+}

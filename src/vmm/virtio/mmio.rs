@@ -190,24 +190,30 @@ impl MmioTransport {
         }
     }
 
+    /// The driver's status write. Only driver bits are kept, bits are never
+    /// cleared except by a reset (writing 0), FEATURES_OK is granted only for
+    /// features we offer, and DRIVER_OK activates the device only after it.
     fn write_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
             return;
         }
-        let new = value & !self.status;
-        if new & STATUS_FEATURES_OK != 0 {
+        let driver_bits = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
+        let new = value & driver_bits & !self.status;
+        let mut status = self.status | (new & (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED));
+        let introduced = status & (STATUS_ACKNOWLEDGE | STATUS_DRIVER) == (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        if new & STATUS_FEATURES_OK != 0 && introduced {
             let acceptable = self.driver_features & !self.info.features == 0 && self.driver_features & VERSION_1 != 0;
-            if !acceptable {
+            if acceptable {
+                status |= STATUS_FEATURES_OK;
+            } else {
                 warn!(
                     "virtio-mmio: driver asked for features {:#x} of {:#x}",
                     self.driver_features, self.info.features
                 );
-                self.status |= value & !STATUS_FEATURES_OK & (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-                return;
             }
         }
-        if new & STATUS_DRIVER_OK != 0 {
+        if new & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
             let queues: Vec<QueueConfig> = self
                 .queues
                 .iter()
@@ -215,14 +221,16 @@ impl MmioTransport {
                 .filter(|(_, q)| q.ready)
                 .map(|(i, q)| QueueConfig { index: i as u16, size: q.size, desc: q.desc, avail: q.avail, used: q.used })
                 .collect();
-            if let Err(e) = self.host.activate(self.driver_features, queues) {
-                warn!("virtio-mmio: {} refused activation: {e}", self.host.name);
-                self.status = value | STATUS_NEEDS_RESET;
-                self.needs_reset_seen = true;
-                return;
+            match self.host.activate(self.driver_features, queues) {
+                Ok(()) => status |= STATUS_DRIVER_OK,
+                Err(e) => {
+                    warn!("virtio-mmio: {} refused activation: {e}", self.host.name);
+                    status |= STATUS_DRIVER_OK | STATUS_NEEDS_RESET;
+                    self.needs_reset_seen = true;
+                }
             }
         }
-        self.status = value;
+        self.status = status;
     }
 
     fn reset(&mut self) {

@@ -9,6 +9,9 @@
 //! * `scenario=poweroff`: ACPI S5 without the debug-exit port.
 //! * `scenario=reset`: i8042 reset without the debug-exit port.
 //! * `scenario=spin`: loop forever (for signal tests).
+//! * `scenario=virtio-fuzz seed=N`: random reads and writes (any width,
+//!   any offset, including status and queue registers) on every
+//!   virtio-mmio device, then report that the VMM is still answering.
 //! * `scenario=ticker`: print `tick N` every 2^27 TSC ticks, forever (pause tests).
 //! * `scenario=echo`: echo serial input until a newline or `.`.
 //! * `scenario=exit-cost`: time port and MMIO exits to unclaimed addresses.
@@ -86,6 +89,10 @@ pub fn run(info: &pvh::StartInfo) -> ! {
             core::hint::spin_loop();
         },
         "ticker" => ticker(),
+        "virtio-fuzz" => {
+            let seed = param(cmdline, "seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+            virtio_fuzz(cmdline, seed);
+        }
         "echo" => echo(),
         "exit-cost" => exit_cost(),
         "blk-pattern" => {
@@ -185,4 +192,43 @@ fn ticker() -> ! {
         }
         core::hint::spin_loop();
     }
+}
+
+/// Hammers every virtio-mmio register window with random accesses.
+fn virtio_fuzz(cmdline: &str, seed: u64) {
+    const ROUNDS: u32 = 1500;
+    let mut state = seed | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut devices = 0;
+    for device in crate::virtio::devices(cmdline) {
+        devices += 1;
+        for _ in 0..ROUNDS {
+            let r = next();
+            // Mostly the register block, sometimes config space or beyond.
+            let offset = (r >> 8) % 0x180;
+            let addr = device.base + offset;
+            let value = next() as u32;
+            // SAFETY: MMIO to the device window; widths 1, 2 and 4.
+            unsafe {
+                match r % 8 {
+                    0 => core::ptr::write_volatile(addr as *mut u8, value as u8),
+                    1 => core::ptr::write_volatile((addr & !1) as *mut u16, value as u16),
+                    2 => {
+                        let _ = core::ptr::read_volatile(addr as *const u8);
+                    }
+                    3 => {
+                        let _ = core::ptr::read_volatile((addr & !3) as *const u32);
+                    }
+                    _ => core::ptr::write_volatile((addr & !3) as *mut u32, value),
+                }
+            }
+        }
+        println!("fuzz: device at {:#x} status {:#x}", device.base, device.status());
+    }
+    println!("fuzz: done, {} devices", devices);
 }
