@@ -154,9 +154,22 @@ fn overlong_or_binary_cmdline() {
 fn help_teaches() {
     let out = run(&["run", "--help"]);
     assert_eq!(out.code(), Some(0));
-    for flag in
-        ["--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--serial", "--boot-protocol", "Exit status"]
-    {
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--serial",
+        "--boot-protocol",
+        "--disk",
+        "--rng",
+        "--memory-mode",
+        "--rpc-memory",
+        "--api-socket",
+        "Exit status",
+        "Examples",
+    ] {
         assert!(out.stdout.contains(flag), "--help lacks {flag}");
     }
 }
