@@ -149,7 +149,7 @@ pub fn launch(
 }
 
 /// Two VMs writing one disk corrupt it: take an exclusive lock for a
-/// writable disk and a shared one for a read-only disk (held until exit).
+/// writable disk and a shared one for a read-only disk, held while the VM runs.
 fn lock_disk(file: &std::fs::File, disk: &DiskConfig) -> Result<()> {
     let mode = if disk.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
     // SAFETY: flock on a descriptor we own.
