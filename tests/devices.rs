@@ -130,6 +130,7 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
     let path = disk("confined.img", 1 << 20);
     let (mut vmm, pid) = spinning_vm_with_device("rpc", &path);
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+    assert_eq!(status_field(pid, "Name"), "skvm-blk0");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");

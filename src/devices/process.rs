@@ -100,6 +100,15 @@ fn misbehaviour(
     }
 }
 
+/// Shows up as `skvm-blk0` (not `exe`) in ps, top and /proc/PID/comm.
+fn name_process(device: &str) {
+    let name = format!("skvm-{device}");
+    if let Ok(name) = std::ffi::CString::new(&name.as_bytes()[..name.len().min(15)]) {
+        // SAFETY: PR_SET_NAME copies at most 16 bytes from a NUL-terminated string.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+}
+
 impl DeviceProcess {
     fn fds(&self) -> Vec<RawFd> {
         let memory = match self.memory {
@@ -117,6 +126,7 @@ impl DeviceProcess {
 
     /// Runs the device; returns when the VMM is done with it.
     pub fn run(self) -> Result<(), String> {
+        name_process(&self.name);
         let fds = self.fds();
         sandbox::close_other_fds(&fds).map_err(|e| e.to_string())?;
         // Mapping guest RAM (shared mode) needs mmap of a new file, which the
