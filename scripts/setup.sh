@@ -9,6 +9,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 need_packages=()
 command -v objdump >/dev/null || need_packages+=(binutils)
 command -v cc >/dev/null || need_packages+=(gcc)
+command -v iasl >/dev/null || need_packages+=(acpica-tools)  # tests check our ACPI tables with ACPICA
 if ((${#need_packages[@]})); then
     log "installing ${need_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

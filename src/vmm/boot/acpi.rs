@@ -201,3 +201,43 @@ mod tests {
         assert!(has(b"VR00") && has(b"LNRO0005"));
     }
 }
+
+#[cfg(test)]
+mod iasl_tests {
+    use super::*;
+
+    /// Runs ACPICA's disassembler over `table`; returns its ASL text.
+    fn disassemble(name: &str, table: &[u8]) -> String {
+        let dir = std::env::temp_dir().join(format!("skvm-acpi-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join(format!("{name}.aml"));
+        std::fs::write(&aml, table).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(&dir)
+            .output()
+            .expect("iasl (acpica-tools) is needed; scripts/setup.sh installs it");
+        assert!(out.status.success(), "iasl failed on {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        text
+    }
+
+    #[test]
+    fn acpica_reads_our_tables() {
+        let dsdt = disassemble(
+            "dsdt",
+            &dsdt(&[MmioSlot { base: 0xd000_0000, gsi: 16 }, MmioSlot { base: 0xd000_1000, gsi: 17 }]),
+        );
+        for needle in ["PNP0501", "LNRO0005", "0xD0000000", "0xD0001000", "0x00000011", "_S5_", "0x03F8"] {
+            assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
+        }
+        let madt = disassemble("apic", &madt(2));
+        assert!(madt.matches("Processor Local APIC").count() == 2, "{madt}");
+        assert!(madt.contains("Interrupt Source Override") && madt.contains("Interrupt : 00000002"), "{madt}");
+        let fadt = disassemble("facp", &fadt(0x1000));
+        assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
+        assert!(fadt.contains("Sleep Control Register") && fadt.contains("0000000000000600"), "{fadt}");
+    }
+}
