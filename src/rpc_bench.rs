@@ -4,14 +4,12 @@
 //! skvm (`bench-memory-rpc-client`) on a current-thread runtime, as devices are.
 use crate::vmm::memory_service;
 use futures::future::join_all;
-use rpc_schema::{GuestMemoryClient, Segment, WriteSegment, MAX_FRAME, PROTOCOL_VERSION};
+use rpc_schema::{GuestMemoryClient, Segment, WriteSegment, PROTOCOL_VERSION};
 use serde_bytes::ByteBuf;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 use tarpc::context;
-use tarpc::tokio_serde::formats::Bincode;
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 const REGION: usize = 64 << 20;
@@ -54,11 +52,8 @@ pub fn client(fd: RawFd, quick: bool) -> Result<u8, String> {
     runtime.block_on(async move {
         // SAFETY: the parent handed this descriptor to us.
         let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        socket.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?;
-        let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-        let client =
-            GuestMemoryClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default())).spawn();
+        let transport = rpc_schema::transport(socket).map_err(|e| e.to_string())?;
+        let client = GuestMemoryClient::new(Default::default(), transport).spawn();
         client
             .hello(context::current(), PROTOCOL_VERSION, "bench".into())
             .await

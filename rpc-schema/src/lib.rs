@@ -19,6 +19,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
@@ -30,6 +32,23 @@ pub const MAX_TRANSFER: u64 = 1 << 20;
 pub const MAX_SEGMENTS: usize = 1024;
 /// Largest frame either side accepts: a maximal transfer plus encoding overhead.
 pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
+
+/// One end of a channel: a unix socket framed and encoded as this contract says.
+pub type Transport<Item, SinkItem> =
+    tarpc::serde_transport::Transport<tokio::net::UnixStream, Item, SinkItem, Bincode<Item, SinkItem>>;
+
+/// Wraps one end of a `socketpair` as a channel of this protocol (frames of
+/// at most [`MAX_FRAME`] bytes, bincode). Call it inside a tokio runtime.
+pub fn transport<Item, SinkItem>(socket: std::os::unix::net::UnixStream) -> std::io::Result<Transport<Item, SinkItem>>
+where
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    socket.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(socket)?;
+    let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
+    Ok(tarpc::serde_transport::new(framed, Bincode::default()))
+}
 
 /// A range of guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,12 +7,9 @@ use super::rng::RngDevice;
 use super::runner::serve;
 use super::Backend;
 use crate::sandbox;
-use rpc_schema::{GuestMemoryClient, MAX_FRAME, PROTOCOL_VERSION};
+use rpc_schema::{GuestMemoryClient, PROTOCOL_VERSION};
 use std::fs::File;
 use std::os::fd::{FromRawFd, RawFd};
-use tarpc::serde_transport;
-use tarpc::tokio_serde::formats::Bincode;
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -59,14 +56,14 @@ pub enum DeviceKind {
     Rng,
 }
 
-fn framed(
-    fd: RawFd,
-) -> std::io::Result<tarpc::tokio_util::codec::Framed<tokio::net::UnixStream, LengthDelimitedCodec>> {
+/// The channel on a socket descriptor the VMM handed over.
+fn channel<Item, SinkItem>(fd: RawFd) -> std::io::Result<rpc_schema::Transport<Item, SinkItem>>
+where
+    Item: for<'de> serde::Deserialize<'de>,
+    SinkItem: serde::Serialize,
+{
     // SAFETY: the VMM handed us this descriptor to own.
-    let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-    socket.set_nonblocking(true)?;
-    let stream = tokio::net::UnixStream::from_std(socket)?;
-    Ok(LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream))
+    rpc_schema::transport(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
 }
 
 fn map_shared(memfd: RawFd, regions: &[SharedRegion]) -> Result<GuestMemoryMmap, String> {
@@ -141,9 +138,9 @@ impl DeviceProcess {
             .build()
             .map_err(|e| format!("cannot start the event loop: {e}"))?;
         runtime.block_on(async move {
-            let control = framed(self.control).map_err(|e| format!("control socket: {e}"))?;
+            let control = channel(self.control).map_err(|e| format!("control socket: {e}"))?;
             let memory_socket = match self.memory {
-                MemoryChannel::Rpc { socket } => Some(framed(socket).map_err(|e| format!("memory socket: {e}"))?),
+                MemoryChannel::Rpc { socket } => Some(channel(socket).map_err(|e| format!("memory socket: {e}"))?),
                 MemoryChannel::Shared { .. } => None,
             };
             // SAFETY: descriptors handed over by the VMM, owned from here on.
@@ -163,12 +160,9 @@ impl DeviceProcess {
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
             sandbox::confine(&filter, highest_fd).map_err(|e| format!("sandbox: {e}"))?;
-            let control = serde_transport::new(control, Bincode::default());
             match (memory_socket, shared) {
                 (Some(socket), _) => {
-                    let client =
-                        GuestMemoryClient::new(Default::default(), serde_transport::new(socket, Bincode::default()))
-                            .spawn();
+                    let client = GuestMemoryClient::new(Default::default(), socket).spawn();
                     // The hostile test device opens the session itself, after
                     // showing that requests before hello are refused.
                     if self.misbehave != Some(Misbehaviour::HostileRpc) {

@@ -221,16 +221,7 @@ mod tests {
     use crate::devices::memory::MappedMemory;
     use crate::devices::rng::RngDevice;
     use rpc_schema::{DeviceControlClient, QueueState};
-    use tarpc::tokio_serde::formats::Bincode;
-    use tarpc::tokio_util::codec::LengthDelimitedCodec;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-
-    fn framed(
-        socket: std::os::unix::net::UnixStream,
-    ) -> tarpc::tokio_util::codec::Framed<tokio::net::UnixStream, LengthDelimitedCodec> {
-        socket.set_nonblocking(true).unwrap();
-        LengthDelimitedCodec::builder().new_framed(tokio::net::UnixStream::from_std(socket).unwrap())
-    }
 
     #[test]
     fn control_activates_saves_restores_and_resets() {
@@ -238,15 +229,11 @@ mod tests {
         runtime.block_on(async {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
             let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
-            let device_transport = tarpc::serde_transport::new(framed(device_end), Bincode::default());
+            let device_transport = rpc_schema::transport(device_end).unwrap();
             let (notify, irq) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
             let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
             tokio::spawn(serve(memory, Backend::Rng(RngDevice), device_transport, notify, irq, None));
-            let client = DeviceControlClient::new(
-                Default::default(),
-                tarpc::serde_transport::new(framed(vmm_end), Bincode::default()),
-            )
-            .spawn();
+            let client = DeviceControlClient::new(Default::default(), rpc_schema::transport(vmm_end).unwrap()).spawn();
             let ctx = tarpc::context::current;
 
             let info = client.hello(ctx(), PROTOCOL_VERSION).await.unwrap().unwrap();

@@ -1,12 +1,10 @@
 //! The VMM's end of one device: its control client, its health, and the
 //! process or thread that runs it.
 use super::memory_service::DeviceAccess;
-use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, MAX_FRAME, PROTOCOL_VERSION};
+use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tarpc::tokio_serde::formats::Bincode;
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,12 +69,9 @@ impl DeviceHost {
         control: std::os::unix::net::UnixStream,
         notify: EventFd,
     ) -> Result<(Self, DeviceInfo), String> {
-        control.set_nonblocking(true).map_err(|e| e.to_string())?;
         let client = {
             let _context = runtime.enter();
-            let stream = tokio::net::UnixStream::from_std(control).map_err(|e| e.to_string())?;
-            let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-            DeviceControlClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default()))
+            DeviceControlClient::new(Default::default(), rpc_schema::transport(control).map_err(|e| e.to_string())?)
                 .spawn()
         };
         let host = DeviceHost {

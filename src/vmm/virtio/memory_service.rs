@@ -3,13 +3,11 @@
 //! request is checked by `guest_access` against the current RAM map.
 use crate::guest_access;
 use futures::StreamExt;
-use rpc_schema::{GuestMemory, MemoryError, Segment, WriteSegment, MAX_FRAME, PROTOCOL_VERSION};
+use rpc_schema::{GuestMemory, MemoryError, Segment, WriteSegment, PROTOCOL_VERSION};
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
-use tarpc::tokio_serde::formats::Bincode;
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tracing::{debug, warn};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -100,11 +98,8 @@ pub fn serve(
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
     access: Arc<DeviceAccess>,
 ) -> std::io::Result<()> {
-    socket.set_nonblocking(true)?;
     let _context = runtime.enter();
-    let stream = tokio::net::UnixStream::from_std(socket)?;
-    let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-    let transport = tarpc::serde_transport::new(framed, Bincode::default());
+    let transport = rpc_schema::transport(socket)?;
     let server = MemoryServer { memory, access: access.clone() };
     runtime.spawn(async move {
         BaseChannel::with_defaults(transport)
@@ -132,12 +127,7 @@ mod tests {
         let access = DeviceAccess::new("test");
         serve(runtime.handle(), vmm_end, GuestMemoryAtomic::new(memory), access.clone()).unwrap();
         runtime.block_on(async {
-            device_end.set_nonblocking(true).unwrap();
-            let stream = tokio::net::UnixStream::from_std(device_end).unwrap();
-            let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-            let client =
-                GuestMemoryClient::new(Default::default(), tarpc::serde_transport::new(framed, Bincode::default()))
-                    .spawn();
+            let client = GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn();
             let ctx = tarpc::context::current;
             let read = |addr, len| client.read(ctx(), vec![Segment { addr, len }]);
             assert_eq!(read(0, 4).await.unwrap(), Err(MemoryError::NoHello));

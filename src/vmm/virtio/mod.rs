@@ -279,21 +279,14 @@ fn spawn_thread(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let result =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(
-                    |runtime| {
-                        runtime.block_on(async move {
-                            control.set_nonblocking(true).map_err(|e| e.to_string())?;
-                            let stream = tokio::net::UnixStream::from_std(control).map_err(|e| e.to_string())?;
-                            let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
-                                .max_frame_length(rpc_schema::MAX_FRAME)
-                                .new_framed(stream);
-                            let transport =
-                                tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
-                            crate::devices::runner::serve(memory, backend, transport, notify, irq, None).await
-                        })
-                    },
-                );
+            let run = async move {
+                let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
+                crate::devices::runner::serve(memory, backend, transport, notify, irq, None).await
+            };
+            let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(run),
+                Err(e) => Err(e.to_string()),
+            };
             match result {
                 Ok(()) => debug!("device {thread_name}: stopped"),
                 Err(reason) => health.fail(&thread_name, reason),
