@@ -2,6 +2,7 @@
 //! every vCPU stops at its next exit once it has been made), and where it is
 //! paused: vCPUs are kicked out of KVM_RUN and park until resumed.
 use super::exit::VmExit;
+use super::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex};
@@ -36,7 +37,7 @@ impl VmControl {
     }
 
     pub fn register_vcpu_thread(&self, thread: libc::pthread_t) {
-        self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+        lock(&self.vcpu_threads).push(thread);
     }
 
     pub fn is_paused(&self) -> bool {
@@ -49,10 +50,10 @@ impl VmControl {
             return Err("the VM is stopping".into());
         }
         self.paused.store(true, Ordering::SeqCst);
-        let threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let threads = lock(&self.vcpu_threads).clone();
         threads.iter().for_each(|&t| super::vcpu::kick(t));
         let deadline = Instant::now() + PAUSE_DEADLINE;
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = lock(&self.parked);
         while *parked < threads.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -65,13 +66,13 @@ impl VmControl {
 
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
-        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _parked = lock(&self.parked);
         self.changed.notify_all();
     }
 
     /// Called by a vCPU thread that saw `is_paused`: waits for resume or stop.
     pub fn park(&self) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = lock(&self.parked);
         *parked += 1;
         self.changed.notify_all();
         while self.is_paused() && !self.is_stopping() {
@@ -86,7 +87,7 @@ impl VmControl {
             tracing::debug!("exit requested: {reason:?}");
             // The receiver lives as long as self, so this cannot fail.
             let _ = self.sender.send(reason);
-            let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            let _parked = lock(&self.parked);
             self.changed.notify_all();
         }
     }
@@ -97,7 +98,7 @@ impl VmControl {
 
     /// Blocks until the first exit request and returns it.
     pub fn wait(&self) -> VmExit {
-        let receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
+        let receiver = lock(&self.receiver);
         receiver.recv().unwrap_or(VmExit::Crash { vcpu: 0, reason: "exit channel closed".into() })
     }
 }

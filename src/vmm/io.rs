@@ -2,6 +2,7 @@
 //! the virtio-mmio transports. Unclaimed addresses read as all-ones and
 //! ignore writes, as on real hardware with nothing decoding them.
 use super::legacy::LegacyDevices;
+use super::lock;
 use super::virtio::mmio::MMIO_SIZE;
 use super::virtio::VirtioDevice;
 use std::sync::{Arc, MutexGuard};
@@ -23,7 +24,7 @@ impl IoBus {
 
     fn transport(&self, addr: u64) -> Option<(MutexGuard<'_, super::virtio::mmio::MmioTransport>, u64)> {
         self.virtio.iter().find(|d| (d.slot.base..d.slot.base + MMIO_SIZE).contains(&addr)).map(|d| {
-            let transport = d.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let transport = lock(&d.transport);
             (transport, addr - d.slot.base)
         })
     }

@@ -30,6 +30,11 @@ use tracing::debug;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Locks `mutex`; VMM state stays usable even if a thread panicked holding it.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Boots the guest described by `config` and blocks until it stops.
 pub fn run(config: VmConfig) -> Result<VmExit> {
     let images = boot::BootImages::read(&config)?;

@@ -6,7 +6,7 @@ mod serial;
 
 use super::control::VmControl;
 use super::exit::VmExit;
-use super::{Result, SerialOutput};
+use super::{lock, Result, SerialOutput};
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 use tracing::debug;
@@ -84,9 +84,4 @@ impl LegacyDevices {
             _ => debug!("unclaimed port write {port:#x} = {data:02x?}"),
         }
     }
-}
-
-/// Device state stays usable even if a thread panicked while holding it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,5 +1,6 @@
 //! The VMM's end of one device: its control client, its health, and the
 //! process or thread that runs it.
+use super::super::lock;
 use super::memory_service::DeviceAccess;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +40,7 @@ impl DeviceHealth {
         }
         if !self.failed.swap(true, Ordering::SeqCst) {
             warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
-            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+            *lock(&self.reason) = Some(reason);
         }
     }
 }
@@ -94,7 +95,7 @@ impl DeviceHost {
     {
         let mut ctx = tarpc::context::current();
         ctx.deadline = Instant::now() + CONTROL_DEADLINE;
-        let client = self.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let client = lock(&self.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
         let reply = self.runtime.block_on(request(client, ctx));
         match reply {
@@ -132,7 +133,7 @@ impl DeviceHost {
     /// return, and its process exit or thread end, releasing its backend.
     pub fn begin_stop(&self) {
         self.health.stopping.store(true, Ordering::SeqCst);
-        self.control.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lock(&self.control).take();
     }
 
     pub fn has_ended(&self) -> bool {

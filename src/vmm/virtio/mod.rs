@@ -8,6 +8,7 @@ mod spawn;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
 use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
+use super::lock;
 use super::memory::GuestRam;
 use super::{Error, Result};
 use crate::devices::blk::BlockDevice;
@@ -60,10 +61,10 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
     devices
         .iter()
         .map(|device| {
-            let transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let transport = lock(&device.transport);
             let host = transport.host();
             let access = host.access.as_ref();
-            let failure = host.health.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let failure = lock(&host.health.reason).clone();
             DeviceStatus {
                 name: host.name.clone(),
                 kind: match transport.device_id() {
