@@ -1,7 +1,7 @@
 //! Command-line interface: flag parsing, validation and exit statuses.
 use crate::devices::process::{DeviceKind, DeviceProcess, MemoryChannel, Misbehaviour, SharedRegion};
 use crate::test_guest;
-use crate::vmm::{self, BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
+use crate::vmm::{self, BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::error::Error;
 use std::path::PathBuf;
@@ -106,8 +106,16 @@ pub struct RunArgs {
 
     /// Guest RAM, with a K, M, G or T suffix (powers of 1024); a bare number means MiB.
     /// Must be a multiple of 4 KiB, at least 8M, and no more than the host's RAM.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory_size)]
-    pub memory: u64,
+    /// `hotplug=MAX` adds a virtio-mem device and a region of MAX bytes above RAM that
+    /// `skvm ctl resize` plugs and unplugs at run time, in blocks of `block=SIZE`
+    /// (a power of two from 2M to 128M, default 2M; MAX must be a multiple of it).
+    #[arg(
+        long,
+        value_name = "SIZE[,hotplug=MAX[,block=SIZE]]",
+        default_value = "512M",
+        value_parser = parse_memory
+    )]
+    pub memory: MemoryArg,
 
     /// Number of vCPUs (1 to 254), one host thread each.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
@@ -149,6 +157,18 @@ pub struct RunArgs {
     /// Test-only: make the first device process misbehave once the guest starts I/O.
     #[arg(long, value_enum, hide = true)]
     pub test_device_misbehave: Option<Misbehaviour>,
+
+    /// Test-only: block devices read this guest address through their memory channel at
+    /// every notification and report on stderr whether the VMM let them.
+    #[arg(long, value_name = "ADDR", hide = true, value_parser = parse_address)]
+    pub test_device_probe: Option<u64>,
+}
+
+/// The parsed `--memory` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryArg {
+    pub bytes: u64,
+    pub hotplug: Option<HotplugConfig>,
 }
 
 #[derive(Args, Debug)]
@@ -176,12 +196,18 @@ pub struct DeviceArgs {
     readonly: bool,
     #[arg(long, value_enum)]
     misbehave: Option<Misbehaviour>,
+    /// The virtio-mem device's channel to the VMM's hotplug service.
+    #[arg(long, required_if_eq("kind", "mem"))]
+    hotplug_fd: Option<i32>,
+    #[arg(long, value_parser = parse_address)]
+    probe: Option<u64>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum DeviceKindArg {
     Blk,
     Rng,
+    Mem,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -228,8 +254,13 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                     (DeviceKindArg::Blk, Some(disk)) => DeviceKind::Block { disk, readonly: args.readonly },
                     (DeviceKindArg::Blk, None) => return Err("a block device needs --disk-fd".into()),
                     (DeviceKindArg::Rng, _) => DeviceKind::Rng,
+                    (DeviceKindArg::Mem, _) => match args.hotplug_fd {
+                        Some(hotplug) => DeviceKind::Mem { hotplug },
+                        None => return Err("a virtio-mem device needs --hotplug-fd".into()),
+                    },
                 },
                 misbehave: args.misbehave,
+                probe: args.probe,
             };
             device.run().map_err(|e| format!("device {}: {e}", args.name))?;
             Ok(0)
@@ -255,7 +286,8 @@ impl RunArgs {
             kernel,
             initrd: self.initrd,
             cmdline: self.cmdline.unwrap_or_else(|| default_cmdline.to_string()),
-            memory_bytes: self.memory,
+            memory_bytes: self.memory.bytes,
+            hotplug: self.memory.hotplug,
             vcpus: self.cpus,
             serial: self.serial,
             boot_protocol: self.boot_protocol,
@@ -264,6 +296,7 @@ impl RunArgs {
             api_socket: self.api_socket,
             memory_mode: if self.rpc_memory { MemoryMode::Rpc } else { self.memory_mode },
             test_misbehaviour: self.test_device_misbehave,
+            test_probe: self.test_device_probe,
         }
     }
 }
@@ -314,6 +347,58 @@ fn parse_memory_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+const MIN_BLOCK: u64 = 2 << 20;
+const MAX_BLOCK: u64 = 128 << 20;
+const DEFAULT_BLOCK: u64 = 2 << 20;
+
+/// `SIZE[,hotplug=MAX[,block=SIZE]]`.
+fn parse_memory(text: &str) -> Result<MemoryArg, String> {
+    let mut parts = text.split(',');
+    let bytes = parse_memory_size(parts.next().unwrap_or_default())?;
+    let (mut hotplug, mut block) = (None, None);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("hotplug", size)) => hotplug = Some(parse_memory_size(size)?),
+            Some(("block", size)) => {
+                block = Some(parse_memory_size(size).map_err(|_| format!("`{size}` is not a block size; try 2M"))?)
+            }
+            _ => return Err(format!("`{part}` is not hotplug=SIZE or block=SIZE")),
+        }
+    }
+    let hotplug = match (hotplug, block) {
+        (None, None) => None,
+        (None, Some(_)) => return Err("block= needs hotplug=SIZE".into()),
+        (Some(size), block) => {
+            let block = block.unwrap_or(DEFAULT_BLOCK);
+            if !block.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
+                return Err(format!("block={} MiB must be a power of two from 2M to 128M", block >> 20));
+            }
+            if size % block != 0 {
+                return Err(format!("hotplug={} MiB is not a multiple of the {} MiB block", size >> 20, block >> 20));
+            }
+            if size / block > vmm::MAX_HOTPLUG_BLOCKS {
+                return Err(format!(
+                    "hotplug={} MiB is more than {} blocks of {} MiB; use a larger block=",
+                    size >> 20,
+                    vmm::MAX_HOTPLUG_BLOCKS,
+                    block >> 20
+                ));
+            }
+            Some(HotplugConfig { size, block })
+        }
+    };
+    Ok(MemoryArg { bytes, hotplug })
+}
+
+/// A guest-physical address, in hex (0x...) or decimal.
+fn parse_address(text: &str) -> Result<u64, String> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|_| format!("`{text}` is not an address"))
+}
+
 fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut path = None;
     let mut readonly = false;
@@ -353,6 +438,21 @@ fn parse_serial(text: &str) -> Result<SerialOutput, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_with_hotplug() {
+        let plain = parse_memory("512M").unwrap();
+        assert_eq!(plain, MemoryArg { bytes: 512 << 20, hotplug: None });
+        let hot = parse_memory("512M,hotplug=1G").unwrap();
+        assert_eq!(hot.hotplug, Some(HotplugConfig { size: 1 << 30, block: 2 << 20 }));
+        let big = parse_memory("1G,hotplug=1G,block=128M").unwrap();
+        assert_eq!(big.hotplug, Some(HotplugConfig { size: 1 << 30, block: 128 << 20 }));
+        for bad in
+            ["512M,hotplug=1G,block=3M", "512M,hotplug=130M,block=4M", "512M,block=2M", "512M,hot=1G", "512M,hotplug=x"]
+        {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn memory_sizes() {

@@ -7,6 +7,12 @@ use std::time::Duration;
 
 #[derive(clap::Subcommand, Debug, Clone, Copy)]
 pub enum CtlCommand {
+    /// Ask the guest to have SIZE of hotplug memory plugged (virtio-mem), e.g. `resize 256M`
+    /// or `resize 0`. Returns at once; `info` shows when the guest has followed.
+    Resize {
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
     /// The VM's state, size, memory mode and devices with their PIDs, health and counters.
     Info,
     /// Stop the VM (skvm exits with status 0).
@@ -17,12 +23,29 @@ pub enum CtlCommand {
     Resume,
 }
 
+/// A size with a K, M or G suffix (powers of 1024); a bare number means bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let upper = upper.trim_end_matches("IB").trim_end_matches('B');
+    let (digits, shift) = match upper.chars().last() {
+        Some('K') => (&upper[..upper.len() - 1], 10),
+        Some('M') => (&upper[..upper.len() - 1], 20),
+        Some('G') => (&upper[..upper.len() - 1], 30),
+        _ => (upper, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{text}` is not a size; try 256M or 0"))
+}
+
 /// Sends one request; returns the HTTP status and the JSON body.
-fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, Value), String> {
+fn request(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
     let mut stream =
         UnixStream::connect(socket).map_err(|e| format!("cannot reach skvm's API at {}: {e}", socket.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: skvm\r\nContent-Length: 0\r\n\r\n");
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: skvm\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     stream.write_all(head.as_bytes()).map_err(|e| format!("sending the request: {e}"))?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
@@ -42,6 +65,9 @@ fn print_info(info: &Value) {
     println!("vCPUs:       {}", info["vcpus"]);
     println!("memory:      {mib} MiB");
     println!("memory mode: {}", info["memory_mode"].as_str().unwrap_or("?"));
+    if info["hotplug"].is_object() {
+        print_hotplug(&info["hotplug"]);
+    }
     let devices = info["devices"].as_array().cloned().unwrap_or_default();
     if devices.is_empty() {
         println!("devices:     none");
@@ -64,14 +90,41 @@ fn print_info(info: &Value) {
     }
 }
 
+fn print_hotplug(h: &Value) {
+    let mib = |key: &str| h[key].as_u64().unwrap_or(0) >> 20;
+    println!(
+        "hotplug:     {} MiB plugged of {} MiB requested; region {} MiB at {:#x}, {} MiB blocks",
+        mib("plugged_bytes"),
+        mib("requested_bytes"),
+        mib("region_bytes"),
+        h["region_start"].as_u64().unwrap_or(0),
+        mib("block_bytes")
+    );
+    println!("             {} plugs, {} unplugs", h["plugs"], h["unplugs"]);
+    for (what, key) in [("last plug", "last_plug"), ("last unplug", "last_unplug")] {
+        let t = &h[key];
+        if t.is_object() {
+            println!(
+                "             {what}: {} blocks, {} us total ({} us until devices see it, {} us KVM, {} us device rebuilds)",
+                t["blocks"], t["total_us"], t["device_visible_us"], t["kvm_us"], t["rebuild_us"]
+            );
+        }
+    }
+}
+
 pub fn run(socket: &Path, command: CtlCommand, json: bool) -> Result<u8, String> {
+    let body = match command {
+        CtlCommand::Resize { size } => format!("{{\"requested_bytes\":{size}}}"),
+        _ => String::new(),
+    };
     let (method, path) = match command {
         CtlCommand::Info => ("GET", "/vm"),
         CtlCommand::Shutdown => ("PUT", "/vm/shutdown"),
         CtlCommand::Pause => ("PUT", "/vm/pause"),
         CtlCommand::Resume => ("PUT", "/vm/resume"),
+        CtlCommand::Resize { .. } => ("PUT", "/vm/memory"),
     };
-    let (status, body) = request(socket, method, path)?;
+    let (status, body) = request(socket, method, path, &body)?;
     if !(200..300).contains(&status) {
         return Err(format!("skvm refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given")));
     }
@@ -81,6 +134,7 @@ pub fn run(socket: &Path, command: CtlCommand, json: bool) -> Result<u8, String>
         (false, CtlCommand::Shutdown) => println!("shutdown requested"),
         (false, CtlCommand::Pause) => println!("paused"),
         (false, CtlCommand::Resume) => println!("running"),
+        (false, CtlCommand::Resize { size }) => println!("requested {} MiB of hotplug memory", size >> 20),
     }
     Ok(0)
 }

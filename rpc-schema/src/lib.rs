@@ -8,6 +8,10 @@
 //!   guest memory. Every request is checked against the current RAM map.
 //! * [`DeviceControl`], served by the device: the VMM activates, configures,
 //!   resets, saves and restores it.
+//! * [`MemoryHotplug`], served by the VMM to the virtio-mem device alone: the
+//!   one privileged request a device can make, to plug or unplug blocks of
+//!   the hotplug region. The device parses the guest's requests; the VMM
+//!   checks each one against its own record of the region and does the work.
 //!
 //! Both begin with a `hello` that carries [`PROTOCOL_VERSION`]; any other
 //! call before a successful hello is refused.
@@ -24,7 +28,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -156,8 +160,47 @@ pub trait DeviceControl {
     async fn write_config(offset: u32, data: ByteBuf) -> Result<(), DeviceError>;
     /// Stops processing and forgets the queues.
     async fn reset() -> Result<(), DeviceError>;
-    /// The state a fresh device process needs to carry on.
+    /// The state a fresh device process needs to carry on. The device stops
+    /// processing its queues first (requests in progress complete), so the
+    /// state stays true until it is restored elsewhere.
     async fn save() -> Result<DeviceState, DeviceError>;
     /// Resumes from a saved state.
     async fn restore(state: DeviceState) -> Result<(), DeviceError>;
+}
+
+/// Why the VMM refused a hotplug request; each maps to a virtio-mem response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum HotplugError {
+    /// The request is malformed or names blocks in the wrong state (VIRTIO_MEM_RESP_ERROR).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Valid, but not allowed now, e.g. beyond the requested size (VIRTIO_MEM_RESP_NACK).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No hello yet, or a protocol version mismatch.
+    #[error("no session: {0}")]
+    NoSession(String),
+}
+
+/// The state of a range of hotplug blocks (virtio-mem STATE request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockState {
+    Plugged,
+    Unplugged,
+    Mixed,
+}
+
+/// Device -> VMM, for the virtio-mem device only: plug and unplug blocks of
+/// the hotplug region. Ranges are guest-physical, `blocks` long, in units of
+/// the device block size the VMM announced.
+#[tarpc::service]
+pub trait MemoryHotplug {
+    async fn hello(version: u32) -> Result<(), HotplugError>;
+    /// Backs the blocks with host memory and makes them guest RAM.
+    async fn plug(addr: u64, blocks: u16) -> Result<(), HotplugError>;
+    /// Takes the blocks away from the guest and every device, and frees them.
+    async fn unplug(addr: u64, blocks: u16) -> Result<(), HotplugError>;
+    /// Unplugs every plugged block.
+    async fn unplug_all() -> Result<(), HotplugError>;
+    async fn state(addr: u64, blocks: u16) -> Result<BlockState, HotplugError>;
 }

@@ -3,6 +3,7 @@
 //! the same in all three, written against [`memory::DeviceMemory`].
 pub mod blk;
 mod hostile;
+pub mod mem;
 pub mod memory;
 pub mod process;
 pub mod rng;
@@ -24,6 +25,7 @@ use virtqueue::{Chain, Completion, Prefetched};
 pub enum Backend {
     Block(blk::BlockDevice),
     Rng(rng::RngDevice),
+    Mem(mem::MemDevice),
 }
 
 impl Backend {
@@ -31,6 +33,7 @@ impl Backend {
         match self {
             Backend::Block(blk) => blk.info(),
             Backend::Rng(rng) => rng.info(),
+            Backend::Mem(mem) => mem.info(),
         }
     }
 
@@ -44,6 +47,7 @@ impl Backend {
         match self {
             Backend::Block(blk) => blk.process(mem, chains, prefetched).await,
             Backend::Rng(rng) => Ok(rng.process(chains)),
+            Backend::Mem(device) => device.process(mem, chains, prefetched).await,
         }
     }
 }

@@ -2,12 +2,13 @@
 //! its own binary. It keeps only the descriptors it was given, confines
 //! itself, then serves one device until the VMM closes the control channel.
 use super::blk::BlockDevice;
+use super::mem::MemDevice;
 use super::memory::{MappedMemory, RpcMemory};
 use super::rng::RngDevice;
-use super::runner::serve;
+use super::runner::{serve, Hook, OnNotify};
 use super::Backend;
 use crate::sandbox;
-use rpc_schema::{GuestMemoryClient, PROTOCOL_VERSION};
+use rpc_schema::{GuestMemoryClient, Segment, PROTOCOL_VERSION};
 use std::fs::File;
 use std::os::fd::{FromRawFd, RawFd};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -47,13 +48,22 @@ pub struct DeviceProcess {
     pub irq: RawFd,
     pub kind: DeviceKind,
     pub misbehave: Option<Misbehaviour>,
+    /// Test-only: read this address at every notification and report the outcome.
+    pub probe: Option<u64>,
 }
 
 /// Which device the process runs, with what it needs for it.
 #[derive(Debug, Clone, Copy)]
 pub enum DeviceKind {
-    Block { disk: RawFd, readonly: bool },
+    Block {
+        disk: RawFd,
+        readonly: bool,
+    },
     Rng,
+    /// virtio-mem, with its channel to the VMM's hotplug service.
+    Mem {
+        hotplug: RawFd,
+    },
 }
 
 /// The channel on a socket descriptor the VMM handed over.
@@ -84,8 +94,8 @@ fn misbehaviour(
     which: Option<Misbehaviour>,
     client: Option<&GuestMemoryClient>,
     raw_memory_socket: RawFd,
-) -> Option<super::runner::Hook> {
-    match which? {
+) -> Option<OnNotify> {
+    let mut hook: Option<Hook> = match which? {
         Misbehaviour::ForbiddenSyscall => Some(Box::pin(async {
             // SAFETY: a harmless system call that the filter does not allow.
             unsafe { libc::syscall(libc::SYS_getppid) };
@@ -94,7 +104,30 @@ fn misbehaviour(
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))
         }
-    }
+    };
+    Some(Box::new(move || hook.take()))
+}
+
+/// Test-only: at every notification, read `addr` through the memory channel
+/// and say on stderr when the answer changes (`ok` or `refused: why`).
+fn memory_probe(name: String, client: GuestMemoryClient, addr: u64) -> OnNotify {
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    Box::new(move || {
+        let (client, last, name) = (client.clone(), last.clone(), name.clone());
+        Some(Box::pin(async move {
+            let reply = client.read(tarpc::context::current(), vec![Segment { addr, len: 8 }]).await;
+            let outcome = match reply {
+                Ok(Ok(_)) => "ok".to_string(),
+                Ok(Err(refused)) => format!("refused: {refused}"),
+                Err(e) => format!("channel error: {e}"),
+            };
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if *last != outcome {
+                eprintln!("skvm-test-probe {name} {addr:#x}: {outcome}");
+                *last = outcome;
+            }
+        }))
+    })
 }
 
 /// Shows up as `skvm-blk0` (not `exe`) in ps, top and /proc/PID/comm.
@@ -113,8 +146,10 @@ impl DeviceProcess {
             MemoryChannel::Shared { memfd, .. } => memfd,
         };
         let mut fds = vec![0, 1, 2, self.control, memory, self.notify, self.irq];
-        if let DeviceKind::Block { disk, .. } = self.kind {
-            fds.push(disk);
+        match self.kind {
+            DeviceKind::Block { disk, .. } => fds.push(disk),
+            DeviceKind::Mem { hotplug } => fds.push(hotplug),
+            DeviceKind::Rng => {}
         }
         fds.sort_unstable();
         fds.dedup();
@@ -152,6 +187,11 @@ impl DeviceProcess {
                     Backend::Block(BlockDevice::new(disk, readonly, &self.name).map_err(|e| format!("disk: {e}"))?)
                 }
                 DeviceKind::Rng => Backend::Rng(RngDevice),
+                DeviceKind::Mem { hotplug } => {
+                    // SAFETY: the VMM handed us this descriptor to own.
+                    let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(hotplug) };
+                    Backend::Mem(MemDevice::connect(socket).await?)
+                }
             };
             let raw_memory_socket = match (self.misbehave, &self.memory) {
                 // SAFETY: duplicating a descriptor we own, for the hostile test path.
@@ -169,8 +209,11 @@ impl DeviceProcess {
                         let hello = client.hello(tarpc::context::current(), PROTOCOL_VERSION, self.name.clone()).await;
                         hello.map_err(|e| format!("memory hello: {e}"))?.map_err(|e| format!("memory hello: {e}"))?;
                     }
-                    let misbehave = misbehaviour(self.misbehave, Some(&client), raw_memory_socket);
-                    serve(RpcMemory::new(client), backend, control, notify, irq, misbehave).await
+                    let on_notify = match self.probe {
+                        Some(addr) => Some(memory_probe(self.name.clone(), client.clone(), addr)),
+                        None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket),
+                    };
+                    serve(RpcMemory::new(client), backend, control, notify, irq, on_notify).await
                 }
                 (None, Some(mapped)) => {
                     serve(

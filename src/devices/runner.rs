@@ -143,8 +143,10 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     }
 
     async fn save(self, _: tarpc::context::Context) -> Result<DeviceState, DeviceError> {
-        let core = self.core.lock().await;
-        let queue = core.queue.as_ref().ok_or(DeviceError::NotActive)?;
+        // Holding the core means no request is half served; dropping the
+        // queue means none starts here after the state is taken.
+        let mut core = self.core.lock().await;
+        let queue = core.queue.take().ok_or(DeviceError::NotActive)?;
         Ok(DeviceState { features: core.features, queues: vec![queue.state()] })
     }
 
@@ -167,8 +169,10 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     }
 }
 
-/// Test-only work a device does before serving its first notification.
+/// Test-only work a device does before serving a notification.
 pub type Hook = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Called at every notification; the hook it returns, if any, runs first.
+pub type OnNotify = Box<dyn FnMut() -> Option<Hook> + Send>;
 
 /// Runs a device until its control channel closes (Ok) or its queue
 /// breaks (Err with the reason). Must run on a tokio runtime.
@@ -178,7 +182,7 @@ pub async fn serve<M, T>(
     control: T,
     notify: EventFd,
     irq: EventFd,
-    mut before_first_request: Option<Hook>,
+    mut on_notify: Option<OnNotify>,
 ) -> Result<(), String>
 where
     M: DeviceMemory,
@@ -203,7 +207,7 @@ where
                 }
                 _ = kick.notified() => {}
             }
-            if let Some(hook) = before_first_request.take() {
+            if let Some(hook) = on_notify.as_mut().and_then(|f| f()) {
                 hook.await;
             }
             core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))?;
@@ -253,6 +257,8 @@ mod tests {
             client.activate(ctx(), info.features, vec![queue]).await.unwrap().unwrap();
             let state = client.save(ctx()).await.unwrap().unwrap();
             assert_eq!(state.queues, vec![QueueState { config: queue, next_avail: 0, next_used: 0 }]);
+            // Saving stops the device: a second save finds nothing active.
+            assert!(matches!(client.save(ctx()).await.unwrap(), Err(DeviceError::NotActive)));
 
             // A rebuilt device carries on where the old one stopped.
             mem.write_obj(5u16, GuestAddress(queue.avail + 2)).unwrap();

@@ -7,6 +7,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory_bytes: u64,
+    /// A hotplug region for virtio-mem, if any.
+    pub hotplug: Option<HotplugConfig>,
     pub vcpus: u8,
     pub serial: SerialOutput,
     pub boot_protocol: BootProtocol,
@@ -17,6 +19,17 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Test-only: make every device process misbehave this way.
     pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,
+    /// Test-only: block devices read this guest address through their memory
+    /// channel at every notification and report on stderr whether they could.
+    pub test_probe: Option<u64>,
+}
+
+/// `--memory SIZE,hotplug=MAX[,block=SIZE]`: guest RAM that virtio-mem can
+/// grow by up to `size` bytes, in blocks of `block` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugConfig {
+    pub size: u64,
+    pub block: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -119,6 +119,10 @@ impl GuestRam {
         self.memfd.as_ref().map(|f| f.as_raw_fd())
     }
 
+    pub fn memfd_file(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
     /// Where each piece of the memfd sits in the guest.
     pub fn shared_regions(&self) -> Vec<SharedRegion> {
         let mut offset = 0;

@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod error;
 mod exit;
+mod hotplug;
 mod io;
 mod layout;
 mod legacy;
@@ -17,9 +18,10 @@ mod vcpu;
 pub mod virtio;
 mod vm;
 
-pub use config::{BootProtocol, DiskConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
+pub use config::{BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
 pub use error::Error;
 pub use exit::VmExit;
+pub use hotplug::MAX_BLOCKS as MAX_HOTPLUG_BLOCKS;
 pub use teardown::exit_now;
 pub use virtio::{memory_service, start_rpc_runtime};
 
@@ -49,10 +51,14 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         std::thread::spawn(move || vcpu::supported_cpuid(&kvm))
     };
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let has_devices = !config.disks.is_empty() || config.rng;
+    let has_devices = !config.disks.is_empty() || config.rng || config.hotplug.is_some();
     let shareable = config.memory_mode == MemoryMode::Shared && has_devices;
     let ram = memory::GuestRam::new(config.memory_bytes, shareable)?;
-    let vm = vm::create(&kvm, &ram)?;
+    let vm = Arc::new(vm::create(&kvm, &ram)?);
+    let hotplug = match &config.hotplug {
+        Some(hotplug) => Some(Arc::new(hotplug::HotplugRegion::new(hotplug, &ram, vm.clone())?)),
+        None => None,
+    };
     debug!("VM created with {} MiB of RAM", config.memory_bytes >> 20);
 
     let control = Arc::new(VmControl::new());
@@ -61,10 +67,14 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         Vec::new()
     } else {
         let runtime = virtio::start_rpc_runtime()?;
-        virtio::launch(&config, &vm, &ram, &runtime)?
+        let context = virtio::LaunchContext { vm: &vm, ram: &ram, hotplug: hotplug.as_ref(), runtime: &runtime };
+        virtio::launch(&config, &context)?
     };
     let slots: Vec<virtio::MmioSlot> = devices.iter().map(|d| d.slot).collect();
     let io = Arc::new(io::IoBus { legacy: legacy.clone(), virtio: devices });
+    if let Some(region) = &hotplug {
+        region.attach(Box::new(virtio::Hooks { io: io.clone(), ram_regions: ram.shared_regions() }));
+    }
     let entry = boot::load(&ram, &config, images, &slots)?;
     debug!("guest loaded: {entry}");
 
@@ -87,6 +97,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
             vcpus: config.vcpus,
             memory_bytes: config.memory_bytes,
             memory_mode: config.memory_mode,
+            hotplug: hotplug.clone(),
             started: std::time::Instant::now(),
         };
         api::serve(socket, api)?;
@@ -99,7 +110,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     drop(api_socket);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
     // kernel in the background; unmapping guest memory here would cost more.
-    std::mem::forget((vm, ram, kvm, io));
+    std::mem::forget((vm, ram, kvm, io, hotplug));
     Ok(exit)
 }
 

@@ -23,7 +23,16 @@ struct VmInfo {
     vcpus: u8,
     memory_bytes: u64,
     memory_mode: &'static str,
+    /// The virtio-mem hotplug region, when the VM has one.
+    hotplug: Option<super::hotplug::HotplugStatus>,
     devices: Vec<super::virtio::DeviceStatus>,
+}
+
+/// The body of `PUT /vm/memory`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    requested_bytes: u64,
 }
 
 pub struct Api {
@@ -32,6 +41,7 @@ pub struct Api {
     pub vcpus: u8,
     pub memory_bytes: u64,
     pub memory_mode: MemoryMode,
+    pub hotplug: Option<Arc<super::hotplug::HotplugRegion>>,
     pub started: Instant,
 }
 
@@ -58,7 +68,25 @@ impl Api {
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
             memory_mode: mode_name(self.memory_mode),
+            hotplug: self.hotplug.as_ref().map(|h| h.status()),
             devices,
+        }
+    }
+
+    /// Asks the guest to grow or shrink its hotplugged memory. The reply
+    /// comes at once; the guest plugs or unplugs in its own time, which
+    /// `GET /vm` shows as `plugged_bytes`.
+    fn resize(&self, body: &[u8]) -> Response {
+        let Some(region) = &self.hotplug else {
+            return Response::error(409, "this VM has no hotplug region (start it with --memory SIZE,hotplug=MAX)");
+        };
+        let resize: Resize = match serde_json::from_slice(body) {
+            Ok(resize) => resize,
+            Err(e) => return Response::error(400, format!("expected {{\"requested_bytes\": N}}: {e}")),
+        };
+        match region.request(resize.requested_bytes) {
+            Ok(()) => Response::json(200, &region.status()),
+            Err(why) => Response::error(400, why),
         }
     }
 
@@ -78,7 +106,8 @@ impl Api {
                 self.control.resume();
                 (Response::json(200, &serde_json::json!({ "state": "running" })), false)
             }
-            (_, "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume") => {
+            ("PUT", "/vm/memory") => (self.resize(&request.body), false),
+            (_, "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/memory") => {
                 (Response::error(405, format!("{} is not allowed here", request.method)), false)
             }
             (_, path) => (Response::error(404, format!("no such resource: {path}")), false),

@@ -74,7 +74,7 @@ pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages, devices: &[Mm
         Some((name, bytes)) => Some(load_initrd(&mem, name, bytes, kernel.end, ram.size(), kernel.initrd_max())?),
         None => None,
     };
-    let cmdline_size = write_cmdline(&mem, &with_devices(&config.cmdline, devices)?)?;
+    let cmdline_size = write_cmdline(&mem, &with_devices(&config.cmdline, devices, config.hotplug.is_some())?)?;
     let rsdp = acpi::write_tables(&mem, config.vcpus, devices)?;
     let info = BootInfo { memory_bytes: ram.size(), cmdline_size, initrd, rsdp };
 
@@ -139,10 +139,15 @@ fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<usize> {
 
 /// Appends `virtio_mmio.device=` for each device, for kernels that find
 /// virtio-mmio devices on the command line (Debian's find them through ACPI).
-fn with_devices(cmdline: &str, devices: &[MmioSlot]) -> Result<String> {
+/// With a hotplug region, Linux must also online what virtio-mem plugs
+/// (Debian's default leaves it offline), unless the user said otherwise.
+fn with_devices(cmdline: &str, devices: &[MmioSlot], hotplug: bool) -> Result<String> {
     let mut full = cmdline.to_string();
     for slot in devices {
         full.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.gsi));
+    }
+    if hotplug && !cmdline.contains("memhp_default_state=") {
+        full.push_str(" memhp_default_state=online_movable");
     }
     check_cmdline(&full)?;
     Ok(full)

@@ -2,8 +2,12 @@
 //! process or thread that runs it.
 use super::super::lock;
 use super::memory_service::DeviceAccess;
+use super::spawn::{ProcessMemory, ProcessRecipe};
+use crate::devices::process::SharedRegion;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -22,6 +26,8 @@ pub struct DeviceHealth {
     ended: AtomicBool,
     /// The device's memory access, revoked when it fails.
     access: Option<Arc<DeviceAccess>>,
+    /// The process that runs the device now (shared-mode rebuilds replace it).
+    current_pid: AtomicU32,
 }
 
 impl DeviceHealth {
@@ -50,6 +56,34 @@ impl DeviceHealth {
     pub fn mark_ended(&self) {
         self.ended.store(true, Ordering::SeqCst);
     }
+
+    pub fn set_current_process(&self, pid: u32) {
+        self.current_pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// A device process ended: a failure, unless a rebuild had retired it.
+    pub fn process_ended(&self, name: &str, pid: u32, reason: String) {
+        if self.current_pid.load(Ordering::SeqCst) == pid {
+            self.fail(name, reason);
+            self.mark_ended();
+        } else {
+            tracing::debug!("device {name}: retired process {pid} ended");
+        }
+    }
+}
+
+/// Shared mode: how to start the device's process again over a new memory map.
+pub struct Respawn {
+    pub recipe: ProcessRecipe,
+    pub memfd: RawFd,
+}
+
+/// How long a rebuild waits for the retired process to go.
+const RETIRE_DEADLINE: Duration = Duration::from_secs(2);
+
+fn process_gone(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) != 0 }
 }
 
 pub struct DeviceHost {
@@ -57,9 +91,18 @@ pub struct DeviceHost {
     pub pid: Option<u32>,
     pub health: Arc<DeviceHealth>,
     pub access: Option<Arc<DeviceAccess>>,
+    pub respawn: Option<Respawn>,
     control: Mutex<Option<DeviceControlClient>>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
+    /// The device's interrupt, for config-change interrupts the VMM raises.
+    irq: EventFd,
+}
+
+fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
+    let _context = runtime.enter();
+    let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
+    Ok(DeviceControlClient::new(Default::default(), transport).spawn())
 }
 
 impl DeviceHost {
@@ -67,22 +110,21 @@ impl DeviceHost {
     pub fn connect(
         name: String,
         runtime: &tokio::runtime::Handle,
-        control: std::os::unix::net::UnixStream,
+        control: UnixStream,
         notify: EventFd,
+        irq: EventFd,
     ) -> Result<(Self, DeviceInfo), String> {
-        let client = {
-            let _context = runtime.enter();
-            DeviceControlClient::new(Default::default(), rpc_schema::transport(control).map_err(|e| e.to_string())?)
-                .spawn()
-        };
+        let client = control_client(runtime, control)?;
         let host = DeviceHost {
             name,
             pid: None,
             health: DeviceHealth::new(None),
             access: None,
+            respawn: None,
             control: Mutex::new(Some(client)),
             runtime: runtime.clone(),
             notify,
+            irq,
         };
         let info = host.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         Ok((host, info))
@@ -143,5 +185,56 @@ impl DeviceHost {
     /// A queue notify that reached the VMM (not its ioeventfd): pass it on.
     pub fn notify_fallback(&self) {
         let _ = self.notify.write(1);
+    }
+
+    pub fn interrupt(&self) {
+        let _ = self.irq.write(1);
+    }
+
+    /// Shared mode: replaces the device's process with one that maps exactly
+    /// `regions`, carrying its queue state over. The new process is started
+    /// and greeted first, so the device stops serving only between save and
+    /// restore; that pause is returned. None for a device that maps nothing.
+    pub fn rebuild(&mut self, regions: &[SharedRegion]) -> Result<Option<Duration>, String> {
+        let Some(respawn) = &self.respawn else { return Ok(None) };
+        if self.health.failed.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let (pid, control) = respawn
+            .recipe
+            .spawn(ProcessMemory::Shared { memfd: respawn.memfd, regions })
+            .map_err(|e| format!("device {}: restarting it: {e}", self.name))?;
+        let retired = self.pid.replace(pid);
+        let client = control_client(&self.runtime, control)?;
+        let old = lock(&self.control).replace(client);
+        let fresh = self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
+        drop(fresh);
+        let paused = Instant::now();
+        let saved = match old {
+            Some(old) => {
+                let mut ctx = tarpc::context::current();
+                ctx.deadline = Instant::now() + CONTROL_DEADLINE;
+                self.runtime.block_on(old.save(ctx))
+            }
+            None => return Err("the device is shut down".into()),
+        };
+        match saved {
+            Ok(Ok(state)) => self.call(|c, ctx| async move { c.restore(ctx, state).await })?,
+            // Not activated yet: the fresh process waits for the driver, as the old one did.
+            Ok(Err(rpc_schema::DeviceError::NotActive)) => {}
+            Ok(Err(e)) => return Err(format!("device {}: save: {e}", self.name)),
+            Err(e) => return Err(format!("device {}: save: {e}", self.name)),
+        }
+        let stall = paused.elapsed();
+        // The old process sees its control channel close and exits; it may have
+        // taken a notification meant for the new one, so kick once it is gone.
+        if let Some(old_pid) = retired {
+            let deadline = Instant::now() + RETIRE_DEADLINE;
+            while !process_gone(old_pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        self.notify_fallback();
+        Ok(Some(stall))
     }
 }

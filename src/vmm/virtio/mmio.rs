@@ -4,8 +4,10 @@
 //! go straight to the device through an ioeventfd, and its interrupts come
 //! straight from it through an irqfd.
 use super::host::DeviceHost;
+use crate::vmm::hotplug::HotplugRegion;
 use rpc_schema::{DeviceInfo, QueueConfig};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tracing::{debug, warn};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -45,6 +47,10 @@ pub struct MmioTransport {
     queues: Vec<QueueRegs>,
     config_generation: u32,
     needs_reset_seen: bool,
+    /// A config change the driver has not acknowledged yet.
+    config_changed: bool,
+    /// virtio-mem: the config space is the hotplug region's live state.
+    live_config: Option<Arc<HotplugRegion>>,
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -56,7 +62,7 @@ fn set_half(value: &mut u64, high: bool, half: u32) {
 }
 
 impl MmioTransport {
-    pub fn new(info: DeviceInfo, host: DeviceHost) -> Self {
+    pub fn new(info: DeviceInfo, host: DeviceHost, live_config: Option<Arc<HotplugRegion>>) -> Self {
         let queues = vec![QueueRegs::default(); info.queue_count as usize];
         MmioTransport {
             info,
@@ -69,7 +75,22 @@ impl MmioTransport {
             queues,
             config_generation: 0,
             needs_reset_seen: false,
+            config_changed: false,
+            live_config,
         }
+    }
+
+    /// The device's configuration changed: tell the driver (virtio 1.x, 2.5.1).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.config_changed = true;
+            self.host.interrupt();
+        }
+    }
+
+    pub fn host_mut(&mut self) -> &mut DeviceHost {
+        &mut self.host
     }
 
     pub fn device_id(&self) -> u32 {
@@ -98,7 +119,8 @@ impl MmioTransport {
 
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            let config = &self.info.config;
+            let live = self.live_config.as_ref().map(|region| region.config_space());
+            let config = live.as_deref().unwrap_or(&self.info.config);
             let start = (offset - CONFIG_SPACE) as usize;
             for (i, byte) in data.iter_mut().enumerate() {
                 *byte = config.get(start + i).copied().unwrap_or(0);
@@ -127,7 +149,7 @@ impl MmioTransport {
             0x044 => self.queue().map_or(0, |q| q.ready as u32),
             0x060 => {
                 let vring = if self.status & STATUS_DRIVER_OK != 0 { INTERRUPT_VRING } else { 0 };
-                let config = if self.needs_reset_seen { INTERRUPT_CONFIG } else { 0 };
+                let config = if self.needs_reset_seen || self.config_changed { INTERRUPT_CONFIG } else { 0 };
                 vring | config
             }
             0x070 => self.status(),
@@ -170,8 +192,11 @@ impl MmioTransport {
             }
             QUEUE_NOTIFY => self.host.notify_fallback(),
             0x064 => {
-                if value & INTERRUPT_CONFIG != 0 && !self.host.health.failed.load(Ordering::Relaxed) {
-                    self.needs_reset_seen = false;
+                if value & INTERRUPT_CONFIG != 0 {
+                    self.config_changed = false;
+                    if !self.host.health.failed.load(Ordering::Relaxed) {
+                        self.needs_reset_seen = false;
+                    }
                 }
             }
             0x070 => self.write_status(value),
@@ -243,6 +268,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.needs_reset_seen = false;
+        self.config_changed = false;
         self.queues.iter_mut().for_each(|q| *q = QueueRegs::default());
     }
 }

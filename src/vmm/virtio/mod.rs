@@ -7,19 +7,22 @@ pub mod mmio;
 mod spawn;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
+use super::hotplug::{self, DeviceHooks, HotplugRegion};
 use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
 use super::lock;
 use super::memory::GuestRam;
 use super::{Error, Result};
 use crate::devices::blk::BlockDevice;
+use crate::devices::mem::MemDevice;
 use crate::devices::memory::MappedMemory;
+use crate::devices::process::SharedRegion;
 use crate::devices::rng::RngDevice;
 use crate::devices::Backend;
-use host::{DeviceHealth, DeviceHost};
+use host::{DeviceHealth, DeviceHost, Respawn};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use memory_service::DeviceAccess;
 use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
-use spawn::DeviceCommand;
+use spawn::{ProcessKind, ProcessMemory, ProcessRecipe};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -70,6 +73,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                 kind: match transport.device_id() {
                     crate::devices::blk::DEVICE_ID => "block",
                     crate::devices::rng::DEVICE_ID => "rng",
+                    crate::devices::mem::DEVICE_ID => "mem",
                     _ => "other",
                 },
                 pid: host.pid,
@@ -112,17 +116,60 @@ pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
     Ok(handle)
 }
 
+/// The hotplug region's way to reach the devices.
+pub struct Hooks {
+    pub io: Arc<super::io::IoBus>,
+    /// Where boot RAM sits in the memfd (shared mode).
+    pub ram_regions: Vec<SharedRegion>,
+}
+
+impl DeviceHooks for Hooks {
+    fn config_changed(&self) {
+        for device in &self.io.virtio {
+            let mut transport = lock(&device.transport);
+            if transport.device_id() == crate::devices::mem::DEVICE_ID {
+                transport.config_changed();
+            }
+        }
+    }
+
+    fn remap_shared(&self, plugged: &[SharedRegion]) -> std::result::Result<std::time::Duration, String> {
+        let regions: Vec<SharedRegion> = self.ram_regions.iter().chain(plugged).copied().collect();
+        let mut longest = std::time::Duration::ZERO;
+        let mut failures = Vec::new();
+        for device in &self.io.virtio {
+            let mut transport = lock(&device.transport);
+            match transport.host_mut().rebuild(&regions) {
+                Ok(Some(stall)) => longest = longest.max(stall),
+                Ok(None) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.is_empty() {
+            Ok(longest)
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+/// Everything `launch` needs besides the configuration.
+pub struct LaunchContext<'a> {
+    pub vm: &'a VmFd,
+    pub ram: &'a GuestRam,
+    pub hotplug: Option<&'a Arc<HotplugRegion>>,
+    pub runtime: &'a tokio::runtime::Handle,
+}
+
 /// Starts every configured device. Call from the main thread: device
 /// processes die with the thread that started them.
-pub fn launch(
-    config: &VmConfig,
-    vm: &VmFd,
-    ram: &GuestRam,
-    runtime: &tokio::runtime::Handle,
-) -> Result<Vec<VirtioDevice>> {
+pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDevice>> {
     let mut specs: Vec<DeviceSpec> = config.disks.iter().map(DeviceSpec::Block).collect();
     if config.rng {
         specs.push(DeviceSpec::Rng);
+    }
+    if let Some(region) = context.hotplug {
+        specs.push(DeviceSpec::Mem(region.clone()));
     }
     if specs.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::Device(format!(
@@ -141,9 +188,10 @@ pub fn launch(
                     format!("blk{}", blocks - 1)
                 }
                 DeviceSpec::Rng => "rng0".to_string(),
+                DeviceSpec::Mem(_) => "mem0".to_string(),
             };
             let slot = slot(index);
-            let transport = launch_device(index, name, slot, spec, config, vm, ram, runtime)?;
+            let transport = launch_device(index, name, slot, spec, config, context)?;
             Ok(VirtioDevice { slot, transport: Mutex::new(transport) })
         })
         .collect()
@@ -162,10 +210,11 @@ fn lock_disk(file: &std::fs::File, disk: &DiskConfig) -> Result<()> {
 }
 
 /// What one virtio device is backed by.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 enum DeviceSpec<'a> {
     Block(&'a DiskConfig),
     Rng,
+    Mem(Arc<HotplugRegion>),
 }
 
 fn device_error(name: &str, what: &str) -> impl FnOnce(String) -> Error {
@@ -173,19 +222,17 @@ fn device_error(name: &str, what: &str) -> impl FnOnce(String) -> Error {
     move |detail| Error::Device(format!("{context}: {detail}"))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn launch_device(
     index: usize,
     name: String,
     slot: MmioSlot,
     spec: DeviceSpec,
     config: &VmConfig,
-    vm: &VmFd,
-    ram: &GuestRam,
-    runtime: &tokio::runtime::Handle,
+    context: &LaunchContext,
 ) -> Result<MmioTransport> {
+    let LaunchContext { vm, ram, runtime, .. } = *context;
     // The VMM opens the backend; the device only ever gets the descriptor.
-    let disk = match spec {
+    let kind = match &spec {
         DeviceSpec::Block(disk) => {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -193,94 +240,88 @@ fn launch_device(
                 .open(&disk.path)
                 .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
             lock_disk(&file, disk)?;
-            Some((file, disk.readonly))
+            ProcessKind::Block { disk: file, readonly: disk.readonly }
         }
-        DeviceSpec::Rng => None,
+        DeviceSpec::Rng => ProcessKind::Rng,
+        DeviceSpec::Mem(region) => {
+            // The virtio-mem device's one privileged channel: plug and unplug.
+            let (vmm_end, device_end) = UnixStream::pair()?;
+            hotplug::service::serve(runtime, vmm_end, region.clone())?;
+            ProcessKind::Mem { hotplug: device_end }
+        }
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_irqfd(&irq, slot.gsi).map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
     let notify = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_ioevent(&notify, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), NoDatamatch)
         .map_err(Error::kvm("KVM_IOEVENTFD (virtio)"))?;
-    let (control_vmm, control_device) = UnixStream::pair()?;
     let access = (config.memory_mode == MemoryMode::Rpc).then(|| DeviceAccess::new(&name));
     let health = DeviceHealth::new(access.clone());
-    let misbehave = if index == 0 { config.test_misbehaviour } else { None };
+    let recipe = ProcessRecipe {
+        name: name.clone(),
+        kind,
+        notify: notify.try_clone()?,
+        irq: irq.try_clone()?,
+        misbehave: if index == 0 { config.test_misbehaviour } else { None },
+        probe: config.test_probe,
+        health: health.clone(),
+    };
 
-    let pid = match config.memory_mode {
+    let (control, pid, respawn) = match config.memory_mode {
         MemoryMode::Inprocess => {
-            let backend = match disk {
-                Some((file, readonly)) => Backend::Block(
-                    BlockDevice::new(file, readonly, &name).map_err(|e| device_error(&name, "disk")(e.to_string()))?,
-                ),
-                None => Backend::Rng(RngDevice),
-            };
-            spawn_thread(&name, ram, backend, control_device, notify.try_clone()?, irq.try_clone()?, health.clone())?;
-            None
+            let (control_vmm, control_device) = UnixStream::pair()?;
+            spawn_thread(ram, recipe, control_device)?;
+            (control_vmm, None, None)
         }
-        MemoryMode::Rpc | MemoryMode::Shared => {
-            let mut child = DeviceCommand::new(&name, misbehave);
-            child.fd("--control-fd", control_device.as_raw_fd());
-            child.fd("--notify-fd", notify.as_raw_fd());
-            child.fd("--irq-fd", irq.as_raw_fd());
-            match &disk {
-                Some((file, readonly)) => {
-                    child.arg("--kind=blk".into());
-                    child.fd("--disk-fd", file.as_raw_fd());
-                    if *readonly {
-                        child.arg("--readonly".into());
-                    }
-                }
-                None => child.arg("--kind=rng".into()),
-            }
-            let _memory_end; // the child's end of the memory channel, open until spawn
-            if let Some(access) = &access {
-                let (vmm_end, device_end) = UnixStream::pair()?;
-                child.fd("--memory-fd", device_end.as_raw_fd());
-                memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone())?;
-                _memory_end = Some(device_end);
-            } else {
-                let memfd = ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
-                child.fd("--memfd", memfd);
-                for region in ram.shared_regions() {
-                    child.arg(format!("--region={}:{}:{}", region.guest_addr, region.size, region.file_offset));
-                }
-                _memory_end = None;
-            }
-            let pid = child.spawn(health.clone())?;
-            // The child has its own copies now.
-            drop(control_device);
-            Some(pid)
+        MemoryMode::Rpc => {
+            let (vmm_end, device_end) = UnixStream::pair()?;
+            memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone().unwrap_or_default())?;
+            let (pid, control) = recipe.spawn(ProcessMemory::Rpc(device_end))?;
+            (control, Some(pid), None)
+        }
+        MemoryMode::Shared => {
+            let memfd = ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
+            let mut regions = ram.shared_regions();
+            regions.extend(context.hotplug.map(|h| h.plugged_shared_regions()).unwrap_or_default());
+            let (pid, control) = recipe.spawn(ProcessMemory::Shared { memfd, regions: &regions })?;
+            // virtio-mem's own queue lives in boot RAM, which never changes: it is not rebuilt.
+            let respawn = (!matches!(spec, DeviceSpec::Mem(_))).then_some(Respawn { recipe, memfd });
+            (control, Some(pid), respawn)
         }
     };
 
     let (mut host, info) =
-        DeviceHost::connect(name.clone(), runtime, control_vmm, notify).map_err(device_error(&name, "no hello"))?;
+        DeviceHost::connect(name.clone(), runtime, control, notify, irq).map_err(device_error(&name, "no hello"))?;
     host.pid = pid;
     host.health = health;
     host.access = access;
+    host.respawn = respawn;
     info!(
         "device {name}: virtio id {} at {:#x} (GSI {}), {:?} mode, pid {:?}",
         info.device_id, slot.base, slot.gsi, config.memory_mode, pid
     );
-    Ok(MmioTransport::new(info, host))
+    let live_config = match spec {
+        DeviceSpec::Mem(region) => Some(region),
+        _ => None,
+    };
+    Ok(MmioTransport::new(info, host, live_config))
 }
 
-fn spawn_thread(
-    name: &str,
-    ram: &GuestRam,
-    backend: Backend,
-    control: UnixStream,
-    notify: EventFd,
-    irq: EventFd,
-    health: Arc<DeviceHealth>,
-) -> Result<()> {
+/// `inprocess` mode: the device runs on a thread of the VMM, over its map.
+fn spawn_thread(ram: &GuestRam, recipe: ProcessRecipe, control: UnixStream) -> Result<()> {
     let memory = MappedMemory::new(ram.atomic());
-    let thread_name = name.to_string();
+    let ProcessRecipe { name, kind, notify, irq, health, .. } = recipe;
     std::thread::Builder::new()
-        .name(name.into())
+        .name(name.clone())
         .spawn(move || {
-            let run = async move {
+            let run = async {
+                let backend = match kind {
+                    ProcessKind::Block { disk, readonly } => {
+                        Backend::Block(BlockDevice::new(disk, readonly, &name).map_err(|e| format!("disk: {e}"))?)
+                    }
+                    ProcessKind::Rng => Backend::Rng(RngDevice),
+                    ProcessKind::Mem { hotplug } => Backend::Mem(MemDevice::connect(hotplug).await?),
+                };
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
                 crate::devices::runner::serve(memory, backend, transport, notify, irq, None).await
             };
@@ -289,8 +330,8 @@ fn spawn_thread(
                 Err(e) => Err(e.to_string()),
             };
             match result {
-                Ok(()) => debug!("device {thread_name}: stopped"),
-                Err(reason) => health.fail(&thread_name, reason),
+                Ok(()) => debug!("device {name}: stopped"),
+                Err(reason) => health.fail(&name, reason),
             }
             health.mark_ended();
         })

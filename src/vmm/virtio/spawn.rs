@@ -1,22 +1,97 @@
 //! Starting a device process: `skvm device ...` with exactly its descriptors,
-//! and a watcher that marks the device failed when the process ends.
+//! and a watcher that marks the device failed when the process ends. A
+//! [`ProcessRecipe`] keeps what it takes to start the process again, which
+//! shared mode does whenever the memory map changes.
 use super::host::DeviceHealth;
 use super::{Error, Result};
-use crate::devices::process::Misbehaviour;
-use std::os::fd::RawFd;
+use crate::devices::process::{Misbehaviour, SharedRegion};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Which device a process runs, with the backend the VMM opened for it.
+pub enum ProcessKind {
+    Block { disk: File, readonly: bool },
+    Rng,
+    Mem { hotplug: UnixStream },
+}
+
+/// How a new device process reaches guest memory.
+pub enum ProcessMemory<'a> {
+    /// The device's end of its memory-service channel.
+    Rpc(UnixStream),
+    /// The RAM memfd and where each piece of it sits in the guest.
+    Shared { memfd: RawFd, regions: &'a [SharedRegion] },
+}
+
+/// Everything needed to start one device's process, again if need be.
+pub struct ProcessRecipe {
+    pub name: String,
+    pub kind: ProcessKind,
+    pub notify: EventFd,
+    pub irq: EventFd,
+    pub misbehave: Option<Misbehaviour>,
+    pub probe: Option<u64>,
+    pub health: Arc<DeviceHealth>,
+}
+
+impl ProcessRecipe {
+    /// Starts a process; returns its PID and the VMM's end of its control channel.
+    pub fn spawn(&self, memory: ProcessMemory) -> Result<(u32, UnixStream)> {
+        let (control_vmm, control_device) = UnixStream::pair()?;
+        let mut child = DeviceCommand::new(&self.name, self.misbehave);
+        child.fd("--control-fd", control_device.as_raw_fd());
+        child.fd("--notify-fd", self.notify.as_raw_fd());
+        child.fd("--irq-fd", self.irq.as_raw_fd());
+        match &self.kind {
+            ProcessKind::Block { disk, readonly } => {
+                child.arg("--kind=blk".into());
+                child.fd("--disk-fd", disk.as_raw_fd());
+                if *readonly {
+                    child.arg("--readonly".into());
+                }
+            }
+            ProcessKind::Rng => child.arg("--kind=rng".into()),
+            ProcessKind::Mem { hotplug } => {
+                child.arg("--kind=mem".into());
+                child.fd("--hotplug-fd", hotplug.as_raw_fd());
+            }
+        }
+        if let (Some(addr), ProcessKind::Block { .. }) = (self.probe, &self.kind) {
+            child.arg(format!("--probe={addr:#x}"));
+        }
+        // The child's end of the memory channel stays open until it is spawned.
+        let _memory_end = match memory {
+            ProcessMemory::Rpc(device_end) => {
+                child.fd("--memory-fd", device_end.as_raw_fd());
+                Some(device_end)
+            }
+            ProcessMemory::Shared { memfd, regions } => {
+                child.fd("--memfd", memfd);
+                for region in regions {
+                    child.arg(format!("--region={}:{}:{}", region.guest_addr, region.size, region.file_offset));
+                }
+                None
+            }
+        };
+        let pid = child.spawn(self.health.clone())?;
+        Ok((pid, control_vmm))
+    }
+}
 
 /// `skvm device ...`: the command line of a device process.
-pub struct DeviceCommand {
+struct DeviceCommand {
     command: Command,
     fds: Vec<RawFd>,
     name: String,
 }
 
 impl DeviceCommand {
-    pub fn new(name: &str, misbehave: Option<Misbehaviour>) -> Self {
+    fn new(name: &str, misbehave: Option<Misbehaviour>) -> Self {
         let mut command = Command::new("/proc/self/exe");
         command.arg("device").arg("--name").arg(name);
         if let Some(m) = misbehave {
@@ -29,18 +104,19 @@ impl DeviceCommand {
         DeviceCommand { command, fds: Vec::new(), name: name.into() }
     }
 
-    pub fn fd(&mut self, flag: &str, fd: RawFd) {
+    fn fd(&mut self, flag: &str, fd: RawFd) {
         self.command.arg(format!("{flag}={fd}"));
         self.fds.push(fd);
     }
 
-    pub fn arg(&mut self, arg: String) {
+    fn arg(&mut self, arg: String) {
         self.command.arg(arg);
     }
 
     /// Starts the process with exactly its descriptors inheritable, and a
-    /// thread that marks the device failed when the process ends.
-    pub fn spawn(mut self, health: Arc<DeviceHealth>) -> Result<u32> {
+    /// thread that marks the device failed when the process ends (unless a
+    /// newer process has replaced it by then).
+    fn spawn(mut self, health: Arc<DeviceHealth>) -> Result<u32> {
         let fds = self.fds.clone();
         // SAFETY: the closure only calls fcntl, which is async-signal-safe.
         unsafe {
@@ -56,6 +132,7 @@ impl DeviceCommand {
         let mut child =
             self.command.spawn().map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
         let pid = child.id();
+        health.set_current_process(pid);
         let name = self.name;
         std::thread::Builder::new()
             .name(format!("{name}-watch"))
@@ -64,8 +141,7 @@ impl DeviceCommand {
                     Ok(status) => describe_exit(status),
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
-                health.fail(&name, format!("process {pid} {reason}"));
-                health.mark_ended();
+                health.process_ended(&name, pid, format!("process {pid} {reason}"));
             })
             .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
         Ok(pid)

@@ -108,7 +108,7 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
     failed
 }
 
-fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
+pub fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
     let mut arena = arena(info).ok_or("not enough RAM")?;
     let device = virtio::devices(info.cmdline())
         .find(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID)

@@ -15,11 +15,13 @@ mod blk;
 mod blk_scenarios;
 mod console;
 mod mem;
+mod mem_scenarios;
 mod platform;
 mod pvh;
 mod rng;
 mod scenario;
 mod virtio;
+mod virtio_mem;
 
 use core::arch::global_asm;
 

@@ -21,6 +21,8 @@
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
 //!   `blk_scenarios.rs`.
 //!
+//! * `scenario=mem-plug|mem-churn`: see `mem_scenarios.rs`.
+//!
 //! `exit=N` picks the status for the debug-exit port (default 0).
 use crate::blk_scenarios::{self, BenchParams};
 use crate::{acpi, console, platform, println, pvh};
@@ -115,6 +117,11 @@ pub fn run(info: &pvh::StartInfo) -> ! {
                 ops: number("ops", 1000),
             };
             check(blk_scenarios::run_bench(info, &params));
+        }
+        "mem-plug" => check(crate::mem_scenarios::run_plug(info)),
+        "mem-churn" => {
+            let number = |key| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(0);
+            check(crate::mem_scenarios::run_churn(info, number("cycles"), number("ios")));
         }
         "mmio-probe" => {
             platform::mmio_write32(UNCLAIMED_MMIO, 0x5a5a_5a5a);
