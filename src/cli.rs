@@ -320,6 +320,12 @@ const PAGE_SIZE: u64 = 4096;
 const MIN_MEMORY: u64 = 8 << 20;
 
 fn parse_memory_size(text: &str) -> Result<u64, String> {
+    parse_size(text, MIN_MEMORY)
+}
+
+/// A size with a K, M, G or T suffix (a bare number means MiB), at least
+/// `min` bytes, in whole pages.
+fn parse_size(text: &str, min: u64) -> Result<u64, String> {
     let trimmed = text.trim();
     let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
@@ -338,8 +344,8 @@ fn parse_memory_size(text: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("`{text}` is too large"))?;
-    if bytes < MIN_MEMORY {
-        return Err(format!("`{text}` is too small; the guest needs at least 8M"));
+    if bytes < min {
+        return Err(format!("`{text}` is too small; the guest needs at least {}M", min >> 20));
     }
     if bytes % PAGE_SIZE != 0 {
         return Err(format!("`{text}` is not a multiple of the 4 KiB page size"));
@@ -358,16 +364,15 @@ fn parse_memory(text: &str) -> Result<MemoryArg, String> {
     let (mut hotplug, mut block) = (None, None);
     for part in parts {
         match part.split_once('=') {
-            Some(("hotplug", size)) => hotplug = Some(parse_memory_size(size)?),
-            Some(("block", size)) => {
-                block = Some(parse_memory_size(size).map_err(|_| format!("`{size}` is not a block size; try 2M"))?)
-            }
+            Some(("hotplug", size)) => hotplug = Some(parse_size(size, 0)?),
+            Some(("block", size)) => block = Some(parse_size(size, 0)?),
             _ => return Err(format!("`{part}` is not hotplug=SIZE or block=SIZE")),
         }
     }
     let hotplug = match (hotplug, block) {
         (None, None) => None,
         (None, Some(_)) => return Err("block= needs hotplug=SIZE".into()),
+        (Some(0), _) => return Err("hotplug=0 makes no hotplug region; leave it out".into()),
         (Some(size), block) => {
             let block = block.unwrap_or(DEFAULT_BLOCK);
             if !block.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {

@@ -144,3 +144,131 @@ pub fn run_until_console_has(args: &[&str], wanted: &[&str], limit: Duration) ->
     }
     console
 }
+
+/// A VM left running for a test to drive through its control API, with its
+/// console and stderr going to files the test reads as it goes.
+pub struct LiveVm {
+    pub child: Child,
+    pub socket: std::path::PathBuf,
+    console: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
+
+impl LiveVm {
+    /// Starts `skvm run ARGS` with an API socket; returns once the socket answers.
+    pub fn start(name: &str, args: &[&str]) -> LiveVm {
+        let socket = temp_path(&format!("{name}.sock"));
+        let console = temp_path(&format!("{name}.console"));
+        let stderr = temp_path(&format!("{name}.stderr"));
+        let serial = format!("file:{}", console.display());
+        let mut all = vec!["run", "--api-socket", socket.to_str().unwrap(), "--serial", &serial];
+        all.extend_from_slice(args);
+        let err_file = std::fs::File::create(&stderr).unwrap();
+        let child =
+            Command::new(SKVM).args(&all).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file).spawn().unwrap();
+        let mut vm = LiveVm { child, socket, console, stderr };
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&vm.socket).is_ok() {
+                return vm;
+            }
+            if vm.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = vm.child.kill();
+        panic!("the API socket never came up; stderr: {}", vm.stderr());
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for a whole console line containing `text`; panics with the console after `limit`.
+    pub fn wait_console(&mut self, text: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let console = self.console();
+            if console.find(text).is_some_and(|at| console[at..].contains('\n')) {
+                return console;
+            }
+            if Instant::now() > deadline || self.child.try_wait().unwrap().is_some() {
+                let _ = self.child.kill();
+                panic!("no `{text}` on the console; console:\n{console}\nstderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// One API request: the HTTP status and the JSON body.
+    pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, serde_json::from_str(body).unwrap())
+    }
+
+    /// Sets the requested hotplug size and waits until the guest has plugged exactly that.
+    pub fn resize_and_wait(&self, bytes: u64, limit: Duration) {
+        let (status, body) = self.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{bytes}}}"));
+        assert_eq!(status, 200, "{body}");
+        let deadline = Instant::now() + limit;
+        loop {
+            let (_, info) = self.api("GET", "/vm", "");
+            if info["hotplug"]["plugged_bytes"].as_u64() == Some(bytes) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the guest did not follow a resize to {bytes}: {info}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Resident memory of the VMM process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Shuts the VM down through the API and returns skvm's exit status.
+    pub fn shutdown(mut self) -> Option<i32> {
+        let _ = self.api("PUT", "/vm/shutdown", "");
+        wait_child(&mut self.child, Duration::from_secs(10))
+    }
+
+    /// Waits for skvm to exit by itself.
+    pub fn wait_exit(mut self, limit: Duration) -> Option<i32> {
+        wait_child(&mut self.child, limit)
+    }
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("skvm did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

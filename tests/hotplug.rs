@@ -1,0 +1,194 @@
+//! Memory hotplug through virtio-mem, driven through the control API the way
+//! a user would, with the test guest plugging, using and unplugging memory.
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(60);
+
+/// The word the guest writes at `offset` bytes into the hotplug region
+/// (mem_scenarios.rs in the test guest).
+fn pattern_word(offset: u64) -> u64 {
+    offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed_5eed_5eed_5eed
+}
+
+fn disk(name: &str, bytes: u64) -> (std::path::PathBuf, String) {
+    let path = temp_path(name);
+    std::fs::File::create(&path).unwrap().set_len(bytes).unwrap();
+    let arg = format!("path={}", path.display());
+    (path, arg)
+}
+
+/// Where the rpc-mode probe looks: 128 MiB into a region that starts right after 512 MiB of RAM.
+const PROBE: u64 = 0x2800_0000;
+
+fn plug_use_unplug(mode: &str) {
+    let (disk_path, disk_arg) = disk(&format!("hotplug-{mode}.img"), 64 * MIB);
+    let probe = format!("{PROBE:#x}");
+    let mut args = vec!["--memory-mode", mode, "--memory", "512M,hotplug=1G", "--disk", &disk_arg];
+    args.extend(["--cmdline", "scenario=mem-plug"]);
+    if mode == "rpc" {
+        args.extend(["--test-device-probe", &probe]);
+    }
+    let mut vm = LiveVm::start(&format!("hotplug-{mode}"), &args);
+    vm.wait_console("mem: ready", LONG);
+    let rss_before = vm.rss_kib();
+
+    let (status, body) = vm.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{}}}", 256 * MIB));
+    assert_eq!(status, 200, "{body}");
+    let console = vm.wait_console("read back matches", LONG);
+    assert!(console.contains("mem: plugged 256 MiB at 0x20000000"), "{console}");
+    assert!(console.contains("mem: pattern verified over 256 MiB of plugged memory"), "{console}");
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(info["hotplug"]["plugged_bytes"], 256 * MIB, "{info}");
+    let rss_plugged = vm.rss_kib();
+    assert!(rss_plugged >= rss_before + 240 * 1024, "RSS {rss_before} -> {rss_plugged} KiB after plugging 256 MiB");
+
+    // The disk holds the MiB the guest wrote straight from plugged memory.
+    let line = console.lines().find(|l| l.contains("from plugged memory at region offset")).unwrap();
+    let offset = u64::from_str_radix(line.split("0x").nth(1).unwrap().split(',').next().unwrap(), 16).unwrap();
+    let bytes = std::fs::read(&disk_path).unwrap();
+    for (i, word) in bytes[..MIB as usize].chunks_exact(8).enumerate() {
+        let expected = pattern_word(offset + 8 * i as u64);
+        assert_eq!(u64::from_le_bytes(word.try_into().unwrap()), expected, "disk word {i} in {mode} mode");
+    }
+
+    let (status, body) = vm.api("PUT", "/vm/memory", "{\"requested_bytes\":0}");
+    assert_eq!(status, 200, "{body}");
+    let console = vm.wait_console("mem: done", LONG);
+    assert!(console.contains("mem: unplugged 256 MiB"), "{console}");
+    // The guest no longer owns it: STATE says unplugged (checked in the guest),
+    // the addresses are not RAM any more, and a disk write from there fails.
+    assert!(console.contains("mem: unplugged memory reads 0xffffffff"), "{console}");
+    assert!(console.contains("mem: disk write from unplugged memory: status 1"), "{console}");
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(info["hotplug"]["plugged_bytes"], 0, "{info}");
+    let rss_after = vm.rss_kib();
+    assert!(rss_after + 240 * 1024 <= rss_plugged, "RSS {rss_plugged} -> {rss_after} KiB after unplugging 256 MiB");
+    for device in info["devices"].as_array().unwrap() {
+        assert_eq!(device["healthy"], true, "{info}");
+    }
+    if mode == "rpc" {
+        // A device asking for an address in the unplugged range is refused.
+        let stderr = vm.stderr();
+        assert!(stderr.contains(&format!("skvm-test-probe blk0 {probe}: ok")), "{stderr}");
+        let refused = format!("skvm-test-probe blk0 {probe}: refused: range {probe}+0x8 is not guest RAM");
+        assert!(stderr.contains(&refused), "{stderr}");
+    }
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
+#[test]
+fn plug_256_mib_use_it_for_disk_io_and_unplug_in_rpc_mode() {
+    plug_use_unplug("rpc");
+}
+
+#[test]
+fn plug_256_mib_use_it_for_disk_io_and_unplug_in_shared_mode() {
+    plug_use_unplug("shared");
+}
+
+#[test]
+fn plug_256_mib_use_it_for_disk_io_and_unplug_in_inprocess_mode() {
+    plug_use_unplug("inprocess");
+}
+
+/// `churn: key=value ...` from the guest.
+fn churn_figure(console: &str, key: &str) -> u64 {
+    let line = console.lines().find(|l| l.starts_with("churn:")).unwrap_or_else(|| panic!("no summary: {console}"));
+    let value = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap();
+    value.parse().unwrap()
+}
+
+fn churn(mode: &str, cycles: u64) {
+    let (_disk_path, disk_arg) = disk(&format!("churn-{mode}.img"), 16 * MIB);
+    let cmdline = format!("scenario=mem-churn cycles={cycles}");
+    let args = ["--memory-mode", mode, "--memory", "256M,hotplug=256M", "--disk", &disk_arg, "--cmdline", &cmdline];
+    let mut vm = LiveVm::start(&format!("churn-{mode}"), &args);
+    vm.wait_console("mem: ready", LONG);
+    let (_, info) = vm.api("GET", "/vm", "");
+    let blk_pid = info["devices"][0]["pid"].clone();
+    for cycle in 0..cycles {
+        vm.resize_and_wait(64 * MIB, LONG);
+        if cycle + 1 == cycles {
+            // Before the last unplug, while the VM still runs: the disk device
+            // never failed, never restarted (rpc) and was never refused.
+            let (_, info) = vm.api("GET", "/vm", "");
+            let blk = &info["devices"][0];
+            assert_eq!(blk["healthy"], true, "{info}");
+            if mode == "rpc" {
+                assert_eq!(blk["pid"], blk_pid, "the rpc device restarted: {info}");
+                assert_eq!(blk["memory_refused"], 0, "{info}");
+            }
+            assert_eq!(info["hotplug"]["plugs"], cycle + 1, "{info}");
+        }
+        vm.resize_and_wait(0, LONG);
+    }
+    let console = vm.wait_console("churn:", LONG);
+    assert_eq!(churn_figure(&console, "errors"), 0, "{console}");
+    assert_eq!(churn_figure(&console, "corrupt"), 0, "{console}");
+    assert_eq!(churn_figure(&console, "plugs"), cycles, "{console}");
+    assert_eq!(churn_figure(&console, "unplugs"), cycles, "{console}");
+    assert!(churn_figure(&console, "plugged-ios") > 0, "no I/O went through plugged memory: {console}");
+    assert_eq!(vm.wait_exit(LONG), Some(0));
+}
+
+#[test]
+fn churn_100_plug_unplug_cycles_under_verified_io_in_rpc_mode() {
+    churn("rpc", 100);
+}
+
+#[test]
+fn churn_with_sandbox_rebuilds_in_shared_mode() {
+    churn("shared", 20);
+}
+
+#[test]
+fn resize_refuses_impossible_sizes_and_malformed_bodies() {
+    let (_disk_path, disk_arg) = disk("resize-bad.img", MIB);
+    let vm = LiveVm::start(
+        "resize-bad",
+        &["--memory", "64M,hotplug=256M", "--disk", &disk_arg, "--cmdline", "scenario=spin"],
+    );
+    for (body, why) in [
+        (format!("{{\"requested_bytes\":{}}}", 512 * MIB), "more than the hotplug region"),
+        (format!("{{\"requested_bytes\":{}}}", 3 * MIB), "not a multiple"),
+        ("{\"requested_bytes\":-1}".to_string(), "expected"),
+        ("{\"requested\":1}".to_string(), "expected"),
+        ("{\"requested_bytes\":0,\"extra\":1}".to_string(), "expected"),
+        ("not json".to_string(), "not JSON"),
+        (String::new(), "expected"),
+    ] {
+        let (status, reply) = vm.api("PUT", "/vm/memory", &body);
+        assert_eq!(status, 400, "{body}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains(why), "{body}: {reply}");
+    }
+    let (status, _) = vm.api("GET", "/vm/memory", "");
+    assert_eq!(status, 405);
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(info["hotplug"]["requested_bytes"], 0, "a refused resize changed something: {info}");
+    assert_eq!(vm.shutdown(), Some(0));
+
+    let plain = LiveVm::start("resize-none", &["--memory", "64M", "--cmdline", "scenario=spin"]);
+    let (status, reply) = plain.api("PUT", "/vm/memory", "{\"requested_bytes\":0}");
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("no hotplug region"), "{reply}");
+    assert_eq!(plain.shutdown(), Some(0));
+}
+
+#[test]
+fn bad_hotplug_flags_are_clear_usage_errors() {
+    for (memory, why) in [
+        ("512M,hotplug=3M", "multiple"),
+        ("512M,hotplug=1G,block=3M", "power of two"),
+        ("512M,block=2M", "needs hotplug"),
+        ("512M,hotplug", "hotplug=SIZE"),
+    ] {
+        let outcome = run(&["run", "--memory", memory]);
+        outcome.assert_clean_error();
+        assert_eq!(outcome.code(), Some(2), "{memory}: {}", outcome.stderr);
+        assert!(outcome.stderr.contains(why), "{memory}: {}", outcome.stderr);
+    }
+}
