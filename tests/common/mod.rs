@@ -160,6 +160,8 @@ impl LiveVm {
         let socket = temp_path(&format!("{name}.sock"));
         let console = temp_path(&format!("{name}.console"));
         let stderr = temp_path(&format!("{name}.stderr"));
+        // A console left by an earlier VM of the same name must not be read as this one's.
+        let _ = std::fs::remove_file(&console);
         let serial = format!("file:{}", console.display());
         let mut all = vec!["run", "--api-socket", socket.to_str().unwrap(), "--serial", &serial];
         all.extend_from_slice(args);
@@ -206,16 +208,21 @@ impl LiveVm {
 
     /// One API request: the HTTP status and the JSON body.
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        self.try_api(method, path, body).unwrap()
+    }
+
+    /// One API request; Err when skvm is gone or the reply is not HTTP with JSON.
+    pub fn try_api(&self, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value), String> {
         use std::io::Write;
-        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
         let request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        stream.write_all(request.as_bytes()).unwrap();
+        stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
         let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        (status, serde_json::from_str(body).unwrap())
+        stream.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        let (head, body) = reply.split_once("\r\n\r\n").ok_or("not HTTP")?;
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+        Ok((status, serde_json::from_str(body).map_err(|e| e.to_string())?))
     }
 
     /// Sets the requested hotplug size and waits until the guest has plugged exactly that.
