@@ -78,12 +78,16 @@ fn print_info(info: &Value) {
             Some(why) => format!("FAILED: {why}"),
             None => "healthy".into(),
         };
+        let requests = match d["requests"].as_u64() {
+            Some(n) => format!(", {n} requests ({} errors)", d["errors"]),
+            None => String::new(),
+        };
         let counters = match d["memory_rpcs"].as_u64() {
             Some(rpcs) => format!(", {rpcs} memory RPCs, {} bytes, {} refused", d["memory_bytes"], d["memory_refused"]),
             None => String::new(),
         };
         println!(
-            "device {:<5} {:<6} {pid}, {health}{counters}",
+            "device {:<5} {:<6} {pid}, {health}{requests}{counters}",
             d["name"].as_str().unwrap_or("?"),
             d["kind"].as_str().unwrap_or("?")
         );

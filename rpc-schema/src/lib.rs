@@ -125,6 +125,17 @@ pub struct DeviceInfo {
 pub struct DeviceState {
     pub features: u64,
     pub queues: Vec<QueueState>,
+    /// Carried over so a rebuilt device keeps counting where the old one stopped.
+    pub counters: DeviceCounters,
+}
+
+/// What a device has served since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCounters {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with an error status.
+    pub errors: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +177,8 @@ pub trait DeviceControl {
     async fn save() -> Result<DeviceState, DeviceError>;
     /// Resumes from a saved state.
     async fn restore(state: DeviceState) -> Result<(), DeviceError>;
+    /// The device's own counters.
+    async fn counters() -> DeviceCounters;
 }
 
 /// Why the VMM refused a hotplug request; each maps to a virtio-mem response.

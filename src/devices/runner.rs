@@ -8,8 +8,8 @@ use super::virtqueue::{validate, QueueError, SplitQueue};
 use super::Backend;
 use futures::StreamExt;
 use rpc_schema::{
-    DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceError, DeviceInfo, DeviceState, QueueConfig,
-    PROTOCOL_VERSION,
+    DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError, DeviceInfo, DeviceState,
+    QueueConfig, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use std::sync::Arc;
@@ -25,12 +25,13 @@ struct Core<M> {
     queue: Option<SplitQueue>,
     features: u64,
     irq: EventFd,
+    counters: DeviceCounters,
 }
 
 impl<M: DeviceMemory> Core<M> {
     /// Serves requests until the driver has made none new.
     async fn service(&mut self) -> Result<(), QueueError> {
-        let Core { mem, backend, queue, irq, .. } = self;
+        let Core { mem, backend, queue, irq, counters, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(()) };
         loop {
             let (chains, prefetched) = queue.pop_all(mem).await?;
@@ -52,6 +53,8 @@ impl<M: DeviceMemory> Core<M> {
                     return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
                 }
             }
+            counters.requests += completions.len() as u64;
+            counters.errors += completions.iter().filter(|c| c.status_addr.is_some() && c.status != 0).count() as u64;
             // Always interrupt: polling drivers ignore it, interrupt-driven
             // ones tolerate a spurious one, and none can miss one.
             let _ = irq.write(1);
@@ -147,7 +150,7 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         // queue means none starts here after the state is taken.
         let mut core = self.core.lock().await;
         let queue = core.queue.take().ok_or(DeviceError::NotActive)?;
-        Ok(DeviceState { features: core.features, queues: vec![queue.state()] })
+        Ok(DeviceState { features: core.features, queues: vec![queue.state()], counters: core.counters })
     }
 
     async fn restore(self, _: tarpc::context::Context, state: DeviceState) -> Result<(), DeviceError> {
@@ -164,8 +167,13 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         core.features = features;
         core.queue = Some(queue);
+        core.counters = state.counters;
         self.kick.notify_one();
         Ok(())
+    }
+
+    async fn counters(self, _: tarpc::context::Context) -> DeviceCounters {
+        self.core.lock().await.counters
     }
 }
 
@@ -189,7 +197,8 @@ where
     T: Transport<Response<DeviceControlResponse>, ClientMessage<DeviceControlRequest>> + Send + 'static,
 {
     let info = backend.info();
-    let core = Arc::new(Mutex::new(Core { mem, backend, queue: None, features: 0, irq }));
+    let core =
+        Arc::new(Mutex::new(Core { mem, backend, queue: None, features: 0, irq, counters: DeviceCounters::default() }));
     let kick = Arc::new(Notify::new());
     let server = Control { core: core.clone(), kick: kick.clone(), info };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
@@ -263,10 +272,12 @@ mod tests {
             // A rebuilt device carries on where the old one stopped.
             mem.write_obj(5u16, GuestAddress(queue.avail + 2)).unwrap();
             let moved = DeviceState {
+                counters: DeviceCounters { requests: 7, errors: 1 },
                 features: state.features,
                 queues: vec![QueueState { config: queue, next_avail: 5, next_used: 5 }],
             };
             client.restore(ctx(), moved.clone()).await.unwrap().unwrap();
+            assert_eq!(client.counters(ctx()).await.unwrap(), moved.counters);
             assert_eq!(client.save(ctx()).await.unwrap().unwrap(), moved);
 
             client.reset(ctx()).await.unwrap().unwrap();

@@ -15,6 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// How long the VMM waits for a device to answer a control request.
 const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a status report waits for a device's counters.
+const COUNTERS_DEADLINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct DeviceHealth {
@@ -162,6 +164,18 @@ impl DeviceHost {
             return Err("the device has failed".into());
         }
         self.call(|c, ctx| async move { c.activate(ctx, features, queues).await })
+    }
+
+    /// The device's request counters; None when it has failed or does not answer.
+    pub fn counters(&self) -> Option<rpc_schema::DeviceCounters> {
+        if self.health.failed.load(Ordering::SeqCst) || self.health.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        // A report must not hang on a busy or stuck device, nor fail it.
+        let client = lock(&self.control).clone()?;
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = Instant::now() + COUNTERS_DEADLINE;
+        self.runtime.block_on(client.counters(ctx)).ok()
     }
 
     pub fn reset(&self) -> Result<(), String> {

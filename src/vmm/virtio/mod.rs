@@ -53,6 +53,10 @@ pub struct DeviceStatus {
     pub pid: Option<u32>,
     pub healthy: bool,
     pub failure: Option<String>,
+    /// Requests the device completed, and how many of them with an error
+    /// status (from the device; absent when it has failed).
+    pub requests: Option<u64>,
+    pub errors: Option<u64>,
     /// The memory service's counters (rpc mode only).
     pub memory_rpcs: Option<u64>,
     pub memory_bytes: Option<u64>,
@@ -68,6 +72,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
             let host = transport.host();
             let access = host.access.as_ref();
             let failure = lock(&host.health.reason).clone();
+            let counters = host.counters();
             DeviceStatus {
                 name: host.name.clone(),
                 kind: match transport.device_id() {
@@ -79,6 +84,8 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                 pid: host.pid,
                 healthy: !host.health.failed.load(Relaxed),
                 failure,
+                requests: counters.map(|c| c.requests),
+                errors: counters.map(|c| c.errors),
                 memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
                 memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
                 memory_refused: access.map(|a| a.refused.load(Relaxed)),
