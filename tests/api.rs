@@ -167,3 +167,46 @@ fn pause_stops_the_guest_until_resume() {
     let status = vm.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The `required:` list of a schema in docs/api.yaml.
+fn required_fields(spec: &str, schema: &str) -> Vec<String> {
+    let header = format!("\n    {schema}:\n");
+    let at = spec.find(&header).unwrap_or_else(|| panic!("no schema {schema} in docs/api.yaml"));
+    let line = spec[at..].lines().find(|l| l.trim_start().starts_with("required: [")).unwrap();
+    let list = line.split('[').nth(1).unwrap().trim_end_matches(']');
+    let mut fields: Vec<String> = list.split(',').map(|f| f.trim().to_string()).collect();
+    fields.sort();
+    fields
+}
+
+fn keys(value: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn the_openapi_file_describes_what_the_api_serves() {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.yaml")).unwrap();
+    let disk = temp_path("api-spec.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let vm =
+        LiveVm::start("api-spec", &["--memory", "64M,hotplug=128M", "--disk", &disk_arg, "--cmdline", "scenario=spin"]);
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(keys(&info), required_fields(&spec, "VmInfo"));
+    assert_eq!(keys(&info["devices"][0]), required_fields(&spec, "Device"));
+    let (status, hotplug) = vm.api("PUT", "/vm/memory", "{\"requested_bytes\":0}");
+    assert_eq!(status, 200);
+    assert_eq!(keys(&hotplug), required_fields(&spec, "Hotplug"));
+    assert_eq!(keys(&info["hotplug"]), required_fields(&spec, "Hotplug"));
+    // Every path the file names exists (a wrong method gets 405, never 404).
+    let paths: Vec<&str> =
+        spec.lines().filter_map(|l| l.strip_prefix("  /")).map(|l| l.trim_end_matches(':')).collect();
+    assert!(paths.len() >= 5, "{paths:?}");
+    for path in paths {
+        let (status, reply) = vm.api("DELETE", &format!("/{path}"), "");
+        assert_eq!(status, 405, "/{path}: {reply}");
+    }
+    assert_eq!(vm.shutdown(), Some(0));
+}
