@@ -6,7 +6,10 @@
 # Produces in OUTDIR:
 #   vmlinux            uncompressed x86-64 ELF kernel (extracted from the bzImage)
 #   bzImage            the Debian /boot/vmlinuz-* as shipped
-#   initramfs.cpio.gz  busybox-static + /init that prints SKVM-LINUX-INIT-OK and powers off
+#   initramfs.cpio.gz  busybox-static + /init that prints SKVM-LINUX-INIT-OK and powers off;
+#                      with `skvm-virtio-mem` on the command line it loads the virtio and
+#                      virtio_mem modules (shipped in /lib/modules) and waits for hotplugged
+#                      memory to come online first
 #   kit.env            KERNEL_VERSION, VMLINUX, BZIMAGE, INITRAMFS, PVH_NOTE (sourceable)
 #
 # Idempotent: each step is skipped when its outputs exist and are newer than this
@@ -175,7 +178,7 @@ need_tool od coreutils
 
 # ---------------------------------------------------------------------------
 # Steps 2+3: kernel (download, extract bzImage, extract vmlinux)
-if fresh "$VMLINUX" "$BZIMAGE" "$KREL_FILE"; then
+if fresh "$VMLINUX" "$BZIMAGE" "$KREL_FILE" "$OUT/modules/extracted"; then
     say "[2/5] kernel packages: up to date, skipping download"
     say "[3/5] vmlinux: up to date ($(cat "$KREL_FILE"))"
 else
@@ -191,8 +194,18 @@ else
     (cd "$TMP" && quiet apt-get download -qq "$KPKG" busybox-static)
     KDEB=$(ls "$TMP"/linux-image-*.deb)
     mkdir -p "$TMP/kernel"
-    # Only /boot is needed; skip writing the ~400 MB of modules to disk.
-    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/vmlinuz-*'
+    # Only /boot and the virtio modules are needed; skip writing the ~400 MB of modules to disk.
+    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/vmlinuz-*' \
+        './lib/modules/*/kernel/drivers/virtio/*'
+    mkdir -p "$OUT/modules"
+    for ko in "$TMP"/kernel/lib/modules/*/kernel/drivers/virtio/*.ko*; do
+        case "$ko" in
+            *.xz) xz -dc "$ko" >"$OUT/modules/$(basename "${ko%.xz}")" ;;
+            *.zst) zstd -qdc "$ko" >"$OUT/modules/$(basename "${ko%.zst}")" ;;
+            *) cp "$ko" "$OUT/modules/" ;;
+        esac
+    done
+    ls "$OUT/modules" >"$OUT/modules/extracted"
     VMLINUZ=$(ls "$TMP"/kernel/boot/vmlinuz-* | head -n1)
     [[ -f "$VMLINUZ" ]] || die "no /boot/vmlinuz-* in $KDEB"
     KREL=${VMLINUZ##*/vmlinuz-}
@@ -234,7 +247,10 @@ else
     [[ -x "$BB" ]] || die "busybox binary not found in $BBDEB"
 
     R="$TMP/root"
-    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc}
+    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,lib/modules}
+    for m in virtio virtio_ring virtio_mmio virtio_mem; do
+        cp "$OUT/modules/$m.ko" "$R/lib/modules/" 2>/dev/null || say "      (no $m.ko: built into the kernel)"
+    done
     chmod 1777 "$R/tmp"
     install -m 0755 "$BB" "$R/bin/busybox"
     # Applet symlinks: ask busybox (it is static x86-64) or fall back to a fixed list.
@@ -255,6 +271,25 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+say() { echo "$1" >/dev/console; [ -c /dev/ttyS0 ] && echo "$1" >/dev/ttyS0; }
+if grep -q skvm-virtio-mem /proc/cmdline; then
+    # Dependencies first; a module the kernel has built in is simply absent.
+    for m in virtio virtio_ring virtio_mmio virtio_mem; do
+        [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+    done
+    before=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+    say "SKVM-LINUX-MEM-READY MemTotal=${before}kB"
+    n=0
+    while [ $n -lt 600 ]; do
+        now=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+        if [ "$now" -gt $((before + 200000)) ]; then
+            say "SKVM-LINUX-MEM-ONLINE MemTotal=${now}kB"
+            break
+        fi
+        sleep 1
+        n=$((n + 1))
+    done
+fi
 MSG="SKVM-LINUX-INIT-OK $(uname -r)"
 echo "$MSG" >/dev/console
 [ -c /dev/ttyS0 ] && echo "$MSG" >/dev/ttyS0

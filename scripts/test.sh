@@ -28,7 +28,7 @@ if ((slow)); then
     echo "test: slow tier" >&2
     cargo test --release --locked -- --ignored
 else
-    echo "test: NOT RUN: slow tier (bzImage banner, full Linux boot to its init marker); ./scripts/test.sh --slow runs it" >&2
+    echo "test: NOT RUN: slow tier (bzImage banner, full Linux boot to its init marker, Linux virtio_mem onlining plugged memory); ./scripts/test.sh --slow runs it" >&2
 fi
 if [ -d /sys/module/kvm_pvm ]; then
     echo "test: note: /dev/kvm is PVM here; Linux was checked to its first serial lines only (it cannot reach userspace on PVM)" >&2

@@ -48,7 +48,9 @@ fn on_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-fn boots_to_first_lines(kernel_key: &str, protocol: &str) {
+/// `memory` may carry a hotplug region: the kernel must then be told to
+/// online what virtio-mem plugs, and must not see the region as RAM.
+fn boots_to_first_lines(kernel_key: &str, protocol: &str, memory: &str) {
     let kit = Kit::load();
     let args = [
         "run",
@@ -57,7 +59,7 @@ fn boots_to_first_lines(kernel_key: &str, protocol: &str) {
         "--initrd",
         kit.path("INITRAMFS"),
         "--memory",
-        "512M",
+        memory,
         "--boot-protocol",
         protocol,
         "--cmdline",
@@ -72,6 +74,12 @@ fn boots_to_first_lines(kernel_key: &str, protocol: &str) {
         ],
         FIRST_LINE_LIMIT,
     );
+    // A hotplug region starts at 512 MiB here; virtio-mem announces it, the e820 map must not.
+    assert!(!console.contains("BIOS-e820: [mem 0x0000000020000000"), "the hotplug region is in e820:\n{console}");
+    if memory.contains("hotplug=") {
+        let command_line = console.lines().find(|l| l.contains("Command line:")).unwrap();
+        assert!(command_line.contains("memhp_default_state=online_movable"), "{command_line}");
+    }
     eprintln!(
         "linux_boot: {kernel_key} via {protocol}: the kernel printed its banner, our command line and our e820 map. \
          Not checked here: the boot to the init marker (slow tier, needs hardware virtualisation)."
@@ -81,12 +89,12 @@ fn boots_to_first_lines(kernel_key: &str, protocol: &str) {
 
 #[test]
 fn vmlinux_via_pvh_prints_banner_cmdline_and_memory_map() {
-    boots_to_first_lines("VMLINUX", "pvh");
+    boots_to_first_lines("VMLINUX", "pvh", "512M,hotplug=256M");
 }
 
 #[test]
 fn vmlinux_via_linux_64bit_protocol_prints_banner_cmdline_and_memory_map() {
-    boots_to_first_lines("VMLINUX", "linux");
+    boots_to_first_lines("VMLINUX", "linux", "512M");
 }
 
 #[test]
@@ -106,18 +114,45 @@ fn bzimage_loads_at_its_64bit_entry_and_runs() {
 #[test]
 #[ignore = "slow tier: the bzImage decompressor runs at CPL0 (minutes on PVM hosts)"]
 fn slow_bzimage_prints_banner() {
-    boots_to_first_lines("BZIMAGE", "linux");
+    boots_to_first_lines("BZIMAGE", "linux", "512M");
+}
+
+const NOT_ON_PVM: &str = "NOT RUN: this host's /dev/kvm is PVM (/sys/module/kvm_pvm), where Debian's kernel \
+    cannot reach userspace (guest ring 0 is emulated and it stops with a KVM internal error); the full boot \
+    needs hardware virtualisation";
+
+#[test]
+#[ignore = "slow tier: a full Linux boot; needs hardware virtualisation"]
+fn slow_linux_virtio_mem_onlines_plugged_memory() {
+    assert!(!on_pvm_host(), "{NOT_ON_PVM}");
+    let kit = Kit::load();
+    let cmdline = format!("{CMDLINE} skvm-virtio-mem");
+    let args = [
+        "--kernel",
+        kit.path("VMLINUX"),
+        "--initrd",
+        kit.path("INITRAMFS"),
+        "--memory",
+        "512M,hotplug=512M",
+        "--cmdline",
+        &cmdline,
+    ];
+    let mut vm = LiveVm::start("linux-virtio-mem", &args);
+    vm.wait_console("SKVM-LINUX-MEM-READY", Duration::from_secs(600));
+    let (status, reply) = vm.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{}}}", 256u64 << 20));
+    assert_eq!(status, 200, "{reply}");
+    // The kernel's virtio_mem driver plugs it and, with memhp_default_state
+    // (which skvm adds), the memory comes online: MemTotal grows.
+    let console = vm.wait_console("SKVM-LINUX-MEM-ONLINE", Duration::from_secs(300));
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(info["hotplug"]["plugged_bytes"], 256u64 << 20, "{info}\n{console}");
+    vm.wait_console(INIT_MARKER, Duration::from_secs(60));
 }
 
 #[test]
 #[ignore = "slow tier: a full Linux boot; needs hardware virtualisation"]
 fn slow_linux_reaches_init_marker() {
-    assert!(
-        !on_pvm_host(),
-        "NOT RUN: this host's /dev/kvm is PVM (/sys/module/kvm_pvm), where Debian's kernel cannot reach \
-         userspace (guest ring 0 is emulated and it stops with a KVM internal error); the full boot needs \
-         hardware virtualisation"
-    );
+    assert!(!on_pvm_host(), "{NOT_ON_PVM}");
     let kit = Kit::load();
     let args = [
         "run",
