@@ -106,7 +106,8 @@ fn churn_figure(console: &str, key: &str) -> u64 {
 
 fn churn(mode: &str, cycles: u64) {
     let (_disk_path, disk_arg) = disk(&format!("churn-{mode}.img"), 16 * MIB);
-    let cmdline = format!("scenario=mem-churn cycles={cycles}");
+    // Each cycle unplugs twice: half with UNPLUG, the rest with UNPLUG_ALL.
+    let cmdline = format!("scenario=mem-churn cycles={}", 2 * cycles);
     let args = ["--memory-mode", mode, "--memory", "256M,hotplug=256M", "--disk", &disk_arg, "--cmdline", &cmdline];
     let mut vm = LiveVm::start(&format!("churn-{mode}"), &args);
     vm.wait_console("mem: ready", LONG);
@@ -128,13 +129,14 @@ fn churn(mode: &str, cycles: u64) {
             }
             assert_eq!(info["hotplug"]["plugs"], cycle + 1, "{info}");
         }
+        vm.resize_and_wait(32 * MIB, LONG);
         vm.resize_and_wait(0, LONG);
     }
     let console = vm.wait_console("churn:", LONG);
     assert_eq!(churn_figure(&console, "errors"), 0, "{console}");
     assert_eq!(churn_figure(&console, "corrupt"), 0, "{console}");
     assert_eq!(churn_figure(&console, "plugs"), cycles, "{console}");
-    assert_eq!(churn_figure(&console, "unplugs"), cycles, "{console}");
+    assert_eq!(churn_figure(&console, "unplugs"), 2 * cycles, "{console}");
     assert!(churn_figure(&console, "plugged-ios") > 0, "no I/O went through plugged memory: {console}");
     assert_eq!(vm.wait_exit(LONG), Some(0));
 }
@@ -194,5 +196,17 @@ fn bad_hotplug_flags_are_clear_usage_errors() {
         outcome.assert_clean_error();
         assert_eq!(outcome.code(), Some(2), "{memory}: {}", outcome.stderr);
         assert!(outcome.stderr.contains(why), "{memory}: {}", outcome.stderr);
+    }
+}
+
+#[test]
+fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
+    for mode in ["rpc", "shared", "inprocess"] {
+        let (_disk_path, disk_arg) = disk(&format!("mem-hostile-{mode}.img"), MIB);
+        let args = ["--memory-mode", mode, "--memory", "64M,hotplug=64M", "--disk", &disk_arg];
+        let out = run_guest(&args, "scenario=mem-hostile");
+        assert_eq!(out.code(), Some(0), "{mode}: {}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("mem-hostile: 0 wrong answers; region unchanged"), "{mode}: {}", out.stdout);
+        assert_eq!(out.stdout.matches("(ok)").count(), 8, "{mode}: {}", out.stdout);
     }
 }

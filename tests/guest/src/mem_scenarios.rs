@@ -5,13 +5,18 @@
 //!   plugged memory and read it back; then wait for the request to drop to
 //!   zero, unplug, and show the memory is gone (STATE, reads, a disk write
 //!   from it fails). Then idle until the host shuts the VM down.
+//! * `mem-hostile`: send malformed and impossible requests (unaligned,
+//!   outside the region, beyond the requested size, unplugging what is not
+//!   plugged, an unknown type, a short request); each must be answered with
+//!   ERROR or NACK and change nothing.
 //! * `mem-churn cycles=N | ios=N`: keep verified disk I/O going (a write and
 //!   read-back of 8 x 4 KiB per round, half the buffers in plugged memory
 //!   when there is some) while following every requested-size change; stop
 //!   after N unplugs, or after N I/Os, and print the totals.
 use crate::blk::{Arena, Blk, SECTOR, T_IN, T_OUT};
 use crate::blk_scenarios::first_disk;
-use crate::virtio_mem::{Change, Mem, STATE_PLUGGED, STATE_UNPLUGGED};
+use crate::virtio::{DESC_F_NEXT, DESC_F_WRITE};
+use crate::virtio_mem::{Change, Mem, RESP_ERROR, RESP_NACK, STATE_PLUGGED, STATE_UNPLUGGED};
 use crate::{platform, println, pvh};
 
 const MIB: u64 = 1 << 20;
@@ -150,6 +155,44 @@ pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
     loop {
         core::hint::spin_loop();
     }
+}
+
+pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut mem, _blk, _arena) = setup(info)?;
+    let (start, block, size) = (mem.start, mem.block, mem.size);
+    let cases: [(&str, u16, u64, u16, u16); 7] = [
+        ("plug unaligned", 0, start + 4096, 1, RESP_ERROR),
+        ("plug below the region", 0, start - block, 1, RESP_ERROR),
+        ("plug past the region", 0, start + size - block, 2, RESP_ERROR),
+        ("plug zero blocks", 0, start, 0, RESP_ERROR),
+        ("plug beyond the requested size", 0, start, 1, RESP_NACK),
+        ("unplug unplugged blocks", 1, start, 1, RESP_ERROR),
+        ("unknown request type", 7, start, 1, RESP_ERROR),
+    ];
+    let mut failed = 0;
+    for (name, kind, addr, blocks, expected) in cases {
+        let (response, _) = mem.send(kind, addr, blocks)?;
+        let verdict = if response == expected { "ok" } else { "WRONG" };
+        failed += (response != expected) as u32;
+        println!("mem-hostile: {}: response {} ({})", name, response, verdict);
+    }
+    // A request too short to hold a header: the device answers ERROR.
+    let queue = mem_queue_short_request(&mut mem)?;
+    println!("mem-hostile: short request: response {} ({})", queue, if queue == RESP_ERROR { "ok" } else { "WRONG" });
+    failed += (queue != RESP_ERROR) as u32;
+    if mem.state(start, block)? != STATE_UNPLUGGED || mem.device_plugged() != 0 {
+        return Err("a refused request changed the region");
+    }
+    println!("mem-hostile: {} wrong answers; region unchanged", failed);
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err("some hostile requests were not refused")
+    }
+}
+
+fn mem_queue_short_request(mem: &mut Mem) -> Result<u16, &'static str> {
+    mem.send_raw(8, DESC_F_NEXT, DESC_F_WRITE)
 }
 
 /// Round-robin xorshift for sectors and data.

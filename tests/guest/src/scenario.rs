@@ -21,7 +21,7 @@
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
 //!   `blk_scenarios.rs`.
 //!
-//! * `scenario=mem-plug|mem-churn`: see `mem_scenarios.rs`.
+//! * `scenario=mem-plug|mem-hostile|mem-churn`: see `mem_scenarios.rs`.
 //!
 //! `exit=N` picks the status for the debug-exit port (default 0).
 use crate::blk_scenarios::{self, BenchParams};
@@ -119,6 +119,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
             check(blk_scenarios::run_bench(info, &params));
         }
         "mem-plug" => check(crate::mem_scenarios::run_plug(info)),
+        "mem-hostile" => check(crate::mem_scenarios::run_hostile(info)),
         "mem-churn" => {
             let number = |key| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(0);
             check(crate::mem_scenarios::run_churn(info, number("cycles"), number("ios")));

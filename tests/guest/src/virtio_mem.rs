@@ -11,8 +11,11 @@ const QUEUE_SIZE: u16 = 16;
 
 const REQ_PLUG: u16 = 0;
 const REQ_UNPLUG: u16 = 1;
+const REQ_UNPLUG_ALL: u16 = 2;
 const REQ_STATE: u16 = 3;
 pub const RESP_ACK: u16 = 0;
+pub const RESP_NACK: u16 = 1;
+pub const RESP_ERROR: u16 = 3;
 pub const STATE_PLUGGED: u16 = 0;
 pub const STATE_UNPLUGGED: u16 = 1;
 
@@ -85,7 +88,7 @@ impl Mem {
     }
 
     /// One request; returns (response type, state).
-    fn send(&mut self, kind: u16, addr: u64, blocks: u16) -> Result<(u16, u16), &'static str> {
+    pub fn send(&mut self, kind: u16, addr: u64, blocks: u16) -> Result<(u16, u16), &'static str> {
         // SAFETY: our request and response buffers.
         unsafe {
             core::ptr::write_bytes(self.request as *mut u8, 0, 24);
@@ -101,6 +104,19 @@ impl Mem {
         self.queue.wait_used(&self.device).ok_or("virtio-mem: no completion")?;
         // SAFETY: as above.
         unsafe { Ok((read_volatile(self.response as *const u16), read_volatile((self.response + 8) as *const u16))) }
+    }
+
+    /// A PLUG request whose readable buffer is only `request_len` bytes long.
+    pub fn send_raw(&mut self, request_len: u32, request_flags: u16, response_flags: u16) -> Result<u16, &'static str> {
+        // SAFETY: our response buffer.
+        unsafe { write_volatile(self.response as *mut u16, 0xffff) };
+        self.queue.set_desc(0, self.request, request_len, request_flags, 1);
+        self.queue.set_desc(1, self.response, 10, response_flags, 0);
+        self.queue.push(0);
+        self.device.notify(0);
+        self.queue.wait_used(&self.device).ok_or("virtio-mem: no completion")?;
+        // SAFETY: as above.
+        Ok(unsafe { read_volatile(self.response as *const u16) })
     }
 
     /// The state of `bytes` at `addr` (STATE request).
@@ -122,6 +138,15 @@ impl Mem {
         } else {
             (REQ_UNPLUG, requested, self.plugged)
         };
+        if requested == 0 {
+            // Everything goes: one UNPLUG_ALL.
+            if self.send(REQ_UNPLUG_ALL, 0, 0)?.0 != RESP_ACK {
+                return Err("virtio-mem: UNPLUG_ALL refused");
+            }
+            let bytes = self.plugged;
+            self.plugged = 0;
+            return Ok(Some(Change::Unplugged { addr: self.start, bytes }));
+        }
         let max_chunk = 0xffff * self.block;
         let mut at = from;
         while at < to {
