@@ -154,6 +154,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub rpc_memory: bool,
 
+    /// When the VM stops, write its counters here as JSON: vCPU I/O exits, the hotplug
+    /// region, and per device its requests, errors, memory calls and RPCs, bytes, time
+    /// waiting on memory and serving queues, and a memory-latency histogram.
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
+
     /// Test-only: make the first device process misbehave once the guest starts I/O.
     #[arg(long, value_enum, hide = true)]
     pub test_device_misbehave: Option<Misbehaviour>,
@@ -294,6 +300,7 @@ impl RunArgs {
             disks: self.disk,
             rng: self.rng,
             api_socket: self.api_socket,
+            stats_file: self.stats_file,
             memory_mode: if self.rpc_memory { MemoryMode::Rpc } else { self.memory_mode },
             test_misbehaviour: self.test_device_misbehave,
             test_probe: self.test_device_probe,

@@ -78,8 +78,8 @@ fn print_info(info: &Value) {
             Some(why) => format!("FAILED: {why}"),
             None => "healthy".into(),
         };
-        let requests = match d["requests"].as_u64() {
-            Some(n) => format!(", {n} requests ({} errors)", d["errors"]),
+        let requests = match d["counters"]["requests"].as_u64() {
+            Some(n) => format!(", {n} requests ({} errors)", d["counters"]["errors"]),
             None => String::new(),
         };
         let counters = match d["memory_rpcs"].as_u64() {

@@ -196,6 +196,7 @@ fn the_openapi_file_describes_what_the_api_serves() {
     let (_, info) = vm.api("GET", "/vm", "");
     assert_eq!(keys(&info), required_fields(&spec, "VmInfo"));
     assert_eq!(keys(&info["devices"][0]), required_fields(&spec, "Device"));
+    assert_eq!(keys(&info["devices"][0]["counters"]), required_fields(&spec, "DeviceCounters"));
     let (status, hotplug) = vm.api("PUT", "/vm/memory", "{\"requested_bytes\":0}");
     assert_eq!(status, 200);
     assert_eq!(keys(&hotplug), required_fields(&spec, "Hotplug"));

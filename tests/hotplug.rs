@@ -71,7 +71,7 @@ fn plug_use_unplug(mode: &str) {
         assert_eq!(device["healthy"], true, "{info}");
     }
     // The device counted the write from unplugged memory as its one error.
-    assert_eq!(info["devices"][0]["errors"], 1, "{info}");
+    assert_eq!(info["devices"][0]["counters"]["errors"], 1, "{info}");
     if mode == "rpc" {
         // A device asking for an address in the unplugged range is refused.
         let stderr = vm.stderr();
@@ -121,8 +121,8 @@ fn churn(mode: &str, cycles: u64) {
             let (_, info) = vm.api("GET", "/vm", "");
             let blk = &info["devices"][0];
             assert_eq!(blk["healthy"], true, "{info}");
-            assert!(blk["requests"].as_u64().unwrap() > 0, "{info}");
-            assert_eq!(blk["errors"], 0, "{info}");
+            assert!(blk["counters"]["requests"].as_u64().unwrap() > 0, "{info}");
+            assert_eq!(blk["counters"]["errors"], 0, "{info}");
             if mode == "rpc" {
                 assert_eq!(blk["pid"], blk_pid, "the rpc device restarted: {info}");
                 assert_eq!(blk["memory_refused"], 0, "{info}");

@@ -129,13 +129,26 @@ pub struct DeviceState {
     pub counters: DeviceCounters,
 }
 
-/// What a device has served since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Buckets in [`DeviceCounters::memory_latency_log2_us`].
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// What a device has served since it started, and where its time went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceCounters {
     /// Requests completed.
     pub requests: u64,
     /// Requests completed with an error status.
     pub errors: u64,
+    /// Guest-memory calls: RPCs to the VMM in rpc mode, local copies otherwise.
+    pub memory_calls: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Time spent waiting for guest-memory calls to finish.
+    pub memory_wait_ns: u64,
+    /// Time spent serving the queue, memory waits included.
+    pub busy_ns: u64,
+    /// Guest-memory call latency: bucket i counts calls under 2^i µs (the last, the rest).
+    pub memory_latency_log2_us: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,8 @@
 use rpc_schema::{GuestMemoryClient, MemoryError, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
 use tarpc::context;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -65,6 +67,80 @@ impl DeviceMemory for MappedMemory {
     async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
         use vm_memory::GuestAddressSpace;
         Ok(crate::guest_access::write(&self.memory.memory(), &segments)?)
+    }
+}
+
+/// Counts and times every call on the memory it wraps, in every mode, so a
+/// device can say where its time went.
+pub struct Timed<M> {
+    inner: M,
+    stats: MemoryStats,
+}
+
+#[derive(Default)]
+struct MemoryStats {
+    calls: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    wait_ns: AtomicU64,
+    latency: [AtomicU64; rpc_schema::LATENCY_BUCKETS],
+}
+
+impl<M: DeviceMemory> Timed<M> {
+    pub fn new(inner: M) -> Self {
+        Timed { inner, stats: MemoryStats::default() }
+    }
+
+    fn record(&self, started: Instant, read: u64, written: u64) {
+        let elapsed = started.elapsed();
+        let s = &self.stats;
+        s.calls.fetch_add(1, Relaxed);
+        s.bytes_read.fetch_add(read, Relaxed);
+        s.bytes_written.fetch_add(written, Relaxed);
+        s.wait_ns.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+        let micros = elapsed.as_micros() as u64;
+        let bucket = (64 - micros.leading_zeros() as usize).min(rpc_schema::LATENCY_BUCKETS - 1);
+        s.latency[bucket].fetch_add(1, Relaxed);
+    }
+
+    /// Fills the memory fields of `counters`.
+    pub fn report(&self, counters: &mut rpc_schema::DeviceCounters) {
+        let s = &self.stats;
+        counters.memory_calls = s.calls.load(Relaxed);
+        counters.bytes_read = s.bytes_read.load(Relaxed);
+        counters.bytes_written = s.bytes_written.load(Relaxed);
+        counters.memory_wait_ns = s.wait_ns.load(Relaxed);
+        counters.memory_latency_log2_us = s.latency.iter().map(|b| b.load(Relaxed)).collect();
+    }
+
+    /// Carries a saved device's figures over (shared-mode rebuilds).
+    pub fn resume_from(&self, counters: &rpc_schema::DeviceCounters) {
+        let s = &self.stats;
+        s.calls.store(counters.memory_calls, Relaxed);
+        s.bytes_read.store(counters.bytes_read, Relaxed);
+        s.bytes_written.store(counters.bytes_written, Relaxed);
+        s.wait_ns.store(counters.memory_wait_ns, Relaxed);
+        for (bucket, value) in s.latency.iter().zip(&counters.memory_latency_log2_us) {
+            bucket.store(*value, Relaxed);
+        }
+    }
+}
+
+impl<M: DeviceMemory> DeviceMemory for Timed<M> {
+    async fn read(&self, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, AccessError> {
+        let started = Instant::now();
+        let bytes = segments.iter().map(|s| s.len as u64).sum();
+        let result = self.inner.read(segments).await;
+        self.record(started, bytes, 0);
+        result
+    }
+
+    async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
+        let started = Instant::now();
+        let bytes = segments.iter().map(|s| s.data.len() as u64).sum();
+        let result = self.inner.write(segments).await;
+        self.record(started, 0, bytes);
+        result
     }
 }
 

@@ -2,7 +2,7 @@
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
 use super::features;
-use super::memory::{write_then, AccessError, DeviceMemory};
+use super::memory::{write_then, AccessError, DeviceMemory, Timed};
 use super::virtqueue::Completion;
 use super::virtqueue::{validate, QueueError, SplitQueue};
 use super::Backend;
@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use vmm_sys_util::eventfd::EventFd;
 
 struct Core<M> {
-    mem: M,
+    mem: Timed<M>,
     backend: Backend,
     queue: Option<SplitQueue>,
     features: u64,
@@ -29,8 +29,21 @@ struct Core<M> {
 }
 
 impl<M: DeviceMemory> Core<M> {
+    fn counters(&self) -> DeviceCounters {
+        let mut counters = self.counters.clone();
+        self.mem.report(&mut counters);
+        counters
+    }
+
     /// Serves requests until the driver has made none new.
     async fn service(&mut self) -> Result<(), QueueError> {
+        let started = std::time::Instant::now();
+        let result = self.serve_available().await;
+        self.counters.busy_ns += started.elapsed().as_nanos() as u64;
+        result
+    }
+
+    async fn serve_available(&mut self) -> Result<(), QueueError> {
         let Core { mem, backend, queue, irq, counters, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(()) };
         loop {
@@ -150,7 +163,8 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         // queue means none starts here after the state is taken.
         let mut core = self.core.lock().await;
         let queue = core.queue.take().ok_or(DeviceError::NotActive)?;
-        Ok(DeviceState { features: core.features, queues: vec![queue.state()], counters: core.counters })
+        let counters = core.counters();
+        Ok(DeviceState { features: core.features, queues: vec![queue.state()], counters })
     }
 
     async fn restore(self, _: tarpc::context::Context, state: DeviceState) -> Result<(), DeviceError> {
@@ -167,13 +181,14 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         core.features = features;
         core.queue = Some(queue);
+        core.mem.resume_from(&state.counters);
         core.counters = state.counters;
         self.kick.notify_one();
         Ok(())
     }
 
     async fn counters(self, _: tarpc::context::Context) -> DeviceCounters {
-        self.core.lock().await.counters
+        self.core.lock().await.counters()
     }
 }
 
@@ -197,8 +212,14 @@ where
     T: Transport<Response<DeviceControlResponse>, ClientMessage<DeviceControlRequest>> + Send + 'static,
 {
     let info = backend.info();
-    let core =
-        Arc::new(Mutex::new(Core { mem, backend, queue: None, features: 0, irq, counters: DeviceCounters::default() }));
+    let core = Arc::new(Mutex::new(Core {
+        mem: Timed::new(mem),
+        backend,
+        queue: None,
+        features: 0,
+        irq,
+        counters: DeviceCounters::default(),
+    }));
     let kick = Arc::new(Notify::new());
     let server = Control { core: core.clone(), kick: kick.clone(), info };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
@@ -272,7 +293,13 @@ mod tests {
             // A rebuilt device carries on where the old one stopped.
             mem.write_obj(5u16, GuestAddress(queue.avail + 2)).unwrap();
             let moved = DeviceState {
-                counters: DeviceCounters { requests: 7, errors: 1 },
+                counters: DeviceCounters {
+                    requests: 7,
+                    errors: 1,
+                    memory_calls: 3,
+                    memory_latency_log2_us: vec![0; rpc_schema::LATENCY_BUCKETS],
+                    ..Default::default()
+                },
                 features: state.features,
                 queues: vec![QueueState { config: queue, next_avail: 5, next_used: 5 }],
             };

@@ -17,6 +17,8 @@ pub struct VmConfig {
     pub memory_mode: MemoryMode,
     /// Where to serve the control API, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Where to write the run's counters as JSON when the VM stops.
+    pub stats_file: Option<PathBuf>,
     /// Test-only: make every device process misbehave this way.
     pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,
     /// Test-only: block devices read this guest address through their memory

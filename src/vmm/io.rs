@@ -5,20 +5,35 @@ use super::legacy::LegacyDevices;
 use super::lock;
 use super::virtio::mmio::MMIO_SIZE;
 use super::virtio::VirtioDevice;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, MutexGuard};
 use tracing::debug;
 
 pub struct IoBus {
     pub legacy: Arc<LegacyDevices>,
     pub virtio: Vec<VirtioDevice>,
+    pub exits: ExitCounters,
+}
+
+/// vCPU exits to userspace for I/O (ioeventfd notifications never get here).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ExitCounters {
+    pub pio: AtomicU64,
+    pub mmio: AtomicU64,
 }
 
 impl IoBus {
+    pub fn new(legacy: Arc<LegacyDevices>, virtio: Vec<VirtioDevice>) -> Self {
+        IoBus { legacy, virtio, exits: ExitCounters::default() }
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.exits.pio.fetch_add(1, Relaxed);
         self.legacy.pio_read(port, data)
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        self.exits.pio.fetch_add(1, Relaxed);
         self.legacy.pio_write(port, data)
     }
 
@@ -30,6 +45,7 @@ impl IoBus {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.exits.mmio.fetch_add(1, Relaxed);
         match self.transport(addr) {
             Some((mut transport, offset)) => transport.read(offset, data),
             None => {
@@ -40,6 +56,7 @@ impl IoBus {
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.exits.mmio.fetch_add(1, Relaxed);
         match self.transport(addr) {
             Some((mut transport, offset)) => transport.write(offset, data),
             None => debug!("unclaimed MMIO write {addr:#x} = {data:02x?}"),

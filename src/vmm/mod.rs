@@ -71,7 +71,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         virtio::launch(&config, &context)?
     };
     let slots: Vec<virtio::MmioSlot> = devices.iter().map(|d| d.slot).collect();
-    let io = Arc::new(io::IoBus { legacy: legacy.clone(), virtio: devices });
+    let io = Arc::new(io::IoBus::new(legacy.clone(), devices));
     if let Some(region) = &hotplug {
         region.attach(Box::new(virtio::Hooks { io: io.clone(), ram_regions: ram.shared_regions() }));
     }
@@ -105,7 +105,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     signals::watch(control.clone())?;
     legacy.forward_stdin_if_terminal();
     let exit = control.wait();
-    report_device_counters(&io);
+    report(&io, hotplug.as_deref(), config.stats_file.as_deref());
     virtio::stop_all(&io.virtio);
     drop(api_socket);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
@@ -114,16 +114,27 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     Ok(exit)
 }
 
-/// Per-device memory-service counters, for `--log-level info` and benchmarks.
-fn report_device_counters(io: &io::IoBus) {
-    for device in virtio::status(&io.virtio) {
+/// What the VM's exits and devices did, on the info log and, with
+/// `--stats-file`, as JSON for benchmarks.
+fn report(io: &io::IoBus, hotplug: Option<&hotplug::HotplugRegion>, stats_file: Option<&std::path::Path>) {
+    let devices = virtio::status(&io.virtio);
+    for device in &devices {
         if let (Some(rpcs), Some(bytes), Some(refused)) =
             (device.memory_rpcs, device.memory_bytes, device.memory_refused)
         {
             tracing::info!("device {}: {rpcs} memory RPCs, {bytes} bytes, {refused} refused", device.name);
         }
-        if let Some(reason) = device.failure {
+        if let Some(reason) = &device.failure {
             tracing::info!("device {}: failed during the run: {reason}", device.name);
         }
+    }
+    let Some(path) = stats_file else { return };
+    let stats = serde_json::json!({
+        "exits": &io.exits,
+        "hotplug": hotplug.map(|h| h.status()),
+        "devices": devices,
+    });
+    if let Err(e) = std::fs::write(path, stats.to_string()) {
+        tracing::warn!("cannot write the stats file {}: {e}", path.display());
     }
 }

@@ -20,6 +20,8 @@ pub struct DeviceAccess {
     pub rpcs: AtomicU64,
     pub bytes: AtomicU64,
     pub refused: AtomicU64,
+    /// Time spent checking and copying this device's requests.
+    pub service_ns: AtomicU64,
 }
 
 impl DeviceAccess {
@@ -79,13 +81,17 @@ impl GuestMemory for MemoryServer {
     }
 
     async fn read(self, _: tarpc::context::Context, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, MemoryError> {
+        let started = std::time::Instant::now();
         let result = self.admit().and_then(|_| guest_access::read(&self.memory.memory(), &segments));
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes = segments.iter().map(|s| s.len as u64).sum();
         self.account(result, bytes)
     }
 
     async fn write(self, _: tarpc::context::Context, segments: Vec<WriteSegment>) -> Result<(), MemoryError> {
+        let started = std::time::Instant::now();
         let result = self.admit().and_then(|_| guest_access::write(&self.memory.memory(), &segments));
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes = segments.iter().map(|s| s.data.len() as u64).sum();
         self.account(result, bytes)
     }

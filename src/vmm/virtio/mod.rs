@@ -53,14 +53,15 @@ pub struct DeviceStatus {
     pub pid: Option<u32>,
     pub healthy: bool,
     pub failure: Option<String>,
-    /// Requests the device completed, and how many of them with an error
-    /// status (from the device; absent when it has failed).
-    pub requests: Option<u64>,
-    pub errors: Option<u64>,
+    /// The device's own counters: requests, errors, memory calls and where
+    /// its time went (absent when it has failed or does not answer).
+    pub counters: Option<rpc_schema::DeviceCounters>,
     /// The memory service's counters (rpc mode only).
     pub memory_rpcs: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub memory_refused: Option<u64>,
+    /// Time the memory service spent checking and copying for this device.
+    pub memory_service_ns: Option<u64>,
 }
 
 pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
@@ -84,11 +85,11 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                 pid: host.pid,
                 healthy: !host.health.failed.load(Relaxed),
                 failure,
-                requests: counters.map(|c| c.requests),
-                errors: counters.map(|c| c.errors),
+                counters,
                 memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
                 memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
                 memory_refused: access.map(|a| a.refused.load(Relaxed)),
+                memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
             }
         })
         .collect()

@@ -10,7 +10,7 @@
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
 use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
-use crate::{platform, println, pvh};
+use crate::{console, platform, println, pvh};
 
 /// Guest RAM for queues and buffers starts here, above the guest image.
 const ARENA_START: u64 = 8 << 20;
@@ -239,20 +239,27 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         (kind, block * bs / SECTOR)
     };
     println!("blk-bench: start rw={} bs={} qd={} ops={}", p.rw, bs, depth, p.ops);
+    // Per-request latency, in log2 buckets of TSC ticks.
+    let mut histogram = [0u64; 48];
+    let mut submitted_at = [0u64; SLOTS as usize];
     let start = platform::rdtsc();
     let (mut submitted, mut completed, mut errors) = (0u64, 0u64, 0u64);
     for slot in 0..depth.min(p.ops as u16) {
         let (kind, sector) = pick(&mut rng);
+        submitted_at[slot as usize] = platform::rdtsc();
         blk.submit(slot, kind, sector, buffers + slot as u64 * bs, bs as u32);
         submitted += 1;
     }
     blk.kick();
     while completed < submitted {
         let Some((slot, status, _)) = blk.wait() else { return Err("no completion (timeout or device needs reset)") };
+        let latency = platform::rdtsc() - submitted_at[slot as usize];
+        histogram[(63 - latency.max(1).leading_zeros() as usize).min(47)] += 1;
         completed += 1;
         errors += (status != 0) as u64;
         if submitted < p.ops {
             let (kind, sector) = pick(&mut rng);
+            submitted_at[slot as usize] = platform::rdtsc();
             blk.submit(slot, kind, sector, buffers + slot as u64 * bs, bs as u32);
             submitted += 1;
             blk.kick();
@@ -260,6 +267,12 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
     }
     let ticks = platform::rdtsc() - start;
     println!("blk-bench: done ops={} bytes={} errors={} tsc={}", completed, completed * bs, errors, ticks);
+    console::write_str("blk-bench: latency-log2-tsc");
+    for (bucket, count) in histogram.iter().enumerate().filter(|(_, c)| **c > 0) {
+        use core::fmt::Write as _;
+        let _ = write!(console::Console, " {}:{}", bucket, count);
+    }
+    console::write_str("\n");
     Ok(())
 }
 

@@ -22,6 +22,7 @@
 //!   `blk_scenarios.rs`.
 //!
 //! * `scenario=mem-plug|mem-hostile|mem-churn`: see `mem_scenarios.rs`.
+//! * `scenario=idle tsc=N`: do nothing for N TSC ticks, then exit.
 //!
 //! `exit=N` picks the status for the debug-exit port (default 0).
 use crate::blk_scenarios::{self, BenchParams};
@@ -123,6 +124,16 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         "mem-churn" => {
             let number = |key| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(0);
             check(crate::mem_scenarios::run_churn(info, number("cycles"), number("ios")));
+        }
+        "idle" => {
+            // Nothing but time passing, for `idle tsc=N` ticks: what the VMM
+            // and devices cost while the guest does no I/O.
+            let ticks = param(cmdline, "tsc").and_then(|s| s.parse().ok()).unwrap_or(1u64 << 30);
+            let start = platform::rdtsc();
+            while platform::rdtsc() - start < ticks {
+                core::hint::spin_loop();
+            }
+            println!("idle: done tsc={}", ticks);
         }
         "mmio-probe" => {
             platform::mmio_write32(UNCLAIMED_MMIO, 0x5a5a_5a5a);
