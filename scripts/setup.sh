@@ -10,6 +10,8 @@ need_packages=()
 command -v objdump >/dev/null || need_packages+=(binutils)
 command -v cc >/dev/null || need_packages+=(gcc)
 command -v iasl >/dev/null || need_packages+=(acpica-tools)  # tests check our ACPI tables with ACPICA
+# The study's peer column (`skvm bench`); the tests run it with the quick preset.
+command -v qemu-system-x86_64 >/dev/null || need_packages+=(qemu-system-x86)
 if ((${#need_packages[@]})); then
     log "installing ${need_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

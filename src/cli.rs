@@ -72,6 +72,10 @@ pub enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// The isolation-cost study: every memory mode (and QEMU, Firecracker or Cloud
+    /// Hypervisor where they run) on the same test guest and workloads, written up as
+    /// results.json, results.csv, report.md and SVG plots. `--quick` takes under two minutes.
+    Bench(crate::bench::BenchArgs),
     /// The client half of bench-memory-rpc.
     #[command(hide = true)]
     BenchMemoryRpcClient {
@@ -273,6 +277,7 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
         }
         Command::Ctl { api_socket, json, command } => Ok(crate::ctl::run(&api_socket, command, json)?),
         Command::BenchMemoryRpc { quick } => Ok(crate::rpc_bench::run(quick)?),
+        Command::Bench(args) => Ok(crate::bench::run(args)?),
         Command::BenchMemoryRpcClient { fd, quick } => Ok(crate::rpc_bench::client(fd, quick)?),
         Command::ExportTestGuest { output } => {
             std::fs::write(&output, test_guest::IMAGE)

@@ -4,7 +4,9 @@
 //! (KVM, vCPUs, guest memory, boot, legacy devices, virtio transport and
 //! memory service); `devices/` is device code, which runs untrusted in
 //! sandboxed processes; `sandbox/` confines those processes;
-//! `guest_access.rs` is the one implementation of guest-memory checks.
+//! `guest_access.rs` is the one implementation of guest-memory checks;
+//! `bench/` is the isolation-cost study (`skvm bench`).
+mod bench;
 mod cli;
 mod ctl;
 mod devices;

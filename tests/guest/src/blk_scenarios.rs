@@ -242,6 +242,7 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
     // Per-request latency, in log2 buckets of TSC ticks.
     let mut histogram = [0u64; 48];
     let mut submitted_at = [0u64; SLOTS as usize];
+    let mut latency_sum = 0u64;
     let start = platform::rdtsc();
     let (mut submitted, mut completed, mut errors) = (0u64, 0u64, 0u64);
     for slot in 0..depth.min(p.ops as u16) {
@@ -255,6 +256,7 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         let Some((slot, status, _)) = blk.wait() else { return Err("no completion (timeout or device needs reset)") };
         let latency = platform::rdtsc() - submitted_at[slot as usize];
         histogram[(63 - latency.max(1).leading_zeros() as usize).min(47)] += 1;
+        latency_sum += latency;
         completed += 1;
         errors += (status != 0) as u64;
         if submitted < p.ops {
@@ -266,7 +268,14 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         }
     }
     let ticks = platform::rdtsc() - start;
-    println!("blk-bench: done ops={} bytes={} errors={} tsc={}", completed, completed * bs, errors, ticks);
+    println!(
+        "blk-bench: done ops={} bytes={} errors={} tsc={} latency-tsc-sum={}",
+        completed,
+        completed * bs,
+        errors,
+        ticks,
+        latency_sum
+    );
     console::write_str("blk-bench: latency-log2-tsc");
     for (bucket, count) in histogram.iter().enumerate().filter(|(_, c)| **c > 0) {
         use core::fmt::Write as _;

@@ -1,0 +1,64 @@
+//! `skvm bench`: the isolation-cost study. One command runs every memory
+//! mode (and QEMU or other VMMs where they run) on the same test guest and
+//! workloads, and writes the results (JSON, CSV), a Markdown report and SVG
+//! plots. A results file can be rendered again without re-running.
+mod machine;
+mod matrix;
+mod peers;
+mod plot;
+mod report;
+mod results;
+mod runner;
+
+use results::Results;
+use std::path::{Path, PathBuf};
+
+/// What `skvm bench` was asked to do.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A short preset (one run per cell, fewer operations) that finishes in under two
+    /// minutes, for CI smoke runs. Without it every cell is repeated five times.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where results.json, results.csv, report.md and the SVG plots go.
+    #[arg(long, value_name = "DIR", default_value = "skvm-bench")]
+    pub out: PathBuf,
+    /// Another VMM to run beside skvm's modes, as NAME=PATH: `firecracker=PATH` or
+    /// `cloud-hypervisor=PATH`. QEMU is found on PATH by itself. Repeat for more.
+    #[arg(long, value_name = "NAME=PATH", value_parser = peers::parse_peer)]
+    pub peer: Vec<peers::PeerSpec>,
+    /// Do not look for QEMU.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Re-render the report and plots from this results.json instead of running.
+    #[arg(long, value_name = "RESULTS.json")]
+    pub render: Option<PathBuf>,
+}
+
+pub fn run(args: BenchArgs) -> Result<u8, String> {
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let results = match &args.render {
+        Some(path) => Results::load(path)?,
+        None => {
+            let results = runner::study(&args)?;
+            results.save(&args.out)?;
+            results
+        }
+    };
+    write_outputs(&results, &args.out)?;
+    println!("{}", report::headline(&results));
+    println!("report: {}", args.out.join("report.md").display());
+    Ok(0)
+}
+
+fn write_outputs(results: &Results, out: &Path) -> Result<(), String> {
+    let write = |name: &str, text: String| {
+        let path = out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write("report.md", report::markdown(results))?;
+    for (name, svg) in plot::all(results) {
+        write(name, svg)?;
+    }
+    Ok(())
+}

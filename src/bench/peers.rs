@@ -1,0 +1,249 @@
+//! Other VMMs run beside skvm's modes on the same test guest: QEMU (found
+//! on PATH), and Firecracker or Cloud Hypervisor where the user points at
+//! them. skvm never builds or ships them; it records their versions, and
+//! says in the report when one could not run and why.
+use super::machine::Machine;
+use super::results::{PeerInfo, Row};
+use super::runner::{empty_row, failed, fill_guest, run_process, Cell, Scratch};
+use super::BenchArgs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The shim QEMU needs on hosts whose KVM accepts only 0 for MSR 0x10a.
+const MSR_SHIM_SOURCE: &str = include_str!("../../benches/peers/kvm-msr-shim.c");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    Qemu,
+    Firecracker,
+    CloudHypervisor,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub kind: PeerKind,
+    pub path: PathBuf,
+}
+
+pub fn parse_peer(text: &str) -> Result<PeerSpec, String> {
+    let (name, path) = text.split_once('=').ok_or("expected NAME=PATH, e.g. firecracker=/usr/bin/firecracker")?;
+    let kind = match name {
+        "qemu" => PeerKind::Qemu,
+        "firecracker" => PeerKind::Firecracker,
+        "cloud-hypervisor" => PeerKind::CloudHypervisor,
+        _ => return Err(format!("unknown peer `{name}`: use qemu, firecracker or cloud-hypervisor")),
+    };
+    Ok(PeerSpec { kind, path: PathBuf::from(path) })
+}
+
+pub struct Peer {
+    pub name: String,
+    kind: PeerKind,
+    path: PathBuf,
+    /// LD_PRELOAD library, when the host needs one.
+    preload: Option<PathBuf>,
+}
+
+fn name(kind: PeerKind) -> &'static str {
+    match kind {
+        PeerKind::Qemu => "qemu",
+        PeerKind::Firecracker => "firecracker",
+        PeerKind::CloudHypervisor => "cloud-hypervisor",
+    }
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|p| p.is_file())
+}
+
+fn version(path: &Path) -> Option<String> {
+    let output = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    text.lines().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string())
+}
+
+/// QEMU's microvm puts its virtio-mmio transports here; PVH guests do not
+/// get them on the command line, so list every slot (empty ones read as no device).
+fn qemu_mmio_devices() -> String {
+    (0..24).map(|i| format!(" virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000u64 + i * 512, 5 + i)).collect()
+}
+
+impl Peer {
+    fn command(&self, cmdline: &str, vcpus: u8, scratch: &Scratch, with_disk: bool) -> Command {
+        let mut command = Command::new(&self.path);
+        if let Some(preload) = &self.preload {
+            command.env("LD_PRELOAD", preload);
+        }
+        let guest = scratch.guest.display().to_string();
+        let disk = scratch.disk.display().to_string();
+        match self.kind {
+            PeerKind::Qemu => {
+                command.args([
+                    "-M",
+                    "microvm",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    "256M",
+                    "-smp",
+                    &vcpus.to_string(),
+                ]);
+                command.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
+                command.args(["-kernel", &guest, "-append", &format!("{cmdline}{}", qemu_mmio_devices())]);
+                command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+                command.args(["-global", "virtio-mmio.force-legacy=false"]);
+                if with_disk {
+                    command.args(["-drive", &format!("id=d,file={disk},format=raw,if=none")]);
+                    command.args(["-device", "virtio-blk-device,drive=d"]);
+                }
+            }
+            PeerKind::Firecracker => {
+                let drives = if with_disk {
+                    serde_json::json!([{ "drive_id": "d", "path_on_host": disk, "is_root_device": false, "is_read_only": false }])
+                } else {
+                    serde_json::json!([])
+                };
+                let config = serde_json::json!({
+                    "boot-source": { "kernel_image_path": guest, "boot_args": cmdline },
+                    "drives": drives,
+                    "machine-config": { "vcpu_count": vcpus, "mem_size_mib": 256 },
+                });
+                let path = scratch.dir.join("firecracker.json");
+                let _ = std::fs::write(&path, config.to_string());
+                command.arg("--no-api").arg("--config-file").arg(path).args(["--level", "Error"]);
+            }
+            PeerKind::CloudHypervisor => {
+                command.args(["--kernel", &guest, "--cmdline", cmdline, "--cpus", &format!("boot={vcpus}")]);
+                command.args(["--memory", "size=256M", "--serial", "tty", "--console", "off"]);
+            }
+        }
+        command
+    }
+
+    /// Whether this peer can drive the test guest's disk at all.
+    fn has_mmio_disk(&self) -> bool {
+        self.kind != PeerKind::CloudHypervisor
+    }
+
+    pub fn run(&self, cell: &Cell, scratch: &Scratch, machine: &Machine, quick: bool) -> Row {
+        let mut row = empty_row(&self.name, &self.name, cell);
+        if cell.workload.is_disk() && !self.has_mmio_disk() {
+            return failed(
+                row,
+                "not run: Cloud Hypervisor offers virtio-pci only and the test guest drives virtio-mmio".into(),
+            );
+        }
+        let command = self.command(&cell.workload.cmdline(quick, machine.tsc_hz), cell.vcpus, scratch, true);
+        let finished = match run_process(command) {
+            Ok(f) => f,
+            Err(e) => return failed(row, e),
+        };
+        row.wall_seconds = finished.wall.as_secs_f64();
+        if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
+            let detail = finished.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            return failed(row, format!("{e} ({} exited {:?}: {detail})", self.name, finished.code));
+        }
+        row
+    }
+
+    /// Boots the guest once with `scenario=shutdown`; Err says why it could not.
+    fn probe(&self, scratch: &Scratch) -> Result<(), String> {
+        let finished = run_process(self.command("scenario=hello", 1, scratch, false))?;
+        if finished.stdout.contains("skvm-test-guest: hello from ring 3") && finished.stdout.contains("exit: 0") {
+            Ok(())
+        } else {
+            let stderr = finished.stderr.lines().filter(|l| !l.trim().is_empty()).take(2).collect::<Vec<_>>();
+            Err(format!("exit {:?}: {}", finished.code, stderr.join(" / ")))
+        }
+    }
+}
+
+/// Builds the MSR shim with the host's C compiler into `dir`.
+fn build_msr_shim(dir: &Path) -> Result<PathBuf, String> {
+    let source = dir.join("kvm-msr-shim.c");
+    let library = dir.join("kvm-msr-shim.so");
+    std::fs::write(&source, MSR_SHIM_SOURCE).map_err(|e| e.to_string())?;
+    let output = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .map_err(|e| format!("no C compiler to build the MSR shim: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("building the MSR shim failed: {}", String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(library)
+}
+
+/// Finds the peers, checks that each boots the test guest, and records what happened.
+pub fn prepare(args: &BenchArgs, scratch: &Scratch) -> Result<(Vec<Peer>, Vec<PeerInfo>), String> {
+    let mut specs = args.peer.clone();
+    let qemu_given = specs.iter().any(|s| s.kind == PeerKind::Qemu);
+    let mut infos = Vec::new();
+    if !args.no_qemu && !qemu_given {
+        match on_path("qemu-system-x86_64") {
+            Some(path) => specs.insert(0, PeerSpec { kind: PeerKind::Qemu, path }),
+            None => infos.push(PeerInfo {
+                name: "qemu".into(),
+                path: None,
+                version: None,
+                status: "not run: qemu-system-x86_64 is not installed (Debian: qemu-system-x86)".into(),
+            }),
+        }
+    }
+    let mut peers = Vec::new();
+    for spec in specs {
+        let mut info = PeerInfo {
+            name: name(spec.kind).into(),
+            path: Some(spec.path.display().to_string()),
+            version: version(&spec.path),
+            status: String::new(),
+        };
+        if !spec.path.is_file() {
+            info.status = format!("not run: {} does not exist", spec.path.display());
+            infos.push(info);
+            continue;
+        }
+        let mut peer = Peer { name: info.name.clone(), kind: spec.kind, path: spec.path, preload: None };
+        eprintln!("skvm bench: trying {} ({})", peer.name, info.version.as_deref().unwrap_or("version unknown"));
+        let mut result = peer.probe(scratch);
+        if let Err(why) = &result {
+            if spec.kind == PeerKind::Qemu && why.contains("MSR 0x10a") {
+                match build_msr_shim(&scratch.dir) {
+                    Ok(shim) => {
+                        peer.preload = Some(shim);
+                        result = peer.probe(scratch);
+                    }
+                    Err(e) => result = Err(format!("{why}; {e}")),
+                }
+            }
+        }
+        match result {
+            Ok(()) => {
+                info.status = match peer.preload {
+                    Some(_) => "ran with the LD_PRELOAD MSR shim: this host's KVM accepts only 0 for \
+                                MSR_IA32_ARCH_CAPABILITIES (0x10a), which QEMU otherwise aborts on"
+                        .into(),
+                    None => "ran".into(),
+                };
+                peers.push(peer);
+            }
+            Err(why) => info.status = format!("not run: it could not boot the test guest ({why})"),
+        }
+        infos.push(info);
+    }
+    Ok((peers, infos))
+}
+
+/// Adds each peer's success count to its status.
+pub fn summarise(peers: &[Peer], infos: &mut [PeerInfo], rows: &[Row]) {
+    for peer in peers {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.system == peer.name).collect();
+        let ok = mine.iter().filter(|r| r.ok).count();
+        if let Some(info) = infos.iter_mut().find(|i| i.name == peer.name) {
+            info.status = format!("{}; {ok} of {} runs succeeded", info.status, mine.len());
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The Markdown report: headline table, per-vCPU tables with ratios, where
+//! each mode's time goes per request, latency percentiles, and what did not run.
+use super::matrix::{Kind, Workload, MODES, VCPUS, WORKLOADS};
+use super::results::{median, Results, Row};
+use std::fmt::Write;
+
+fn value(results: &Results, column: &str, workload: &Workload, vcpus: u8) -> Option<f64> {
+    let rows = results.cell(column, workload.name, vcpus);
+    if workload.reports_throughput() {
+        median(rows, Row::mib_per_s)
+    } else {
+        median(rows, Row::iops)
+    }
+}
+
+fn figure(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => group_thousands(v.round() as u64),
+        Some(v) => format!("{v:.1}"),
+        None => "-".into(),
+    }
+}
+
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.0} %", 100.0 * a / b),
+        _ => "-".into(),
+    }
+}
+
+/// Workload x system table for one vCPU count, with ratios between modes.
+fn table(results: &Results, vcpus: u8) -> String {
+    let columns = results.columns();
+    let mut out =
+        format!("| workload | unit | {} | rpc/inprocess | rpc/shared | shared/inprocess |\n", columns.join(" | "));
+    out.push_str(&format!("|---|---|{}---:|---:|---:|\n", "---:|".repeat(columns.len())));
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+        let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
+        let cells: Vec<String> = columns.iter().map(|c| figure(value(results, c, workload, vcpus))).collect();
+        let v = |mode| value(results, mode, workload, vcpus);
+        let _ = writeln!(
+            out,
+            "| {} | {unit} | {} | {} | {} | {} |",
+            workload.name,
+            cells.join(" | "),
+            ratio(v("rpc"), v("inprocess")),
+            ratio(v("rpc"), v("shared")),
+            ratio(v("shared"), v("inprocess"))
+        );
+    }
+    out
+}
+
+/// The table README.md carries: 1 vCPU, every disk workload, every system.
+pub fn headline(results: &Results) -> String {
+    format!(
+        "skvm isolation-cost study, {} ({} preset), {}, {} CPUs, {}:\n\n{}",
+        results.date,
+        results.preset,
+        results.machine.cpu_model,
+        results.machine.cpus,
+        results.machine.kvm,
+        table(results, 1)
+    )
+}
+
+fn per_request(rows: &[&Row], f: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
+    median(rows.iter().copied().filter(|r| f(r).is_some()), |r| f(r).unwrap_or(0.0))
+}
+
+/// Per request, medians over repeats: where each mode's time and bytes go.
+fn breakdown(results: &Results, vcpus: u8) -> String {
+    let hz = results.machine.tsc_hz;
+    let mut out = String::from(
+        "| workload | mode | guest latency | memory calls | of them RPCs | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+        for mode in MODES {
+            let rows: Vec<&Row> = results.cell(mode, workload.name, vcpus).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let requests = |r: &Row| r.device.as_ref().map(|d| d.requests.max(1) as f64);
+            let per = |f: &dyn Fn(&Row) -> Option<f64>| per_request(&rows, |r| Some(f(r)? / requests(r)?));
+            let micros = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} µs", v / 1e3));
+            let latency = median(rows.iter().copied(), |r| r.mean_latency_us(hz));
+            let _ = writeln!(
+                out,
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                workload.name,
+                latency.map_or("-".into(), |v| format!("{v:.1} µs")),
+                per(&|r| r.device.as_ref().map(|d| d.memory_calls as f64)).map_or("-".into(), |v| format!("{v:.2}")),
+                per(&|r| r.memory_rpcs.map(|v| v as f64)).map_or("-".into(), |v| format!("{v:.2}")),
+                micros(per(&|r| r.memory_service_ns.map(|v| v as f64))),
+                micros(per(&|r| r.device.as_ref().map(|d| d.memory_wait_ns as f64))),
+                micros(per(&|r| r.device.as_ref().map(|d| d.busy_ns.saturating_sub(d.memory_wait_ns) as f64))),
+                per(&|r| r.device.as_ref().map(|d| (d.bytes_read + d.bytes_written) as f64))
+                    .map_or("-".into(), |v| group_thousands(v.round() as u64)),
+                per(&|r| Some((r.exits_mmio? + r.exits_pio?) as f64)).map_or("-".into(), |v| format!("{v:.2}")),
+            );
+        }
+    }
+    out
+}
+
+/// The request latency under which `fraction` of requests finished (log2 buckets: an upper bound).
+pub fn percentile_us(histogram: &[u64], fraction: f64, tsc_hz: f64) -> Option<f64> {
+    let total: u64 = histogram.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut seen = 0;
+    for (bucket, count) in histogram.iter().enumerate() {
+        seen += count;
+        if seen as f64 >= fraction * total as f64 {
+            return Some((1u64 << (bucket + 1)) as f64 / tsc_hz * 1e6);
+        }
+    }
+    None
+}
+
+/// Histograms of every run of a cell added together.
+pub fn merged_histogram(results: &Results, column: &str, workload: &str, vcpus: u8) -> Vec<u64> {
+    let mut total = vec![0u64; 48];
+    for row in results.cell(column, workload, vcpus) {
+        for (t, v) in total.iter_mut().zip(&row.latency_log2_tsc) {
+            *t += v;
+        }
+    }
+    total
+}
+
+fn latency_table(results: &Results, workload: &str) -> String {
+    let hz = results.machine.tsc_hz;
+    let mut out = String::from("| system | p50 | p90 | p99 |\n|---|---:|---:|---:|\n");
+    for column in results.columns() {
+        let hist = merged_histogram(results, &column, workload, 1);
+        let p = |f| percentile_us(&hist, f, hz).map_or("-".into(), |v| format!("< {v:.0} µs"));
+        let _ = writeln!(out, "| {column} | {} | {} | {} |", p(0.5), p(0.9), p(0.99));
+    }
+    out
+}
+
+fn idle_table(results: &Results) -> String {
+    let Some(idle) = WORKLOADS.iter().find(|w| matches!(w.kind, Kind::Idle { .. })) else { return String::new() };
+    let mut out = String::from(
+        "| mode | vCPUs | idle time | I/O exits, whole run | memory RPCs | device busy |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for &vcpus in &VCPUS {
+        for mode in MODES {
+            let rows: Vec<&Row> = results.cell(mode, idle.name, vcpus).collect();
+            let m = |f: &dyn Fn(&Row) -> f64| median(rows.iter().copied(), f).map_or("-".into(), |v| format!("{v:.0}"));
+            let _ = writeln!(
+                out,
+                "| {mode} | {vcpus} | {} ms | {} | {} | {} µs |",
+                m(&|r| r.guest_seconds * 1e3),
+                m(&|r| (r.exits_mmio.unwrap_or(0) + r.exits_pio.unwrap_or(0)) as f64),
+                m(&|r| r.memory_rpcs.unwrap_or(0) as f64),
+                m(&|r| r.device.as_ref().map_or(0.0, |d| d.busy_ns as f64 / 1e3)),
+            );
+        }
+    }
+    out
+}
+
+pub fn markdown(results: &Results) -> String {
+    let m = &results.machine;
+    let mut out = String::from("# skvm isolation-cost study\n\n");
+    let _ = writeln!(
+        out,
+        "Run {} with the {} preset ({} run{} per cell). Machine: {}, {} CPUs, {} GiB, Linux {}, KVM: {}; \
+         TSC {:.3} GHz; skvm {}.\n",
+        results.date,
+        results.preset,
+        results.repeats,
+        if results.repeats == 1 { "" } else { "s" },
+        m.cpu_model,
+        m.cpus,
+        m.memory_gib,
+        m.kernel,
+        m.kvm,
+        m.tsc_hz / 1e9,
+        m.skvm_version
+    );
+    out.push_str(
+        "Every run boots the self-built test guest (`tests/guest`, 256 MiB), which drives a virtio-blk disk in \
+         tmpfs and times itself with the TSC. Memory modes: `rpc`, a sandboxed device that never maps guest \
+         memory and asks the VMM for every access; `shared`, a sandboxed device that maps guest RAM; \
+         `inprocess`, a device thread inside the VMM. Figures are medians over the runs of a cell; ratios \
+         compare medians.\n\n## Peers\n\n",
+    );
+    if results.peers.is_empty() {
+        out.push_str("None.\n");
+    }
+    for peer in &results.peers {
+        let _ = writeln!(
+            out,
+            "- **{}** ({}): {}",
+            peer.name,
+            peer.version.as_deref().unwrap_or("version unknown"),
+            peer.status
+        );
+    }
+    for &vcpus in &VCPUS {
+        let _ = write!(out, "\n## Disk throughput, {vcpus} vCPU{}\n\n", if vcpus == 1 { "" } else { "s" });
+        out.push_str(&table(results, vcpus));
+    }
+    out.push_str(
+        "\n## Where the time goes, per request (1 vCPU)\n\n\
+         Guest latency is from submitting a request to seeing it completed. Memory calls are the device's \
+         reads and writes of guest memory (in `rpc` mode each is an RPC to the VMM); the VMM memory service is \
+         the time the VMM spent checking and copying them; waiting on memory is the device's view of the same \
+         calls (round trips included); the device's own work is the rest of its busy time; bytes copied are \
+         guest-memory bytes the device read or wrote.\n\n",
+    );
+    out.push_str(&breakdown(results, 1));
+    out.push_str("\n## Request latency, 4K random read at QD1 (1 vCPU)\n\n");
+    out.push_str(&latency_table(results, "4K randread QD1"));
+    out.push_str(
+        "\n## Idle guest\n\nWhat skvm costs while the guest does no I/O. The exits are the guest's boot-time \
+         console output (port I/O); the devices, idle, cost no RPCs and no time.\n\n",
+    );
+    out.push_str(&idle_table(results));
+    let failures: Vec<&Row> = results.rows.iter().filter(|r| !r.ok).collect();
+    out.push_str("\n## Runs that failed or could not run\n\n");
+    if failures.is_empty() {
+        out.push_str("None.\n");
+    }
+    let mut seen = Vec::new();
+    for row in failures {
+        let line = format!("- {} {}: {}", row.mode, row.workload, row.note.as_deref().unwrap_or("no reason recorded"));
+        if !seen.contains(&line) {
+            let _ = writeln!(out, "{line}");
+            seen.push(line);
+        }
+    }
+    out.push_str(
+        "\n## Files\n\n- `results.json`: one row per run with the machine and peers; \
+         `skvm bench --render results.json --out DIR` renders this report and the plots again.\n\
+         - `results.csv`: the same rows, flat.\n\
+         - `iops.svg`: 4 KiB IOPS by mode and queue depth; `throughput.svg`: 128 KiB MiB/s by mode; \
+         `latency.svg`: the latency distribution of 4 KiB random reads at QD1 per mode.\n",
+    );
+    out
+}

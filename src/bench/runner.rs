@@ -1,0 +1,367 @@
+//! Running the study: every cell of the matrix on skvm's modes and on the
+//! peers, with a progress line and an estimate of the time left.
+use super::machine::{self, Machine};
+use super::matrix::{self, Kind, Workload, MODES, VCPUS, WORKLOADS};
+use super::peers::{self, Peer};
+use super::results::{PeerInfo, Results, Row};
+use super::BenchArgs;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DISK_BYTES: u64 = 64 << 20;
+const GUEST_MEMORY: &str = "256M";
+/// Longest any single run may take before it counts as failed.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// What the test guest printed about its workload.
+#[derive(Debug, Default)]
+pub struct GuestReport {
+    pub ops: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub tsc: u64,
+    pub latency_sum: u64,
+    pub histogram: Vec<u64>,
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Reads `blk-bench: done ...` and its histogram, or `idle: done ...`.
+pub fn parse_guest(console: &str) -> Result<GuestReport, String> {
+    let mut report = GuestReport { histogram: vec![0; 48], ..Default::default() };
+    if let Some(line) = console.lines().find(|l| l.starts_with("idle: done")) {
+        report.tsc = field(line, "tsc").ok_or("malformed idle line")?;
+        return Ok(report);
+    }
+    let line = console.lines().find(|l| l.starts_with("blk-bench: done")).ok_or_else(|| {
+        let error = console.lines().find(|l| l.starts_with("error:")).unwrap_or("the guest printed no result");
+        error.to_string()
+    })?;
+    let get = |key| field(line, key).ok_or_else(|| format!("no {key}= in `{line}`"));
+    report.ops = get("ops")?;
+    report.bytes = get("bytes")?;
+    report.errors = get("errors")?;
+    report.tsc = get("tsc")?;
+    report.latency_sum = get("latency-tsc-sum")?;
+    if let Some(hist) = console.lines().find_map(|l| l.strip_prefix("blk-bench: latency-log2-tsc")) {
+        for pair in hist.split_whitespace() {
+            if let Some((bucket, count)) = pair.split_once(':') {
+                if let (Ok(b), Ok(c)) = (bucket.parse::<usize>(), count.parse::<u64>()) {
+                    if b < report.histogram.len() {
+                        report.histogram[b] = c;
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What a finished process left behind.
+pub struct Finished {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: Option<i32>,
+    pub wall: Duration,
+}
+
+/// Runs `command` to the end (or kills it after `RUN_LIMIT`).
+pub fn run_process(mut command: Command) -> Result<Finished, String> {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break Some(status);
+        }
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let wall = started.elapsed();
+    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    match status {
+        Some(status) => Ok(Finished { stdout, stderr, code: status.code(), wall }),
+        None => Err(format!("did not finish within {RUN_LIMIT:?}")),
+    }
+}
+
+/// One cell to run.
+pub struct Cell<'a> {
+    system: System<'a>,
+    pub workload: &'static Workload,
+    pub vcpus: u8,
+    pub repeat: usize,
+}
+
+#[derive(Clone, Copy)]
+enum System<'a> {
+    Skvm(&'static str),
+    Peer(&'a Peer),
+}
+
+impl System<'_> {
+    fn label(&self) -> String {
+        match self {
+            System::Skvm(mode) => mode.to_string(),
+            System::Peer(peer) => peer.name.clone(),
+        }
+    }
+}
+
+pub struct Scratch {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub guest: PathBuf,
+}
+
+impl Scratch {
+    /// A disk file in tmpfs (so the host disk does not dominate) and the test guest's ELF.
+    fn create(out: &Path) -> Result<Scratch, String> {
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let dir = base.join(format!("skvm-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let disk = dir.join("disk.img");
+        // Real data, so reads touch real pages.
+        std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).map_err(|e| format!("cannot write the disk: {e}"))?;
+        let guest = out.join("test-guest.elf");
+        std::fs::write(&guest, crate::test_guest::IMAGE).map_err(|e| format!("cannot write the test guest: {e}"))?;
+        Ok(Scratch { dir, disk, guest })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick: bool) -> Row {
+    let stats = scratch.dir.join("stats.json");
+    let _ = std::fs::remove_file(&stats);
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let mut command = Command::new(exe);
+    command
+        .args(["run", "--memory", GUEST_MEMORY, "--cpus", &cell.vcpus.to_string(), "--memory-mode", mode])
+        .arg("--disk")
+        .arg(format!("path={}", scratch.disk.display()))
+        .arg("--stats-file")
+        .arg(&stats)
+        .args(["--cmdline", &cell.workload.cmdline(quick, machine.tsc_hz)]);
+    let mut row = empty_row("skvm", mode, cell);
+    let finished = match run_process(command) {
+        Ok(f) => f,
+        Err(e) => return failed(row, e),
+    };
+    row.wall_seconds = finished.wall.as_secs_f64();
+    if finished.code != Some(0) {
+        return failed(row, format!("skvm exited with {:?}: {}", finished.code, last_line(&finished.stderr)));
+    }
+    if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
+        return failed(row, e);
+    }
+    match std::fs::read_to_string(&stats).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        Some(stats) => {
+            row.exits_pio = stats["exits"]["pio"].as_u64();
+            row.exits_mmio = stats["exits"]["mmio"].as_u64();
+            let disk = &stats["devices"][0];
+            row.memory_rpcs = Some(disk["memory_rpcs"].as_u64().unwrap_or(0));
+            row.memory_rpc_bytes = Some(disk["memory_bytes"].as_u64().unwrap_or(0));
+            row.memory_service_ns = Some(disk["memory_service_ns"].as_u64().unwrap_or(0));
+            row.device = serde_json::from_value(disk["counters"].clone()).ok();
+        }
+        None => row.note = Some("no stats file".into()),
+    }
+    row
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+pub fn empty_row(system: &str, mode: &str, cell: &Cell) -> Row {
+    Row {
+        system: system.into(),
+        mode: mode.into(),
+        workload: cell.workload.name.into(),
+        vcpus: cell.vcpus,
+        repeat: cell.repeat,
+        ok: true,
+        note: None,
+        ops: 0,
+        bytes: 0,
+        errors: 0,
+        guest_seconds: 0.0,
+        wall_seconds: 0.0,
+        latency_sum_tsc: 0,
+        latency_log2_tsc: Vec::new(),
+        exits_pio: None,
+        exits_mmio: None,
+        memory_rpcs: None,
+        memory_rpc_bytes: None,
+        memory_service_ns: None,
+        device: None,
+    }
+}
+
+pub fn failed(mut row: Row, why: String) -> Row {
+    row.ok = false;
+    row.note = Some(why);
+    row
+}
+
+/// Fills the guest's figures into `row`; Err when the guest reported none or had errors.
+pub fn fill_guest(row: &mut Row, console: &str, machine: &Machine) -> Result<(), String> {
+    let report = parse_guest(console)?;
+    row.ops = report.ops;
+    row.bytes = report.bytes;
+    row.errors = report.errors;
+    row.guest_seconds = report.tsc as f64 / machine.tsc_hz;
+    row.latency_sum_tsc = report.latency_sum;
+    row.latency_log2_tsc = report.histogram;
+    if report.errors > 0 {
+        return Err(format!("the guest saw {} I/O errors", report.errors));
+    }
+    Ok(())
+}
+
+/// Prints progress on stderr: in place on a terminal, a line per run otherwise.
+struct Progress {
+    total: usize,
+    done: usize,
+    started: Instant,
+    terminal: bool,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str, outcome: &str) {
+        self.done += 1;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let left = elapsed / self.done as f64 * (self.total - self.done) as f64;
+        let line = format!(
+            "[{:>3}/{} {:>3}%] {what}: {outcome}  (elapsed {}, about {} left)",
+            self.done,
+            self.total,
+            100 * self.done / self.total,
+            clock(elapsed),
+            clock(left)
+        );
+        let mut stderr = std::io::stderr();
+        if self.terminal {
+            let _ = write!(stderr, "\r\x1b[2K{line}");
+            if self.done == self.total {
+                let _ = writeln!(stderr);
+            }
+        } else {
+            let _ = writeln!(stderr, "{line}");
+        }
+    }
+}
+
+fn clock(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
+fn outcome(row: &Row, workload: &Workload) -> String {
+    if !row.ok {
+        return format!("FAILED ({})", row.note.as_deref().unwrap_or("?"));
+    }
+    match workload.kind {
+        Kind::Idle { .. } => {
+            format!("{} memory RPCs, {} exits", row.memory_rpcs.unwrap_or(0), row.exits_mmio.unwrap_or(0))
+        }
+        Kind::Disk { .. } if workload.reports_throughput() => format!("{:.0} MiB/s", row.mib_per_s()),
+        Kind::Disk { .. } => format!("{:.0} IOPS", row.iops()),
+    }
+}
+
+pub fn study(args: &BenchArgs) -> Result<Results, String> {
+    let quick = args.quick;
+    eprintln!("skvm bench: measuring the machine");
+    let machine = machine::describe();
+    let scratch = Scratch::create(&args.out)?;
+    let (peers, mut peer_infos): (Vec<Peer>, Vec<PeerInfo>) = peers::prepare(args, &scratch)?;
+    let repeats = matrix::repeats(quick);
+    let mut cells = Vec::new();
+    for &vcpus in &VCPUS {
+        for workload in &WORKLOADS {
+            for repeat in 0..repeats {
+                // Modes interleaved per repeat, so drift on a shared host hits them alike.
+                cells.extend(MODES.iter().map(|&m| Cell { system: System::Skvm(m), workload, vcpus, repeat }));
+                cells.extend(peers.iter().map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
+            }
+        }
+    }
+    eprintln!(
+        "skvm bench: {} runs ({} preset: {} workloads x {} systems x {:?} vCPUs x {repeats}), disk in {}",
+        cells.len(),
+        if quick { "quick" } else { "full" },
+        WORKLOADS.len(),
+        MODES.len() + peers.len(),
+        VCPUS,
+        scratch.dir.display()
+    );
+    let mut progress =
+        Progress { total: cells.len(), done: 0, started: Instant::now(), terminal: std::io::stderr().is_terminal() };
+    let mut rows = Vec::with_capacity(cells.len());
+    for cell in &cells {
+        let row = match cell.system {
+            System::Skvm(mode) => skvm_row(cell, mode, &scratch, &machine, quick),
+            System::Peer(peer) => peer.run(cell, &scratch, &machine, quick),
+        };
+        let what = format!("{} {}, {} vCPU", cell.system.label(), cell.workload.name, cell.vcpus);
+        progress.step(&what, &outcome(&row, cell.workload));
+        rows.push(row);
+    }
+    peers::summarise(&peers, &mut peer_infos, &rows);
+    let failures = rows.iter().filter(|r| !r.ok && r.system == "skvm").count();
+    eprintln!(
+        "skvm bench: {} runs in {}, {failures} skvm runs failed",
+        rows.len(),
+        clock(progress.started.elapsed().as_secs_f64())
+    );
+    Ok(Results {
+        date: today(),
+        preset: if quick { "quick" } else { "full" }.into(),
+        repeats,
+        machine,
+        peers: peer_infos,
+        rows,
+    })
+}
+
+fn today() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

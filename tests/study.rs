@@ -1,0 +1,116 @@
+//! `skvm bench --quick`: the isolation-cost study runs end to end on the
+//! self-built guest and writes a complete, sane report. Speed is not judged
+//! here; structure and the accounting that separates the modes are.
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+const WORKLOADS: [&str; 10] = [
+    "4K randread QD1",
+    "4K randread QD8",
+    "4K randread QD32",
+    "4K randwrite QD1",
+    "4K randwrite QD8",
+    "4K randwrite QD32",
+    "128K seq read QD4",
+    "128K seq write QD4",
+    "4K mixed 70/30 QD8",
+    "idle",
+];
+
+#[test]
+fn quick_study_writes_every_cell_a_report_and_plots() {
+    let out = temp_path("study");
+    let outcome = wait_with_deadline(
+        skvm(&["bench", "--quick", "--out", out.to_str().unwrap()]).spawn().unwrap(),
+        Duration::from_secs(300),
+    );
+    assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("[ 1/") || outcome.stderr.contains("[  1/"), "no progress: {}", outcome.stderr);
+    assert!(outcome.stderr.contains("left)"), "no time estimate: {}", outcome.stderr);
+
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let machine = &results["machine"];
+    for key in ["cpu_model", "kernel", "kvm"] {
+        assert!(!machine[key].as_str().unwrap().is_empty(), "machine.{key} missing");
+    }
+    assert!(machine["tsc_hz"].as_f64().unwrap() > 1e8);
+    let rows = results["rows"].as_array().unwrap();
+    for vcpus in [1, 2] {
+        for mode in MODES {
+            for workload in WORKLOADS {
+                let row = rows
+                    .iter()
+                    .find(|r| r["mode"] == mode && r["workload"] == workload && r["vcpus"] == vcpus)
+                    .unwrap_or_else(|| panic!("no row for {mode} {workload} {vcpus} vCPU"));
+                let what = format!("{mode} {workload} {vcpus} vCPU: {row}");
+                assert_eq!(row["ok"], true, "{what}");
+                assert!(row["guest_seconds"].as_f64().unwrap() > 0.0, "{what}");
+                assert!(row["wall_seconds"].as_f64().unwrap() > 0.0, "{what}");
+                if workload == "idle" {
+                    assert_eq!(row["memory_rpcs"], 0, "an idle guest cost memory RPCs: {what}");
+                    continue;
+                }
+                assert!(row["ops"].as_u64().unwrap() > 0 && row["bytes"].as_u64().unwrap() > 0, "{what}");
+                assert_eq!(row["errors"], 0, "{what}");
+                let requests = row["device"]["requests"].as_u64().unwrap();
+                assert!(requests >= row["ops"].as_u64().unwrap(), "{what}");
+                let rpcs = row["memory_rpcs"].as_u64().unwrap();
+                // Only rpc mode reaches guest memory through the VMM.
+                if mode == "rpc" {
+                    assert!(rpcs > 0, "{what}");
+                    assert_eq!(rpcs, row["device"]["memory_calls"].as_u64().unwrap(), "{what}");
+                } else {
+                    assert_eq!(rpcs, 0, "{what}");
+                    assert!(row["device"]["memory_calls"].as_u64().unwrap() > 0, "{what}");
+                }
+                let histogram: u64 =
+                    row["latency_log2_tsc"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+                assert_eq!(histogram, row["ops"].as_u64().unwrap(), "every request has a latency: {what}");
+            }
+        }
+    }
+    // Peers are accounted for, whether they ran or not.
+    let peers = results["peers"].as_array().unwrap();
+    let qemu = peers.iter().find(|p| p["name"] == "qemu").expect("the report says what became of QEMU");
+    assert!(!qemu["status"].as_str().unwrap().is_empty());
+
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), rows.len() + 1);
+    assert!(csv.lines().next().unwrap().contains("cpu_model"));
+
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for heading in ["## Peers", "## Disk throughput, 1 vCPU", "## Disk throughput, 2 vCPUs", "## Where the time goes"] {
+        assert!(report.contains(heading), "report lacks {heading}:\n{report}");
+    }
+    for workload in WORKLOADS.iter().filter(|w| **w != "idle") {
+        assert!(report.contains(&format!("| {workload} |")), "report lacks {workload}");
+    }
+    assert!(report.contains("rpc/inprocess") && report.contains("rpc/shared"));
+    for plot in ["iops.svg", "throughput.svg", "latency.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{plot}");
+        assert!(svg.contains("<rect") && svg.contains(">rpc<") && svg.contains(">shared<"), "{plot}");
+    }
+
+    // An earlier results file renders again, to the same report, without running anything.
+    let again = temp_path("study-render");
+    let results_path = out.join("results.json");
+    let rendered = run(&["bench", "--render", results_path.to_str().unwrap(), "--out", again.to_str().unwrap()]);
+    assert_eq!(rendered.code(), Some(0), "{}", rendered.stderr);
+    assert_eq!(std::fs::read_to_string(again.join("report.md")).unwrap(), report);
+    assert!(!rendered.stderr.contains("runs ("), "--render ran the study again: {}", rendered.stderr);
+}
+
+#[test]
+fn bench_refuses_a_missing_results_file_and_an_unknown_peer() {
+    let out = run(&["bench", "--render", "/nonexistent/results.json", "--out", temp_path("x").to_str().unwrap()]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("/nonexistent/results.json"), "{}", out.stderr);
+    let out = run(&["bench", "--peer", "bochs=/usr/bin/bochs"]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("unknown peer"), "{}", out.stderr);
+}
