@@ -304,8 +304,14 @@ mod tests {
                 queues: vec![QueueState { config: queue, next_avail: 5, next_used: 5 }],
             };
             client.restore(ctx(), moved.clone()).await.unwrap().unwrap();
-            assert_eq!(client.counters(ctx()).await.unwrap(), moved.counters);
-            assert_eq!(client.save(ctx()).await.unwrap().unwrap(), moved);
+            // The restored device may already have looked at its (empty) queue,
+            // which adds memory calls but no requests.
+            let carried = |c: &DeviceCounters| c.requests == 7 && c.errors == 1 && c.memory_calls >= 3;
+            let counters = client.counters(ctx()).await.unwrap();
+            assert!(carried(&counters), "{counters:?}");
+            let saved = client.save(ctx()).await.unwrap().unwrap();
+            assert_eq!((saved.features, &saved.queues), (moved.features, &moved.queues));
+            assert!(carried(&saved.counters), "{:?}", saved.counters);
 
             client.reset(ctx()).await.unwrap().unwrap();
             assert!(matches!(client.save(ctx()).await.unwrap(), Err(DeviceError::NotActive)));

@@ -73,7 +73,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     let slots: Vec<virtio::MmioSlot> = devices.iter().map(|d| d.slot).collect();
     let io = Arc::new(io::IoBus::new(legacy.clone(), devices));
     if let Some(region) = &hotplug {
-        region.attach(Box::new(virtio::Hooks { io: io.clone(), ram_regions: ram.shared_regions() }));
+        region.attach(Box::new(virtio::Hooks::new(io.clone(), ram.shared_regions())));
     }
     let entry = boot::load(&ram, &config, images, &slots)?;
     debug!("guest loaded: {entry}");

@@ -20,6 +20,7 @@ use kvm_ioctls::VmFd;
 use rpc_schema::{BlockState, HotplugError};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info};
@@ -87,7 +88,6 @@ pub trait DeviceHooks: Send + Sync {
 struct State {
     /// The map region of each plugged block.
     blocks: Vec<Option<Arc<GuestRegionMmap>>>,
-    requested: u64,
     status: HotplugStatus,
 }
 
@@ -102,6 +102,10 @@ pub struct HotplugRegion {
     vm: Arc<VmFd>,
     memory: GuestMemoryAtomic<GuestMemory>,
     state: Mutex<State>,
+    /// Requested and plugged bytes, readable without the state lock: a vCPU
+    /// reading the config space must never wait for a plug in progress.
+    requested: AtomicU64,
+    plugged: AtomicU64,
     hooks: OnceLock<Box<dyn DeviceHooks>>,
 }
 
@@ -161,7 +165,9 @@ impl HotplugRegion {
             memfd,
             vm,
             memory: ram.atomic(),
-            state: Mutex::new(State { blocks: vec![None; blocks], requested: 0, status }),
+            state: Mutex::new(State { blocks: vec![None; blocks], status }),
+            requested: AtomicU64::new(0),
+            plugged: AtomicU64::new(0),
             hooks: OnceLock::new(),
         })
     }
@@ -173,16 +179,20 @@ impl HotplugRegion {
 
     pub fn status(&self) -> HotplugStatus {
         let state = lock(&self.state);
-        HotplugStatus { requested_bytes: state.requested, ..state.status }
+        HotplugStatus {
+            requested_bytes: self.requested.load(Ordering::SeqCst),
+            plugged_bytes: self.plugged.load(Ordering::SeqCst),
+            ..state.status
+        }
     }
 
     /// The virtio-mem configuration space (virtio 1.2, 5.15.4), read live.
     pub fn config_space(&self) -> Vec<u8> {
-        let status = self.status();
+        let (plugged, requested) = (self.plugged.load(Ordering::SeqCst), self.requested.load(Ordering::SeqCst));
         let mut config = Vec::with_capacity(56);
         config.extend_from_slice(&self.block.to_le_bytes());
         config.extend_from_slice(&[0u8; 8]); // node_id and padding
-        for value in [self.start, self.size, self.size, status.plugged_bytes, status.requested_bytes] {
+        for value in [self.start, self.size, self.size, plugged, requested] {
             config.extend_from_slice(&value.to_le_bytes());
         }
         config
@@ -196,7 +206,7 @@ impl HotplugRegion {
         if bytes % self.block != 0 {
             return Err(format!("{bytes} bytes is not a multiple of the {} MiB block size", self.block >> 20));
         }
-        lock(&self.state).requested = bytes;
+        self.requested.store(bytes, Ordering::SeqCst);
         if let Some(hooks) = self.hooks.get() {
             hooks.config_changed();
         }
@@ -265,12 +275,13 @@ impl HotplugRegion {
         if state.blocks[range.clone()].iter().any(Option::is_some) {
             return Err(block_error(format!("{addr:#x} + {blocks} blocks holds plugged blocks")));
         }
-        let plugged = state.status.plugged_bytes + range.len() as u64 * self.block;
-        if plugged > state.requested {
+        let plugged = self.plugged.load(Ordering::SeqCst) + range.len() as u64 * self.block;
+        let requested = self.requested.load(Ordering::SeqCst);
+        if plugged > requested {
             return Err(HotplugError::Refused(format!(
                 "plugging would make {} MiB, the requested size is {} MiB",
                 plugged >> 20,
-                state.requested >> 20
+                requested >> 20
             )));
         }
         let regions = range.clone().map(|b| self.map_region(b)).collect::<std::result::Result<Vec<_>, _>>()?;
@@ -294,7 +305,7 @@ impl HotplugRegion {
         for (block, region) in range.clone().zip(regions) {
             state.blocks[block] = Some(region);
         }
-        state.status.plugged_bytes = plugged;
+        self.plugged.store(plugged, Ordering::SeqCst);
         let stall = self.remap_shared(&state);
         let total = started.elapsed();
         state.status.plugs += 1;
@@ -346,7 +357,7 @@ impl HotplugRegion {
             self.remove_slots(block..block + 1);
         }
         let kvm = started.elapsed() - visible;
-        state.status.plugged_bytes -= blocks.len() as u64 * self.block;
+        self.plugged.fetch_sub(blocks.len() as u64 * self.block, Ordering::SeqCst);
         let stall = self.remap_shared(state);
         let rebuilt = started.elapsed() - visible - kvm;
         for &block in &blocks {

@@ -101,6 +101,13 @@ pub struct DeviceHost {
     irq: EventFd,
 }
 
+/// A request context that gives up after `limit`.
+fn within(limit: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = Instant::now() + limit;
+    ctx
+}
+
 fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
     let _context = runtime.enter();
     let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
@@ -137,8 +144,7 @@ impl DeviceHost {
         F: FnOnce(DeviceControlClient, tarpc::context::Context) -> Fut,
         Fut: std::future::Future<Output = Result<Result<T, rpc_schema::DeviceError>, tarpc::client::RpcError>>,
     {
-        let mut ctx = tarpc::context::current();
-        ctx.deadline = Instant::now() + CONTROL_DEADLINE;
+        let ctx = within(CONTROL_DEADLINE);
         let client = lock(&self.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
         let reply = self.runtime.block_on(request(client, ctx));
@@ -173,9 +179,7 @@ impl DeviceHost {
         }
         // A report must not hang on a busy or stuck device, nor fail it.
         let client = lock(&self.control).clone()?;
-        let mut ctx = tarpc::context::current();
-        ctx.deadline = Instant::now() + COUNTERS_DEADLINE;
-        self.runtime.block_on(client.counters(ctx)).ok()
+        self.runtime.block_on(client.counters(within(COUNTERS_DEADLINE))).ok()
     }
 
     pub fn reset(&self) -> Result<(), String> {
@@ -221,15 +225,10 @@ impl DeviceHost {
         let retired = self.pid.replace(pid);
         let client = control_client(&self.runtime, control)?;
         let old = lock(&self.control).replace(client);
-        let fresh = self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
-        drop(fresh);
+        self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         let paused = Instant::now();
         let saved = match old {
-            Some(old) => {
-                let mut ctx = tarpc::context::current();
-                ctx.deadline = Instant::now() + CONTROL_DEADLINE;
-                self.runtime.block_on(old.save(ctx))
-            }
+            Some(old) => self.runtime.block_on(old.save(within(CONTROL_DEADLINE))),
             None => return Err("the device is shut down".into()),
         };
         match saved {

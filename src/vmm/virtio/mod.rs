@@ -126,18 +126,36 @@ pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
 
 /// The hotplug region's way to reach the devices.
 pub struct Hooks {
-    pub io: Arc<super::io::IoBus>,
+    io: Arc<super::io::IoBus>,
     /// Where boot RAM sits in the memfd (shared mode).
-    pub ram_regions: Vec<SharedRegion>,
+    ram_regions: Vec<SharedRegion>,
+    /// The virtio-mem device, and the devices a map change rebuilds. Known
+    /// up front so that a plug never locks a transport it has no business with
+    /// (the virtio-mem one may be held by a vCPU waiting on that very plug).
+    mem_device: Option<usize>,
+    rebuilt: Vec<usize>,
+}
+
+impl Hooks {
+    pub fn new(io: Arc<super::io::IoBus>, ram_regions: Vec<SharedRegion>) -> Self {
+        let (mut mem_device, mut rebuilt) = (None, Vec::new());
+        for (index, device) in io.virtio.iter().enumerate() {
+            let transport = lock(&device.transport);
+            if transport.device_id() == crate::devices::mem::DEVICE_ID {
+                mem_device = Some(index);
+            }
+            if transport.host().respawn.is_some() {
+                rebuilt.push(index);
+            }
+        }
+        Hooks { io, ram_regions, mem_device, rebuilt }
+    }
 }
 
 impl DeviceHooks for Hooks {
     fn config_changed(&self) {
-        for device in &self.io.virtio {
-            let mut transport = lock(&device.transport);
-            if transport.device_id() == crate::devices::mem::DEVICE_ID {
-                transport.config_changed();
-            }
+        if let Some(index) = self.mem_device {
+            lock(&self.io.virtio[index].transport).config_changed();
         }
     }
 
@@ -145,8 +163,8 @@ impl DeviceHooks for Hooks {
         let regions: Vec<SharedRegion> = self.ram_regions.iter().chain(plugged).copied().collect();
         let mut longest = std::time::Duration::ZERO;
         let mut failures = Vec::new();
-        for device in &self.io.virtio {
-            let mut transport = lock(&device.transport);
+        for &index in &self.rebuilt {
+            let mut transport = lock(&self.io.virtio[index].transport);
             match transport.host_mut().rebuild(&regions) {
                 Ok(Some(stall)) => longest = longest.max(stall),
                 Ok(None) => {}

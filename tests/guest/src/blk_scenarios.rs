@@ -193,10 +193,11 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
     Ok(())
 }
 
-struct Rng(u64);
+/// A xorshift generator for sectors and data.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

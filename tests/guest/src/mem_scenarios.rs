@@ -14,7 +14,7 @@
 //!   when there is some) while following every requested-size change; stop
 //!   after N unplugs, or after N I/Os, and print the totals.
 use crate::blk::{Arena, Blk, SECTOR, T_IN, T_OUT};
-use crate::blk_scenarios::first_disk;
+use crate::blk_scenarios::{first_disk, Rng};
 use crate::virtio::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio_mem::{Change, Mem, RESP_ERROR, RESP_NACK, STATE_PLUGGED, STATE_UNPLUGGED};
 use crate::{platform, println, pvh};
@@ -77,6 +77,24 @@ fn await_change(mem: &mut Mem) -> Result<(Change, u64), &'static str> {
     }
 }
 
+/// Follows the next change and prints it with how long it took.
+fn await_and_report(mem: &mut Mem) -> Result<Change, &'static str> {
+    let (change, ticks) = await_change(mem)?;
+    let (what, addr, bytes) = match change {
+        Change::Plugged { addr, bytes } => ("plugged", addr, bytes),
+        Change::Unplugged { addr, bytes } => ("unplugged", addr, bytes),
+    };
+    println!(
+        "mem: {} {} MiB at {:#x} in {} tsc, device says {} MiB",
+        what,
+        bytes / MIB,
+        addr,
+        ticks,
+        mem.device_plugged() / MIB
+    );
+    Ok(change)
+}
+
 /// Writes `bytes` at `addr` to the disk from sector 0 in 64 KiB requests.
 fn disk_transfer(blk: &mut Blk, kind: u32, addr: u64, bytes: u64) -> Result<u8, &'static str> {
     let mut offset = 0;
@@ -94,15 +112,7 @@ fn disk_transfer(blk: &mut Blk, kind: u32, addr: u64, bytes: u64) -> Result<u8, 
 pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
     let (mut mem, mut blk, _arena) = setup(info)?;
     println!("mem: ready");
-    let (change, ticks) = await_change(&mut mem)?;
-    let Change::Plugged { addr, bytes } = change else { return Err("expected a plug") };
-    println!(
-        "mem: plugged {} MiB at {:#x} in {} tsc, device says {} MiB",
-        bytes / MIB,
-        addr,
-        ticks,
-        mem.device_plugged() / MIB
-    );
+    let Change::Plugged { addr, bytes } = await_and_report(&mut mem)? else { return Err("expected a plug") };
     if mem.state(addr, bytes)? != STATE_PLUGGED {
         return Err("STATE does not say plugged");
     }
@@ -133,15 +143,7 @@ pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
     }
     println!("mem: disk holds 1 MiB from plugged memory at region offset {:#x}, read back matches", out - mem.start);
 
-    let (change, ticks) = await_change(&mut mem)?;
-    let Change::Unplugged { addr, bytes } = change else { return Err("expected an unplug") };
-    println!(
-        "mem: unplugged {} MiB at {:#x} in {} tsc, device says {} MiB",
-        bytes / MIB,
-        addr,
-        ticks,
-        mem.device_plugged() / MIB
-    );
+    let Change::Unplugged { addr, bytes } = await_and_report(&mut mem)? else { return Err("expected an unplug") };
     if mem.state(addr, bytes)? != STATE_UNPLUGGED {
         return Err("STATE does not say unplugged");
     }
@@ -193,18 +195,6 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
 
 fn mem_queue_short_request(mem: &mut Mem) -> Result<u16, &'static str> {
     mem.send_raw(8, DESC_F_NEXT, DESC_F_WRITE)
-}
-
-/// Round-robin xorshift for sectors and data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 const ROUND: u16 = 8;

@@ -40,6 +40,7 @@ pub struct Mem {
 }
 
 /// What `follow` did.
+#[derive(Clone, Copy)]
 pub enum Change {
     Plugged { addr: u64, bytes: u64 },
     Unplugged { addr: u64, bytes: u64 },
