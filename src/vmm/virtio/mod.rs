@@ -301,7 +301,9 @@ fn launch_device(
         }
         MemoryMode::Rpc => {
             let (vmm_end, device_end) = UnixStream::pair()?;
-            memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone().unwrap_or_default())?;
+            if let Some(access) = &access {
+                memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone())?;
+            }
             let (pid, control) = recipe.spawn(ProcessMemory::Rpc(device_end))?;
             (control, Some(pid), None)
         }
