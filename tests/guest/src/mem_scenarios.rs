@@ -200,6 +200,19 @@ fn mem_queue_short_request(mem: &mut Mem) -> Result<u16, &'static str> {
 const ROUND: u16 = 8;
 const IO: u64 = 4096;
 
+/// Waits for a round's completions; returns how many failed.
+fn complete_round(blk: &mut Blk) -> Result<u64, &'static str> {
+    let mut errors = 0;
+    for _ in 0..ROUND {
+        match blk.wait() {
+            Some((_, 0, _)) => {}
+            Some(_) => errors += 1,
+            None => return Err("no completion (timeout or device needs reset)"),
+        }
+    }
+    Ok(errors)
+}
+
 pub fn run_churn(info: &pvh::StartInfo, cycles: u64, ios: u64) -> Result<(), &'static str> {
     let (mut mem, mut blk, mut arena) = setup(info)?;
     let base_out = arena.take(ROUND as u64 * IO).ok_or("out of memory")?;
@@ -265,24 +278,12 @@ pub fn run_churn(info: &pvh::StartInfo, cycles: u64, ios: u64) -> Result<(), &'s
             blk.submit(slot, T_OUT, sectors[slot as usize], out, IO as u32);
         }
         blk.kick();
-        for _ in 0..ROUND {
-            match blk.wait() {
-                Some((_, 0, _)) => {}
-                Some(_) => errors += 1,
-                None => return Err("no completion (timeout or device needs reset)"),
-            }
-        }
+        errors += complete_round(&mut blk)?;
         for slot in 0..ROUND {
             blk.submit(slot, T_IN, sectors[slot as usize], buffer(slot, true), IO as u32);
         }
         blk.kick();
-        for _ in 0..ROUND {
-            match blk.wait() {
-                Some((_, 0, _)) => {}
-                Some(_) => errors += 1,
-                None => return Err("no completion (timeout or device needs reset)"),
-            }
-        }
+        errors += complete_round(&mut blk)?;
         for slot in 0..ROUND {
             let (out, back) = (buffer(slot, false), buffer(slot, true));
             // SAFETY: both buffers are ours.
