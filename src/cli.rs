@@ -27,6 +27,14 @@ Exit status of `skvm run`:
   130/143  skvm was interrupted by SIGINT/SIGTERM
 A one-line reason is always printed on stderr.";
 
+const BENCH_HELP: &str = "\
+Examples:
+  skvm bench --quick --out /tmp/study          a smoke run: one run per cell
+  skvm bench --out study --peer firecracker=/usr/local/bin/firecracker
+  skvm bench --render study/results.json --out study    redraw the report and plots
+
+The report format is described in docs/study.md.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "skvm",
@@ -75,6 +83,7 @@ pub enum Command {
     /// The isolation-cost study: every memory mode (and QEMU, Firecracker or Cloud
     /// Hypervisor where they run) on the same test guest and workloads, written up as
     /// results.json, results.csv, report.md and SVG plots. `--quick` takes under two minutes.
+    #[command(after_help = BENCH_HELP)]
     Bench(crate::bench::BenchArgs),
     /// The client half of bench-memory-rpc.
     #[command(hide = true)]
