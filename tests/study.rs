@@ -83,7 +83,13 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
     assert!(csv.lines().next().unwrap().contains("cpu_model"));
 
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for heading in ["## Peers", "## Disk throughput, 1 vCPU", "## Disk throughput, 2 vCPUs", "## Where the time goes"] {
+    for heading in [
+        "## Peers",
+        "## Disk throughput, 1 vCPU",
+        "## Disk throughput, 2 vCPUs",
+        "## Where the time goes",
+        "## Guest-memory call latency",
+    ] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     for workload in WORKLOADS.iter().filter(|w| **w != "idle") {

@@ -154,6 +154,35 @@ fn latency_table(results: &Results, workload: &str) -> String {
     out
 }
 
+/// The device's view of its guest-memory calls: an RPC round trip in rpc
+/// mode, a checked local copy otherwise (bucket i: under 2^i µs).
+fn memory_call_table(results: &Results, workload: &str) -> String {
+    let mut out = String::from("| mode | calls | p50 | p99 |\n|---|---:|---:|---:|\n");
+    for mode in MODES {
+        let mut hist = vec![0u64; rpc_schema::LATENCY_BUCKETS];
+        for row in results.cell(mode, workload, 1) {
+            if let Some(device) = &row.device {
+                for (h, v) in hist.iter_mut().zip(&device.memory_latency_log2_us) {
+                    *h += v;
+                }
+            }
+        }
+        let total: u64 = hist.iter().sum();
+        let bound = |fraction: f64| {
+            let mut seen = 0;
+            for (bucket, count) in hist.iter().enumerate() {
+                seen += count;
+                if total > 0 && seen as f64 >= fraction * total as f64 {
+                    return format!("< {} µs", 1u64 << bucket);
+                }
+            }
+            "-".into()
+        };
+        let _ = writeln!(out, "| {mode} | {total} | {} | {} |", bound(0.5), bound(0.99));
+    }
+    out
+}
+
 fn idle_table(results: &Results) -> String {
     let Some(idle) = WORKLOADS.iter().find(|w| matches!(w.kind, Kind::Idle { .. })) else { return String::new() };
     let mut out = String::from(
@@ -229,6 +258,11 @@ pub fn markdown(results: &Results) -> String {
     out.push_str(&breakdown(results, 1));
     out.push_str("\n## Request latency, 4K random read at QD1 (1 vCPU)\n\n");
     out.push_str(&latency_table(results, "4K randread QD1"));
+    out.push_str(
+        "\n## Guest-memory call latency, 4K random read at QD1 (1 vCPU)\n\n\
+         As the device sees it: in `rpc` mode an RPC round trip to the VMM, otherwise a checked local copy.\n\n",
+    );
+    out.push_str(&memory_call_table(results, "4K randread QD1"));
     out.push_str(
         "\n## Idle guest\n\nWhat skvm costs while the guest does no I/O. The exits are the guest's boot-time \
          console output (port I/O); the devices, idle, cost no RPCs and no time.\n\n",
