@@ -159,7 +159,7 @@ fn latency_table(results: &Results, workload: &str) -> String {
 fn memory_call_table(results: &Results, workload: &str) -> String {
     let mut out = String::from("| mode | calls | p50 | p99 |\n|---|---:|---:|---:|\n");
     for mode in MODES {
-        let mut hist = vec![0u64; rpc_schema::LATENCY_BUCKETS];
+        let mut hist = [0u64; rpc_schema::LATENCY_BUCKETS];
         for row in results.cell(mode, workload, 1) {
             if let Some(device) = &row.device {
                 for (h, v) in hist.iter_mut().zip(&device.memory_latency_log2_us) {
