@@ -88,7 +88,16 @@ pub trait DeviceHooks: Send + Sync {
 struct State {
     /// The map region of each plugged block.
     blocks: Vec<Option<Arc<GuestRegionMmap>>>,
-    status: HotplugStatus,
+    history: History,
+}
+
+/// What plugs and unplugs have happened; the rest of the status is derived.
+#[derive(Default)]
+struct History {
+    plugs: u64,
+    unplugs: u64,
+    last_plug: Option<OperationTimes>,
+    last_unplug: Option<OperationTimes>,
 }
 
 pub struct HotplugRegion {
@@ -150,12 +159,6 @@ impl HotplugRegion {
             return Err(Error::Host("reserving the hotplug region".into(), std::io::Error::last_os_error()));
         }
         let blocks = (config.size / config.block) as usize;
-        let status = HotplugStatus {
-            region_start: start,
-            region_bytes: config.size,
-            block_bytes: config.block,
-            ..Default::default()
-        };
         info!("hotplug region {:#x}+{} MiB in {} MiB blocks", start, config.size >> 20, config.block >> 20);
         Ok(HotplugRegion {
             start,
@@ -165,7 +168,7 @@ impl HotplugRegion {
             memfd,
             vm,
             memory: ram.atomic(),
-            state: Mutex::new(State { blocks: vec![None; blocks], status }),
+            state: Mutex::new(State { blocks: vec![None; blocks], history: History::default() }),
             requested: AtomicU64::new(0),
             plugged: AtomicU64::new(0),
             hooks: OnceLock::new(),
@@ -179,10 +182,17 @@ impl HotplugRegion {
 
     pub fn status(&self) -> HotplugStatus {
         let state = lock(&self.state);
+        let history = &state.history;
         HotplugStatus {
+            region_start: self.start,
+            region_bytes: self.size,
+            block_bytes: self.block,
             requested_bytes: self.requested.load(Ordering::SeqCst),
             plugged_bytes: self.plugged.load(Ordering::SeqCst),
-            ..state.status
+            plugs: history.plugs,
+            unplugs: history.unplugs,
+            last_plug: history.last_plug,
+            last_unplug: history.last_unplug,
         }
     }
 
@@ -308,8 +318,8 @@ impl HotplugRegion {
         self.plugged.store(plugged, Ordering::SeqCst);
         let stall = self.remap_shared(&state);
         let total = started.elapsed();
-        state.status.plugs += 1;
-        state.status.last_plug = Some(OperationTimes {
+        state.history.plugs += 1;
+        state.history.last_plug = Some(OperationTimes {
             blocks: range.len() as u64,
             device_visible_us: visible.as_micros() as u64,
             kvm_us: kvm.as_micros() as u64,
@@ -364,8 +374,8 @@ impl HotplugRegion {
             self.release(block);
         }
         let total = started.elapsed();
-        state.status.unplugs += 1;
-        state.status.last_unplug = Some(OperationTimes {
+        state.history.unplugs += 1;
+        state.history.last_unplug = Some(OperationTimes {
             blocks: blocks.len() as u64,
             device_visible_us: visible.as_micros() as u64,
             kvm_us: kvm.as_micros() as u64,
