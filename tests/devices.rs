@@ -365,6 +365,24 @@ fn a_disk_in_use_by_another_vm_is_refused() {
     assert!(out.stderr.contains("is in use by another process"), "{}", out.stderr);
 }
 
+/// A script that runs VMs back to back on one disk must not find it still
+/// locked by the VM that just exited.
+#[test]
+fn a_disk_is_unlocked_when_skvm_exits() {
+    use std::os::fd::AsRawFd;
+    for mode in MODES {
+        let path = disk(&format!("unlocked-{mode}.img"), 1 << 20);
+        for round in 0..8 {
+            let out = guest_with_disk(mode, &path, "", &["--cpus", "2"], "scenario=hello");
+            assert_eq!(out.code(), Some(0), "{mode} round {round}: {}", out.stderr);
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            // SAFETY: flock on a descriptor this test owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            assert_eq!(locked, 0, "{mode} round {round}: the disk is still locked after skvm exited");
+        }
+    }
+}
+
 #[test]
 fn write_zeroes_and_discard_reach_the_host_file() {
     for mode in MODES {

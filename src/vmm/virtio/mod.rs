@@ -43,6 +43,8 @@ pub fn slot(index: usize) -> MmioSlot {
 pub struct VirtioDevice {
     pub slot: MmioSlot,
     pub transport: Mutex<MmioTransport>,
+    /// The lock on a disk's backing file (block devices only).
+    disk_lock: Option<DiskLock>,
 }
 
 /// What the VMM knows about a device, for the control API and the exit log.
@@ -107,6 +109,16 @@ pub fn stop_all(devices: &[VirtioDevice]) {
     let deadline = std::time::Instant::now() + STOP_GRACE;
     while !hosts.iter().all(|t| t.host().has_ended()) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(hosts);
+    // Closing our descriptors is not enough: skvm's exit helper shares the
+    // file table and lives on through the VM's teardown. A device that did
+    // not stop keeps its disk locked until it is gone.
+    for device in devices {
+        let ended = device.transport.try_lock().is_ok_and(|t| t.host().has_ended());
+        if let (true, Some(lock)) = (ended, &device.disk_lock) {
+            lock.release();
+        }
     }
 }
 
@@ -217,22 +229,32 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
                 DeviceSpec::Mem(_) => "mem0".to_string(),
             };
             let slot = slot(index);
-            let transport = launch_device(index, name, slot, spec, config, context)?;
-            Ok(VirtioDevice { slot, transport: Mutex::new(transport) })
+            let (transport, disk_lock) = launch_device(index, name, slot, spec, config, context)?;
+            Ok(VirtioDevice { slot, transport: Mutex::new(transport), disk_lock })
         })
         .collect()
 }
 
-/// Two VMs writing one disk corrupt it: take an exclusive lock for a
-/// writable disk and a shared one for a read-only disk, held while the VM runs.
-fn lock_disk(file: &std::fs::File, disk: &DiskConfig) -> Result<()> {
-    let mode = if disk.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(Error::Device(format!("disk {} is in use by another process ({e})", disk.path.display())));
+/// Two VMs writing one disk corrupt it: an exclusive lock for a writable
+/// disk and a shared one for a read-only disk, held while the VM runs. The
+/// lock belongs to the open file, which the device's descriptor shares.
+struct DiskLock(std::fs::File);
+
+impl DiskLock {
+    fn take(file: &std::fs::File, disk: &DiskConfig) -> Result<Self> {
+        let mode = if disk.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::Device(format!("disk {} is in use by another process ({e})", disk.path.display())));
+        }
+        Ok(Self(file.try_clone()?))
     }
-    Ok(())
+
+    fn release(&self) {
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 /// What one virtio device is backed by.
@@ -255,9 +277,10 @@ fn launch_device(
     spec: DeviceSpec,
     config: &VmConfig,
     context: &LaunchContext,
-) -> Result<MmioTransport> {
+) -> Result<(MmioTransport, Option<DiskLock>)> {
     let LaunchContext { vm, ram, runtime, .. } = *context;
     // The VMM opens the backend; the device only ever gets the descriptor.
+    let mut disk_lock = None;
     let kind = match &spec {
         DeviceSpec::Block(disk) => {
             let file = std::fs::OpenOptions::new()
@@ -265,7 +288,7 @@ fn launch_device(
                 .write(!disk.readonly)
                 .open(&disk.path)
                 .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
-            lock_disk(&file, disk)?;
+            disk_lock = Some(DiskLock::take(&file, disk)?);
             ProcessKind::Block { disk: file, readonly: disk.readonly }
         }
         DeviceSpec::Rng => ProcessKind::Rng,
@@ -332,7 +355,7 @@ fn launch_device(
         DeviceSpec::Mem(region) => Some(region),
         _ => None,
     };
-    Ok(MmioTransport::new(info, host, live_config))
+    Ok((MmioTransport::new(info, host, live_config), disk_lock))
 }
 
 /// `inprocess` mode: the device runs on a thread of the VMM, over its map.
