@@ -167,8 +167,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub rpc_memory: bool,
 
-    /// When the VM stops, write its counters here as JSON: vCPU I/O exits, the hotplug
-    /// region, and per device its requests, errors, memory calls and RPCs, bytes, time
+    /// When the VM stops, write its counters here as JSON: vCPU I/O exits, the vCPU
+    /// threads' CPU time, the hotplug region, and per device its requests, errors, memory calls and RPCs, bytes, time
     /// waiting on memory and serving queues, and a memory-latency histogram.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,

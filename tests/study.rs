@@ -50,6 +50,10 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
                 assert_eq!(row["ok"], true, "{what}");
                 assert!(row["guest_seconds"].as_f64().unwrap() > 0.0, "{what}");
                 assert!(row["wall_seconds"].as_f64().unwrap() > 0.0, "{what}");
+                // Host CPU covers the vCPU threads, which run the guest all along.
+                let (host, vcpu) =
+                    (row["host_cpu_seconds"].as_f64().unwrap(), row["vcpu_cpu_seconds"].as_f64().unwrap());
+                assert!(vcpu > 0.0 && host >= vcpu, "{what}");
                 if workload == "idle" {
                     assert_eq!(row["memory_rpcs"], 0, "an idle guest cost memory RPCs: {what}");
                     continue;
@@ -88,6 +92,8 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
         "## Disk throughput, 1 vCPU",
         "## Disk throughput, 2 vCPUs",
         "## Where the time goes",
+        "## Host CPU per request",
+        "## Idle guest",
         "## Guest-memory call latency",
     ] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");

@@ -140,6 +140,7 @@ impl Peer {
             Err(e) => return failed(row, e),
         };
         row.wall_seconds = finished.wall.as_secs_f64();
+        row.host_cpu_seconds = Some(finished.cpu.as_secs_f64());
         if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
             let detail = finished.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             return failed(row, format!("{e} ({} exited {:?}: {detail})", self.name, finished.code));

@@ -84,8 +84,8 @@ fn per_request(rows: &[&Row], f: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
 fn breakdown(results: &Results, vcpus: u8) -> String {
     let hz = results.machine.tsc_hz;
     let mut out = String::from(
-        "| workload | mode | guest latency | memory calls | of them RPCs | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | mode | guest latency | memory calls | of them RPCs | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits | VMM + device CPU |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
         for mode in MODES {
@@ -99,7 +99,7 @@ fn breakdown(results: &Results, vcpus: u8) -> String {
             let latency = median(rows.iter().copied(), |r| r.mean_latency_us(hz));
             let _ = writeln!(
                 out,
-                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 workload.name,
                 latency.map_or("-".into(), |v| format!("{v:.1} µs")),
                 per(&|r| r.device.as_ref().map(|d| d.memory_calls as f64)).map_or("-".into(), |v| format!("{v:.2}")),
@@ -110,8 +110,32 @@ fn breakdown(results: &Results, vcpus: u8) -> String {
                 per(&|r| r.device.as_ref().map(|d| (d.bytes_read + d.bytes_written) as f64))
                     .map_or("-".into(), |v| group_thousands(v.round() as u64)),
                 per(&|r| Some((r.exits_mmio? + r.exits_pio?) as f64)).map_or("-".into(), |v| format!("{v:.2}")),
+                micros(per(&|r| r.io_path_cpu_seconds().map(|s| s * 1e9))),
             );
         }
+    }
+    out
+}
+
+/// Host CPU per guest request for every system: everything the VMM
+/// process and its devices used, and for skvm, the part outside the vCPUs.
+fn cpu_table(results: &Results) -> String {
+    let columns = results.columns();
+    let mut out = format!("| workload | {} |\n|---|{}\n", columns.join(" | "), "---:|".repeat(columns.len()));
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|column| {
+                let rows: Vec<&Row> = results.cell(column, workload.name, 1).filter(|r| r.ops > 0).collect();
+                let per_op = |f: &dyn Fn(&Row) -> Option<f64>| per_request(&rows, |r| Some(f(r)? * 1e6 / r.ops as f64));
+                match (per_op(&|r| r.host_cpu_seconds), per_op(&|r| r.io_path_cpu_seconds())) {
+                    (Some(total), Some(outside)) => format!("{total:.1} µs ({outside:.1} µs)"),
+                    (Some(total), None) => format!("{total:.1} µs"),
+                    _ => "-".into(),
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", workload.name, cells.join(" | "));
     }
     out
 }
@@ -186,19 +210,27 @@ fn memory_call_table(results: &Results, workload: &str) -> String {
 fn idle_table(results: &Results) -> String {
     let Some(idle) = WORKLOADS.iter().find(|w| matches!(w.kind, Kind::Idle { .. })) else { return String::new() };
     let mut out = String::from(
-        "| mode | vCPUs | idle time | I/O exits, whole run | memory RPCs | device busy |\n|---|---:|---:|---:|---:|---:|\n",
+        "| system | vCPUs | idle time | wall, start to exit | host CPU | of it outside vCPUs | I/O exits | \
+         memory RPCs | device busy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &vcpus in &VCPUS {
-        for mode in MODES {
-            let rows: Vec<&Row> = results.cell(mode, idle.name, vcpus).collect();
-            let m = |f: &dyn Fn(&Row) -> f64| median(rows.iter().copied(), f).map_or("-".into(), |v| format!("{v:.0}"));
+        for column in results.columns() {
+            let rows: Vec<&Row> = results.cell(&column, idle.name, vcpus).filter(|r| r.ok).collect();
+            // Medians over the runs that have the figure; "-" where a system does not report it.
+            let m = |f: &dyn Fn(&Row) -> Option<f64>, unit: &str| {
+                let decimals = if unit.is_empty() { 0 } else { 1 };
+                per_request(&rows, f).map_or("-".into(), |v| format!("{v:.decimals$}{unit}"))
+            };
             let _ = writeln!(
                 out,
-                "| {mode} | {vcpus} | {} ms | {} | {} | {} µs |",
-                m(&|r| r.guest_seconds * 1e3),
-                m(&|r| (r.exits_mmio.unwrap_or(0) + r.exits_pio.unwrap_or(0)) as f64),
-                m(&|r| r.memory_rpcs.unwrap_or(0) as f64),
-                m(&|r| r.device.as_ref().map_or(0.0, |d| d.busy_ns as f64 / 1e3)),
+                "| {column} | {vcpus} | {} | {} | {} | {} | {} | {} | {} |",
+                m(&|r| Some(r.guest_seconds * 1e3), " ms"),
+                m(&|r| Some(r.wall_seconds * 1e3), " ms"),
+                m(&|r| Some(r.host_cpu_seconds? * 1e3), " ms"),
+                m(&|r| Some(r.io_path_cpu_seconds()? * 1e3), " ms"),
+                m(&|r| Some((r.exits_mmio? + r.exits_pio?) as f64), ""),
+                m(&|r| r.memory_rpcs.map(|v| v as f64), ""),
+                m(&|r| r.device.as_ref().map(|d| d.busy_ns as f64 / 1e3), " µs"),
             );
         }
     }
@@ -253,9 +285,19 @@ pub fn markdown(results: &Results) -> String {
          reads and writes of guest memory (in `rpc` mode each is an RPC to the VMM); the VMM memory service is \
          the time the VMM spent checking and copying them; waiting on memory is the device's view of the same \
          calls (round trips included); the device's own work is the rest of its busy time; bytes copied are \
-         guest-memory bytes the device read or wrote.\n\n",
+         guest-memory bytes the device read or wrote; VMM + device CPU is the host CPU time of the VMM's \
+         threads other than the vCPUs and of the device processes, over the whole run (boot included) divided \
+         by its requests.\n\n",
     );
     out.push_str(&breakdown(results, 1));
+    out.push_str(
+        "\n## Host CPU per request (1 vCPU)\n\n\
+         User plus system CPU time of the VMM process and every device process, from start to exit, divided \
+         by the guest's requests. The test guest polls for completions, so its vCPU is busy for the whole run \
+         and that time is in the total; in brackets, for skvm, the part outside the vCPU threads: what the \
+         I/O path itself costs the host.\n\n",
+    );
+    out.push_str(&cpu_table(results));
     out.push_str("\n## Request latency, 4K random read at QD1 (1 vCPU)\n\n");
     out.push_str(&latency_table(results, "4K randread QD1"));
     out.push_str(
@@ -264,8 +306,10 @@ pub fn markdown(results: &Results) -> String {
     );
     out.push_str(&memory_call_table(results, "4K randread QD1"));
     out.push_str(
-        "\n## Idle guest\n\nWhat skvm costs while the guest does no I/O. The exits are the guest's boot-time \
-         console output (port I/O); the devices, idle, cost no RPCs and no time.\n\n",
+        "\n## Idle guest\n\nWhat a VM costs while the guest does no I/O, boot and exit \
+         included. The guest waits by reading the TSC, so its vCPU is busy throughout; host CPU outside the \
+         vCPUs is what the VMM and its idle devices cost (mostly starting the device processes). The exits are \
+         the guest's boot-time console output (port I/O); idle devices cost no RPCs and no time.\n\n",
     );
     out.push_str(&idle_table(results));
     let failures: Vec<&Row> = results.rows.iter().filter(|r| !r.ok).collect();

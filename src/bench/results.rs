@@ -45,6 +45,15 @@ pub struct Row {
     pub guest_seconds: f64,
     /// From starting the VMM to its exit, as the host saw it.
     pub wall_seconds: f64,
+    /// Host CPU time (user + system) of the VMM and its device processes
+    /// over the whole run, boot and exit included.
+    #[serde(default)]
+    pub host_cpu_seconds: Option<f64>,
+    /// Of that, the vCPU threads' (the guest's own work and exit handling;
+    /// skvm only). The test guest polls for completions, so its vCPU is busy
+    /// for the whole run; what lies outside the vCPUs is the cost of the I/O path.
+    #[serde(default)]
+    pub vcpu_cpu_seconds: Option<f64>,
     /// Sum of per-request latencies and their log2 histogram, in TSC ticks.
     pub latency_sum_tsc: u64,
     pub latency_log2_tsc: Vec<u64>,
@@ -76,6 +85,11 @@ impl Row {
         }
     }
 
+    /// Host CPU outside the vCPU threads: the VMM's other threads and the devices.
+    pub fn io_path_cpu_seconds(&self) -> Option<f64> {
+        Some((self.host_cpu_seconds? - self.vcpu_cpu_seconds?).max(0.0))
+    }
+
     pub fn mean_latency_us(&self, tsc_hz: f64) -> f64 {
         if self.ops == 0 {
             return 0.0;
@@ -101,17 +115,18 @@ impl Results {
     /// One line per run, the machine repeated on each so a row stands alone.
     fn csv(&self) -> String {
         let mut out = String::from(
-            "system,mode,workload,vcpus,repeat,ok,ops,bytes,errors,guest_seconds,wall_seconds,iops,mib_per_s,\
+            "system,mode,workload,vcpus,repeat,ok,ops,bytes,errors,guest_seconds,wall_seconds,host_cpu_seconds,vcpu_cpu_seconds,iops,mib_per_s,\
              mean_latency_us,exits_pio,exits_mmio,memory_rpcs,memory_rpc_bytes,memory_service_ns,device_requests,\
              device_memory_calls,device_memory_wait_ns,device_busy_ns,cpu_model,kernel,kvm,note\n",
         );
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let seconds = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
         let quote = |s: &str| format!("\"{}\"", s.replace('"', "'"));
         let m = &self.machine;
         for r in &self.rows {
             let d = r.device.as_ref();
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{:.1},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.1},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.system,
                 r.mode,
                 quote(&r.workload),
@@ -123,6 +138,8 @@ impl Results {
                 r.errors,
                 r.guest_seconds,
                 r.wall_seconds,
+                seconds(r.host_cpu_seconds),
+                seconds(r.vcpu_cpu_seconds),
                 r.iops(),
                 r.mib_per_s(),
                 r.mean_latency_us(m.tsc_hz),

@@ -67,6 +67,9 @@ pub struct Finished {
     pub stderr: String,
     pub code: Option<i32>,
     pub wall: Duration,
+    /// User plus system CPU time of the process and of every child it
+    /// reaped (skvm reaps its device processes before it exits).
+    pub cpu: Duration,
 }
 
 /// Runs `command` to the end (or kills it after `RUN_LIMIT`).
@@ -90,9 +93,9 @@ pub fn run_process(mut command: Command) -> Result<Finished, String> {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break Some(status);
+    let ended = loop {
+        if let Some(ended) = reap(child.id())? {
+            break Some(ended);
         }
         if started.elapsed() > RUN_LIMIT {
             let _ = child.kill();
@@ -103,9 +106,28 @@ pub fn run_process(mut command: Command) -> Result<Finished, String> {
     };
     let wall = started.elapsed();
     let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
-    match status {
-        Some(status) => Ok(Finished { stdout, stderr, code: status.code(), wall }),
+    match ended {
+        Some((code, cpu)) => Ok(Finished { stdout, stderr, code, wall, cpu }),
         None => Err(format!("did not finish within {RUN_LIMIT:?}")),
+    }
+}
+
+/// `wait4` without blocking: the exit code (None when a signal ended it)
+/// and the CPU time, once the process has ended.
+fn reap(pid: u32) -> Result<Option<(Option<i32>, Duration)>, String> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing only into the two locals.
+    let reaped = unsafe { libc::wait4(pid as libc::pid_t, &mut status, libc::WNOHANG, &mut usage) };
+    match reaped {
+        0 => Ok(None),
+        r if r < 0 => Err(format!("cannot wait for process {pid}: {}", std::io::Error::last_os_error())),
+        _ => {
+            let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+            Ok(Some((code, time(usage.ru_utime) + time(usage.ru_stime))))
+        }
     }
 }
 
@@ -178,6 +200,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
         Err(e) => return failed(row, e),
     };
     row.wall_seconds = finished.wall.as_secs_f64();
+    row.host_cpu_seconds = Some(finished.cpu.as_secs_f64());
     if finished.code != Some(0) {
         return failed(row, format!("skvm exited with {:?}: {}", finished.code, last_line(&finished.stderr)));
     }
@@ -188,6 +211,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
         Some(stats) => {
             row.exits_pio = stats["exits"]["pio"].as_u64();
             row.exits_mmio = stats["exits"]["mmio"].as_u64();
+            row.vcpu_cpu_seconds = stats["vcpu_cpu_ns"].as_u64().map(|ns| ns as f64 / 1e9);
             let disk = &stats["devices"][0];
             row.memory_rpcs = Some(disk["memory_rpcs"].as_u64().unwrap_or(0));
             row.memory_rpc_bytes = Some(disk["memory_bytes"].as_u64().unwrap_or(0));
@@ -217,6 +241,8 @@ pub fn empty_row(system: &str, mode: &str, cell: &Cell) -> Row {
         errors: 0,
         guest_seconds: 0.0,
         wall_seconds: 0.0,
+        host_cpu_seconds: None,
+        vcpu_cpu_seconds: None,
         latency_sum_tsc: 0,
         latency_log2_tsc: Vec::new(),
         exits_pio: None,

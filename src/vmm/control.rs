@@ -20,6 +20,27 @@ pub struct VmControl {
     parked: Mutex<usize>,
     changed: Condvar,
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    /// Each vCPU thread's CPU-time clock, for the stats file.
+    vcpu_clocks: Mutex<Vec<VcpuClock>>,
+}
+
+/// A vCPU thread's CPU clock, read one last time as the thread ends (a
+/// clock of an ended thread cannot be read).
+struct VcpuClock {
+    clock: Option<libc::clockid_t>,
+    final_time: Option<Duration>,
+}
+
+impl VcpuClock {
+    fn read(&self) -> Duration {
+        let Some(clock) = self.clock else { return Duration::ZERO };
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: reads a clock into a timespec we own.
+        if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+            return Duration::ZERO;
+        }
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
 }
 
 impl VmControl {
@@ -33,11 +54,35 @@ impl VmControl {
             parked: Mutex::new(0),
             changed: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
+            vcpu_clocks: Mutex::new(Vec::new()),
         }
     }
 
     pub fn register_vcpu_thread(&self, thread: libc::pthread_t) {
         lock(&self.vcpu_threads).push(thread);
+    }
+
+    /// Call on the vCPU thread itself, first thing; returns its slot.
+    pub fn register_vcpu_clock(&self) -> usize {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: asks for the calling thread's own CPU clock.
+        let live = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0;
+        let mut clocks = lock(&self.vcpu_clocks);
+        clocks.push(VcpuClock { clock: live.then_some(clock), final_time: None });
+        clocks.len() - 1
+    }
+
+    /// Call on the vCPU thread itself, last thing: its clock dies with it.
+    pub fn vcpu_thread_ending(&self, slot: usize) {
+        let mut clocks = lock(&self.vcpu_clocks);
+        if let Some(entry) = clocks.get_mut(slot) {
+            entry.final_time = Some(entry.read());
+        }
+    }
+
+    /// CPU time the vCPU threads used: the guest's own work plus exit handling.
+    pub fn vcpu_cpu_time(&self) -> Duration {
+        lock(&self.vcpu_clocks).iter().map(|c| c.final_time.unwrap_or_else(|| c.read())).sum()
     }
 
     pub fn is_paused(&self) -> bool {

@@ -105,7 +105,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
     signals::watch(control.clone())?;
     legacy.forward_stdin_if_terminal();
     let exit = control.wait();
-    report(&io, hotplug.as_deref(), config.stats_file.as_deref());
+    report(&io, &control, hotplug.as_deref(), config.stats_file.as_deref());
     virtio::stop_all(&io.virtio);
     drop(api_socket);
     // The caller leaves through `exit_now`, which hands the VM's teardown to the
@@ -116,7 +116,12 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
 
 /// What the VM's exits and devices did, on the info log and, with
 /// `--stats-file`, as JSON for benchmarks.
-fn report(io: &io::IoBus, hotplug: Option<&hotplug::HotplugRegion>, stats_file: Option<&std::path::Path>) {
+fn report(
+    io: &io::IoBus,
+    control: &VmControl,
+    hotplug: Option<&hotplug::HotplugRegion>,
+    stats_file: Option<&std::path::Path>,
+) {
     let devices = virtio::status(&io.virtio);
     for device in &devices {
         if let (Some(rpcs), Some(bytes), Some(refused)) =
@@ -131,6 +136,7 @@ fn report(io: &io::IoBus, hotplug: Option<&hotplug::HotplugRegion>, stats_file: 
     let Some(path) = stats_file else { return };
     let stats = serde_json::json!({
         "exits": &io.exits,
+        "vcpu_cpu_ns": control.vcpu_cpu_time().as_nanos() as u64,
         "hotplug": hotplug.map(|h| h.status()),
         "devices": devices,
     });

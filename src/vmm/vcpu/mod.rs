@@ -56,6 +56,12 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        let clock = self.control.register_vcpu_clock();
+        self.run_until_stopped();
+        self.control.vcpu_thread_ending(clock);
+    }
+
+    fn run_until_stopped(&mut self) {
         let index = self.index;
         kick::arm(&mut self.fd);
         while !self.control.is_stopping() {
