@@ -295,24 +295,26 @@ fn rng_serves_entropy_in_every_mode_beside_a_disk() {
 
 #[test]
 fn inprocess_mode_starts_no_device_process() {
-    let path = disk("inprocess-none.img", 1 << 20);
-    let mut vmm = skvm(&[
-        "run",
-        "--memory",
-        "64M",
-        "--memory-mode",
-        "inprocess",
-        "--disk",
-        &disk_arg(&path, ""),
-        "--cmdline",
-        "scenario=spin",
-    ])
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vmm.id())).unwrap_or_default();
-    vmm.kill().unwrap();
-    vmm.wait().unwrap();
+    let path = disk("inprocess.img", 1 << 20);
+    // The API answers only once every device has started.
+    let vm = LiveVm::start(
+        "inprocess-children",
+        &[
+            "--memory",
+            "64M",
+            "--memory-mode",
+            "inprocess",
+            "--disk",
+            &disk_arg(&path, ""),
+            "--cmdline",
+            "scenario=spin",
+        ],
+    );
+    let (status, info) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["devices"][0]["healthy"], true, "{info}");
+    let pid = vm.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     assert!(children.trim().is_empty(), "inprocess mode started child processes: {children}");
 }
 
@@ -354,15 +356,15 @@ fn a_killed_device_fails_alone_and_the_guest_carries_on() {
 #[test]
 fn a_disk_in_use_by_another_vm_is_refused() {
     let path = disk("locked.img", 1 << 20);
-    let mut first = skvm(&["run", "--memory", "64M", "--disk", &disk_arg(&path, ""), "--cmdline", "scenario=spin"])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // Once its API answers, the first VM holds the disk.
+    let first = LiveVm::start(
+        "locked-first",
+        &["--memory", "64M", "--disk", &disk_arg(&path, ""), "--cmdline", "scenario=spin"],
+    );
     let out = run_guest(&["--memory", "64M", "--disk", &disk_arg(&path, "")], "scenario=hello");
-    first.kill().unwrap();
-    first.wait().unwrap();
     out.assert_clean_error();
     assert!(out.stderr.contains("is in use by another process"), "{}", out.stderr);
+    assert_eq!(first.shutdown(), Some(0));
 }
 
 /// A script that runs VMs back to back on one disk must not find it still

@@ -132,23 +132,24 @@ fn guest_exception_is_reported_by_the_guest() {
     assert!(out.stdout.contains("exception 0x0000000000000006"), "{}", out.stdout);
 }
 
-fn stopped_by(signal: i32) -> Outcome {
-    let child = skvm(&["run", "--memory", "64M", "--cmdline", "scenario=spin"]).spawn().unwrap();
-    // Wait until the guest is spinning (its report is out), then signal.
-    std::thread::sleep(Duration::from_millis(300));
+/// Signals skvm once its guest is spinning; returns the exit status and stderr.
+fn stopped_by(signal: i32) -> (Option<i32>, String) {
+    let mut vm = LiveVm::start(&format!("signal-{signal}"), &["--memory", "64M", "--cmdline", "scenario=spin"]);
+    vm.wait_console("scenario: spin", Duration::from_secs(20));
     // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, signal) };
-    wait_with_deadline(child, Duration::from_secs(20))
+    unsafe { libc::kill(vm.child.id() as i32, signal) };
+    let code = vm.child.wait().unwrap().code();
+    (code, vm.stderr())
 }
 
 #[test]
 fn sigterm_and_sigint_stop_the_vm_cleanly() {
-    let out = stopped_by(libc::SIGTERM);
-    assert_eq!(out.code(), Some(143), "stderr: {}", out.stderr);
-    assert!(out.stderr.contains("skvm: stopped by SIGTERM"), "{}", out.stderr);
-    let out = stopped_by(libc::SIGINT);
-    assert_eq!(out.code(), Some(130), "stderr: {}", out.stderr);
-    assert!(out.stderr.contains("skvm: stopped by SIGINT"), "{}", out.stderr);
+    let (code, stderr) = stopped_by(libc::SIGTERM);
+    assert_eq!(code, Some(143), "stderr: {stderr}");
+    assert!(stderr.contains("skvm: stopped by SIGTERM"), "{stderr}");
+    let (code, stderr) = stopped_by(libc::SIGINT);
+    assert_eq!(code, Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("skvm: stopped by SIGINT"), "{stderr}");
 }
 
 #[test]
