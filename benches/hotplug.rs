@@ -11,8 +11,13 @@
 //! Run with `cargo bench --bench hotplug`. Prints medians as Markdown.
 #[path = "../tests/common/mod.rs"]
 mod common;
+// The study's machine probe: only its TSC rate is needed here.
+#[allow(dead_code)]
+#[path = "../src/bench/machine.rs"]
+mod machine;
 
 use common::LiveVm;
+use machine::tsc_hz;
 use std::time::{Duration, Instant};
 
 const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
@@ -24,16 +29,6 @@ const LONG: Duration = Duration::from_secs(120);
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     values[values.len() / 2]
-}
-
-/// The host TSC rate; the guest's TSC runs at the same rate under KVM.
-fn tsc_hz() -> f64 {
-    // SAFETY: rdtsc has no preconditions on x86-64.
-    let (t0, start) = (unsafe { core::arch::x86_64::_rdtsc() }, Instant::now());
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: as above.
-    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
-    (t1 - t0) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn figure(console: &str, key: &str) -> f64 {

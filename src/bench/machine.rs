@@ -21,7 +21,7 @@ fn first_line_with(path: &str, key: &str) -> Option<String> {
 }
 
 /// The host TSC rate; under KVM the guest's TSC runs at the same rate.
-fn tsc_hz() -> f64 {
+pub fn tsc_hz() -> f64 {
     // SAFETY: rdtsc has no preconditions on x86-64.
     let (t0, start) = (unsafe { core::arch::x86_64::_rdtsc() }, std::time::Instant::now());
     std::thread::sleep(std::time::Duration::from_millis(200));
