@@ -347,24 +347,7 @@ fn parse_memory_size(text: &str) -> Result<u64, String> {
 /// A size with a K, M, G or T suffix (a bare number means MiB), at least
 /// `min` bytes, in whole pages.
 fn parse_size(text: &str, min: u64) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
-    let (digits, suffix) = trimmed.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(format!("`{text}` is not a size; try 512M or 2G"));
-    }
-    let shift = match suffix.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-        "" | "M" => 20,
-        "K" => 10,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("unknown size suffix in `{text}`; use K, M, G or T")),
-    };
-    let bytes = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("`{text}` is too large"))?;
+    let bytes = crate::size::parse(text, crate::size::BareUnit::Mebibytes)?;
     if bytes < min {
         return Err(format!("`{text}` is too small; the guest needs at least {}M", min >> 20));
     }

@@ -23,21 +23,10 @@ pub enum CtlCommand {
     Resume,
 }
 
-/// A size with a K, M or G suffix (powers of 1024); a bare number means bytes.
+/// A size with a K, M, G or T suffix; a bare number here means bytes, as in
+/// the API's `requested_bytes`.
 fn parse_size(text: &str) -> Result<u64, String> {
-    let upper = text.trim().to_ascii_uppercase();
-    let upper = upper.trim_end_matches("IB").trim_end_matches('B');
-    let (digits, shift) = match upper.chars().last() {
-        Some('K') => (&upper[..upper.len() - 1], 10),
-        Some('M') => (&upper[..upper.len() - 1], 20),
-        Some('G') => (&upper[..upper.len() - 1], 30),
-        _ => (upper, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("`{text}` is not a size; try 256M or 0"))
+    crate::size::parse(text, crate::size::BareUnit::Bytes)
 }
 
 /// Sends one request; returns the HTTP status and the JSON body.
