@@ -231,12 +231,13 @@ impl HotplugRegion {
         if addr < self.start || (addr - self.start) % self.block != 0 {
             return Err(block_error(format!("{addr:#x} is not a block of the region")));
         }
-        let first = ((addr - self.start) / self.block) as usize;
-        let end = first + blocks as usize;
-        if end as u64 * self.block > self.size {
+        // Counted in blocks: any guest address is accepted here, and in bytes
+        // the end of a range far beyond the region would wrap around.
+        let (first, count) = ((addr - self.start) / self.block, self.size / self.block);
+        if first >= count || u64::from(blocks) > count - first {
             return Err(block_error(format!("{addr:#x} + {blocks} blocks runs past the region")));
         }
-        Ok(first..end)
+        Ok(first as usize..(first + u64::from(blocks)) as usize)
     }
 
     pub fn state_of(&self, addr: u64, blocks: u16) -> std::result::Result<BlockState, HotplugError> {

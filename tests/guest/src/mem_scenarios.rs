@@ -6,9 +6,10 @@
 //!   zero, unplug, and show the memory is gone (STATE, reads, a disk write
 //!   from it fails). Then idle until the host shuts the VM down.
 //! * `mem-hostile`: send malformed and impossible requests (unaligned,
-//!   outside the region, beyond the requested size, unplugging what is not
-//!   plugged, an unknown type, a short request); each must be answered with
-//!   ERROR or NACK and change nothing.
+//!   outside the region, wrapping around the address space, beyond the
+//!   requested size, unplugging what is not plugged, an unknown type, a
+//!   short request); each must be answered with ERROR or NACK and change
+//!   nothing.
 //! * `mem-churn cycles=N | ios=N`: keep verified disk I/O going (a write and
 //!   read-back of 8 x 4 KiB per round, half the buffers in plugged memory
 //!   when there is some) while following every requested-size change; stop
@@ -162,7 +163,10 @@ pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
 pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
     let (mut mem, _blk, _arena) = setup(info)?;
     let (start, block, size) = (mem.start, mem.block, mem.size);
-    let cases: [(&str, u16, u64, u16, u16); 7] = [
+    // A range from the top block of the address space whose end in bytes
+    // wraps to exactly 0: only a check made in blocks sees it run past.
+    let (top, wrapping_blocks) = (0u64.wrapping_sub(block), (1 + start / block) as u16);
+    let cases: [(&str, u16, u64, u16, u16); 9] = [
         ("plug unaligned", 0, start + 4096, 1, RESP_ERROR),
         ("plug below the region", 0, start - block, 1, RESP_ERROR),
         ("plug past the region", 0, start + size - block, 2, RESP_ERROR),
@@ -170,6 +174,8 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
         ("plug beyond the requested size", 0, start, 1, RESP_NACK),
         ("unplug unplugged blocks", 1, start, 1, RESP_ERROR),
         ("unknown request type", 7, start, 1, RESP_ERROR),
+        ("state of a range that wraps around", 3, top, wrapping_blocks, RESP_ERROR),
+        ("plug a range that wraps around", 0, top, wrapping_blocks, RESP_ERROR),
     ];
     let mut failed = 0;
     for (name, kind, addr, blocks, expected) in cases {
