@@ -20,13 +20,13 @@ echo "test: cargo fmt --check" >&2
 cargo fmt --all -- --check
 (cd tests/guest && cargo fmt -- --check)
 echo "test: cargo clippy" >&2
-cargo clippy --release --locked --all-targets -- -D warnings
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
 (cd tests/guest && cargo clippy --release --locked -- -D warnings)
 echo "test: cargo test" >&2
-cargo test --release --locked
+cargo test --release --locked --workspace
 if ((slow)); then
     echo "test: slow tier" >&2
-    cargo test --release --locked -- --ignored
+    cargo test --release --locked --workspace -- --ignored
 else
     echo "test: NOT RUN: slow tier (bzImage banner, full Linux boot to its init marker, Linux virtio_mem onlining plugged memory); ./scripts/test.sh --slow runs it" >&2
 fi

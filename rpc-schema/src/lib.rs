@@ -34,6 +34,10 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAX_TRANSFER: u64 = 1 << 20;
 /// Most segments in one memory request.
 pub const MAX_SEGMENTS: usize = 1024;
+/// Most calls a server works on at once for one client; it refuses the
+/// rest with an error. Bounds what one device can make the VMM buffer
+/// (this many transfers of at most [`MAX_TRANSFER`]).
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// Largest frame either side accepts: a maximal transfer plus encoding overhead.
 pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
 
@@ -42,17 +46,68 @@ pub type Transport<Item, SinkItem> =
     tarpc::serde_transport::Transport<tokio::net::UnixStream, Item, SinkItem, Bincode<Item, SinkItem>>;
 
 /// Wraps one end of a `socketpair` as a channel of this protocol (frames of
-/// at most [`MAX_FRAME`] bytes, bincode). Call it inside a tokio runtime.
+/// at most [`MAX_FRAME`] bytes, bincode), for the client side. Call it
+/// inside a tokio runtime.
 pub fn transport<Item, SinkItem>(socket: std::os::unix::net::UnixStream) -> std::io::Result<Transport<Item, SinkItem>>
 where
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
+    Ok(tarpc::serde_transport::new(framed(socket)?, Bincode::default()))
+}
+
+/// The server side of a channel: the same wire format, but a request's
+/// deadline is capped at [`MAX_DEADLINE`] before tarpc sees it.
+pub type ServerTransport<Req, Resp> = tarpc::serde_transport::Transport<
+    tokio::net::UnixStream,
+    tarpc::ClientMessage<Req>,
+    tarpc::Response<Resp>,
+    wire::ServerCodec<tarpc::ClientMessage<Req>, tarpc::Response<Resp>>,
+>;
+
+/// Wraps one end of a `socketpair` for serving a service of this protocol.
+fn server_transport<Req, Resp>(socket: std::os::unix::net::UnixStream) -> std::io::Result<ServerTransport<Req, Resp>>
+where
+    Req: for<'de> Deserialize<'de>,
+    Resp: Serialize,
+{
+    Ok(tarpc::serde_transport::new(framed(socket)?, wire::ServerCodec::default()))
+}
+
+/// A server's end of a channel, ready to `execute` a service: deadlines
+/// capped, at most [`MAX_CALLS_IN_FLIGHT`] calls worked on at once and as
+/// many answers queued, so one client can make the server hold at most
+/// twice that many replies.
+pub type ServerChannel<Req, Resp> = tarpc::server::limits::requests_per_channel::MaxRequests<
+    tarpc::server::BaseChannel<Req, Resp, ServerTransport<Req, Resp>>,
+>;
+
+/// Wraps one end of a `socketpair` for serving a service of this protocol
+/// to a client that is not trusted. Call it inside a tokio runtime.
+pub fn server_channel<Req, Resp>(socket: std::os::unix::net::UnixStream) -> std::io::Result<ServerChannel<Req, Resp>>
+where
+    Req: for<'de> Deserialize<'de>,
+    Resp: Serialize,
+{
+    use tarpc::server::Channel;
+    let config = tarpc::server::Config { pending_response_buffer: MAX_CALLS_IN_FLIGHT };
+    Ok(config.channel(server_transport(socket)?).max_concurrent_requests(MAX_CALLS_IN_FLIGHT))
+}
+
+fn framed(
+    socket: std::os::unix::net::UnixStream,
+) -> std::io::Result<tarpc::tokio_util::codec::Framed<tokio::net::UnixStream, LengthDelimitedCodec>> {
     socket.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(socket)?;
-    let framed = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream);
-    Ok(tarpc::serde_transport::new(framed, Bincode::default()))
+    Ok(LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_framed(stream))
 }
+
+/// Longest deadline a server grants a request. The client sets it, and
+/// tarpc turns it into an `Instant` and a timer: a deadline years away
+/// would make either panic, so a larger one is cut to this.
+pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub mod wire;
 
 /// A range of guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,21 +26,30 @@ pub trait DeviceMemory: Send + Sync + 'static {
 /// `rpc` mode: every access is a request to the VMM's memory service.
 pub struct RpcMemory {
     client: GuestMemoryClient,
+    /// The VMM answers at most this many calls at once and refuses the
+    /// rest, so the device waits its turn here instead.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl RpcMemory {
     pub fn new(client: GuestMemoryClient) -> Self {
-        RpcMemory { client }
+        RpcMemory { client, in_flight: tokio::sync::Semaphore::new(rpc_schema::MAX_CALLS_IN_FLIGHT) }
+    }
+
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AccessError> {
+        self.in_flight.acquire().await.map_err(|e| AccessError::Transport(e.to_string()))
     }
 }
 
 impl DeviceMemory for RpcMemory {
     async fn read(&self, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, AccessError> {
+        let _turn = self.turn().await?;
         let reply = self.client.read(context::current(), segments).await;
         reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
     }
 
     async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
+        let _turn = self.turn().await?;
         let reply = self.client.write(context::current(), segments).await;
         reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
     }

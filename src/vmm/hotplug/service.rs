@@ -7,7 +7,7 @@ use futures::StreamExt;
 use rpc_schema::{BlockState, HotplugError, MemoryHotplug, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tarpc::server::{BaseChannel, Channel};
+use tarpc::server::Channel;
 use tracing::debug;
 
 #[derive(Clone)]
@@ -66,10 +66,10 @@ pub fn serve(
     region: Arc<HotplugRegion>,
 ) -> std::io::Result<()> {
     let _context = runtime.enter();
-    let transport = rpc_schema::transport(socket)?;
+    let channel = rpc_schema::server_channel(socket)?;
     let server = HotplugServer { region, greeted: Arc::default() };
     runtime.spawn(async move {
-        BaseChannel::with_defaults(transport)
+        channel
             .execute(server.serve())
             .for_each(|response| async move {
                 tokio::spawn(response);

@@ -7,7 +7,7 @@ use rpc_schema::{GuestMemory, MemoryError, Segment, WriteSegment, PROTOCOL_VERSI
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tarpc::server::{BaseChannel, Channel};
+use tarpc::server::Channel;
 use tracing::{debug, warn};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -105,10 +105,10 @@ pub fn serve(
     access: Arc<DeviceAccess>,
 ) -> std::io::Result<()> {
     let _context = runtime.enter();
-    let transport = rpc_schema::transport(socket)?;
+    let channel = rpc_schema::server_channel(socket)?;
     let server = MemoryServer { memory, access: access.clone() };
     runtime.spawn(async move {
-        BaseChannel::with_defaults(transport)
+        channel
             .execute(server.serve())
             .for_each(|response| async move {
                 tokio::spawn(response);
