@@ -2,11 +2,12 @@
 //! connection, bounded headers and body, JSON responses. Anything else is
 //! refused with a 4xx and a JSON error.
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MAX_HEAD: usize = 8 * 1024;
 pub const MAX_BODY: usize = 64 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client has to send its whole request, and to take the answer.
+const REQUEST_TIME: Duration = Duration::from_secs(2);
 
 pub struct Request {
     pub method: String,
@@ -92,9 +93,40 @@ pub fn write_response(stream: &mut impl Write, response: &Response) -> std::io::
     stream.write_all(response.body.as_bytes())
 }
 
-pub fn set_timeouts(stream: &std::os::unix::net::UnixStream) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+/// A connection that must deliver its whole request within [`REQUEST_TIME`]
+/// of being accepted: a per-read timeout alone would let a client that
+/// trickles one byte at a time hold the API's one thread for hours.
+pub struct Connection {
+    stream: std::os::unix::net::UnixStream,
+    until: Instant,
+}
+
+impl Connection {
+    pub fn new(stream: std::os::unix::net::UnixStream) -> Self {
+        let _ = stream.set_write_timeout(Some(REQUEST_TIME));
+        Connection { stream, until: Instant::now() + REQUEST_TIME }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +146,25 @@ mod tests {
         assert_eq!(parse(b"GET /vm HTTP/1.1\r\nContent-Length: nope\r\n\r\n").err(), Some(400));
         assert_eq!(parse(b"GET /vm HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort").err(), Some(400));
         assert_eq!(parse(&[b'a'; 9000]).err(), Some(413));
+    }
+
+    #[test]
+    fn a_client_that_trickles_is_cut_off_at_the_request_deadline() {
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            let mut client = client;
+            // One byte every 100 ms: each read is quick, the request never ends.
+            for _ in 0..100 {
+                if client.write_all(b"G").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Without the deadline the client would finish its 100 bytes and
+        // hang up, which reads as a 400 after 10 s instead.
+        let refusal = read_request(&mut Connection::new(server)).err().map(|r| r.status);
+        assert_eq!(refusal, Some(408));
+        trickle.join().unwrap();
     }
 }

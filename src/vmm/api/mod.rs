@@ -8,7 +8,7 @@ use super::control::VmControl;
 use super::exit::VmExit;
 use super::io::IoBus;
 use super::{Error, Result};
-use http::{read_request, set_timeouts, write_response, Request, Response};
+use http::{read_request, write_response, Connection, Request, Response};
 use serde::Serialize;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -142,8 +142,8 @@ pub fn serve(socket: &mut ApiSocket, api: Api) -> Result<()> {
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                set_timeouts(&stream);
+                let Ok(stream) = stream else { continue };
+                let mut stream = Connection::new(stream);
                 let (response, shutdown) = match read_request(&mut stream) {
                     Ok(request) => api.route(&request),
                     Err(refusal) => (refusal, false),
