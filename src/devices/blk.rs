@@ -14,6 +14,9 @@ pub const DEVICE_ID: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 const HEADER_SIZE: u32 = 16;
+/// Largest request served, data of both directions together; a larger one
+/// fails before any of it is read. Linux sends at most 1.25 MiB by default.
+const MAX_REQUEST_BYTES: u64 = 16 << 20;
 const ID_SIZE: usize = 20;
 
 pub const F_RO: u64 = 1 << 5;
@@ -172,7 +175,8 @@ impl BlockDevice {
     /// The header and driver-to-device buffers of a well-formed request
     /// (none when it has no usable header or status buffer).
     fn input_segments(r: &Parsed) -> Vec<Segment> {
-        if r.status.is_none() || r.header.writable || r.header.len < HEADER_SIZE {
+        let data_bytes: u64 = r.data.iter().map(|b| u64::from(b.len)).sum();
+        if r.status.is_none() || r.header.writable || r.header.len < HEADER_SIZE || data_bytes > MAX_REQUEST_BYTES {
             return Vec::new();
         }
         let mut segments = vec![Segment { addr: r.header.addr, len: HEADER_SIZE }];

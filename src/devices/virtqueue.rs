@@ -28,6 +28,10 @@ const MAX_PREFETCH_BYTES: u64 = 64 * 1024;
 /// Longest indirect table we follow (the spec bounds chains by the queue size;
 /// indirect tables get the same generous cap as Linux's maximum queue).
 const MAX_INDIRECT: u32 = 1024;
+/// Most buffer bytes one `pop_all` hands out (it always takes at least one
+/// request): what a device holds for a batch stays bounded whatever the
+/// driver posts.
+const MAX_BATCH_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -57,6 +61,13 @@ pub struct Buffer {
 pub struct Chain {
     pub head: u16,
     pub buffers: Vec<Buffer>,
+}
+
+impl Chain {
+    /// The bytes its buffers span, both directions.
+    pub fn bytes(&self) -> u64 {
+        self.buffers.iter().map(|b| u64::from(b.len)).sum()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,8 +168,9 @@ impl SplitQueue {
         self.config.size
     }
 
-    /// Takes every request the driver has made available since the last
-    /// call, with whatever of their readable buffers was prefetched.
+    /// Takes the requests the driver has made available since the last call
+    /// (up to [`MAX_BATCH_BYTES`] of buffers; call again for the rest), with
+    /// whatever of their readable buffers was prefetched.
     pub async fn pop_all<M: DeviceMemory>(&mut self, mem: &M) -> Result<(Vec<Chain>, Prefetched), QueueError> {
         let size = self.size();
         let avail_len = 4 + 2 * size as u32;
@@ -205,7 +217,17 @@ impl SplitQueue {
                 chains[*at].buffers = to_buffers(&descs);
             }
         }
-        self.next_avail = avail_idx;
+        let mut bytes = 0u64;
+        let taken = chains
+            .iter()
+            .enumerate()
+            .take_while(|(i, chain)| {
+                bytes = bytes.saturating_add(chain.bytes());
+                *i == 0 || bytes <= MAX_BATCH_BYTES
+            })
+            .count();
+        chains.truncate(taken);
+        self.next_avail = self.next_avail.wrapping_add(taken as u16);
         if !chains.is_empty() {
             self.predict(&chains);
         }
@@ -412,6 +434,30 @@ mod ring_tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "used idx");
         assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8)).unwrap(), 2, "second used element's head");
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 2, "avail_event");
+    }
+
+    #[test]
+    fn a_pop_takes_at_most_a_batch_of_bytes_and_leaves_the_rest_available() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // Three single-buffer requests of 10 MiB each (the buffers need not be RAM to be popped).
+        for head in 0..3u16 {
+            put_desc(&mem, DESC, head.into(), 0x100_0000, 10 << 20, DESC_F_WRITE, 0);
+            mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(head))).unwrap();
+        }
+        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+        let memory = MappedMemory::new(GuestMemoryAtomic::new(mem));
+        let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
+        let mut queue = SplitQueue::new(config, false, false);
+        let mut heads = Vec::new();
+        loop {
+            let (chains, _) = block_on(queue.pop_all(&memory)).unwrap();
+            if chains.is_empty() {
+                break;
+            }
+            assert_eq!(chains.len(), 1, "20 MiB would exceed a batch");
+            heads.extend(chains.iter().map(|c| c.head));
+        }
+        assert_eq!(heads, [0, 1, 2], "every request is taken, in order, once");
     }
 
     #[test]

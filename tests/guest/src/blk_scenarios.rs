@@ -160,8 +160,10 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
     let buf = arena.take(4096).ok_or("out of memory")?;
     let (n, w) = (DESC_F_NEXT, DESC_F_WRITE);
     // Requests the device must answer with an error status.
-    let cases: [HostileCase; 4] = [
+    let cases: [HostileCase; 5] = [
         ("bad request type", &[(0, 16, n), (buf, 512, n | w), (1, 1, w)], 99, 2),
+        // 32 MiB of real RAM to write: refused before the device reads any of it.
+        ("huge write", &[(0, 16, n), (0x10_0000, 32 << 20, n), (1, 1, w)], T_OUT, 1),
         ("data outside RAM", &[(0, 16, n), (0xd800_0000, 512, n | w), (1, 1, w)], T_IN, 1),
         ("huge length", &[(0, 16, n), (buf, 0xffff_fe00, n | w), (1, 1, w)], T_IN, 1),
         ("zero-length header", &[(0, 0, n), (buf, 512, n | w), (1, 1, w)], T_IN, 1),
