@@ -150,6 +150,9 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
         let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
         assert!(size < 32 << 20, "large mapping in the rpc device: {line}");
     }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let data = limits.lines().find(|l| l.starts_with("Max data size")).unwrap();
+    assert_eq!(data.split_whitespace().nth(3), Some("536870912"), "{data}");
     // Only the descriptors it was given (and its event loop's own).
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     assert!(fds <= 12, "device holds {fds} descriptors");

@@ -109,6 +109,12 @@ fn drop_capabilities() -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Most private memory a device may have (heap and anonymous maps; the
+/// guest-RAM memfd of `shared` mode is a shared map and does not count). A
+/// device needs tens of MiB; a guest that drove it past this would only
+/// cost that device its life.
+const DATA_LIMIT: u64 = 512 << 20;
+
 /// Confines the calling process; `open_fds` is how many descriptors it
 /// holds (the limit on new ones). The process must be single-threaded.
 pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64) -> Result<(), SandboxError> {
@@ -128,6 +134,7 @@ pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64) -> Result<(), Sa
     limit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     limit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
     limit(libc::RLIMIT_MSGQUEUE, 0, "RLIMIT_MSGQUEUE")?;
+    limit(libc::RLIMIT_DATA, DATA_LIMIT, "RLIMIT_DATA")?;
     drop_capabilities()?;
     // SAFETY: as above.
     check("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
