@@ -101,6 +101,36 @@ pub struct DeviceHost {
     irq: EventFd,
 }
 
+pub struct CountersQuery {
+    client: DeviceControlClient,
+    runtime: tokio::runtime::Handle,
+}
+
+impl CountersQuery {
+    /// The counters; None when the device does not answer in time. A report
+    /// must not hang on a busy or stuck device, nor fail it.
+    pub fn send(self) -> Option<rpc_schema::DeviceCounters> {
+        self.runtime.block_on(self.client.counters(within(COUNTERS_DEADLINE))).ok()
+    }
+}
+
+/// Longest text from a device that the VMM logs or reports.
+const MAX_DEVICE_TEXT: usize = 200;
+
+/// A device's own account of an error, fit for the VMM's log and API: its
+/// control characters escaped (no forged log lines) and its length capped.
+fn device_words(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_DEVICE_TEXT)
+        .flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] })
+        .collect();
+    if text.chars().nth(MAX_DEVICE_TEXT).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// A request context that gives up after `limit`.
 fn within(limit: Duration) -> tarpc::context::Context {
     let mut ctx = tarpc::context::current();
@@ -150,7 +180,7 @@ impl DeviceHost {
         let reply = self.runtime.block_on(request(client, ctx));
         match reply {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(refused)) => Err(refused.to_string()),
+            Ok(Err(refused)) => Err(device_words(&refused.to_string())),
             Err(e) => {
                 let reason = format!("control channel: {e}");
                 // A dead process is the likely cause: give its watcher a moment
@@ -172,14 +202,14 @@ impl DeviceHost {
         self.call(|c, ctx| async move { c.activate(ctx, features, queues).await })
     }
 
-    /// The device's request counters; None when it has failed or does not answer.
-    pub fn counters(&self) -> Option<rpc_schema::DeviceCounters> {
+    /// A request for the device's counters, to send once the caller has let
+    /// go of the transport (a vCPU may need it meanwhile). None when the
+    /// device has failed or is stopping.
+    pub fn counters_query(&self) -> Option<CountersQuery> {
         if self.health.failed.load(Ordering::SeqCst) || self.health.stopping.load(Ordering::SeqCst) {
             return None;
         }
-        // A report must not hang on a busy or stuck device, nor fail it.
-        let client = lock(&self.control).clone()?;
-        self.runtime.block_on(client.counters(within(COUNTERS_DEADLINE))).ok()
+        Some(CountersQuery { client: lock(&self.control).clone()?, runtime: self.runtime.clone() })
     }
 
     pub fn reset(&self) -> Result<(), String> {
@@ -249,5 +279,18 @@ impl DeviceHost {
         }
         self.notify_fallback();
         Ok(Some(stall))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_cannot_forge_log_lines_or_flood_them() {
+        assert_eq!(device_words("bad queue\nskvm: guest exited"), "bad queue\\nskvm: guest exited");
+        assert_eq!(device_words("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(device_words(&"x".repeat(10_000)).len(), MAX_DEVICE_TEXT + 3);
+        assert_eq!(device_words("fine"), "fine");
     }
 }

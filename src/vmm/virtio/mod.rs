@@ -71,28 +71,32 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
     devices
         .iter()
         .map(|device| {
-            let transport = lock(&device.transport);
-            let host = transport.host();
-            let access = host.access.as_ref();
-            let failure = lock(&host.health.reason).clone();
-            let counters = host.counters();
-            DeviceStatus {
-                name: host.name.clone(),
-                kind: match transport.device_id() {
-                    crate::devices::blk::DEVICE_ID => "block",
-                    crate::devices::rng::DEVICE_ID => "rng",
-                    crate::devices::mem::DEVICE_ID => "mem",
-                    _ => "other",
-                },
-                pid: host.pid,
-                healthy: !host.health.failed.load(Relaxed),
-                failure,
-                counters,
-                memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
-                memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
-                memory_refused: access.map(|a| a.refused.load(Relaxed)),
-                memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
-            }
+            let (mut status, query) = {
+                let transport = lock(&device.transport);
+                let host = transport.host();
+                let access = host.access.as_ref();
+                let status = DeviceStatus {
+                    name: host.name.clone(),
+                    kind: match transport.device_id() {
+                        crate::devices::blk::DEVICE_ID => "block",
+                        crate::devices::rng::DEVICE_ID => "rng",
+                        crate::devices::mem::DEVICE_ID => "mem",
+                        _ => "other",
+                    },
+                    pid: host.pid,
+                    healthy: !host.health.failed.load(Relaxed),
+                    failure: lock(&host.health.reason).clone(),
+                    counters: None,
+                    memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
+                    memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
+                    memory_refused: access.map(|a| a.refused.load(Relaxed)),
+                    memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
+                };
+                (status, host.counters_query())
+            };
+            // Asked with the transport free: the device may take its time.
+            status.counters = query.and_then(|q| q.send());
+            status
         })
         .collect()
 }
