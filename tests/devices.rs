@@ -208,11 +208,14 @@ fn hostile_rpcs_are_refused_and_cost_only_that_device() {
         let line = out
             .stderr
             .lines()
-            .find(|l| l.starts_with(&format!("hostile-rpc: {probe}:")))
+            .find(|l| l.contains(&format!("hostile-rpc: {probe}:")))
             .unwrap_or_else(|| panic!("no {probe}: {}", out.stderr));
         assert!(line.contains(answer), "{line}");
     }
     assert!(out.stderr.contains("hostile-rpc: garbage bytes"), "{}", out.stderr);
+    // The device's stderr reaches skvm's only marked and made printable.
+    assert!(out.stderr.contains("[blk0] hostile-rpc: forged line: \\r\\u{1b}[2Kskvm:"), "{}", out.stderr);
+    assert!(!out.stderr.contains('\u{1b}'), "a raw escape reached skvm's stderr");
     assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stderr.contains("device blk0 failed"), "{}", out.stderr);
     assert!(out.stdout.contains("blk1: ok"), "{}", out.stdout);

@@ -36,6 +36,8 @@ fn far_deadline(raw: std::os::fd::RawFd) {
 pub async fn probe(client: &GuestMemoryClient, raw: std::os::fd::RawFd) {
     let seg = |addr, len| Segment { addr, len };
     let ask = |segments: Vec<Segment>| client.read(context::current(), segments);
+    // A line that would rewrite the terminal's current line, if it got there raw.
+    report("forged line", "\r\u{1b}[2Kskvm: the guest powered off".into());
     report("read before hello", format!("{:?}", ask(vec![seg(0x1000, 8)]).await));
     report(
         "wrong version",

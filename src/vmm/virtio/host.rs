@@ -1,6 +1,7 @@
 //! The VMM's end of one device: its control client, its health, and the
 //! process or thread that runs it.
 use super::super::lock;
+use super::device_text;
 use super::memory_service::DeviceAccess;
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
@@ -114,22 +115,8 @@ impl CountersQuery {
     }
 }
 
-/// Longest text from a device that the VMM logs or reports.
+/// Longest error text from a device that the VMM logs or reports.
 const MAX_DEVICE_TEXT: usize = 200;
-
-/// A device's own account of an error, fit for the VMM's log and API: its
-/// control characters escaped (no forged log lines) and its length capped.
-fn device_words(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .take(MAX_DEVICE_TEXT)
-        .flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] })
-        .collect();
-    if text.chars().nth(MAX_DEVICE_TEXT).is_some() {
-        out.push_str("...");
-    }
-    out
-}
 
 /// A request context that gives up after `limit`.
 fn within(limit: Duration) -> tarpc::context::Context {
@@ -180,7 +167,7 @@ impl DeviceHost {
         let reply = self.runtime.block_on(request(client, ctx));
         match reply {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(refused)) => Err(device_words(&refused.to_string())),
+            Ok(Err(refused)) => Err(device_text::printable(&refused.to_string(), MAX_DEVICE_TEXT)),
             Err(e) => {
                 let reason = format!("control channel: {e}");
                 // A dead process is the likely cause: give its watcher a moment
@@ -279,18 +266,5 @@ impl DeviceHost {
         }
         self.notify_fallback();
         Ok(Some(stall))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_device_cannot_forge_log_lines_or_flood_them() {
-        assert_eq!(device_words("bad queue\nskvm: guest exited"), "bad queue\\nskvm: guest exited");
-        assert_eq!(device_words("\u{1b}[2J"), "\\u{1b}[2J");
-        assert_eq!(device_words(&"x".repeat(10_000)).len(), MAX_DEVICE_TEXT + 3);
-        assert_eq!(device_words("fine"), "fine");
     }
 }

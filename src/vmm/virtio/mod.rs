@@ -1,6 +1,7 @@
 //! Virtio devices as the VMM sees them: a virtio-mmio transport each, and
 //! the device itself in a sandboxed process (`rpc`, `shared`) or a thread
 //! (`inprocess`). The VMM is on the data path only as the memory server.
+mod device_text;
 mod host;
 pub mod memory_service;
 pub mod mmio;

@@ -100,7 +100,7 @@ impl DeviceCommand {
                 Misbehaviour::HostileRpc => "hostile-rpc",
             });
         }
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         DeviceCommand { command, fds: Vec::new(), name: name.into() }
     }
 
@@ -134,6 +134,9 @@ impl DeviceCommand {
         let pid = child.id();
         health.set_current_process(pid);
         let name = self.name;
+        if let Some(stderr) = child.stderr.take() {
+            relay_log(&name, stderr)?;
+        }
         std::thread::Builder::new()
             .name(format!("{name}-watch"))
             .spawn(move || {
@@ -146,6 +149,36 @@ impl DeviceCommand {
             .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
         Ok(pid)
     }
+}
+
+/// Longest line of a device's stderr that reaches the VMM's.
+const MAX_LOG_LINE: usize = 1000;
+
+/// Passes a device's stderr on to skvm's, a line at a time, each marked
+/// with the device's name and made printable: the device does not write to
+/// skvm's stderr itself.
+fn relay_log(name: &str, stderr: std::process::ChildStderr) -> Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let prefix = name.to_string();
+    std::thread::Builder::new()
+        .name(format!("{name}-log"))
+        .spawn(move || {
+            let mut reader = std::io::BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // A line longer than the cap is cut; the rest reads as the next lines.
+                match reader.by_ref().take(4 * MAX_LOG_LINE as u64).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&line);
+                let text = super::device_text::printable(text.trim_end_matches('\n'), MAX_LOG_LINE);
+                let _ = std::io::stderr().write_all(format!("[{prefix}] {text}\n").as_bytes());
+            }
+        })
+        .map_err(|e| Error::Host("starting a device log relay".into(), e))?;
+    Ok(())
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
