@@ -210,3 +210,49 @@ fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
         assert_eq!(out.stdout.matches("(ok)").count(), 10, "{mode}: {}", out.stdout);
     }
 }
+
+/// Shared mode: a device process that cannot be saved (stopped here with
+/// SIGSTOP) fails the device at the next memory change. Both its processes,
+/// old and new, are killed rather than left serving with a stale map, and
+/// the plug itself completes although it took longer than a plain RPC may.
+#[test]
+fn a_device_that_cannot_be_rebuilt_fails_and_its_processes_are_killed() {
+    let (_disk_path, disk_arg) = disk("rebuild-fails.img", MIB);
+    let mut vm = LiveVm::start(
+        "rebuild-fails",
+        &[
+            "--memory-mode",
+            "shared",
+            "--memory",
+            "64M,hotplug=64M",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "scenario=mem-follow",
+        ],
+    );
+    vm.wait_console("mem: region", LONG);
+    let (_, info) = vm.api("GET", "/vm", "");
+    let old = info["devices"][0]["pid"].as_u64().expect("blk0 has a process") as i32;
+    // SAFETY: stops our own grandchild, the device process.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGSTOP) }, 0);
+
+    vm.resize_and_wait(32 * MIB, LONG);
+    let (_, info) = vm.api("GET", "/vm", "");
+    let blk = &info["devices"][0];
+    assert_eq!(blk["healthy"], false, "{info}");
+    assert!(blk["failure"].as_str().unwrap().contains("rebuild"), "{info}");
+    let new = blk["pid"].as_u64().unwrap() as i32;
+    assert_ne!(new, old, "no new process was started");
+    for pid in [old, new] {
+        // Well before the guest gives up waiting for a resize (about a minute).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(std::time::Instant::now() < deadline, "process {pid} of the failed device lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(info["devices"][1]["healthy"], true, "the virtio-mem device suffered: {info}");
+    let console = vm.console();
+    assert_eq!(vm.shutdown(), Some(0), "{console}");
+}

@@ -99,7 +99,13 @@ impl MemDevice {
 
     /// Answers one decoded request through the VMM: (response type, state).
     async fn answer(&self, request: Request) -> Result<(u16, u16), AccessError> {
-        let ctx = tarpc::context::current;
+        // A plug or unplug may take seconds in shared mode, where every device
+        // sandbox is rebuilt: allow as long as the VMM's servers allow.
+        let ctx = || {
+            let mut ctx = tarpc::context::current();
+            ctx.deadline = std::time::Instant::now() + rpc_schema::MAX_DEADLINE;
+            ctx
+        };
         let reply = match request {
             Request::Plug { addr, blocks } => self.hotplug.plug(ctx(), addr, blocks).await.map(|r| r.map(|_| 0)),
             Request::Unplug { addr, blocks } => self.hotplug.unplug(ctx(), addr, blocks).await.map(|r| r.map(|_| 0)),

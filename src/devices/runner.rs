@@ -35,43 +35,42 @@ impl<M: DeviceMemory> Core<M> {
         counters
     }
 
-    /// Serves requests until the driver has made none new.
-    async fn service(&mut self) -> Result<(), QueueError> {
+    /// Serves one batch of requests; false when the driver had made none.
+    async fn service(&mut self) -> Result<bool, QueueError> {
         let started = std::time::Instant::now();
-        let result = self.serve_available().await;
+        let result = self.serve_batch().await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
         result
     }
 
-    async fn serve_available(&mut self) -> Result<(), QueueError> {
+    async fn serve_batch(&mut self) -> Result<bool, QueueError> {
         let Core { mem, backend, queue, irq, counters, .. } = self;
-        let Some(queue) = queue.as_mut() else { return Ok(()) };
-        loop {
-            let (chains, prefetched) = queue.pop_all(mem).await?;
-            if chains.is_empty() {
-                return Ok(());
-            }
-            let mut completions = backend.process(mem, chains, prefetched).await?;
-            if !deliver_all(mem, queue, &completions).await? {
-                // Some buffer the driver gave is not RAM (the VMM refused the
-                // batch and wrote nothing): fail just those requests.
-                for completion in completions.iter_mut().filter(|c| !c.data.is_empty()) {
-                    match mem.write(completion.data.clone()).await {
-                        Ok(()) => completion.data.clear(),
-                        Err(AccessError::Refused(_)) => completion.fail(),
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                if !deliver_all(mem, queue, &completions).await? {
-                    return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
-                }
-            }
-            counters.requests += completions.len() as u64;
-            counters.errors += completions.iter().filter(|c| c.status_addr.is_some() && c.status != 0).count() as u64;
-            // Always interrupt: polling drivers ignore it, interrupt-driven
-            // ones tolerate a spurious one, and none can miss one.
-            let _ = irq.write(1);
+        let Some(queue) = queue.as_mut() else { return Ok(false) };
+        let (chains, prefetched) = queue.pop_all(mem).await?;
+        if chains.is_empty() {
+            return Ok(false);
         }
+        let mut completions = backend.process(mem, chains, prefetched).await?;
+        if !deliver_all(mem, queue, &completions).await? {
+            // Some buffer the driver gave is not RAM (the VMM refused the
+            // batch and wrote nothing): fail just those requests.
+            for completion in completions.iter_mut().filter(|c| !c.data.is_empty()) {
+                match mem.write(completion.data.clone()).await {
+                    Ok(()) => completion.data.clear(),
+                    Err(AccessError::Refused(_)) => completion.fail(),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !deliver_all(mem, queue, &completions).await? {
+                return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
+            }
+        }
+        counters.requests += completions.len() as u64;
+        counters.errors += completions.iter().filter(|c| c.status_addr.is_some() && c.status != 0).count() as u64;
+        // Always interrupt: polling drivers ignore it, interrupt-driven
+        // ones tolerate a spurious one, and none can miss one.
+        let _ = irq.write(1);
+        Ok(true)
     }
 }
 
@@ -240,7 +239,9 @@ where
             if let Some(hook) = on_notify.as_mut().and_then(|f| f()) {
                 hook.await;
             }
-            core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))?;
+            // A batch at a time, letting go of the core in between: a guest
+            // that keeps its queue full must not keep `save` waiting.
+            while core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))? {}
         }
     };
     tokio::select! {

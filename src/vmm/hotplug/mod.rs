@@ -358,9 +358,14 @@ impl HotplugRegion {
         let regions: Vec<_> = blocks.iter().filter_map(|&b| state.blocks[b].take()).collect();
         self.swap_map(|map| remove_from(map, &regions)).map_err(HotplugError::Refused)?;
         // A device request that loaded the old map before the swap may still be
-        // copying: wait for it, so that nothing touches the blocks after this.
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while regions.iter().any(|r| Arc::strong_count(r) > 1) && Instant::now() < deadline {
+        // copying (at most 1 MiB): wait for it, however long, so that nothing
+        // touches the blocks after this.
+        let mut warn_at = Instant::now() + Duration::from_secs(1);
+        while regions.iter().any(|r| Arc::strong_count(r) > 1) {
+            if Instant::now() > warn_at {
+                tracing::warn!("unplug: a memory request still holds the blocks after {:?}", started.elapsed());
+                warn_at += Duration::from_secs(5);
+            }
             std::thread::yield_now();
         }
         let visible = started.elapsed();
@@ -440,8 +445,8 @@ impl HotplugRegion {
         runs
     }
 
-    /// A device that cannot be rebuilt is marked failed by the hook; the
-    /// memory change itself stands.
+    /// A device that cannot be rebuilt is failed (and its processes killed)
+    /// by its host; the memory change itself stands.
     fn remap_shared(&self, state: &State) -> Duration {
         let (Some(_), Some(hooks)) = (&self.memfd, self.hooks.get()) else { return Duration::ZERO };
         hooks.remap_shared(&self.shared_regions(state)).unwrap_or_else(|e| {

@@ -6,6 +6,7 @@ use super::memory_service::DeviceAccess;
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
+use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -31,6 +32,9 @@ pub struct DeviceHealth {
     access: Option<Arc<DeviceAccess>>,
     /// The process that runs the device now (shared-mode rebuilds replace it).
     current_pid: AtomicU32,
+    /// Every process of this device not yet reaped, by PID and pidfd: a
+    /// failed device is killed, so none keeps serving with an old memory map.
+    processes: Mutex<Vec<(u32, std::os::fd::OwnedFd)>>,
 }
 
 impl DeviceHealth {
@@ -51,6 +55,20 @@ impl DeviceHealth {
             warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
             *lock(&self.reason) = Some(reason);
         }
+        for (_, pidfd) in lock(&self.processes).iter() {
+            // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
+        }
+    }
+
+    /// A process now runs this device; `pidfd` lets the VMM kill it safely.
+    pub fn add_process(&self, pid: u32, pidfd: std::os::fd::OwnedFd) {
+        lock(&self.processes).push((pid, pidfd));
+    }
+
+    /// Its watcher has reaped process `pid`.
+    pub fn process_reaped(&self, pid: u32) {
+        lock(&self.processes).retain(|(p, _)| *p != pid);
     }
 }
 
@@ -230,11 +248,17 @@ impl DeviceHost {
     /// `regions`, carrying its queue state over. The new process is started
     /// and greeted first, so the device stops serving only between save and
     /// restore; that pause is returned. None for a device that maps nothing.
+    /// A rebuild that fails fails the device: its processes, old and new,
+    /// are killed rather than left serving with a map that is no longer true.
     pub fn rebuild(&mut self, regions: &[SharedRegion]) -> Result<Option<Duration>, String> {
-        let Some(respawn) = &self.respawn else { return Ok(None) };
-        if self.health.failed.load(Ordering::SeqCst) {
+        if self.respawn.is_none() || self.health.failed.load(Ordering::SeqCst) {
             return Ok(None);
         }
+        self.try_rebuild(regions).inspect_err(|e| self.health.fail(&self.name, format!("rebuild: {e}")))
+    }
+
+    fn try_rebuild(&mut self, regions: &[SharedRegion]) -> Result<Option<Duration>, String> {
+        let Some(respawn) = &self.respawn else { return Ok(None) };
         let (pid, control) = respawn
             .recipe
             .spawn(ProcessMemory::Shared { memfd: respawn.memfd, regions })

@@ -6,7 +6,7 @@ use super::host::DeviceHealth;
 use super::{Error, Result};
 use crate::devices::process::{Misbehaviour, SharedRegion};
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -133,6 +133,12 @@ impl DeviceCommand {
             self.command.spawn().map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
         let pid = child.id();
         health.set_current_process(pid);
+        // SAFETY: pidfd_open on our own, not yet reaped, child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd >= 0 {
+            // SAFETY: a descriptor pidfd_open just gave us.
+            health.add_process(pid, unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as RawFd) });
+        }
         let name = self.name;
         if let Some(stderr) = child.stderr.take() {
             relay_log(&name, stderr)?;
@@ -144,6 +150,7 @@ impl DeviceCommand {
                     Ok(status) => describe_exit(status),
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
+                health.process_reaped(pid);
                 health.process_ended(&name, pid, format!("process {pid} {reason}"));
             })
             .map_err(|e| Error::Host("starting a device watcher".into(), e))?;

@@ -10,6 +10,7 @@
 //!   requested size, unplugging what is not plugged, an unknown type, a
 //!   short request); each must be answered with ERROR or NACK and change
 //!   nothing.
+//! * `mem-follow`: follow every requested-size change, and nothing else.
 //! * `mem-churn cycles=N | ios=N`: keep verified disk I/O going (a write and
 //!   read-back of 8 x 4 KiB per round, half the buffers in plugged memory
 //!   when there is some) while following every requested-size change; stop
@@ -157,6 +158,14 @@ pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
     println!("mem: done");
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// Follows every requested-size change and reports it, touching no disk.
+pub fn run_follow(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut mem, _blk, _arena) = setup(info)?;
+    loop {
+        await_and_report(&mut mem)?;
     }
 }
 

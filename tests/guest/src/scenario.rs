@@ -21,7 +21,7 @@
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
 //!   `blk_scenarios.rs`.
 //!
-//! * `scenario=mem-plug|mem-hostile|mem-churn`: see `mem_scenarios.rs`.
+//! * `scenario=mem-plug|mem-hostile|mem-follow|mem-churn`: see `mem_scenarios.rs`.
 //! * `scenario=idle tsc=N`: do nothing for N TSC ticks, then exit.
 //!
 //! `exit=N` picks the status for the debug-exit port (default 0).
@@ -121,6 +121,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         }
         "mem-plug" => check(crate::mem_scenarios::run_plug(info)),
         "mem-hostile" => check(crate::mem_scenarios::run_hostile(info)),
+        "mem-follow" => check(crate::mem_scenarios::run_follow(info)),
         "mem-churn" => {
             let number = |key| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(0);
             check(crate::mem_scenarios::run_churn(info, number("cycles"), number("ios")));

@@ -171,6 +171,11 @@ impl Queue {
 
     /// Waits for a completion; None on timeout or when the device needs a reset.
     pub fn wait_used(&mut self, device: &Device) -> Option<(u16, u32)> {
+        self.wait_used_for(device, TIMEOUT_TICKS)
+    }
+
+    /// `wait_used`, giving up after `patience` TSC ticks.
+    pub fn wait_used_for(&mut self, device: &Device, patience: u64) -> Option<(u16, u32)> {
         let start = rdtsc();
         let mut spins = 0u32;
         loop {
@@ -178,8 +183,7 @@ impl Queue {
                 return Some(done);
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(65536)
-                && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > TIMEOUT_TICKS)
+            if spins.is_multiple_of(65536) && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > patience)
             {
                 return None;
             }

@@ -14,6 +14,9 @@ const REQ_UNPLUG: u16 = 1;
 const REQ_UNPLUG_ALL: u16 = 2;
 const REQ_STATE: u16 = 3;
 pub const RESP_ACK: u16 = 0;
+/// How long a request may take, in TSC ticks (about a minute, as long as
+/// the host lets the device wait for a plug).
+const REQUEST_PATIENCE: u64 = 1 << 37;
 pub const RESP_NACK: u16 = 1;
 pub const RESP_ERROR: u16 = 3;
 pub const STATE_PLUGGED: u16 = 0;
@@ -102,7 +105,8 @@ impl Mem {
         self.queue.set_desc(1, self.response, 10, DESC_F_WRITE, 0);
         self.queue.push(0);
         self.device.notify(0);
-        self.queue.wait_used(&self.device).ok_or("virtio-mem: no completion")?;
+        // A plug may take seconds when the host rebuilds device sandboxes.
+        self.queue.wait_used_for(&self.device, REQUEST_PATIENCE).ok_or("virtio-mem: no completion")?;
         // SAFETY: as above.
         unsafe { Ok((read_volatile(self.response as *const u16), read_volatile((self.response + 8) as *const u16))) }
     }
