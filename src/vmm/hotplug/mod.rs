@@ -307,8 +307,12 @@ impl HotplugRegion {
         for (i, block) in range.clone().enumerate() {
             // SAFETY: the block's host memory lives as long as the VMM.
             if let Err(e) = unsafe { self.vm.set_user_memory_region(self.kvm_slot(block, self.block)) } {
+                // Devices may have used the blocks already: take them back as
+                // an unplug would, so a later plug finds them empty.
                 self.remove_slots(range.start..block);
                 let _ = self.swap_map(|map| remove_from(map, &regions));
+                wait_unused(&regions);
+                range.clone().for_each(|b| self.release(b));
                 return Err(HotplugError::Refused(format!("KVM refused block {i} of the plug: {e}")));
             }
         }
@@ -357,17 +361,7 @@ impl HotplugRegion {
         let started = Instant::now();
         let regions: Vec<_> = blocks.iter().filter_map(|&b| state.blocks[b].take()).collect();
         self.swap_map(|map| remove_from(map, &regions)).map_err(HotplugError::Refused)?;
-        // A device request that loaded the old map before the swap may still be
-        // copying (at most 1 MiB): wait for it, however long, so that nothing
-        // touches the blocks after this.
-        let mut warn_at = Instant::now() + Duration::from_secs(1);
-        while regions.iter().any(|r| Arc::strong_count(r) > 1) {
-            if Instant::now() > warn_at {
-                tracing::warn!("unplug: a memory request still holds the blocks after {:?}", started.elapsed());
-                warn_at += Duration::from_secs(5);
-            }
-            std::thread::yield_now();
-        }
+        wait_unused(&regions);
         let visible = started.elapsed();
         for &block in &blocks {
             self.remove_slots(block..block + 1);
@@ -467,6 +461,21 @@ fn remove_from(mut map: GuestMemory, regions: &[Arc<GuestRegionMmap>]) -> std::r
         map = map.remove_region(region.start_addr(), region.len()).map_err(|e| e.to_string())?.0;
     }
     Ok(map)
+}
+
+/// Waits until no device request that loaded an older map still holds one
+/// of `regions`: such a request may still be copying (at most 1 MiB), and
+/// nothing may touch the blocks once they leave. However long it takes.
+fn wait_unused(regions: &[Arc<GuestRegionMmap>]) {
+    let started = Instant::now();
+    let mut warn_at = started + Duration::from_secs(1);
+    while regions.iter().any(|r| Arc::strong_count(r) > 1) {
+        if Instant::now() > warn_at {
+            tracing::warn!("a memory request still holds blocks being removed after {:?}", started.elapsed());
+            warn_at += Duration::from_secs(5);
+        }
+        std::thread::yield_now();
+    }
 }
 
 #[cfg(test)]
