@@ -88,7 +88,6 @@ pub trait DeviceHooks: Send + Sync {
 struct State {
     /// The map region of each plugged block.
     blocks: Vec<Option<Arc<GuestRegionMmap>>>,
-    history: History,
 }
 
 /// What plugs and unplugs have happened; the rest of the status is derived.
@@ -111,6 +110,9 @@ pub struct HotplugRegion {
     vm: Arc<VmFd>,
     memory: GuestMemoryAtomic<GuestMemory>,
     state: Mutex<State>,
+    /// Kept apart from `state`, which a plug holds for its whole length, so
+    /// that the status can be read meanwhile.
+    history: Mutex<History>,
     /// Requested and plugged bytes, readable without the state lock: a vCPU
     /// reading the config space must never wait for a plug in progress.
     requested: AtomicU64,
@@ -168,7 +170,8 @@ impl HotplugRegion {
             memfd,
             vm,
             memory: ram.atomic(),
-            state: Mutex::new(State { blocks: vec![None; blocks], history: History::default() }),
+            state: Mutex::new(State { blocks: vec![None; blocks] }),
+            history: Mutex::default(),
             requested: AtomicU64::new(0),
             plugged: AtomicU64::new(0),
             hooks: OnceLock::new(),
@@ -181,8 +184,7 @@ impl HotplugRegion {
     }
 
     pub fn status(&self) -> HotplugStatus {
-        let state = lock(&self.state);
-        let history = &state.history;
+        let history = lock(&self.history);
         HotplugStatus {
             region_start: self.start,
             region_bytes: self.size,
@@ -323,8 +325,9 @@ impl HotplugRegion {
         self.plugged.store(plugged, Ordering::SeqCst);
         let stall = self.remap_shared(&state);
         let total = started.elapsed();
-        state.history.plugs += 1;
-        state.history.last_plug = Some(OperationTimes {
+        let mut history = lock(&self.history);
+        history.plugs += 1;
+        history.last_plug = Some(OperationTimes {
             blocks: range.len() as u64,
             device_visible_us: visible.as_micros() as u64,
             kvm_us: kvm.as_micros() as u64,
@@ -374,8 +377,9 @@ impl HotplugRegion {
             self.release(block);
         }
         let total = started.elapsed();
-        state.history.unplugs += 1;
-        state.history.last_unplug = Some(OperationTimes {
+        let mut history = lock(&self.history);
+        history.unplugs += 1;
+        history.last_unplug = Some(OperationTimes {
             blocks: blocks.len() as u64,
             device_visible_us: visible.as_micros() as u64,
             kvm_us: kvm.as_micros() as u64,
