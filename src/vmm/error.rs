@@ -36,6 +36,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write {what} {path}")]
+    OutputFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Device(String),
     #[error("host setup failed: {0}")]

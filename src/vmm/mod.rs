@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod error;
 mod exit;
+mod host_files;
 mod hotplug;
 mod io;
 mod layout;
@@ -40,6 +41,13 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Boots the guest described by `config` and blocks until it stops.
 pub fn run(config: VmConfig) -> Result<VmExit> {
     let images = boot::BootImages::read(&config)?;
+    if let Some(path) = &config.stats_file {
+        host_files::check_output(path).map_err(|source| Error::OutputFile {
+            what: "stats file",
+            path: path.clone(),
+            source,
+        })?;
+    }
     let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
     // Blocked before any thread exists, so that only signals::watch sees them.
     signals::block_exit_signals()?;

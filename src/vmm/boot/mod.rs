@@ -9,6 +9,7 @@ mod pvh;
 pub use cpu_state::BootEntry;
 
 use super::config::{KernelSource, VmConfig};
+use super::host_files;
 use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_HOLE_START};
 use super::memory::{memory_map, GuestMemory, GuestRam};
 use super::virtio::MmioSlot;
@@ -53,11 +54,7 @@ impl BootImages {
         })?;
         let initrd = match &config.initrd {
             Some(path) => {
-                let bytes = std::fs::read(path).map_err(|source| Error::ReadFile {
-                    what: "initrd",
-                    path: path.clone(),
-                    source,
-                })?;
+                let bytes = host_files::read_image("initrd", path, config.memory_bytes)?;
                 Some((path.display().to_string(), bytes))
             }
             None => None,
@@ -95,12 +92,15 @@ pub fn load(ram: &GuestRam, config: &VmConfig, images: BootImages, devices: &[Mm
     }
 }
 
+/// Largest kernel file read. An ELF vmlinux may carry far more than it
+/// loads (debug sections), so this is not the guest's RAM size.
+const MAX_KERNEL_FILE: u64 = 2 << 30;
+
 fn read_kernel(source: &KernelSource) -> Result<(String, Vec<u8>)> {
     match source {
         KernelSource::Embedded(image) => Ok(("built-in test guest".into(), image.to_vec())),
         KernelSource::File(path) => {
-            let bytes =
-                std::fs::read(path).map_err(|source| Error::ReadFile { what: "kernel", path: path.clone(), source })?;
+            let bytes = host_files::read_image("kernel", path, MAX_KERNEL_FILE)?;
             Ok((path.display().to_string(), bytes))
         }
     }

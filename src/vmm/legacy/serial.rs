@@ -38,8 +38,8 @@ impl Com1 {
         let (sink, reads_stdin): (Box<dyn Write + Send>, bool) = match output {
             SerialOutput::Stdio => (Box::new(std::io::stdout()), std::io::stdin().is_terminal()),
             SerialOutput::File(path) => {
-                let file =
-                    std::fs::File::create(path).map_err(|source| Error::SerialFile { path: path.clone(), source })?;
+                let file = crate::vmm::host_files::create_output(path)
+                    .map_err(|source| Error::SerialFile { path: path.clone(), source })?;
                 (Box::new(file), false)
             }
             SerialOutput::None => (Box::new(std::io::sink()), false),

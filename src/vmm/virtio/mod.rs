@@ -288,11 +288,7 @@ fn launch_device(
     let mut disk_lock = None;
     let kind = match &spec {
         DeviceSpec::Block(disk) => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!disk.readonly)
-                .open(&disk.path)
-                .map_err(|source| Error::ReadFile { what: "disk", path: disk.path.clone(), source })?;
+            let file = super::host_files::open_disk(&disk.path, disk.readonly)?;
             disk_lock = Some(DiskLock::take(&file, disk)?);
             ProcessKind::Block { disk: file, readonly: disk.readonly }
         }

@@ -1,0 +1,136 @@
+//! Opening the host files a user names (kernel, initrd, disks, console and
+//! stats output) so that a wrong kind of file is a clear error, never a
+//! hang or a runaway read: a FIFO with no peer would block `open` (while
+//! SIGINT is blocked), `/dev/zero` or a huge file would be read without end.
+use super::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+fn kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device (skvm takes disk image files)"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens `path` without waiting on a FIFO's peer and insists on a regular file.
+fn open_regular(what: &'static str, path: &Path, options: &mut OpenOptions) -> Result<File> {
+    let file = options.custom_flags(libc::O_NONBLOCK).open(path).map_err(|source| Error::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| Error::ReadFile { what, path: path.to_path_buf(), source })?;
+    if !meta.is_file() {
+        return Err(Error::BadImage { what, path: path.display().to_string(), reason: kind(&meta).into() });
+    }
+    Ok(file)
+}
+
+/// Reads a whole image file of at most `limit` bytes.
+pub fn read_image(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let file = open_regular(what, path, OpenOptions::new().read(true))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if size > limit {
+        return Err(Error::BadImage {
+            what,
+            path: path.display().to_string(),
+            reason: format!("{} MiB, more than the {} MiB that can be loaded", size >> 20, limit >> 20),
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|source| Error::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes)
+}
+
+/// Opens a disk image (a regular file) for reading, and writing unless `readonly`.
+pub fn open_disk(path: &Path, readonly: bool) -> Result<File> {
+    open_regular("disk", path, OpenOptions::new().read(true).write(!readonly))
+}
+
+/// Creates (or truncates) an output file. A FIFO is accepted only when a
+/// reader already has it open; anything else that is not a regular file is
+/// refused.
+pub fn create_output(path: &Path) -> std::io::Result<File> {
+    check_output(path)?;
+    let file =
+        OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ENXIO) => std::io::Error::other("it is a FIFO that nobody reads"),
+                _ => e,
+            },
+        )?;
+    // Writes may wait for a FIFO's reader from here on, as for a terminal.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_NONBLOCK) };
+    Ok(file)
+}
+
+/// Refuses an output path that exists and is neither a regular file nor a
+/// FIFO; check it before the VM starts, so a bad path is not found at exit.
+pub fn check_output(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.file_type().is_fifo() => {
+            Err(std::io::Error::other(format!("it is {}", kind(&meta))))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("skvm-host-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn fifo(name: &str) -> std::path::PathBuf {
+        let path = temp(name);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        path
+    }
+
+    #[test]
+    fn the_wrong_kind_of_file_is_an_error_not_a_hang() {
+        let pipe = fifo("pipe");
+        let err = |e: Error| e.to_string();
+        assert!(err(open_disk(&pipe, true).unwrap_err()).contains("a FIFO"));
+        assert!(err(read_image("initrd", &pipe, 1 << 20).unwrap_err()).contains("a FIFO"));
+        assert!(create_output(&pipe).unwrap_err().to_string().contains("nobody reads"));
+        assert!(err(read_image("kernel", Path::new("/dev/zero"), 1 << 20).unwrap_err()).contains("character device"));
+        assert!(err(open_disk(&std::env::temp_dir(), true).unwrap_err()).contains("a directory"));
+        assert!(check_output(Path::new("/dev/null")).is_err());
+    }
+
+    #[test]
+    fn an_image_larger_than_the_limit_is_refused_unread() {
+        let path = temp("big");
+        let file = File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        let e = read_image("initrd", &path, 8 << 20).unwrap_err().to_string();
+        assert!(e.contains("64 MiB, more than the 8 MiB"), "{e}");
+        assert_eq!(read_image("initrd", &path, 64 << 20).unwrap().len(), 64 << 20);
+    }
+}
