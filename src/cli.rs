@@ -88,7 +88,7 @@ pub enum Command {
     /// The client half of bench-memory-rpc.
     #[command(hide = true)]
     BenchMemoryRpcClient {
-        #[arg(long)]
+        #[arg(long, value_parser = inherited_fd)]
         fd: i32,
         #[arg(long)]
         quick: bool,
@@ -194,19 +194,19 @@ pub struct MemoryArg {
 pub struct DeviceArgs {
     #[arg(long)]
     name: String,
-    #[arg(long)]
+    #[arg(long, value_parser = inherited_fd)]
     control_fd: i32,
-    #[arg(long)]
+    #[arg(long, value_parser = inherited_fd)]
     notify_fd: i32,
-    #[arg(long)]
+    #[arg(long, value_parser = inherited_fd)]
     irq_fd: i32,
     #[arg(long, value_enum)]
     kind: DeviceKindArg,
-    #[arg(long, required_if_eq("kind", "blk"))]
+    #[arg(long, required_if_eq("kind", "blk"), value_parser = inherited_fd)]
     disk_fd: Option<i32>,
-    #[arg(long, conflicts_with = "memfd")]
+    #[arg(long, conflicts_with = "memfd", value_parser = inherited_fd)]
     memory_fd: Option<i32>,
-    #[arg(long, requires = "region")]
+    #[arg(long, requires = "region", value_parser = inherited_fd)]
     memfd: Option<i32>,
     /// GUEST_ADDR:SIZE:FILE_OFFSET of each piece of the memfd.
     #[arg(long, value_parser = parse_region)]
@@ -216,7 +216,7 @@ pub struct DeviceArgs {
     #[arg(long, value_enum)]
     misbehave: Option<Misbehaviour>,
     /// The virtio-mem device's channel to the VMM's hotplug service.
-    #[arg(long, required_if_eq("kind", "mem"))]
+    #[arg(long, required_if_eq("kind", "mem"), value_parser = inherited_fd)]
     hotplug_fd: Option<i32>,
     #[arg(long, value_parser = parse_address)]
     probe: Option<u64>,
@@ -344,6 +344,17 @@ pub fn error_chain(err: &dyn Error) -> String {
 }
 
 const PAGE_SIZE: u64 = 4096;
+/// A descriptor number this process inherited and holds open: the internal
+/// sub-commands take ownership of theirs, which must never be a bad number.
+fn inherited_fd(text: &str) -> Result<i32, String> {
+    let fd: i32 = text.parse().map_err(|_| format!("`{text}` is not a descriptor number"))?;
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("descriptor {fd} is not open"));
+    }
+    Ok(fd)
+}
+
 const MIN_MEMORY: u64 = 8 << 20;
 
 fn parse_memory_size(text: &str) -> Result<u64, String> {

@@ -211,3 +211,21 @@ fn the_openapi_file_describes_what_the_api_serves() {
     }
     assert_eq!(vm.shutdown(), Some(0));
 }
+
+/// A socket someone still listens on is another VM's: refused, and left in
+/// place. One nobody listens on is stale and replaced.
+#[test]
+fn a_live_api_socket_is_never_taken_over() {
+    let vm = LiveVm::start("live-socket", &["--memory", "64M", "--cmdline", "scenario=spin"]);
+    let socket = vm.socket.to_str().unwrap().to_string();
+    let out = run(&["run", "--memory", "64M", "--api-socket", &socket, "--cmdline", "scenario=hello"]);
+    out.assert_clean_error();
+    assert!(out.stderr.contains("is in use by a running process"), "{}", out.stderr);
+    assert_eq!(vm.api("GET", "/vm", "").0, 200, "the first VM lost its API");
+    assert_eq!(vm.shutdown(), Some(0));
+
+    let stale = temp_path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let out = run(&["run", "--memory", "64M", "--api-socket", stale.to_str().unwrap(), "--cmdline", "scenario=hello"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+}

@@ -389,6 +389,20 @@ fn a_disk_in_use_by_another_vm_is_refused() {
     assert_eq!(first.shutdown(), Some(0));
 }
 
+#[test]
+fn one_file_given_as_two_disks_is_refused() {
+    let path = disk("twice.img", 1 << 20);
+    let link = temp_path("twice-link.img");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let out = run_guest(
+        &["--memory", "64M", "--disk", &disk_arg(&path, ""), "--disk", &disk_arg(&link, "")],
+        "scenario=hello",
+    );
+    out.assert_clean_error();
+    assert!(out.stderr.contains("is given twice"), "{}", out.stderr);
+}
+
 /// A script that runs VMs back to back on one disk must not find it still
 /// locked by the VM that just exited.
 #[test]
@@ -435,5 +449,26 @@ fn random_register_traffic_never_takes_the_vmm_down() {
         assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
         assert!(out.stdout.contains("fuzz: done, 2 devices"), "{mode}: {}", out.stdout);
         assert!(!out.stderr.contains("panicked"), "{mode}: {}", out.stderr);
+    }
+}
+
+/// When the VM stops, each device process ends by itself with status 0: not
+/// killed by its own seccomp filter on the way out.
+#[test]
+fn device_processes_exit_cleanly_when_the_vm_stops() {
+    for mode in ["rpc", "shared"] {
+        let path = disk(&format!("clean-exit-{mode}.img"), 1 << 20);
+        let disk = disk_arg(&path, "");
+        let out =
+            run(&["--log-level", "debug", "run", "--memory", "64M", "--memory-mode", mode, "--disk", &disk, "--rng"]);
+        assert_eq!(out.code(), Some(0), "{mode}: {}", out.stderr);
+        for device in ["blk0", "rng0"] {
+            let ended = out
+                .stderr
+                .lines()
+                .find(|l| l.contains(&format!("device {device}: process")))
+                .unwrap_or_else(|| panic!("{mode}: no end recorded for {device}: {}", out.stderr));
+            assert!(ended.ends_with("exited with status 0"), "{mode}: {ended}");
+        }
     }
 }

@@ -219,3 +219,16 @@ fn terminal_input_reaches_the_guest() {
         out.stdout
     );
 }
+
+/// A console nobody reads any more (a closed pipe) costs one warning, not
+/// one per byte, and the guest runs to its end.
+#[test]
+fn a_closed_console_pipe_is_reported_once() {
+    use std::io::Read;
+    let mut child = skvm(&["run", "--memory", "64M", "--cmdline", "scenario=hello"]).spawn().unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{stderr}");
+    assert_eq!(stderr.matches("serial output failed").count(), 1, "{stderr}");
+}

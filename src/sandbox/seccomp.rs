@@ -24,6 +24,7 @@ pub const BLOCK_DEVICE_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_brk, "allocator"),
     (libc::SYS_rt_sigreturn, "return from a signal handler"),
     (libc::SYS_close, "the event loop's descriptors, dropped when the device stops"),
+    (libc::SYS_sigaltstack, "Rust's runtime removes its signal stack as the process exits"),
     (libc::SYS_exit_group, "process exit"),
 ];
 

@@ -125,9 +125,16 @@ pub struct ApiSocket {
 pub fn bind(path: &Path) -> Result<ApiSocket> {
     let fail = |what: &str, e: std::io::Error| Error::Host(format!("API socket {}: {what}", path.display()), e);
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| fail("removing a stale socket", e))?
-        }
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            // Someone answers there: another VM's API, not a stale socket.
+            Ok(_) => {
+                return Err(Error::Device(format!("API socket {} is in use by a running process", path.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|e| fail("removing a stale socket", e))?
+            }
+            Err(e) => return Err(fail("checking whether the existing socket is stale", e)),
+        },
         Ok(_) => return Err(Error::Device(format!("API socket {} exists and is not a socket", path.display()))),
         Err(_) => {}
     }

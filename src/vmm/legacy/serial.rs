@@ -60,7 +60,10 @@ impl Com1 {
     pub fn write(&self, port: u16, value: u8) {
         let mut uart = lock(&self.uart);
         if let Err(e) = uart.write((port - COM1_BASE) as u8, value) {
-            tracing::warn!("serial output failed: {e:?}");
+            // Say it once (a closed pipe would fail every byte from now on),
+            // then let the guest write into nothing.
+            tracing::warn!("serial output failed ({e:?}); the guest's console output is dropped from here on");
+            *uart.writer_mut() = Box::new(std::io::sink());
         }
         // Guest output is often the user's only view; push it out per byte.
         if port == COM1_BASE {

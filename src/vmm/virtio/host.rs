@@ -84,11 +84,12 @@ impl DeviceHealth {
 
     /// A device process ended: a failure, unless a rebuild had retired it.
     pub fn process_ended(&self, name: &str, pid: u32, reason: String) {
+        tracing::debug!("device {name}: {reason}");
         if self.current_pid.load(Ordering::SeqCst) == pid {
             self.fail(name, reason);
             self.mark_ended();
         } else {
-            tracing::debug!("device {name}: retired process {pid} ended");
+            tracing::debug!("device {name}: that was a retired process");
         }
     }
 }

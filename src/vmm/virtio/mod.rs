@@ -207,6 +207,7 @@ pub struct LaunchContext<'a> {
 /// Starts every configured device. Call from the main thread: device
 /// processes die with the thread that started them.
 pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDevice>> {
+    refuse_repeated_disks(&config.disks)?;
     let mut specs: Vec<DeviceSpec> = config.disks.iter().map(DeviceSpec::Block).collect();
     if config.rng {
         specs.push(DeviceSpec::Rng);
@@ -238,6 +239,27 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
             Ok(VirtioDevice { slot, transport: Mutex::new(transport), disk_lock })
         })
         .collect()
+}
+
+/// One file given as two disks, one of them writable, would be two devices
+/// writing or reading under each other (read-only twice is harmless).
+fn refuse_repeated_disks(disks: &[DiskConfig]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: std::collections::HashMap<_, &DiskConfig> = std::collections::HashMap::new();
+    for disk in disks {
+        let Ok(meta) = std::fs::metadata(&disk.path) else { continue };
+        match seen.insert((meta.dev(), meta.ino()), disk) {
+            Some(first) if !(first.readonly && disk.readonly) => {
+                return Err(Error::Device(format!(
+                    "disk {} is given twice (also as {}), not both read-only",
+                    disk.path.display(),
+                    first.path.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Two VMs writing one disk corrupt it: an exclusive lock for a writable
