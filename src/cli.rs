@@ -143,8 +143,9 @@ pub struct RunArgs {
     /// boot protocol otherwise. `linux` forces the 64-bit protocol on a vmlinux with a PVH note.
     #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
     pub boot_protocol: BootProtocol,
-    /// A virtio-blk disk backed by a host file: `path=FILE[,readonly=on]`. Repeat for more
-    /// disks (up to 8). Each runs as its own device, in the memory mode below.
+    /// A virtio-blk disk backed by a regular host file: `path=FILE[,readonly=on]`. Repeat for
+    /// more disks (up to 8). Each runs as its own device, in the memory mode below, and is
+    /// locked against other VMs while this one runs.
     #[arg(long, value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
 
