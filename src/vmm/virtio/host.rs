@@ -6,8 +6,7 @@ use super::memory_service::DeviceAccess;
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
-use std::os::fd::AsRawFd;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +33,7 @@ pub struct DeviceHealth {
     current_pid: AtomicU32,
     /// Every process of this device not yet reaped, by PID and pidfd: a
     /// failed device is killed, so none keeps serving with an old memory map.
-    processes: Mutex<Vec<(u32, std::os::fd::OwnedFd)>>,
+    processes: Mutex<Vec<(u32, OwnedFd)>>,
 }
 
 impl DeviceHealth {
@@ -62,7 +61,7 @@ impl DeviceHealth {
     }
 
     /// A process now runs this device; `pidfd` lets the VMM kill it safely.
-    pub fn add_process(&self, pid: u32, pidfd: std::os::fd::OwnedFd) {
+    pub fn add_process(&self, pid: u32, pidfd: OwnedFd) {
         lock(&self.processes).push((pid, pidfd));
     }
 
