@@ -25,8 +25,9 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// Opens `path` without waiting on a FIFO's peer and insists on a regular file.
-fn open_regular(what: &'static str, path: &Path, options: &mut OpenOptions) -> Result<File> {
+/// Opens `path` without waiting on a FIFO's peer and insists on a regular
+/// file; returns it with its size.
+fn open_regular(what: &'static str, path: &Path, options: &mut OpenOptions) -> Result<(File, u64)> {
     let file = options.custom_flags(libc::O_NONBLOCK).open(path).map_err(|source| Error::ReadFile {
         what,
         path: path.to_path_buf(),
@@ -36,13 +37,12 @@ fn open_regular(what: &'static str, path: &Path, options: &mut OpenOptions) -> R
     if !meta.is_file() {
         return Err(Error::BadImage { what, path: path.display().to_string(), reason: kind(&meta).into() });
     }
-    Ok(file)
+    Ok((file, meta.len()))
 }
 
 /// Reads a whole image file of at most `limit` bytes.
 pub fn read_image(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let file = open_regular(what, path, OpenOptions::new().read(true))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let (file, size) = open_regular(what, path, OpenOptions::new().read(true))?;
     if size > limit {
         return Err(Error::BadImage {
             what,
@@ -61,7 +61,7 @@ pub fn read_image(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>
 
 /// Opens a disk image (a regular file) for reading, and writing unless `readonly`.
 pub fn open_disk(path: &Path, readonly: bool) -> Result<File> {
-    open_regular("disk", path, OpenOptions::new().read(true).write(!readonly))
+    Ok(open_regular("disk", path, OpenOptions::new().read(true).write(!readonly))?.0)
 }
 
 /// Creates (or truncates) an output file. A FIFO is accepted only when a
