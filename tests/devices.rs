@@ -318,7 +318,7 @@ fn rng_serves_entropy_in_every_mode_beside_a_disk() {
 #[test]
 fn inprocess_mode_starts_no_device_process() {
     let path = disk("inprocess.img", 1 << 20);
-    // The API answers only once every device has started.
+    // LiveVm returns once the API answers, which is after every device has started.
     let vm = LiveVm::start(
         "inprocess-children",
         &[
@@ -378,7 +378,7 @@ fn a_killed_device_fails_alone_and_the_guest_carries_on() {
 #[test]
 fn a_disk_in_use_by_another_vm_is_refused() {
     let path = disk("locked.img", 1 << 20);
-    // Once its API answers, the first VM holds the disk.
+    // Once its API answers (LiveVm waits for that), the first VM holds the disk.
     let first = LiveVm::start(
         "locked-first",
         &["--memory", "64M", "--disk", &disk_arg(&path, ""), "--cmdline", "scenario=spin"],

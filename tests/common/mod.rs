@@ -155,7 +155,8 @@ pub struct LiveVm {
 }
 
 impl LiveVm {
-    /// Starts `skvm run ARGS` with an API socket; returns once the socket answers.
+    /// Starts `skvm run ARGS` with an API socket; returns once the API answers
+    /// a request (skvm listens early, but serves only once its devices run).
     pub fn start(name: &str, args: &[&str]) -> LiveVm {
         let socket = temp_path(&format!("{name}.sock"));
         let console = temp_path(&format!("{name}.console"));
@@ -170,7 +171,7 @@ impl LiveVm {
             Command::new(SKVM).args(&all).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file).spawn().unwrap();
         let mut vm = LiveVm { child, socket, console, stderr };
         for _ in 0..500 {
-            if std::os::unix::net::UnixStream::connect(&vm.socket).is_ok() {
+            if vm.try_api("GET", "/vm", "").is_ok() {
                 return vm;
             }
             if vm.child.try_wait().unwrap().is_some() {
