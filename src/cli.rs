@@ -149,8 +149,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
 
-    /// How devices reach guest memory. `rpc`: a sandboxed process that never maps guest RAM
-    /// and asks the VMM for every access. `shared`: a sandboxed process that maps a memfd of
+    /// How devices reach guest memory. `rpc`: a sandboxed process that never maps guest RAM;
+    /// the VMM walks its queue and hands it only the buffers the guest posted, by grant.
+    /// `rpc-dma`: a sandboxed process that walks its own queue and asks the VMM to read or
+    /// write guest addresses (any RAM). `shared`: a sandboxed process that maps a memfd of
     /// guest RAM. `inprocess`: a thread of the VMM.
     #[arg(long, value_enum, default_value_t = MemoryMode::Rpc, conflicts_with = "rpc_memory")]
     pub memory_mode: MemoryMode,
@@ -197,10 +199,11 @@ pub struct DeviceArgs {
     name: String,
     #[arg(long, value_parser = inherited_fd)]
     control_fd: i32,
-    #[arg(long, value_parser = inherited_fd)]
-    notify_fd: i32,
-    #[arg(long, value_parser = inherited_fd)]
-    irq_fd: i32,
+    /// The queue notifier of a device that walks its own ring (not `rpc`).
+    #[arg(long, requires = "irq_fd", value_parser = inherited_fd)]
+    notify_fd: Option<i32>,
+    #[arg(long, requires = "notify_fd", value_parser = inherited_fd)]
+    irq_fd: Option<i32>,
     #[arg(long, value_enum)]
     kind: DeviceKindArg,
     #[arg(long, required_if_eq("kind", "blk"), value_parser = inherited_fd)]
@@ -270,12 +273,14 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                 (None, Some(memfd)) => MemoryChannel::Shared { memfd, regions: args.region },
                 _ => return Err("a device needs exactly one of --memory-fd and --memfd".into()),
             };
+            if args.notify_fd.is_none() && args.memfd.is_some() {
+                return Err("a device that maps guest RAM walks its ring: it needs --notify-fd and --irq-fd".into());
+            }
             let device = DeviceProcess {
                 name: args.name.clone(),
                 control: args.control_fd,
                 memory,
-                notify: args.notify_fd,
-                irq: args.irq_fd,
+                doorbell: args.notify_fd.zip(args.irq_fd),
                 kind: match (args.kind, args.disk_fd) {
                     (DeviceKindArg::Blk, Some(disk)) => DeviceKind::Block { disk, readonly: args.readonly },
                     (DeviceKindArg::Blk, None) => return Err("a block device needs --disk-fd".into()),

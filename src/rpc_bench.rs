@@ -20,8 +20,8 @@ pub fn run(quick: bool) -> Result<u8, String> {
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION)]).map_err(|e| e.to_string())?;
     let runtime = crate::vmm::start_rpc_runtime().map_err(|e| e.to_string())?;
     let (server_end, client_end) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-    let access = memory_service::DeviceAccess::new("bench");
-    memory_service::serve(&runtime, server_end, GuestMemoryAtomic::new(memory), access).map_err(|e| e.to_string())?;
+    let health = memory_service::DeviceHealth::new(Some(memory_service::DeviceAccess::new("bench", false)));
+    memory_service::serve(&runtime, server_end, GuestMemoryAtomic::new(memory), health).map_err(|e| e.to_string())?;
     let fd = client_end.as_raw_fd();
     let mut child = std::process::Command::new("/proc/self/exe");
     child.arg("bench-memory-rpc-client").arg(format!("--fd={fd}"));

@@ -16,10 +16,28 @@
 //! Both begin with a `hello` that carries [`PROTOCOL_VERSION`]; any other
 //! call before a successful hello is refused.
 //!
-//! A later, higher-level service can let the VMM walk descriptor chains and
-//! hand a device only the buffers the guest posted to it (grant-style
-//! confinement, fewer round trips); [`Segment`] is already the unit such a
-//! service would grant.
+//! ## Two ways a device reaches guest memory
+//!
+//! * **Request level** (`rpc` mode). The VMM walks the virtqueue. For each
+//!   descriptor chain it records a *grant* (the chain's buffers, lengths and
+//!   directions) and sends the device a [`PostedRequest`] that names the
+//!   grant and its buffers by index, never by guest address. A batch of
+//!   requests is one [`DeviceControl::requests`] call and its completions are
+//!   the reply: two messages per batch. Driver-readable bytes travel inline
+//!   with the request (up to [`MAX_INLINE_REQUEST`] per request and
+//!   [`MAX_BATCH_INLINE`] per batch); device-writable bytes travel inline
+//!   with the completion (up to [`MAX_BATCH_INLINE`] per reply). Anything
+//!   larger moves with [`GuestMemory::read_granted`] and
+//!   [`GuestMemory::write_granted`], addressed as (grant, buffer, offset,
+//!   length). The VMM refuses, and fails the device for, any access outside
+//!   an outstanding grant: an unknown or completed grant, a buffer index or
+//!   range past the buffer, the wrong direction, an address-style call, or a
+//!   completion for a grant it does not hold. A grant is revoked the moment
+//!   its completion arrives.
+//! * **DMA style** (`rpc-dma` mode, the 2011 "Secure KVM" design). The device
+//!   walks its own ring and reads and writes guest-physical ranges with
+//!   [`GuestMemory::read`] and [`GuestMemory::write`], each checked only
+//!   against the RAM map.
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -28,7 +46,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -40,6 +58,17 @@ pub const MAX_SEGMENTS: usize = 1024;
 pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// Largest frame either side accepts: a maximal transfer plus encoding overhead.
 pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
+/// A request's driver-readable bytes travel inline only when there are at
+/// most this many; otherwise the device fetches what it needs with
+/// `read_granted`.
+pub const MAX_INLINE_REQUEST: u64 = 256 * 1024;
+/// Most inline data bytes in one batch of requests, and in one reply.
+pub const MAX_BATCH_INLINE: u64 = MAX_TRANSFER;
+/// Most buffers in one chain the VMM accepts (a longer chain breaks the ring).
+pub const MAX_CHAIN_BUFFERS: usize = 1024;
+/// Most buffers, over all requests, in one batch (keeps a frame's metadata
+/// well inside the frame's slack over [`MAX_BATCH_INLINE`]).
+pub const MAX_BATCH_BUFFERS: usize = 4096;
 
 /// One end of a channel: a unix socket framed and encoded as this contract says.
 pub type Transport<Item, SinkItem> =
@@ -140,6 +169,86 @@ pub enum MemoryError {
     TooManySegments { count: usize, max: usize },
     #[error("this device's access to guest memory was revoked")]
     Revoked,
+    #[error("this device may touch only the buffers posted to it, not guest addresses")]
+    AddressAccess,
+    #[error("grant {0} is not outstanding (never issued, or already completed)")]
+    UnknownGrant(u64),
+    #[error("grant {grant} has no buffer {buffer}")]
+    NoSuchBuffer { grant: u64, buffer: u16 },
+    #[error("grant {grant} buffer {buffer}: {offset:#x}+{len:#x} is outside the buffer")]
+    OutsideBuffer { grant: u64, buffer: u16, offset: u32, len: u64 },
+    #[error("grant {grant} buffer {buffer} goes the other way (a read of a device-writable buffer or a write to a driver-readable one)")]
+    WrongDirection { grant: u64, buffer: u16 },
+}
+
+impl MemoryError {
+    /// True for a request no honest device makes: the VMM fails the device.
+    /// (A granted buffer that is not guest RAM is the guest's doing.)
+    pub fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            MemoryError::AddressAccess
+                | MemoryError::UnknownGrant(_)
+                | MemoryError::NoSuchBuffer { .. }
+                | MemoryError::OutsideBuffer { .. }
+                | MemoryError::WrongDirection { .. }
+                | MemoryError::TooLarge { .. }
+                | MemoryError::TooManySegments { .. }
+        )
+    }
+}
+
+/// One buffer of a posted request, as the device sees it: no address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostedBuffer {
+    pub len: u32,
+    /// Device-writable (the driver reads it back); otherwise driver-readable.
+    pub writable: bool,
+}
+
+/// One request (descriptor chain) handed to a device, named by its grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostedRequest {
+    pub grant: u64,
+    pub buffers: Vec<PostedBuffer>,
+    /// The driver-readable buffers' bytes in chain order, when they fit
+    /// inline; empty otherwise (the device reads what it needs).
+    pub readable: ByteBuf,
+    /// Some buffer is not guest RAM: the device answers with its error status.
+    pub faulty: bool,
+}
+
+/// Bytes for one device-writable buffer of a grant, at `offset` into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferWrite {
+    pub buffer: u16,
+    pub offset: u32,
+    pub data: ByteBuf,
+}
+
+/// A device's answer to one posted request: inline writes, and the used
+/// length the driver sees (at most the chain's writable bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedRequest {
+    pub grant: u64,
+    pub used_len: u32,
+    pub writes: Vec<BufferWrite>,
+}
+
+/// A piece of a granted buffer to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRange {
+    pub grant: u64,
+    pub buffer: u16,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// Bytes to store into a granted, device-writable buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantWrite {
+    pub grant: u64,
+    pub write: BufferWrite,
 }
 
 /// Device -> VMM: guest memory access, the device's only way to reach it.
@@ -151,6 +260,12 @@ pub trait GuestMemory {
     async fn read(segments: Vec<Segment>) -> Result<Vec<ByteBuf>, MemoryError>;
     /// Writes each segment in order; all are checked before any is written.
     async fn write(segments: Vec<WriteSegment>) -> Result<(), MemoryError>;
+    /// Request level: reads pieces of driver-readable granted buffers, one
+    /// reply buffer per range (limits as for `read`).
+    async fn read_granted(ranges: Vec<GrantRange>) -> Result<Vec<ByteBuf>, MemoryError>;
+    /// Request level: writes into device-writable granted buffers; all are
+    /// checked before any is written.
+    async fn write_granted(writes: Vec<GrantWrite>) -> Result<(), MemoryError>;
 }
 
 /// One virtqueue as the driver set it up.
@@ -247,6 +362,9 @@ pub trait DeviceControl {
     async fn restore(state: DeviceState) -> Result<(), DeviceError>;
     /// The device's own counters.
     async fn counters() -> DeviceCounters;
+    /// Request level: serves a batch of posted requests. The reply completes
+    /// them (in any order; each grant once).
+    async fn requests(batch: Vec<PostedRequest>) -> Result<Vec<CompletedRequest>, DeviceError>;
 }
 
 /// Why the VMM refused a hotplug request; each maps to a virtio-mem response.

@@ -2,9 +2,8 @@
 //! file the VMM opened. Every request header and buffer layout is checked;
 //! a bad request gets an error status, never a crash.
 use super::features;
-use super::memory::{read_all, AccessError, DeviceMemory};
-use super::virtqueue::{Buffer, Chain, Completion, Prefetched};
-use rpc_schema::{DeviceInfo, Segment, WriteSegment};
+use super::request::{Reply, Request};
+use rpc_schema::DeviceInfo;
 use serde_bytes::ByteBuf;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -13,7 +12,7 @@ use std::os::unix::fs::FileExt;
 pub const DEVICE_ID: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
-const HEADER_SIZE: u32 = 16;
+const HEADER_SIZE: u64 = 16;
 /// Largest request served, data of both directions together; a larger one
 /// fails before any of it is read. Linux sends at most 1.25 MiB by default.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
@@ -48,27 +47,11 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
-/// Counters a benchmark or the VMM can read.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BlockStats {
-    pub requests: u64,
-    pub errors: u64,
-}
-
 pub struct BlockDevice {
     file: File,
     readonly: bool,
     sectors: u64,
     id: [u8; ID_SIZE],
-    pub stats: BlockStats,
-}
-
-/// A request split into its parts, or the reason it cannot be served.
-struct Parsed {
-    head: u16,
-    header: Buffer,
-    data: Vec<Buffer>,
-    status: Option<Buffer>,
 }
 
 impl BlockDevice {
@@ -77,7 +60,7 @@ impl BlockDevice {
         let mut serial = [0u8; ID_SIZE];
         let bytes = id.as_bytes();
         serial[..bytes.len().min(ID_SIZE)].copy_from_slice(&bytes[..bytes.len().min(ID_SIZE)]);
-        Ok(BlockDevice { file, readonly, sectors, id: serial, stats: BlockStats::default() })
+        Ok(BlockDevice { file, readonly, sectors, id: serial })
     }
 
     pub fn info(&self) -> DeviceInfo {
@@ -107,143 +90,86 @@ impl BlockDevice {
         }
     }
 
-    fn parse(chain: Chain) -> Parsed {
-        let mut buffers = chain.buffers;
-        let status = match buffers.last() {
-            Some(last) if buffers.len() >= 2 && last.writable && last.len >= 1 => buffers.pop(),
-            _ => None,
+    /// The readable bytes a request needs: all of them (header, then data),
+    /// or none when its shape alone fails it (no header or status byte, or
+    /// more than [`MAX_REQUEST_BYTES`] of data: refused unread).
+    pub fn wanted(readable_len: u64, writable_len: u64) -> u64 {
+        let usable = writable_len >= 1
+            && readable_len >= HEADER_SIZE
+            && readable_len - HEADER_SIZE <= MAX_REQUEST_BYTES
+            && writable_len - 1 <= MAX_REQUEST_BYTES;
+        if usable {
+            readable_len
+        } else {
+            0
+        }
+    }
+
+    /// The answer to a request that cannot be served: VIRTIO_BLK_S_IOERR in
+    /// the status byte (the writable stream's last), if there is one.
+    pub fn refuse(writable_len: u64) -> Reply {
+        match writable_len.checked_sub(1) {
+            Some(status_at) => Reply { writes: vec![(status_at, vec![S_IOERR])], used_len: 1, failed: true },
+            None => Reply { failed: true, ..Reply::default() },
+        }
+    }
+
+    /// Serves the requests in order.
+    pub fn serve(&mut self, requests: &[Request]) -> Vec<Reply> {
+        requests.iter().map(|r| self.serve_one(r)).collect()
+    }
+
+    fn serve_one(&mut self, request: &Request) -> Reply {
+        let wanted = Self::wanted(request.readable_len, request.writable_len);
+        let readable = match &request.readable {
+            Some(bytes) if wanted > 0 && bytes.len() as u64 == wanted => bytes,
+            _ => return Self::refuse(request.writable_len),
         };
-        let header = if buffers.is_empty() { Buffer { addr: 0, len: 0, writable: true } } else { buffers.remove(0) };
-        Parsed { head: chain.head, header, data: buffers, status }
+        let status_at = request.writable_len - 1;
+        let (status, data) =
+            self.execute(&readable[..HEADER_SIZE as usize], &readable[HEADER_SIZE as usize..], status_at);
+        let mut reply = Reply { used_len: 1, failed: status != S_OK, writes: Vec::with_capacity(2) };
+        if let Some(data) = data {
+            reply.used_len += data.len() as u32;
+            reply.writes.push((0, data));
+        }
+        reply.writes.push((status_at, vec![status]));
+        reply
     }
 
-    /// Serves `chains`; the caller writes the completions back.
-    pub async fn process<M: DeviceMemory>(
-        &mut self,
-        mem: &M,
-        chains: Vec<Chain>,
-        mut prefetched: Prefetched,
-    ) -> Result<Vec<Completion>, AccessError> {
-        let requests: Vec<Parsed> = chains.into_iter().map(Self::parse).collect();
-        // Every header and driver-to-device buffer: prefetched, or read in one batch.
-        let mut inputs: Vec<Vec<Option<Vec<u8>>>> = Vec::with_capacity(requests.len());
-        let mut wanted = Vec::new();
-        for r in &requests {
-            let segments = Self::input_segments(r);
-            let got: Vec<Option<Vec<u8>>> = segments.iter().map(|s| prefetched.take(s.addr, s.len)).collect();
-            wanted.extend(segments.into_iter().zip(&got).filter(|(_, g)| g.is_none()).map(|(s, _)| s));
-            inputs.push(got);
-        }
-        let mut fetched = match read_all(mem, &wanted).await {
-            Ok(bytes) => Some(bytes.into_iter()),
-            // A refused batch means some request names memory outside RAM:
-            // fall back to one request at a time to find it.
-            Err(AccessError::Refused(_)) => None,
-            Err(e) => return Err(e),
-        };
-        for (r, slots) in requests.iter().zip(inputs.iter_mut()) {
-            if slots.iter().all(Option::is_some) {
-                continue;
-            }
-            match fetched.as_mut() {
-                Some(iter) => slots.iter_mut().filter(|s| s.is_none()).for_each(|s| *s = iter.next()),
-                None => {
-                    if let Ok(bytes) = read_all(mem, &Self::input_segments(r)).await {
-                        *slots = bytes.into_iter().map(Some).collect();
-                    }
-                }
-            }
-        }
-
-        let mut completions = Vec::with_capacity(requests.len());
-        for (r, slots) in requests.iter().zip(inputs) {
-            // None: no usable header, or its buffers could not be read.
-            let inputs: Option<Vec<Vec<u8>>> = if slots.is_empty() { None } else { slots.into_iter().collect() };
-            let (status, data, written) = match inputs {
-                Some(inputs) => self.execute(r, inputs),
-                None => (S_IOERR, Vec::new(), 0),
-            };
-            self.stats.requests += 1;
-            if status != S_OK {
-                self.stats.errors += 1;
-            }
-            completions.push(Completion { head: r.head, data, status_addr: r.status.map(|s| s.addr), status, written });
-        }
-        Ok(completions)
-    }
-
-    /// The header and driver-to-device buffers of a well-formed request
-    /// (none when it has no usable header or status buffer).
-    fn input_segments(r: &Parsed) -> Vec<Segment> {
-        let data_bytes: u64 = r.data.iter().map(|b| u64::from(b.len)).sum();
-        if r.status.is_none() || r.header.writable || r.header.len < HEADER_SIZE || data_bytes > MAX_REQUEST_BYTES {
-            return Vec::new();
-        }
-        let mut segments = vec![Segment { addr: r.header.addr, len: HEADER_SIZE }];
-        segments.extend(r.data.iter().filter(|b| !b.writable).map(|b| Segment { addr: b.addr, len: b.len }));
-        segments
-    }
-
-    /// Runs one request whose header and input buffers are in `inputs`.
-    /// Returns (status, writes of data for the driver, bytes of such data).
-    fn execute(&mut self, r: &Parsed, inputs: Vec<Vec<u8>>) -> (u8, Vec<WriteSegment>, u32) {
-        let header = &inputs[0];
+    /// Runs one request: `out` is the driver's data after the header, and
+    /// `room` the writable bytes before the status byte. Returns the status
+    /// and any data for the driver (at the start of the writable stream).
+    fn execute(&mut self, header: &[u8], out: &[u8], room: u64) -> (u8, Option<Vec<u8>>) {
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
-        let data_len: u64 = r.data.iter().map(|b| b.len as u64).sum();
-        let in_bounds = || {
-            data_len % SECTOR_SIZE == 0
+        let in_bounds = |len: u64| {
+            len % SECTOR_SIZE == 0
                 && sector
                     .checked_mul(SECTOR_SIZE)
-                    .and_then(|o| o.checked_add(data_len))
+                    .and_then(|o| o.checked_add(len))
                     .is_some_and(|end| end <= self.sectors * SECTOR_SIZE)
         };
+        let done = |result: std::io::Result<()>| if result.is_ok() { S_OK } else { S_IOERR };
         match kind {
-            T_IN if r.data.iter().all(|b| b.writable) && in_bounds() => {
-                let mut bytes = vec![0u8; data_len as usize];
-                if self.file.read_exact_at(&mut bytes, sector * SECTOR_SIZE).is_err() {
-                    return (S_IOERR, Vec::new(), 0);
-                }
-                let mut offset = 0usize;
-                let writes = r
-                    .data
-                    .iter()
-                    .map(|b| {
-                        let chunk = &bytes[offset..offset + b.len as usize];
-                        offset += b.len as usize;
-                        WriteSegment { addr: b.addr, data: ByteBuf::from(chunk.to_vec()) }
-                    })
-                    .collect();
-                (S_OK, writes, data_len as u32)
-            }
-            T_OUT if !self.readonly && r.data.iter().all(|b| !b.writable) && in_bounds() => {
-                let bytes: Vec<u8> = inputs[1..].concat();
-                match self.file.write_all_at(&bytes, sector * SECTOR_SIZE) {
-                    Ok(()) => (S_OK, Vec::new(), 0),
-                    Err(_) => (S_IOERR, Vec::new(), 0),
+            T_IN if in_bounds(room) => {
+                let mut bytes = vec![0u8; room as usize];
+                match self.file.read_exact_at(&mut bytes, sector * SECTOR_SIZE) {
+                    Ok(()) => (S_OK, Some(bytes)),
+                    Err(_) => (S_IOERR, None),
                 }
             }
-            T_FLUSH => match self.file.sync_data() {
-                Ok(()) => (S_OK, Vec::new(), 0),
-                Err(_) => (S_IOERR, Vec::new(), 0),
-            },
-            T_GET_ID => match r.data.first() {
-                Some(b) if b.writable && r.data.len() == 1 => {
-                    let len = (b.len as usize).min(ID_SIZE);
-                    (
-                        S_OK,
-                        vec![WriteSegment { addr: b.addr, data: ByteBuf::from(self.id[..len].to_vec()) }],
-                        len as u32,
-                    )
-                }
-                _ => (S_IOERR, Vec::new(), 0),
-            },
-            T_DISCARD | T_WRITE_ZEROES if !self.readonly => {
-                let ranges = inputs[1..].concat();
-                (self.zero_range(kind, &ranges), Vec::new(), 0)
+            T_OUT if !self.readonly && in_bounds(out.len() as u64) => {
+                (done(self.file.write_all_at(out, sector * SECTOR_SIZE)), None)
             }
-            T_IN | T_OUT | T_DISCARD | T_WRITE_ZEROES => (S_IOERR, Vec::new(), 0),
-            _ => (S_UNSUPP, Vec::new(), 0),
+            T_FLUSH => (done(self.file.sync_data()), None),
+            T_GET_ID if room > 0 => {
+                let len = (room as usize).min(ID_SIZE);
+                (S_OK, Some(self.id[..len].to_vec()))
+            }
+            T_DISCARD | T_WRITE_ZEROES if !self.readonly => (self.zero_range(kind, out), None),
+            T_IN | T_OUT | T_GET_ID | T_DISCARD | T_WRITE_ZEROES => (S_IOERR, None),
+            _ => (S_UNSUPP, None),
         }
     }
 

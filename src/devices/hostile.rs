@@ -1,7 +1,13 @@
 //! Test-only: a device that breaks the memory protocol on purpose, so tests
 //! can show the VMM refuses each request and survives. Reached only through
-//! the hidden `--test-device-misbehave hostile-rpc` flag.
-use rpc_schema::{GuestMemoryClient, Segment, WriteSegment, MAX_SEGMENTS, MAX_TRANSFER, PROTOCOL_VERSION};
+//! the hidden `--test-device-misbehave` flag: `hostile-rpc` (the address
+//! protocol of `rpc-dma`) and `grant-*` (the request level of `rpc`).
+use super::process::Misbehaviour;
+use super::runner::Tamper;
+use rpc_schema::{
+    BufferWrite, CompletedRequest, GrantRange, GrantWrite, GuestMemoryClient, PostedRequest, Segment, WriteSegment,
+    MAX_SEGMENTS, MAX_TRANSFER, PROTOCOL_VERSION,
+};
 use serde_bytes::ByteBuf;
 use tarpc::context;
 
@@ -60,4 +66,92 @@ pub async fn probe(client: &GuestMemoryClient, raw: std::os::fd::RawFd) {
     let sent = unsafe { libc::write(raw, garbage.as_ptr() as *const libc::c_void, garbage.len()) };
     report("garbage bytes", format!("sent {sent}"));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// Where the test guest keeps its canary (`blk-pattern`): guest RAM no
+/// request ever names, which an address-style write aims at.
+pub const GUEST_CANARY: u64 = 8 << 20;
+
+/// Test-only, request level: at the second batch the device makes the one
+/// forbidden move `which` names (the first batch is served honestly, so a
+/// completed grant exists), reports the VMM's answer and then replies with
+/// what the move calls for.
+pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<Tamper> {
+    use Misbehaviour::*;
+    if matches!(which, ForbiddenSyscall | HostileRpc) {
+        return None;
+    }
+    let client = client.clone();
+    let mut batches = 0u32;
+    let mut completed: Vec<u64> = Vec::new();
+    Some(Box::new(move |batch: Vec<PostedRequest>, mut done: Vec<CompletedRequest>| {
+        batches += 1;
+        let client = client.clone();
+        let earlier = completed.first().copied();
+        completed.extend(done.iter().map(|c| c.grant));
+        Box::pin(async move {
+            if batches != 2 {
+                return done;
+            }
+            let live = &batch[0];
+            let grant = live.grant;
+            let last = live.buffers.len() as u16 - 1;
+            let read = |grant, buffer, offset, len| {
+                let client = client.clone();
+                async move {
+                    let range = GrantRange { grant, buffer, offset, len };
+                    client.read_granted(context::current(), vec![range]).await
+                }
+            };
+            let write_to = |buffer: u16, len: usize| GrantWrite {
+                grant,
+                write: BufferWrite { buffer, offset: 0, data: ByteBuf::from(vec![0x66u8; len]) },
+            };
+            match which {
+                GrantAddress => {
+                    let smash = vec![WriteSegment { addr: GUEST_CANARY, data: ByteBuf::from(vec![0x66u8; 4096]) }];
+                    report("grant address", format!("{:?}", client.write(context::current(), smash).await));
+                }
+                GrantUnknown => report("grant unknown", format!("{:?}", read(u64::MAX / 3, 0, 0, 1).await)),
+                GrantCompleted => {
+                    let earlier = earlier.unwrap_or(0);
+                    report("grant completed", format!("{:?}", read(earlier, 0, 0, 1).await));
+                }
+                GrantBufferIndex => report("grant index", format!("{:?}", read(grant, last + 1, 0, 1).await)),
+                GrantOffset => {
+                    let len = live.buffers[0].len;
+                    report("grant offset", format!("{:?}", read(grant, 0, len, 1).await));
+                }
+                GrantOverflow => report("grant overflow", format!("{:?}", read(grant, 0, u32::MAX, u32::MAX).await)),
+                GrantWriteReadable => {
+                    let wrong = client.write_granted(context::current(), vec![write_to(0, 1)]).await;
+                    report("grant write readable", format!("{wrong:?}"));
+                }
+                GrantReadWritable => report("grant read writable", format!("{:?}", read(grant, last, 0, 1).await)),
+                GrantOversized => {
+                    let len = live.buffers[last as usize].len as usize + 1;
+                    let write = BufferWrite { buffer: last, offset: 0, data: ByteBuf::from(vec![0x66u8; len]) };
+                    done[0].writes.push(write);
+                    report("grant oversized", "sent".into());
+                }
+                GrantForeign => {
+                    done.push(CompletedRequest { grant: grant + 1000, used_len: 0, writes: Vec::new() });
+                    report("grant foreign", "sent".into());
+                }
+                GrantDuplicate => {
+                    let again = done[0].clone();
+                    done.push(again);
+                    report("grant duplicate", "sent".into());
+                }
+                GrantFlood => {
+                    let calls = (0..2000).map(|_| read(u64::MAX / 5, 0, 0, 1));
+                    let answers = futures::future::join_all(calls).await;
+                    let refused = answers.iter().filter(|a| !matches!(a, Ok(Ok(_)))).count();
+                    report("grant flood", format!("{refused} of 2000 refused"));
+                }
+                ForbiddenSyscall | HostileRpc => {}
+            }
+            done
+        })
+    }))
 }

@@ -4,9 +4,9 @@
 //! its own record of the region and does the work. The configuration space
 //! (block size, region, plugged and requested size) is served by the VMM.
 use super::features;
-use super::memory::{read_all, AccessError, DeviceMemory};
-use super::virtqueue::{Buffer, Chain, Completion, Prefetched};
-use rpc_schema::{BlockState, DeviceInfo, HotplugError, MemoryHotplugClient, Segment, WriteSegment};
+use super::memory::AccessError;
+use super::request::{Reply, Request as Posted};
+use rpc_schema::{BlockState, DeviceInfo, HotplugError, MemoryHotplugClient};
 use serde_bytes::ByteBuf;
 
 pub const DEVICE_ID: u32 = 24;
@@ -14,7 +14,8 @@ pub const QUEUE_SIZE: u16 = 128;
 /// Unplugged memory is not accessible to the guest (and here, to no device either).
 pub const F_UNPLUGGED_INACCESSIBLE: u64 = 1 << 1;
 
-const REQUEST_SIZE: u32 = 24;
+/// Readable bytes a request needs.
+pub const REQUEST_SIZE: u64 = 24;
 const RESPONSE_SIZE: u32 = 10;
 
 const REQ_PLUG: u16 = 0;
@@ -127,42 +128,25 @@ impl MemDevice {
         }
     }
 
-    /// Serves `chains` in order (each may change the memory map).
-    pub async fn process<M: DeviceMemory>(
-        &mut self,
-        mem: &M,
-        chains: Vec<Chain>,
-        mut prefetched: Prefetched,
-    ) -> Result<Vec<Completion>, AccessError> {
-        let mut completions = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let request_buf = chain.buffers.iter().find(|b| !b.writable && b.len >= REQUEST_SIZE).copied();
-            let response_buf: Option<Buffer> =
-                chain.buffers.iter().find(|b| b.writable && b.len >= RESPONSE_SIZE).copied();
-            let bytes = match request_buf {
-                Some(b) => match prefetched.take(b.addr, REQUEST_SIZE) {
-                    Some(bytes) => Some(bytes),
-                    None => match read_all(mem, &[Segment { addr: b.addr, len: REQUEST_SIZE }]).await {
-                        Ok(mut got) => got.pop(),
-                        Err(AccessError::Refused(_)) => None,
-                        Err(e) => return Err(e),
-                    },
-                },
-                None => None,
-            };
-            let (kind, state) = match bytes.as_deref().and_then(decode) {
-                Some(request) => self.answer(request).await?,
+    /// Serves the requests in order (each may change the memory map): the
+    /// first readable bytes are the request, the first writable ones take
+    /// the response. Only a broken hotplug channel is an error.
+    pub async fn serve(&mut self, requests: &[Posted]) -> Result<Vec<Reply>, AccessError> {
+        let mut replies = Vec::with_capacity(requests.len());
+        for request in requests {
+            let decoded = request.readable.as_deref().and_then(decode);
+            let (kind, state) = match decoded {
+                Some(decoded) => self.answer(decoded).await?,
                 None => (RESP_ERROR, 0),
             };
-            let (data, written) = match response_buf {
-                Some(b) => {
-                    (vec![WriteSegment { addr: b.addr, data: ByteBuf::from(response(kind, state)) }], RESPONSE_SIZE)
-                }
-                None => (Vec::new(), 0),
+            let reply = if request.writable_len >= RESPONSE_SIZE as u64 {
+                Reply { writes: vec![(0, response(kind, state))], used_len: RESPONSE_SIZE, failed: kind == RESP_ERROR }
+            } else {
+                Reply { failed: true, ..Reply::default() }
             };
-            completions.push(Completion { head: chain.head, data, status_addr: None, status: 0, written });
+            replies.push(reply);
         }
-        Ok(completions)
+        Ok(replies)
     }
 }
 

@@ -1,6 +1,6 @@
 //! How a device reaches guest memory: an async trait with one implementation
 //! per memory mode. Devices never see more than this.
-use rpc_schema::{GuestMemoryClient, MemoryError, Segment, WriteSegment};
+use rpc_schema::{GrantRange, GrantWrite, GuestMemoryClient, MemoryError, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,11 +16,21 @@ pub enum AccessError {
     Transport(String),
 }
 
+/// By address (a device that walks its own ring) or by grant (a device that
+/// serves requests the VMM posted); each mode offers the calls it allows.
 pub trait DeviceMemory: Send + Sync + 'static {
     /// Reads the segments; one buffer per segment, in order.
     fn read(&self, segments: Vec<Segment>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
     /// Writes the segments in order.
     fn write(&self, segments: Vec<WriteSegment>) -> impl Future<Output = Result<(), AccessError>> + Send;
+    /// Reads pieces of granted buffers; one buffer per range, in order.
+    fn read_granted(&self, ranges: Vec<GrantRange>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
+    /// Writes into granted buffers.
+    fn write_granted(&self, writes: Vec<GrantWrite>) -> impl Future<Output = Result<(), AccessError>> + Send;
+}
+
+fn rpc_reply<T>(reply: Result<Result<T, MemoryError>, tarpc::client::RpcError>) -> Result<T, AccessError> {
+    reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
 }
 
 /// `rpc` mode: every access is a request to the VMM's memory service.
@@ -44,14 +54,22 @@ impl RpcMemory {
 impl DeviceMemory for RpcMemory {
     async fn read(&self, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, AccessError> {
         let _turn = self.turn().await?;
-        let reply = self.client.read(context::current(), segments).await;
-        reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
+        rpc_reply(self.client.read(context::current(), segments).await)
     }
 
     async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
         let _turn = self.turn().await?;
-        let reply = self.client.write(context::current(), segments).await;
-        reply.map_err(|e| AccessError::Transport(e.to_string()))?.map_err(AccessError::from)
+        rpc_reply(self.client.write(context::current(), segments).await)
+    }
+
+    async fn read_granted(&self, ranges: Vec<GrantRange>) -> Result<Vec<ByteBuf>, AccessError> {
+        let _turn = self.turn().await?;
+        rpc_reply(self.client.read_granted(context::current(), ranges).await)
+    }
+
+    async fn write_granted(&self, writes: Vec<GrantWrite>) -> Result<(), AccessError> {
+        let _turn = self.turn().await?;
+        rpc_reply(self.client.write_granted(context::current(), writes).await)
     }
 }
 
@@ -76,6 +94,14 @@ impl DeviceMemory for MappedMemory {
     async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
         use vm_memory::GuestAddressSpace;
         Ok(crate::guest_access::write(&self.memory.memory(), &segments)?)
+    }
+
+    async fn read_granted(&self, _: Vec<GrantRange>) -> Result<Vec<ByteBuf>, AccessError> {
+        Err(AccessError::Transport("a device that maps guest RAM holds no grants".into()))
+    }
+
+    async fn write_granted(&self, _: Vec<GrantWrite>) -> Result<(), AccessError> {
+        Err(AccessError::Transport("a device that maps guest RAM holds no grants".into()))
     }
 }
 
@@ -148,6 +174,22 @@ impl<M: DeviceMemory> DeviceMemory for Timed<M> {
         let started = Instant::now();
         let bytes = segments.iter().map(|s| s.data.len() as u64).sum();
         let result = self.inner.write(segments).await;
+        self.record(started, 0, bytes);
+        result
+    }
+
+    async fn read_granted(&self, ranges: Vec<GrantRange>) -> Result<Vec<ByteBuf>, AccessError> {
+        let started = Instant::now();
+        let bytes = ranges.iter().map(|r| r.len as u64).sum();
+        let result = self.inner.read_granted(ranges).await;
+        self.record(started, bytes, 0);
+        result
+    }
+
+    async fn write_granted(&self, writes: Vec<GrantWrite>) -> Result<(), AccessError> {
+        let started = Instant::now();
+        let bytes = writes.iter().map(|w| w.write.data.len() as u64).sum();
+        let result = self.inner.write_granted(writes).await;
         self.record(started, 0, bytes);
         result
     }

@@ -1,11 +1,17 @@
 //! Virtio devices. They run sandboxed in their own process (memory modes
-//! `rpc` and `shared`) or as a thread of the VMM (`inprocess`); the code is
-//! the same in all three, written against [`memory::DeviceMemory`].
+//! `rpc`, `rpc-dma` and `shared`) or as a thread of the VMM (`inprocess`).
+//! Device logic ([`Backend`]) is the same in all four: it serves
+//! [`request::Request`]s, which reach it either as requests the VMM posted
+//! (`rpc`, [`posted`]) or from the device's own ring walk over
+//! [`memory::DeviceMemory`] (the other modes, [`ring`]).
 pub mod blk;
 mod hostile;
 pub mod mem;
 pub mod memory;
+mod posted;
 pub mod process;
+pub mod request;
+mod ring;
 pub mod rng;
 pub mod runner;
 pub mod virtqueue;
@@ -17,11 +23,12 @@ pub mod features {
     pub const RING_EVENT_IDX: u64 = 1 << 29;
 }
 
-use memory::{AccessError, DeviceMemory};
+use memory::AccessError;
+use request::{Reply, Request};
 use rpc_schema::DeviceInfo;
-use virtqueue::{Chain, Completion, Prefetched};
 
-/// The device behind a transport: the only part that differs between devices.
+/// The device logic behind a transport: the only part that differs between
+/// devices, written once for every memory mode (see [`request`]).
 pub enum Backend {
     Block(blk::BlockDevice),
     Rng(rng::RngDevice),
@@ -37,17 +44,30 @@ impl Backend {
         }
     }
 
-    /// Serves the requests; the caller writes the completions back.
-    pub async fn process<M: DeviceMemory>(
-        &mut self,
-        mem: &M,
-        chains: Vec<Chain>,
-        prefetched: Prefetched,
-    ) -> Result<Vec<Completion>, AccessError> {
+    /// How many leading driver-readable bytes a request of this shape needs.
+    pub fn wanted(&self, readable_len: u64, writable_len: u64) -> u64 {
         match self {
-            Backend::Block(blk) => blk.process(mem, chains, prefetched).await,
-            Backend::Rng(rng) => Ok(rng.process(chains)),
-            Backend::Mem(device) => device.process(mem, chains, prefetched).await,
+            Backend::Block(_) => blk::BlockDevice::wanted(readable_len, writable_len),
+            Backend::Rng(_) => 0,
+            Backend::Mem(_) => readable_len.min(mem::REQUEST_SIZE),
+        }
+    }
+
+    /// The answer to a request whose buffers are not all guest RAM.
+    pub fn refuse(&self, writable_len: u64) -> Reply {
+        match self {
+            Backend::Block(_) => blk::BlockDevice::refuse(writable_len),
+            Backend::Rng(_) | Backend::Mem(_) => Reply { failed: true, ..Reply::default() },
+        }
+    }
+
+    /// Serves the requests, one reply each, in order. Only a broken channel
+    /// to the VMM is an error; a bad request gets an error reply.
+    pub async fn serve(&mut self, requests: &[Request]) -> Result<Vec<Reply>, AccessError> {
+        match self {
+            Backend::Block(blk) => Ok(blk.serve(requests)),
+            Backend::Rng(rng) => Ok(rng.serve(requests)),
+            Backend::Mem(device) => device.serve(requests).await,
         }
     }
 }

@@ -5,7 +5,7 @@ use super::blk::BlockDevice;
 use super::mem::MemDevice;
 use super::memory::{MappedMemory, RpcMemory};
 use super::rng::RngDevice;
-use super::runner::{serve, Hook, OnNotify};
+use super::runner::{serve, Doorbell, Hook, OnNotify};
 use super::Backend;
 use crate::sandbox;
 use rpc_schema::{GuestMemoryClient, Segment, PROTOCOL_VERSION};
@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// How the process reaches guest memory.
 #[derive(Debug, Clone)]
 pub enum MemoryChannel {
-    /// A socket to the VMM's memory service.
+    /// A socket to the VMM's memory service: by grant when the VMM posts
+    /// requests (`rpc`), by address when the device walks its ring (`rpc-dma`).
     Rpc { socket: RawFd },
     /// A memfd of guest RAM and where each piece of it sits in the guest.
     Shared { memfd: RawFd, regions: Vec<SharedRegion> },
@@ -37,6 +38,30 @@ pub enum Misbehaviour {
     ForbiddenSyscall,
     /// Send refused requests, then garbage bytes, on the memory channel.
     HostileRpc,
+    /// Request level, at the second batch: write a guest address directly.
+    GrantAddress,
+    /// Read through a grant never issued.
+    GrantUnknown,
+    /// Read through a grant already completed.
+    GrantCompleted,
+    /// Read a buffer index past the chain.
+    GrantBufferIndex,
+    /// Read at an offset past the buffer's end.
+    GrantOffset,
+    /// Read with an offset+length that overflows.
+    GrantOverflow,
+    /// Write into a driver-readable buffer.
+    GrantWriteReadable,
+    /// Read a device-writable buffer.
+    GrantReadWritable,
+    /// Complete with an inline write longer than its buffer.
+    GrantOversized,
+    /// Complete a request it never got.
+    GrantForeign,
+    /// Complete a request twice.
+    GrantDuplicate,
+    /// Send a flood of calls through an unknown grant.
+    GrantFlood,
 }
 
 #[derive(Debug, Clone)]
@@ -44,8 +69,9 @@ pub struct DeviceProcess {
     pub name: String,
     pub control: RawFd,
     pub memory: MemoryChannel,
-    pub notify: RawFd,
-    pub irq: RawFd,
+    /// The queue notifier and interrupt of a device that walks its own
+    /// ring; None for a request-level device (the VMM owns both).
+    pub doorbell: Option<(RawFd, RawFd)>,
     pub kind: DeviceKind,
     pub misbehave: Option<Misbehaviour>,
     /// Test-only: read this address at every notification and report the outcome.
@@ -104,6 +130,8 @@ fn misbehaviour(
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))
         }
+        // Request-level attacks act on posted batches instead.
+        _ => None,
     };
     Some(Box::new(move || hook.take()))
 }
@@ -145,7 +173,8 @@ impl DeviceProcess {
             MemoryChannel::Rpc { socket } => socket,
             MemoryChannel::Shared { memfd, .. } => memfd,
         };
-        let mut fds = vec![0, 1, 2, self.control, memory, self.notify, self.irq];
+        let mut fds = vec![0, 1, 2, self.control, memory];
+        fds.extend(self.doorbell.iter().flat_map(|&(notify, irq)| [notify, irq]));
         match self.kind {
             DeviceKind::Block { disk, .. } => fds.push(disk),
             DeviceKind::Mem { hotplug } => fds.push(hotplug),
@@ -178,8 +207,13 @@ impl DeviceProcess {
                 MemoryChannel::Rpc { socket } => Some(channel(socket).map_err(|e| format!("memory socket: {e}"))?),
                 MemoryChannel::Shared { .. } => None,
             };
-            // SAFETY: descriptors handed over by the VMM, owned from here on.
-            let (notify, irq) = unsafe { (EventFd::from_raw_fd(self.notify), EventFd::from_raw_fd(self.irq)) };
+            let doorbell = match self.doorbell {
+                // SAFETY: descriptors handed over by the VMM, owned from here on.
+                Some((notify, irq)) => unsafe {
+                    Doorbell::Ring { notify: EventFd::from_raw_fd(notify), irq: EventFd::from_raw_fd(irq) }
+                },
+                None => Doorbell::Requests,
+            };
             let backend = match self.kind {
                 DeviceKind::Block { disk, readonly } => {
                     // SAFETY: as above.
@@ -213,16 +247,17 @@ impl DeviceProcess {
                         Some(addr) => Some(memory_probe(self.name.clone(), client.clone(), addr)),
                         None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket),
                     };
-                    serve(RpcMemory::new(client), backend, control, notify, irq, on_notify).await
+                    let tamper = self.misbehave.and_then(|m| super::hostile::grant_attack(m, &client));
+                    serve(RpcMemory::new(client), backend, control, doorbell, on_notify, tamper).await
                 }
                 (None, Some(mapped)) => {
                     serve(
                         MappedMemory::new(GuestMemoryAtomic::new(mapped)),
                         backend,
                         control,
-                        notify,
-                        irq,
+                        doorbell,
                         misbehaviour(self.misbehave, None, -1),
+                        None,
                     )
                     .await
                 }

@@ -1,8 +1,8 @@
 //! virtio-rng (virtio 1.x, 5.4): fills every device-writable buffer the
 //! driver posts with bytes from the host's getrandom(2).
 use super::features;
-use super::virtqueue::{Chain, Completion};
-use rpc_schema::{DeviceInfo, WriteSegment};
+use super::request::{Reply, Request};
+use rpc_schema::DeviceInfo;
 use serde_bytes::ByteBuf;
 
 pub const DEVICE_ID: u32 = 4;
@@ -39,25 +39,14 @@ impl RngDevice {
         }
     }
 
-    /// Fills each chain's writable buffers (readable ones are ignored).
-    pub fn process(&mut self, chains: Vec<Chain>) -> Vec<Completion> {
-        chains
-            .into_iter()
-            .map(|chain| {
-                let mut budget = MAX_PER_REQUEST;
-                let mut data = Vec::new();
-                let mut written = 0u32;
-                for buffer in chain.buffers.iter().filter(|b| b.writable) {
-                    let len = (buffer.len as usize).min(budget);
-                    if len == 0 {
-                        break;
-                    }
-                    let bytes = random_bytes(len);
-                    budget -= bytes.len();
-                    written += bytes.len() as u32;
-                    data.push(WriteSegment { addr: buffer.addr, data: ByteBuf::from(bytes) });
-                }
-                Completion { head: chain.head, data, status_addr: None, status: 0, written }
+    /// Fills each request's writable bytes, up to [`MAX_PER_REQUEST`]
+    /// (readable ones are ignored).
+    pub fn serve(&mut self, requests: &[Request]) -> Vec<Reply> {
+        requests
+            .iter()
+            .map(|r| {
+                let bytes = random_bytes((r.writable_len as usize).min(MAX_PER_REQUEST));
+                Reply { used_len: bytes.len() as u32, writes: vec![(0, bytes)], failed: false }
             })
             .collect()
     }

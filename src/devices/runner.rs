@@ -2,14 +2,13 @@
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
 use super::features;
-use super::memory::{write_then, AccessError, DeviceMemory, Timed};
-use super::virtqueue::Completion;
+use super::memory::{DeviceMemory, Timed};
 use super::virtqueue::{validate, QueueError, SplitQueue};
-use super::Backend;
+use super::{posted, ring, Backend};
 use futures::StreamExt;
 use rpc_schema::{
-    DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError, DeviceInfo, DeviceState,
-    QueueConfig, PROTOCOL_VERSION,
+    CompletedRequest, DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError,
+    DeviceInfo, DeviceState, PostedRequest, QueueConfig, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use std::sync::Arc;
@@ -22,10 +21,18 @@ use vmm_sys_util::eventfd::EventFd;
 struct Core<M> {
     mem: Timed<M>,
     backend: Backend,
+    /// Ring-walking modes: the queue this device walks, once active.
     queue: Option<SplitQueue>,
+    /// Request level: the VMM may post requests (activated, not reset).
+    posting: bool,
     features: u64,
-    irq: EventFd,
+    /// Ring-walking modes: the interrupt to raise after completing.
+    irq: Option<EventFd>,
     counters: DeviceCounters,
+    /// Test-only work before serving the first notification or batch.
+    on_notify: Option<OnNotify>,
+    /// Test-only: rewrites the completions of posted batches.
+    tamper: Option<Tamper>,
 }
 
 impl<M: DeviceMemory> Core<M> {
@@ -33,6 +40,12 @@ impl<M: DeviceMemory> Core<M> {
         let mut counters = self.counters.clone();
         self.mem.report(&mut counters);
         counters
+    }
+
+    async fn run_hook(&mut self) {
+        if let Some(hook) = self.on_notify.as_mut().and_then(|f| f()) {
+            hook.await;
+        }
     }
 
     /// Serves one batch of requests; false when the driver had made none.
@@ -46,53 +59,41 @@ impl<M: DeviceMemory> Core<M> {
     async fn serve_batch(&mut self) -> Result<bool, QueueError> {
         let Core { mem, backend, queue, irq, counters, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(false) };
-        let (chains, prefetched) = queue.pop_all(mem).await?;
+        let (chains, mut prefetched) = queue.pop_all(mem).await?;
         if chains.is_empty() {
             return Ok(false);
         }
-        let mut completions = backend.process(mem, chains, prefetched).await?;
-        if !deliver_all(mem, queue, &completions).await? {
-            // Some buffer the driver gave is not RAM (the VMM refused the
-            // batch and wrote nothing): fail just those requests.
-            for completion in completions.iter_mut().filter(|c| !c.data.is_empty()) {
-                match mem.write(completion.data.clone()).await {
-                    Ok(()) => completion.data.clear(),
-                    Err(AccessError::Refused(_)) => completion.fail(),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if !deliver_all(mem, queue, &completions).await? {
-                return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
-            }
-        }
-        counters.requests += completions.len() as u64;
-        counters.errors += completions.iter().filter(|c| c.status_addr.is_some() && c.status != 0).count() as u64;
+        let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
+        let replies = backend.serve(&requests).await?;
+        let failed = ring::deliver(mem, queue, backend, &chains, &requests, replies).await?;
+        counters.requests += chains.len() as u64;
+        counters.errors += failed;
         // Always interrupt: polling drivers ignore it, interrupt-driven
         // ones tolerate a spurious one, and none can miss one.
-        let _ = irq.write(1);
+        if let Some(irq) = irq {
+            let _ = irq.write(1);
+        }
         Ok(true)
     }
-}
 
-/// Writes every completion's data and status, then the used ring, in one go
-/// where it fits. Returns false (and leaves the queue as it was) when the
-/// VMM refused part of it.
-async fn deliver_all<M: DeviceMemory>(
-    mem: &M,
-    queue: &mut SplitQueue,
-    completions: &[Completion],
-) -> Result<bool, QueueError> {
-    let before = queue.clone();
-    let done: Vec<(u16, u32)> = completions.iter().map(|c| (c.head, c.used_len())).collect();
-    let ring = queue.complete(&done);
-    let data = completions.iter().flat_map(|c| c.data.iter().cloned().chain(c.status_write())).collect();
-    match write_then(mem, data, ring).await {
-        Ok(()) => Ok(true),
-        Err(AccessError::Refused(_)) => {
-            *queue = before;
-            Ok(false)
+    /// Request level: serves a batch the VMM posted.
+    async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Vec<CompletedRequest>, DeviceError> {
+        if !self.posting {
+            return Err(DeviceError::NotActive);
         }
-        Err(e) => Err(e.into()),
+        self.run_hook().await;
+        let started = std::time::Instant::now();
+        let count = batch.len() as u64;
+        let seen = self.tamper.is_some().then(|| batch.clone());
+        let result = posted::serve(&self.mem, &mut self.backend, batch).await;
+        self.counters.busy_ns += started.elapsed().as_nanos() as u64;
+        let (mut completions, failed) = result.map_err(|e| DeviceError::Failed(e.to_string()))?;
+        self.counters.requests += count;
+        self.counters.errors += failed;
+        if let (Some(tamper), Some(batch)) = (self.tamper.as_mut(), seen) {
+            completions = tamper(batch, completions).await;
+        }
+        Ok(completions)
     }
 }
 
@@ -100,11 +101,18 @@ struct Control<M> {
     core: Arc<Mutex<Core<M>>>,
     kick: Arc<Notify>,
     info: DeviceInfo,
+    /// Serves requests the VMM posts (`rpc`) rather than walking a ring.
+    request_level: bool,
 }
 
 impl<M> Clone for Control<M> {
     fn clone(&self) -> Self {
-        Control { core: self.core.clone(), kick: self.kick.clone(), info: self.info.clone() }
+        Control {
+            core: self.core.clone(),
+            kick: self.kick.clone(),
+            info: self.info.clone(),
+            request_level: self.request_level,
+        }
     }
 }
 
@@ -137,6 +145,16 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         queues: Vec<QueueConfig>,
     ) -> Result<(), DeviceError> {
         let features = features & self.info.features;
+        if self.request_level {
+            // The VMM walks the ring: the device never learns where it is.
+            if !queues.is_empty() {
+                return Err(DeviceError::BadQueue("a request-level device takes no queue addresses".into()));
+            }
+            let mut core = self.core.lock().await;
+            core.features = features;
+            core.posting = true;
+            return Ok(());
+        }
         let queue = self.queues(features, &queues)?;
         let mut core = self.core.lock().await;
         core.features = features;
@@ -153,6 +171,7 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     async fn reset(self, _: tarpc::context::Context) -> Result<(), DeviceError> {
         let mut core = self.core.lock().await;
         core.queue = None;
+        core.posting = false;
         core.features = 0;
         Ok(())
     }
@@ -189,10 +208,33 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     async fn counters(self, _: tarpc::context::Context) -> DeviceCounters {
         self.core.lock().await.counters()
     }
+
+    async fn requests(
+        self,
+        _: tarpc::context::Context,
+        batch: Vec<PostedRequest>,
+    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+        self.core.lock().await.serve_posted(batch).await
+    }
+}
+
+/// How a device learns of work: its own queue notifier and interrupt (it
+/// walks the ring), or batches the VMM posts over the control channel.
+pub enum Doorbell {
+    Ring { notify: EventFd, irq: EventFd },
+    Requests,
 }
 
 /// Test-only work a device does before serving a notification.
 pub type Hook = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Test-only: given a posted batch and its honest completions, what to reply instead.
+pub type Tamper = Box<
+    dyn FnMut(
+            Vec<PostedRequest>,
+            Vec<CompletedRequest>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<CompletedRequest>> + Send>>
+        + Send,
+>;
 /// Called at every notification; the hook it returns, if any, runs first.
 pub type OnNotify = Box<dyn FnMut() -> Option<Hook> + Send>;
 
@@ -202,28 +244,39 @@ pub async fn serve<M, T>(
     mem: M,
     backend: Backend,
     control: T,
-    notify: EventFd,
-    irq: EventFd,
-    mut on_notify: Option<OnNotify>,
+    doorbell: Doorbell,
+    on_notify: Option<OnNotify>,
+    tamper: Option<Tamper>,
 ) -> Result<(), String>
 where
     M: DeviceMemory,
     T: Transport<Response<DeviceControlResponse>, ClientMessage<DeviceControlRequest>> + Send + 'static,
 {
     let info = backend.info();
+    let (notify, irq) = match doorbell {
+        Doorbell::Ring { notify, irq } => (Some(notify), Some(irq)),
+        Doorbell::Requests => (None, None),
+    };
     let core = Arc::new(Mutex::new(Core {
         mem: Timed::new(mem),
         backend,
         queue: None,
+        posting: false,
         features: 0,
         irq,
         counters: DeviceCounters::default(),
+        on_notify,
+        tamper,
     }));
     let kick = Arc::new(Notify::new());
-    let server = Control { core: core.clone(), kick: kick.clone(), info };
+    let server = Control { core: core.clone(), kick: kick.clone(), info, request_level: notify.is_none() };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
         tokio::spawn(response);
     });
+    let Some(notify) = notify else {
+        control_done.await;
+        return Ok(());
+    };
     // SAFETY: the eventfd is owned by the AsyncFd from here on and closed only with it.
     let notify = unsafe { AsyncFd::register(notify) }.map_err(|e| format!("cannot watch the queue notifier: {e}"))?;
     let queue_loop = async {
@@ -236,9 +289,7 @@ where
                 }
                 _ = kick.notified() => {}
             }
-            if let Some(hook) = on_notify.as_mut().and_then(|f| f()) {
-                hook.await;
-            }
+            core.lock().await.run_hook().await;
             // A batch at a time, letting go of the core in between: a guest
             // that keeps its queue full must not keep `save` waiting.
             while core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))? {}
@@ -267,7 +318,14 @@ mod tests {
             let device_transport = rpc_schema::transport(device_end).unwrap();
             let (notify, irq) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
             let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
-            tokio::spawn(serve(memory, Backend::Rng(RngDevice), device_transport, notify, irq, None));
+            tokio::spawn(serve(
+                memory,
+                Backend::Rng(RngDevice),
+                device_transport,
+                Doorbell::Ring { notify, irq },
+                None,
+                None,
+            ));
             let client = DeviceControlClient::new(Default::default(), rpc_schema::transport(vmm_end).unwrap()).spawn();
             let ctx = tarpc::context::current;
 

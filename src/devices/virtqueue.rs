@@ -273,37 +273,6 @@ impl SplitQueue {
     }
 }
 
-/// A served request: what to write back to the driver, and how it ended.
-#[derive(Debug)]
-pub struct Completion {
-    pub head: u16,
-    /// Data for the driver's device-writable buffers.
-    pub data: Vec<WriteSegment>,
-    /// Where the status byte goes, if the driver gave a usable status buffer.
-    pub status_addr: Option<u64>,
-    pub status: u8,
-    /// Bytes of `data`.
-    pub written: u32,
-}
-
-impl Completion {
-    /// The used-ring length: data plus the status byte, if any.
-    pub fn used_len(&self) -> u32 {
-        self.written + self.status_addr.is_some() as u32
-    }
-
-    pub fn status_write(&self) -> Option<WriteSegment> {
-        self.status_addr.map(|addr| WriteSegment { addr, data: ByteBuf::from(vec![self.status]) })
-    }
-
-    /// The driver's buffers turned out not to be RAM: report an I/O error instead.
-    pub fn fail(&mut self) {
-        self.data.clear();
-        self.written = 0;
-        self.status = super::blk::S_IOERR;
-    }
-}
-
 /// Checks a queue the driver configured before the device uses it.
 pub fn validate(config: &QueueConfig, max_size: u16) -> Result<(), String> {
     let size = config.size;

@@ -43,8 +43,12 @@ pub struct DiskConfig {
 /// How device code reaches guest memory.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryMode {
-    /// A sandboxed process that asks the VMM for every access.
+    /// A sandboxed process that serves requests the VMM posts: it reaches
+    /// only the buffers the guest gave it, by grant.
     Rpc,
+    /// A sandboxed process that walks its own ring and asks the VMM to read
+    /// and write guest-physical ranges.
+    RpcDma,
     /// A sandboxed process that maps a memfd of guest RAM.
     Shared,
     /// A thread of the VMM.

@@ -48,6 +48,7 @@ pub struct Api {
 fn mode_name(mode: MemoryMode) -> &'static str {
     match mode {
         MemoryMode::Rpc => "rpc",
+        MemoryMode::RpcDma => "rpc-dma",
         MemoryMode::Shared => "shared",
         MemoryMode::Inprocess => "inprocess",
     }

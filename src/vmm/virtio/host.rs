@@ -3,6 +3,7 @@
 use super::super::lock;
 use super::device_text;
 use super::memory_service::DeviceAccess;
+use super::requests::{QueueContext, RequestQueue};
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::warn;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long the VMM waits for a device to answer a control request.
@@ -58,6 +60,11 @@ impl DeviceHealth {
             // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
             unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
         }
+    }
+
+    /// The device's memory access record (rpc modes).
+    pub fn access(&self) -> Option<Arc<DeviceAccess>> {
+        self.access.clone()
     }
 
     /// A process now runs this device; `pidfd` lets the VMM kill it safely.
@@ -107,12 +114,21 @@ fn process_gone(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) != 0 }
 }
 
+/// Request level (`rpc`): the VMM walks the device's queue itself.
+pub struct Posting {
+    pub memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub max_queue_size: u16,
+    /// The active queue, from DRIVER_OK until a reset.
+    pub queue: Option<RequestQueue>,
+}
+
 pub struct DeviceHost {
     pub name: String,
     pub pid: Option<u32>,
     pub health: Arc<DeviceHealth>,
     pub access: Option<Arc<DeviceAccess>>,
     pub respawn: Option<Respawn>,
+    pub posting: Option<Posting>,
     control: Mutex<Option<DeviceControlClient>>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
@@ -165,6 +181,7 @@ impl DeviceHost {
             health: DeviceHealth::new(None),
             access: None,
             respawn: None,
+            posting: None,
             control: Mutex::new(Some(client)),
             runtime: runtime.clone(),
             notify,
@@ -200,11 +217,39 @@ impl DeviceHost {
         }
     }
 
-    pub fn activate(&self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String> {
+    pub fn activate(&mut self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String> {
         if self.health.failed.load(Ordering::SeqCst) {
             return Err("the device has failed".into());
         }
-        self.call(|c, ctx| async move { c.activate(ctx, features, queues).await })
+        if self.posting.is_none() {
+            return self.call(|c, ctx| async move { c.activate(ctx, features, queues).await });
+        }
+        // Request level: the device learns the features, never the rings.
+        let [config] = queues.as_slice() else {
+            return Err(format!("{} queues set up, the device has 1", queues.len()));
+        };
+        self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await })?;
+        let context = QueueContext {
+            name: self.name.clone(),
+            memory: self.posting.as_ref().map(|p| p.memory.clone()).ok_or("no guest memory")?,
+            access: self.access.clone().ok_or("no memory access record")?,
+            health: self.health.clone(),
+            client: lock(&self.control).clone().ok_or("the device is shut down")?,
+            notify: self.notify.try_clone().map_err(|e| e.to_string())?,
+            irq: self.irq.try_clone().map_err(|e| e.to_string())?,
+        };
+        let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
+        let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;
+        let queue = RequestQueue::start(&self.runtime, context, *config, posting.max_queue_size, event_idx)?;
+        posting.queue = Some(queue);
+        Ok(())
+    }
+
+    /// Request level: stops walking the queue and revokes its grants.
+    fn stop_posting(&mut self) {
+        if let Some(posting) = self.posting.as_mut() {
+            posting.queue = None;
+        }
     }
 
     /// A request for the device's counters, to send once the caller has let
@@ -217,7 +262,8 @@ impl DeviceHost {
         Some(CountersQuery { client: lock(&self.control).clone()?, runtime: self.runtime.clone() })
     }
 
-    pub fn reset(&self) -> Result<(), String> {
+    pub fn reset(&mut self) -> Result<(), String> {
+        self.stop_posting();
         if self.health.failed.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -226,8 +272,9 @@ impl DeviceHost {
 
     /// Starts an orderly stop: closing the control channel makes the device
     /// return, and its process exit or thread end, releasing its backend.
-    pub fn begin_stop(&self) {
+    pub fn begin_stop(&mut self) {
         self.health.stopping.store(true, Ordering::SeqCst);
+        self.stop_posting();
         lock(&self.control).take();
     }
 

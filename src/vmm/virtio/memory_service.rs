@@ -1,12 +1,19 @@
 //! The VMM's guest-memory service: the only door from a device process to
-//! guest memory. Each device has its own channel and [`DeviceAccess`]; every
-//! request is checked by `guest_access` against the current RAM map.
+//! guest memory. Each device has its own channel and [`DeviceAccess`]. A
+//! request-level device (`rpc`) reaches only its outstanding grants; an
+//! `rpc-dma` device names guest addresses. Either way every range is then
+//! checked by `guest_access` against the current RAM map. A request no honest
+//! request-level device makes fails the device.
+use super::grants::GrantTable;
+pub use super::host::DeviceHealth;
 use crate::guest_access;
 use futures::StreamExt;
-use rpc_schema::{GuestMemory, MemoryError, Segment, WriteSegment, PROTOCOL_VERSION};
+use rpc_schema::{
+    GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS, PROTOCOL_VERSION,
+};
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tarpc::server::Channel;
 use tracing::{debug, warn};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -15,18 +22,28 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 #[derive(Debug, Default)]
 pub struct DeviceAccess {
     pub name: String,
+    /// Reaches guest memory only by grant (`rpc`), never by address.
+    pub request_level: bool,
+    /// The chains posted to the device and not yet completed.
+    pub grants: Mutex<GrantTable>,
     greeted: AtomicBool,
     revoked: AtomicBool,
+    /// Memory RPCs the device made.
     pub rpcs: AtomicU64,
+    /// Guest bytes moved for it: by those RPCs, and inline with posted
+    /// requests and their completions.
     pub bytes: AtomicU64,
     pub refused: AtomicU64,
-    /// Time spent checking and copying this device's requests.
+    /// Time spent checking and copying this device's requests (and, at
+    /// request level, walking its ring and applying its completions).
     pub service_ns: AtomicU64,
+    /// Request level: batches posted to the device.
+    pub batches: AtomicU64,
 }
 
 impl DeviceAccess {
-    pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(DeviceAccess { name: name.into(), ..Default::default() })
+    pub fn new(name: &str, request_level: bool) -> Arc<Self> {
+        Arc::new(DeviceAccess { name: name.into(), request_level, ..Default::default() })
     }
 
     /// From now on every request from this device is refused.
@@ -39,10 +56,12 @@ impl DeviceAccess {
 struct MemoryServer {
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
     access: Arc<DeviceAccess>,
+    health: Arc<DeviceHealth>,
 }
 
 impl MemoryServer {
-    fn admit(&self) -> Result<(), MemoryError> {
+    /// Admits a call by address (`by_grant` false) or by grant.
+    fn admit(&self, by_grant: bool) -> Result<(), MemoryError> {
         self.access.rpcs.fetch_add(1, Ordering::Relaxed);
         if self.access.revoked.load(Ordering::SeqCst) {
             return Err(MemoryError::Revoked);
@@ -50,13 +69,38 @@ impl MemoryServer {
         if !self.access.greeted.load(Ordering::SeqCst) {
             return Err(MemoryError::NoHello);
         }
+        if by_grant != self.access.request_level {
+            return Err(if by_grant { MemoryError::UnknownGrant(0) } else { MemoryError::AddressAccess });
+        }
         Ok(())
+    }
+
+    /// The guest ranges behind `pieces` (grant, buffer, offset, len), each
+    /// checked against its grant and direction.
+    fn resolve(
+        &self,
+        pieces: impl ExactSizeIterator<Item = (u64, u16, u32, u64)>,
+        writable: bool,
+    ) -> Result<Vec<(u64, u64)>, MemoryError> {
+        if pieces.len() > MAX_SEGMENTS {
+            return Err(MemoryError::TooManySegments { count: pieces.len(), max: MAX_SEGMENTS });
+        }
+        let grants = super::super::lock(&self.access.grants);
+        pieces
+            .map(|(grant, buffer, offset, len)| {
+                Ok((grants.get(grant)?.resolve(grant, buffer, offset, len, writable)?, len))
+            })
+            .collect()
     }
 
     fn account<T>(&self, result: Result<T, MemoryError>, bytes: u64) -> Result<T, MemoryError> {
         match &result {
             Ok(_) => {
                 self.access.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(e) if self.access.request_level && e.is_violation() => {
+                self.access.refused.fetch_add(1, Ordering::Relaxed);
+                self.health.fail(&self.access.name, format!("it broke the grant protocol: {e}"));
             }
             Err(e) => {
                 if self.access.refused.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -82,7 +126,7 @@ impl GuestMemory for MemoryServer {
 
     async fn read(self, _: tarpc::context::Context, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, MemoryError> {
         let started = std::time::Instant::now();
-        let result = self.admit().and_then(|_| guest_access::read(&self.memory.memory(), &segments));
+        let result = self.admit(false).and_then(|_| guest_access::read(&self.memory.memory(), &segments));
         self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes = segments.iter().map(|s| s.len as u64).sum();
         self.account(result, bytes)
@@ -90,9 +134,41 @@ impl GuestMemory for MemoryServer {
 
     async fn write(self, _: tarpc::context::Context, segments: Vec<WriteSegment>) -> Result<(), MemoryError> {
         let started = std::time::Instant::now();
-        let result = self.admit().and_then(|_| guest_access::write(&self.memory.memory(), &segments));
+        let result = self.admit(false).and_then(|_| guest_access::write(&self.memory.memory(), &segments));
         self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes = segments.iter().map(|s| s.data.len() as u64).sum();
+        self.account(result, bytes)
+    }
+
+    async fn read_granted(
+        self,
+        _: tarpc::context::Context,
+        ranges: Vec<GrantRange>,
+    ) -> Result<Vec<ByteBuf>, MemoryError> {
+        let started = std::time::Instant::now();
+        let pieces = ranges.iter().map(|r| (r.grant, r.buffer, r.offset, r.len as u64));
+        let result = self.admit(true).and_then(|_| self.resolve(pieces, false)).and_then(|ranges| {
+            let segments: Vec<Segment> = ranges.iter().map(|&(addr, len)| Segment { addr, len: len as u32 }).collect();
+            guest_access::read(&self.memory.memory(), &segments)
+        });
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let bytes = ranges.iter().map(|r| r.len as u64).sum();
+        self.account(result, bytes)
+    }
+
+    async fn write_granted(self, _: tarpc::context::Context, writes: Vec<GrantWrite>) -> Result<(), MemoryError> {
+        let started = std::time::Instant::now();
+        let pieces = writes.iter().map(|w| (w.grant, w.write.buffer, w.write.offset, w.write.data.len() as u64));
+        let result = self.admit(true).and_then(|_| self.resolve(pieces, true)).and_then(|ranges| {
+            let segments: Vec<WriteSegment> = ranges
+                .iter()
+                .zip(writes.iter())
+                .map(|(&(addr, _), w)| WriteSegment { addr, data: w.write.data.clone() })
+                .collect();
+            guest_access::write(&self.memory.memory(), &segments)
+        });
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let bytes = writes.iter().map(|w| w.write.data.len() as u64).sum();
         self.account(result, bytes)
     }
 }
@@ -102,11 +178,12 @@ pub fn serve(
     runtime: &tokio::runtime::Handle,
     socket: std::os::unix::net::UnixStream,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    access: Arc<DeviceAccess>,
+    health: Arc<DeviceHealth>,
 ) -> std::io::Result<()> {
+    let access = health.access().ok_or_else(|| std::io::Error::other("the device has no memory access record"))?;
     let _context = runtime.enter();
     let channel = rpc_schema::server_channel(socket)?;
-    let server = MemoryServer { memory, access: access.clone() };
+    let server = MemoryServer { memory, access: access.clone(), health };
     runtime.spawn(async move {
         channel
             .execute(server.serve())
@@ -130,8 +207,9 @@ mod tests {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
-        let access = DeviceAccess::new("test");
-        serve(runtime.handle(), vmm_end, GuestMemoryAtomic::new(memory), access.clone()).unwrap();
+        let access = DeviceAccess::new("test", false);
+        let health = DeviceHealth::new(Some(access.clone()));
+        serve(runtime.handle(), vmm_end, GuestMemoryAtomic::new(memory), health).unwrap();
         runtime.block_on(async {
             let client = GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn();
             let ctx = tarpc::context::current;

@@ -2,9 +2,11 @@
 //! the device itself in a sandboxed process (`rpc`, `shared`) or a thread
 //! (`inprocess`). The VMM is on the data path only as the memory server.
 mod device_text;
+mod grants;
 mod host;
 pub mod memory_service;
 pub mod mmio;
+mod requests;
 mod spawn;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
@@ -65,6 +67,10 @@ pub struct DeviceStatus {
     pub memory_refused: Option<u64>,
     /// Time the memory service spent checking and copying for this device.
     pub memory_service_ns: Option<u64>,
+    /// Request level (rpc mode): batches posted to the device, and chains
+    /// it holds now (each a grant).
+    pub batches: Option<u64>,
+    pub grants_outstanding: Option<usize>,
 }
 
 pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
@@ -92,6 +98,8 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                     memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
                     memory_refused: access.map(|a| a.refused.load(Relaxed)),
                     memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
+                    batches: access.filter(|a| a.request_level).map(|a| a.batches.load(Relaxed)),
+                    grants_outstanding: access.filter(|a| a.request_level).map(|a| lock(&a.grants).outstanding()),
                 };
                 (status, host.counters_query())
             };
@@ -109,8 +117,8 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// released before skvm exits and the next VM can take them.
 pub fn stop_all(devices: &[VirtioDevice]) {
     // A vCPU still inside a control call holds its transport: skip it rather than wait.
-    let hosts: Vec<_> = devices.iter().filter_map(|d| d.transport.try_lock().ok()).collect();
-    hosts.iter().for_each(|t| t.host().begin_stop());
+    let mut hosts: Vec<_> = devices.iter().filter_map(|d| d.transport.try_lock().ok()).collect();
+    hosts.iter_mut().for_each(|t| t.host_mut().begin_stop());
     let deadline = std::time::Instant::now() + STOP_GRACE;
     while !hosts.iter().all(|t| t.host().has_ended()) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -327,13 +335,17 @@ fn launch_device(
     let notify = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_ioevent(&notify, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), NoDatamatch)
         .map_err(Error::kvm("KVM_IOEVENTFD (virtio)"))?;
-    let access = (config.memory_mode == MemoryMode::Rpc).then(|| DeviceAccess::new(&name));
+    let request_level = config.memory_mode == MemoryMode::Rpc;
+    let access = matches!(config.memory_mode, MemoryMode::Rpc | MemoryMode::RpcDma)
+        .then(|| DeviceAccess::new(&name, request_level));
     let health = DeviceHealth::new(access.clone());
+    // A request-level device gets neither notifier nor interrupt: the VMM
+    // walks its queue and completes its requests.
+    let doorbell = if request_level { None } else { Some((notify.try_clone()?, irq.try_clone()?)) };
     let recipe = ProcessRecipe {
         name: name.clone(),
         kind,
-        notify: notify.try_clone()?,
-        irq: irq.try_clone()?,
+        doorbell,
         misbehave: if index == 0 { config.test_misbehaviour } else { None },
         probe: config.test_probe,
         health: health.clone(),
@@ -345,11 +357,9 @@ fn launch_device(
             spawn_thread(ram, recipe, control_device)?;
             (control_vmm, None, None)
         }
-        MemoryMode::Rpc => {
+        MemoryMode::Rpc | MemoryMode::RpcDma => {
             let (vmm_end, device_end) = UnixStream::pair()?;
-            if let Some(access) = &access {
-                memory_service::serve(runtime, vmm_end, ram.atomic(), access.clone())?;
-            }
+            memory_service::serve(runtime, vmm_end, ram.atomic(), health.clone())?;
             let (pid, control) = recipe.spawn(ProcessMemory::Rpc(device_end))?;
             (control, Some(pid), None)
         }
@@ -370,6 +380,9 @@ fn launch_device(
     host.health = health;
     host.access = access;
     host.respawn = respawn;
+    if request_level {
+        host.posting = Some(host::Posting { memory: ram.atomic(), max_queue_size: info.max_queue_size, queue: None });
+    }
     info!(
         "device {name}: virtio id {} at {:#x} (GSI {}), {:?} mode, pid {:?}",
         info.device_id, slot.base, slot.gsi, config.memory_mode, pid
@@ -384,7 +397,8 @@ fn launch_device(
 /// `inprocess` mode: the device runs on a thread of the VMM, over its map.
 fn spawn_thread(ram: &GuestRam, recipe: ProcessRecipe, control: UnixStream) -> Result<()> {
     let memory = MappedMemory::new(ram.atomic());
-    let ProcessRecipe { name, kind, notify, irq, health, .. } = recipe;
+    let ProcessRecipe { name, kind, doorbell, health, .. } = recipe;
+    let (notify, irq) = doorbell.ok_or_else(|| Error::Device("an inprocess device walks its own ring".into()))?;
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
@@ -397,7 +411,8 @@ fn spawn_thread(ram: &GuestRam, recipe: ProcessRecipe, control: UnixStream) -> R
                     ProcessKind::Mem { hotplug } => Backend::Mem(MemDevice::connect(hotplug).await?),
                 };
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
-                crate::devices::runner::serve(memory, backend, transport, notify, irq, None).await
+                let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq };
+                crate::devices::runner::serve(memory, backend, transport, doorbell, None, None).await
             };
             let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime.block_on(run),

@@ -32,8 +32,8 @@ pub enum ProcessMemory<'a> {
 pub struct ProcessRecipe {
     pub name: String,
     pub kind: ProcessKind,
-    pub notify: EventFd,
-    pub irq: EventFd,
+    /// The queue notifier and interrupt, for a device that walks its ring.
+    pub doorbell: Option<(EventFd, EventFd)>,
     pub misbehave: Option<Misbehaviour>,
     pub probe: Option<u64>,
     pub health: Arc<DeviceHealth>,
@@ -45,8 +45,10 @@ impl ProcessRecipe {
         let (control_vmm, control_device) = UnixStream::pair()?;
         let mut child = DeviceCommand::new(&self.name, self.misbehave);
         child.fd("--control-fd", control_device.as_raw_fd());
-        child.fd("--notify-fd", self.notify.as_raw_fd());
-        child.fd("--irq-fd", self.irq.as_raw_fd());
+        if let Some((notify, irq)) = &self.doorbell {
+            child.fd("--notify-fd", notify.as_raw_fd());
+            child.fd("--irq-fd", irq.as_raw_fd());
+        }
         match &self.kind {
             ProcessKind::Block { disk, readonly } => {
                 child.arg("--kind=blk".into());
@@ -95,10 +97,10 @@ impl DeviceCommand {
         let mut command = Command::new("/proc/self/exe");
         command.arg("device").arg("--name").arg(name);
         if let Some(m) = misbehave {
-            command.arg("--misbehave").arg(match m {
-                Misbehaviour::ForbiddenSyscall => "forbidden-syscall",
-                Misbehaviour::HostileRpc => "hostile-rpc",
-            });
+            use clap::ValueEnum;
+            if let Some(value) = m.to_possible_value() {
+                command.arg("--misbehave").arg(value.get_name());
+            }
         }
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         DeviceCommand { command, fds: Vec::new(), name: name.into() }
