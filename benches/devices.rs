@@ -3,15 +3,16 @@
 //! each run between the guest's start and done lines.
 //!
 //! Run with `cargo bench --bench devices`. Prints medians per mode and
-//! workload, the rpc/shared and rpc/inprocess ratios, and memory RPCs per
-//! request in rpc mode (from the VMM's counters).
+//! workload, the ratios of `rpc` to the other modes, and, from the VMM's
+//! counters, memory RPCs per request (`rpc-dma`) and messages per batch
+//! (`rpc`: one out, one back, two per memory RPC).
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const REPEATS: usize = 5;
 const DISK_BYTES: u64 = 256 << 20;
-const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 
 struct Workload {
     name: &'static str,
@@ -31,6 +32,7 @@ const WORKLOADS: [Workload; 4] = [
 struct Sample {
     seconds: f64,
     rpcs: Option<u64>,
+    batches: Option<u64>,
 }
 
 fn run(disk: &str, mode: &str, w: &Workload) -> Sample {
@@ -58,8 +60,9 @@ fn run(disk: &str, mode: &str, w: &Workload) -> Sample {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{mode} {}: skvm {status}: {stderr}", w.name);
-    let rpcs = stderr.lines().find_map(|l| l.split("device blk0: ").nth(1)?.split(" memory RPCs").next()?.parse().ok());
-    Sample { seconds: seconds.expect("no done line"), rpcs }
+    let figure =
+        |unit: &str| stderr.lines().find_map(|l| l.split("device blk0: ").nth(1)?.split(unit).next()?.parse().ok());
+    Sample { seconds: seconds.expect("no done line"), rpcs: figure(" memory RPCs"), batches: figure(" batches posted") }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -76,16 +79,28 @@ fn main() {
 
     println!("virtio-blk benchmark: test guest, 1 vCPU, 256M, disk in tmpfs; medians of {REPEATS} runs");
     println!(
-        "{:<20} {:>12} {:>12} {:>12} {:>10} {:>12} {:>14}",
-        "workload", "rpc", "shared", "inprocess", "rpc/shared", "rpc/inproc", "rpc RPCs/req"
+        "{:<20} {:>13} {:>13} {:>13} {:>13} {:>10} {:>11} {:>10} {:>13} {:>13}",
+        "workload",
+        "rpc",
+        "rpc-dma",
+        "shared",
+        "inprocess",
+        "rpc/shared",
+        "rpc/rpc-dma",
+        "rpc/inproc",
+        "rpc msg/batch",
+        "dma RPCs/req"
     );
     for w in &WORKLOADS {
         let mut per_mode = Vec::new();
-        let mut rpcs_per_request = 0.0;
+        let (mut messages_per_batch, mut dma_rpcs_per_request) = (0.0, 0.0);
         for mode in MODES {
             let samples: Vec<Sample> = (0..REPEATS).map(|_| run(&disk, mode, w)).collect();
-            if let Some(rpcs) = samples[0].rpcs {
-                rpcs_per_request = rpcs as f64 / w.ops as f64;
+            let (rpcs, batches) = (samples[0].rpcs.unwrap_or(0) as f64, samples[0].batches.unwrap_or(0) as f64);
+            match mode {
+                "rpc" if batches > 0.0 => messages_per_batch = 2.0 * (batches + rpcs) / batches,
+                "rpc-dma" => dma_rpcs_per_request = rpcs / w.ops as f64,
+                _ => {}
             }
             per_mode.push(median(samples.iter().map(|s| s.seconds).collect()));
             std::thread::sleep(Duration::from_millis(50));
@@ -98,16 +113,19 @@ fn main() {
             }
         };
         let unit = if w.block_size >= 64 << 10 { "MiB/s" } else { "IOPS" };
-        let [rpc, shared, inproc] = [rate(per_mode[0]), rate(per_mode[1]), rate(per_mode[2])];
+        let [rpc, dma, shared, inproc] = [0, 1, 2, 3].map(|i| rate(per_mode[i]));
         println!(
-            "{:<20} {:>12} {:>12} {:>12} {:>9.0}% {:>11.0}% {:>14.2}",
+            "{:<20} {:>13} {:>13} {:>13} {:>13} {:>9.0}% {:>10.0}% {:>9.0}% {:>13.2} {:>13.2}",
             w.name,
             format!("{rpc:.0} {unit}"),
+            format!("{dma:.0} {unit}"),
             format!("{shared:.0} {unit}"),
             format!("{inproc:.0} {unit}"),
             100.0 * rpc / shared,
+            100.0 * rpc / dma,
             100.0 * rpc / inproc,
-            rpcs_per_request
+            messages_per_batch,
+            dma_rpcs_per_request
         );
     }
     let _ = std::fs::remove_file(&disk);

@@ -7,7 +7,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 const PATTERN_BYTES: u64 = 1 << 20;
 
 fn disk(name: &str, size: u64) -> PathBuf {
@@ -172,28 +172,85 @@ fn shared_device_maps_the_guest_ram_memfd() {
     vmm.wait().unwrap();
 }
 
-/// Runs blk-pattern (with `seed`) on two rpc-mode disks whose first device misbehaves.
-fn two_disks_first_misbehaving(misbehaviour: &str, seed: u64) -> (Outcome, PathBuf, PathBuf) {
-    let (d0, d1) = (disk(&format!("{misbehaviour}-0.img"), 4 << 20), disk(&format!("{misbehaviour}-1.img"), 4 << 20));
+/// Runs blk-pattern (with `seed`) on two disks in `mode` whose first device misbehaves.
+fn two_disks_first_misbehaving(mode: &str, misbehaviour: &str, seed: u64) -> (Outcome, PathBuf, PathBuf) {
+    let name = format!("{misbehaviour}-{mode}");
+    let (d0, d1) = (disk(&format!("{name}-0.img"), 4 << 20), disk(&format!("{name}-1.img"), 4 << 20));
     let (arg0, arg1) = (disk_arg(&d0, ""), disk_arg(&d1, ""));
-    let args = ["--memory", "64M", "--disk", &arg0, "--disk", &arg1, "--test-device-misbehave", misbehaviour];
+    let args = [
+        "--memory",
+        "64M",
+        "--memory-mode",
+        mode,
+        "--disk",
+        &arg0,
+        "--disk",
+        &arg1,
+        "--test-device-misbehave",
+        misbehaviour,
+    ];
     (run_guest(&args, &format!("scenario=blk-pattern seed={seed}")), d0, d1)
 }
 
 #[test]
 fn forbidden_syscall_kills_only_the_device() {
-    let (out, _, d1) = two_disks_first_misbehaving("forbidden-syscall", 5);
-    // The guest ran to the end: disk 0 failed (bit 0 of its status), disk 1 worked.
-    assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
-    assert!(out.stderr.contains("device blk0 failed") && out.stderr.contains("killed by SIGSYS"), "{}", out.stderr);
-    assert!(out.stdout.contains("blk0: failed"), "{}", out.stdout);
-    assert!(out.stdout.contains("blk1: ok"), "{}", out.stdout);
-    assert_pattern_on_disk(&d1, 1, 5);
+    for mode in ["rpc", "rpc-dma"] {
+        let (out, _, d1) = two_disks_first_misbehaving(mode, "forbidden-syscall", 5);
+        // The guest ran to the end: disk 0 failed (bit 0 of its status), disk 1 worked.
+        assert_eq!(out.code(), Some(1), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        let failed = out.stderr.lines().find(|l| l.contains("device blk0 failed")).unwrap_or_default();
+        assert!(failed.contains("killed by SIGSYS"), "{mode}: {}", out.stderr);
+        assert!(out.stdout.contains("blk0: failed"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("blk1: ok"), "{mode}: {}", out.stdout);
+        assert_pattern_on_disk(&d1, 1, 5);
+    }
+}
+
+/// A request-level device that steps outside its grants, each way the
+/// protocol forbids: the VMM refuses, fails that device alone (with the
+/// reason), the other disk keeps working, and guest RAM that no request
+/// named is byte-for-byte unchanged.
+#[test]
+fn a_device_that_steps_outside_its_grants_fails_alone() {
+    for (attack, reason) in [
+        ("address-write", "may touch only the buffers posted to it"),
+        ("grant-unknown", "is not outstanding"),
+        ("grant-completed", "is not outstanding"),
+        ("grant-buffer-index", "has no buffer"),
+        ("grant-offset", "is outside the buffer"),
+        ("grant-overflow", "is outside the buffer"),
+        ("grant-write-readable", "goes the other way"),
+        ("grant-read-writable", "goes the other way"),
+        ("grant-oversized", "is outside the buffer"),
+        ("grant-foreign", "is not outstanding"),
+        ("grant-duplicate", "is not outstanding"),
+        ("grant-flood", "is not outstanding"),
+    ] {
+        let (out, _, d1) = two_disks_first_misbehaving("rpc", attack, 8);
+        assert_eq!(out.code(), Some(1), "{attack}: stdout {} stderr {}", out.stdout, out.stderr);
+        let failed = out.stderr.lines().find(|l| l.contains("device blk0 failed")).unwrap_or_default();
+        assert!(failed.contains("it broke the grant protocol") && failed.contains(reason), "{attack}: {}", out.stderr);
+        assert!(out.stdout.contains("blk0: failed"), "{attack}: {}", out.stdout);
+        assert!(out.stdout.contains("blk1: ok"), "{attack}: {}", out.stdout);
+        assert!(out.stdout.contains("canary at 0x800000: intact"), "{attack}: {}", out.stdout);
+        assert!(!out.stderr.contains("device blk1 failed"), "{attack}: {}", out.stderr);
+        assert_pattern_on_disk(&d1, 1, 8);
+    }
+}
+
+/// The contrast that makes the canary check meaningful: an `rpc-dma`
+/// device may write any guest RAM, so the same attack gets through.
+#[test]
+fn an_rpc_dma_device_can_write_guest_ram_nobody_posted() {
+    let (out, _, _) = two_disks_first_misbehaving("rpc-dma", "address-write", 8);
+    assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("hostile-rpc: address write: Ok(Ok(()))"), "{}", out.stderr);
+    assert!(out.stdout.contains("canary at 0x800000: changed at byte 0"), "{}", out.stdout);
 }
 
 #[test]
 fn hostile_rpcs_are_refused_and_cost_only_that_device() {
-    let (out, d0, d1) = two_disks_first_misbehaving("hostile-rpc", 6);
+    let (out, d0, d1) = two_disks_first_misbehaving("rpc-dma", "hostile-rpc", 6);
     for (probe, answer) in [
         ("read before hello", "NoHello"),
         ("wrong version", "VersionMismatch"),
@@ -270,7 +327,7 @@ fn hostile_descriptors_get_errors_or_a_failed_device() {
         // The 32 MiB write was refused unread (the device failed at the end,
         // so its own counters are gone; the VMM's count the rpc-mode bytes).
         let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-        if mode == "rpc" {
+        if mode.starts_with("rpc") {
             let moved = stats["devices"][0]["memory_bytes"].as_u64().unwrap();
             assert!(moved < 1 << 20, "the device read {moved} bytes of guest memory");
         }
@@ -456,7 +513,7 @@ fn random_register_traffic_never_takes_the_vmm_down() {
 /// killed by its own seccomp filter on the way out.
 #[test]
 fn device_processes_exit_cleanly_when_the_vm_stops() {
-    for mode in ["rpc", "shared"] {
+    for mode in ["rpc", "rpc-dma", "shared"] {
         let path = disk(&format!("clean-exit-{mode}.img"), 1 << 20);
         let disk = disk_arg(&path, "");
         let out =

@@ -21,7 +21,7 @@ fn disk(name: &str, bytes: u64) -> (std::path::PathBuf, String) {
     (path, arg)
 }
 
-/// Where the rpc-mode probe looks: 128 MiB into a region that starts right after 512 MiB of RAM.
+/// Where the rpc-dma probe looks: 128 MiB into a region that starts right after 512 MiB of RAM.
 const PROBE: u64 = 0x2800_0000;
 
 fn plug_use_unplug(mode: &str) {
@@ -29,7 +29,7 @@ fn plug_use_unplug(mode: &str) {
     let probe = format!("{PROBE:#x}");
     let mut args = vec!["--memory-mode", mode, "--memory", "512M,hotplug=1G", "--disk", &disk_arg];
     args.extend(["--cmdline", "scenario=mem-plug"]);
-    if mode == "rpc" {
+    if mode == "rpc-dma" {
         args.extend(["--test-device-probe", &probe]);
     }
     let mut vm = LiveVm::start(&format!("hotplug-{mode}"), &args);
@@ -72,7 +72,7 @@ fn plug_use_unplug(mode: &str) {
     }
     // The device counted the write from unplugged memory as its one error.
     assert_eq!(info["devices"][0]["counters"]["errors"], 1, "{info}");
-    if mode == "rpc" {
+    if mode == "rpc-dma" {
         // A device asking for an address in the unplugged range is refused.
         let stderr = vm.stderr();
         assert!(stderr.contains(&format!("skvm-test-probe blk0 {probe}: ok")), "{stderr}");
@@ -85,6 +85,11 @@ fn plug_use_unplug(mode: &str) {
 #[test]
 fn plug_256_mib_use_it_for_disk_io_and_unplug_in_rpc_mode() {
     plug_use_unplug("rpc");
+}
+
+#[test]
+fn plug_256_mib_use_it_for_disk_io_and_unplug_in_rpc_dma_mode() {
+    plug_use_unplug("rpc-dma");
 }
 
 #[test]
@@ -123,8 +128,8 @@ fn churn(mode: &str, cycles: u64) {
             assert_eq!(blk["healthy"], true, "{info}");
             assert!(blk["counters"]["requests"].as_u64().unwrap() > 0, "{info}");
             assert_eq!(blk["counters"]["errors"], 0, "{info}");
-            if mode == "rpc" {
-                assert_eq!(blk["pid"], blk_pid, "the rpc device restarted: {info}");
+            if mode.starts_with("rpc") {
+                assert_eq!(blk["pid"], blk_pid, "the {mode} device restarted: {info}");
                 assert_eq!(blk["memory_refused"], 0, "{info}");
             }
             assert_eq!(info["hotplug"]["plugs"], cycle + 1, "{info}");
@@ -144,6 +149,11 @@ fn churn(mode: &str, cycles: u64) {
 #[test]
 fn churn_100_plug_unplug_cycles_under_verified_io_in_rpc_mode() {
     churn("rpc", 100);
+}
+
+#[test]
+fn churn_under_verified_io_in_rpc_dma_mode() {
+    churn("rpc-dma", 20);
 }
 
 #[test]
@@ -201,7 +211,7 @@ fn bad_hotplug_flags_are_clear_usage_errors() {
 
 #[test]
 fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
-    for mode in ["rpc", "shared", "inprocess"] {
+    for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {
         let (_disk_path, disk_arg) = disk(&format!("mem-hostile-{mode}.img"), MIB);
         let args = ["--memory-mode", mode, "--memory", "64M,hotplug=64M", "--disk", &disk_arg];
         let out = run_guest(&args, "scenario=mem-hostile");

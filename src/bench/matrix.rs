@@ -33,7 +33,7 @@ pub const WORKLOADS: [Workload; 10] = [
     Workload { name: "idle", kind: Kind::Idle { quick_ms: 100, full_ms: 1000 } },
 ];
 
-pub const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+pub const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 pub const VCPUS: [u8; 2] = [1, 2];
 
 pub fn repeats(quick: bool) -> usize {

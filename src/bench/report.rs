@@ -43,20 +43,23 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 /// Workload x system table for one vCPU count, with ratios between modes.
 fn table(results: &Results, vcpus: u8) -> String {
     let columns = results.columns();
-    let mut out =
-        format!("| workload | unit | {} | rpc/inprocess | rpc/shared | shared/inprocess |\n", columns.join(" | "));
-    out.push_str(&format!("|---|---|{}---:|---:|---:|\n", "---:|".repeat(columns.len())));
+    let mut out = format!(
+        "| workload | unit | {} | rpc/shared | rpc/rpc-dma | rpc/inprocess | shared/inprocess |\n",
+        columns.join(" | ")
+    );
+    out.push_str(&format!("|---|---|{}---:|---:|---:|---:|\n", "---:|".repeat(columns.len())));
     for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
         let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
         let cells: Vec<String> = columns.iter().map(|c| figure(value(results, c, workload, vcpus))).collect();
         let v = |mode| value(results, mode, workload, vcpus);
         let _ = writeln!(
             out,
-            "| {} | {unit} | {} | {} | {} | {} |",
+            "| {} | {unit} | {} | {} | {} | {} | {} |",
             workload.name,
             cells.join(" | "),
-            ratio(v("rpc"), v("inprocess")),
             ratio(v("rpc"), v("shared")),
+            ratio(v("rpc"), v("rpc-dma")),
+            ratio(v("rpc"), v("inprocess")),
             ratio(v("shared"), v("inprocess"))
         );
     }
@@ -84,8 +87,8 @@ fn per_request(rows: &[&Row], f: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
 fn breakdown(results: &Results, vcpus: u8) -> String {
     let hz = results.machine.tsc_hz;
     let mut out = String::from(
-        "| workload | mode | guest latency | memory calls | of them RPCs | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits | VMM + device CPU |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | mode | guest latency | memory calls | of them RPCs | requests per batch | messages per batch | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits | VMM + device CPU |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
         for mode in MODES {
@@ -97,13 +100,19 @@ fn breakdown(results: &Results, vcpus: u8) -> String {
             let per = |f: &dyn Fn(&Row) -> Option<f64>| per_request(&rows, |r| Some(f(r)? / requests(r)?));
             let micros = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} µs", v / 1e3));
             let latency = median(rows.iter().copied(), |r| r.mean_latency_us(hz));
+            // A batch is one message out and one back, plus a round trip per memory RPC.
+            let batches = |r: &Row| r.batches.filter(|&b| b > 0).map(|b| b as f64);
+            let per_batch = |f: &dyn Fn(&Row) -> Option<f64>| per_request(&rows, |r| Some(f(r)? / batches(r)?));
             let _ = writeln!(
                 out,
-                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 workload.name,
                 latency.map_or("-".into(), |v| format!("{v:.1} µs")),
                 per(&|r| r.device.as_ref().map(|d| d.memory_calls as f64)).map_or("-".into(), |v| format!("{v:.2}")),
                 per(&|r| r.memory_rpcs.map(|v| v as f64)).map_or("-".into(), |v| format!("{v:.2}")),
+                per_batch(&|r| r.device.as_ref().map(|d| d.requests as f64)).map_or("-".into(), |v| format!("{v:.1}")),
+                per_batch(&|r| Some(2.0 * (r.batches? + r.memory_rpcs?) as f64))
+                    .map_or("-".into(), |v| format!("{v:.2}")),
                 micros(per(&|r| r.memory_service_ns.map(|v| v as f64))),
                 micros(per(&|r| r.device.as_ref().map(|d| d.memory_wait_ns as f64))),
                 micros(per(&|r| r.device.as_ref().map(|d| d.busy_ns.saturating_sub(d.memory_wait_ns) as f64))),
@@ -259,9 +268,11 @@ pub fn markdown(results: &Results) -> String {
     out.push_str(
         "Every run boots the self-built test guest (`tests/guest`, 256 MiB), which drives a virtio-blk disk in \
          tmpfs and times itself with the TSC. Memory modes: `rpc`, a sandboxed device that never maps guest \
-         memory and asks the VMM for every access; `shared`, a sandboxed device that maps guest RAM; \
-         `inprocess`, a device thread inside the VMM. Figures are medians over the runs of a cell; ratios \
-         compare medians.\n\n## Peers\n\n",
+         memory: the VMM walks its queue and posts it batches of requests, and it reaches only the buffers \
+         the guest posted (by grant); `rpc-dma`, a sandboxed device that walks its own queue and asks the VMM \
+         to read and write guest addresses; `shared`, a sandboxed device that maps guest RAM; `inprocess`, a \
+         device thread inside the VMM. Figures are medians over the runs of a cell; ratios compare \
+         medians.\n\n## Peers\n\n",
     );
     if results.peers.is_empty() {
         out.push_str("None.\n");
@@ -282,12 +293,14 @@ pub fn markdown(results: &Results) -> String {
     out.push_str(
         "\n## Where the time goes, per request (1 vCPU)\n\n\
          Guest latency is from submitting a request to seeing it completed. Memory calls are the device's \
-         reads and writes of guest memory (in `rpc` mode each is an RPC to the VMM); the VMM memory service is \
-         the time the VMM spent checking and copying them; waiting on memory is the device's view of the same \
+         reads and writes of guest memory beyond what came inline (in the rpc modes each is an RPC to the \
+         VMM); in `rpc` mode a batch of requests is one message to the device and one back, plus two per \
+         memory RPC; the VMM memory service is the time the VMM spent checking and copying (in `rpc` mode \
+         also walking the ring and applying completions); waiting on memory is the device's view of its \
          calls (round trips included); the device's own work is the rest of its busy time; bytes copied are \
-         guest-memory bytes the device read or wrote; VMM + device CPU is the host CPU time of the VMM's \
-         threads other than the vCPUs and of the device processes, over the whole run (boot included) divided \
-         by its requests.\n\n",
+         guest-memory bytes the device read or wrote through calls; VMM + device CPU is the host CPU time of \
+         the VMM's threads other than the vCPUs and of the device processes, over the whole run (boot \
+         included) divided by its requests.\n\n",
     );
     out.push_str(&breakdown(results, 1));
     out.push_str(
@@ -302,7 +315,8 @@ pub fn markdown(results: &Results) -> String {
     out.push_str(&latency_table(results, "4K randread QD1"));
     out.push_str(
         "\n## Guest-memory call latency, 4K random read at QD1 (1 vCPU)\n\n\
-         As the device sees it: in `rpc` mode an RPC round trip to the VMM, otherwise a checked local copy.\n\n",
+         As the device sees it: in the rpc modes an RPC round trip to the VMM, otherwise a checked local copy \
+         (`rpc` mode makes calls only for data too large to travel inline).\n\n",
     );
     out.push_str(&memory_call_table(results, "4K randread QD1"));
     out.push_str(

@@ -60,10 +60,16 @@ pub struct Row {
     /// vCPU exits to the VMM for port and MMIO I/O (skvm only).
     pub exits_pio: Option<u64>,
     pub exits_mmio: Option<u64>,
-    /// The VMM memory service's view: RPCs served, bytes and time (0 outside rpc mode).
+    /// The VMM memory service's view: RPCs served, bytes and time (0 outside
+    /// the rpc modes; in rpc mode the bytes and time include what moved
+    /// inline with posted requests and completions).
     pub memory_rpcs: Option<u64>,
     pub memory_rpc_bytes: Option<u64>,
     pub memory_service_ns: Option<u64>,
+    /// rpc mode: batches of requests the VMM posted (each one message out
+    /// and one back).
+    #[serde(default)]
+    pub batches: Option<u64>,
     /// The disk device's own counters (skvm only).
     pub device: Option<DeviceCounters>,
 }
@@ -116,7 +122,7 @@ impl Results {
     fn csv(&self) -> String {
         let mut out = String::from(
             "system,mode,workload,vcpus,repeat,ok,ops,bytes,errors,guest_seconds,wall_seconds,host_cpu_seconds,vcpu_cpu_seconds,iops,mib_per_s,\
-             mean_latency_us,exits_pio,exits_mmio,memory_rpcs,memory_rpc_bytes,memory_service_ns,device_requests,\
+             mean_latency_us,exits_pio,exits_mmio,memory_rpcs,memory_rpc_bytes,memory_service_ns,batches,device_requests,\
              device_memory_calls,device_memory_wait_ns,device_busy_ns,cpu_model,kernel,kvm,note\n",
         );
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
@@ -126,7 +132,7 @@ impl Results {
         for r in &self.rows {
             let d = r.device.as_ref();
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.1},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.1},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.system,
                 r.mode,
                 quote(&r.workload),
@@ -148,6 +154,7 @@ impl Results {
                 opt(r.memory_rpcs),
                 opt(r.memory_rpc_bytes),
                 opt(r.memory_service_ns),
+                opt(r.batches),
                 opt(d.map(|d| d.requests)),
                 opt(d.map(|d| d.memory_calls)),
                 opt(d.map(|d| d.memory_wait_ns)),

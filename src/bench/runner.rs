@@ -216,6 +216,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
             row.memory_rpcs = Some(disk["memory_rpcs"].as_u64().unwrap_or(0));
             row.memory_rpc_bytes = Some(disk["memory_bytes"].as_u64().unwrap_or(0));
             row.memory_service_ns = Some(disk["memory_service_ns"].as_u64().unwrap_or(0));
+            row.batches = disk["batches"].as_u64();
             row.device = serde_json::from_value(disk["counters"].clone()).ok();
         }
         None => row.note = Some("no stats file".into()),
@@ -250,6 +251,7 @@ pub fn empty_row(system: &str, mode: &str, cell: &Cell) -> Row {
         memory_rpcs: None,
         memory_rpc_bytes: None,
         memory_service_ns: None,
+        batches: None,
         device: None,
     }
 }

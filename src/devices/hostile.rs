@@ -72,6 +72,12 @@ pub async fn probe(client: &GuestMemoryClient, raw: std::os::fd::RawFd) {
 /// request ever names, which an address-style write aims at.
 pub const GUEST_CANARY: u64 = 8 << 20;
 
+/// Overwrites the start of the test guest's canary by guest address.
+pub async fn smash_canary(client: &GuestMemoryClient) {
+    let smash = vec![WriteSegment { addr: GUEST_CANARY, data: ByteBuf::from(vec![0x66u8; 4096]) }];
+    report("address write", format!("{:?}", client.write(context::current(), smash).await));
+}
+
 /// Test-only, request level: at the second batch the device makes the one
 /// forbidden move `which` names (the first batch is served honestly, so a
 /// completed grant exists), reports the VMM's answer and then replies with
@@ -108,10 +114,7 @@ pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<T
                 write: BufferWrite { buffer, offset: 0, data: ByteBuf::from(vec![0x66u8; len]) },
             };
             match which {
-                GrantAddress => {
-                    let smash = vec![WriteSegment { addr: GUEST_CANARY, data: ByteBuf::from(vec![0x66u8; 4096]) }];
-                    report("grant address", format!("{:?}", client.write(context::current(), smash).await));
-                }
+                AddressWrite => smash_canary(&client).await,
                 GrantUnknown => report("grant unknown", format!("{:?}", read(u64::MAX / 3, 0, 0, 1).await)),
                 GrantCompleted => {
                     let earlier = earlier.unwrap_or(0);

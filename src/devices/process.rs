@@ -38,8 +38,9 @@ pub enum Misbehaviour {
     ForbiddenSyscall,
     /// Send refused requests, then garbage bytes, on the memory channel.
     HostileRpc,
-    /// Request level, at the second batch: write a guest address directly.
-    GrantAddress,
+    /// Write the test guest's canary by guest address: `rpc` refuses (at the
+    /// second batch), `rpc-dma` lets it through (at the first notification).
+    AddressWrite,
     /// Read through a grant never issued.
     GrantUnknown,
     /// Read through a grant already completed.
@@ -129,6 +130,10 @@ fn misbehaviour(
         Misbehaviour::HostileRpc => {
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))
+        }
+        Misbehaviour::AddressWrite => {
+            let client = client?.clone();
+            Some(Box::pin(async move { super::hostile::smash_canary(&client).await }))
         }
         // Request-level attacks act on posted batches instead.
         _ => None,

@@ -137,6 +137,9 @@ fn report(
         {
             tracing::info!("device {}: {rpcs} memory RPCs, {bytes} bytes, {refused} refused", device.name);
         }
+        if let Some(batches) = device.batches {
+            tracing::info!("device {}: {batches} batches posted", device.name);
+        }
         if let Some(reason) = &device.failure {
             tracing::info!("device {}: failed during the run: {reason}", device.name);
         }

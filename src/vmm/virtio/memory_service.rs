@@ -198,9 +198,10 @@ pub fn serve(
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::lock;
     use super::*;
     use rpc_schema::GuestMemoryClient;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     #[test]
     fn hello_first_then_checked_access_then_revocation() {
@@ -228,5 +229,54 @@ mod tests {
             assert_eq!(read(0x100, 4).await.unwrap(), Err(MemoryError::Revoked));
         });
         assert_eq!(access.refused.load(Ordering::Relaxed), 4);
+    }
+
+    /// Request level: only outstanding grants reach memory, only their way
+    /// and within their buffers; a violation fails the device; a grant whose
+    /// buffer has left the RAM map (an unplug) is refused without blame.
+    #[test]
+    fn grants_bound_what_a_request_level_device_reaches() {
+        use super::super::grants::{Grant, GrantedBuffer};
+        use rpc_schema::{BufferWrite, GrantRange, GrantWrite};
+        let map =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)]).unwrap();
+        let memory = GuestMemoryAtomic::new(map.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let access = DeviceAccess::new("test", true);
+        let health = DeviceHealth::new(Some(access.clone()));
+        serve(runtime.handle(), vmm_end, memory.clone(), health.clone()).unwrap();
+        let readable = GrantedBuffer { addr: 0x100, len: 16, writable: false };
+        let writable = GrantedBuffer { addr: 0x20000, len: 8, writable: true };
+        let id = lock(&access.grants).issue(Grant { head: 0, buffers: vec![readable, writable] });
+        runtime.block_on(async {
+            let client = GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn();
+            let ctx = tarpc::context::current;
+            client.hello(ctx(), PROTOCOL_VERSION, "x".into()).await.unwrap().unwrap();
+            let range = |buffer, offset, len| vec![GrantRange { grant: id, buffer, offset, len }];
+            let put = |buffer, offset| {
+                vec![GrantWrite { grant: id, write: BufferWrite { buffer, offset, data: ByteBuf::from(vec![9u8; 4]) } }]
+            };
+            assert_eq!(client.read_granted(ctx(), range(0, 4, 12)).await.unwrap().unwrap()[0].len(), 12);
+            client.write_granted(ctx(), put(1, 4)).await.unwrap().unwrap();
+            assert_eq!(map.read_obj::<u32>(GuestAddress(0x20004)).unwrap(), 0x0909_0909);
+
+            // The writable buffer's region leaves the map: refused, the device stays healthy.
+            let (smaller, _) = map.remove_region(GuestAddress(0x20000), 0x10000).unwrap();
+            memory.lock().unwrap().replace(smaller);
+            assert!(matches!(
+                client.write_granted(ctx(), put(1, 0)).await.unwrap(),
+                Err(MemoryError::OutOfRange { .. })
+            ));
+            assert!(!health.failed.load(Ordering::SeqCst));
+
+            // Past the buffer: refused, and the device is failed for it.
+            assert!(matches!(
+                client.read_granted(ctx(), range(0, 12, 8)).await.unwrap(),
+                Err(MemoryError::OutsideBuffer { .. })
+            ));
+            assert!(health.failed.load(Ordering::SeqCst));
+            assert_eq!(client.read_granted(ctx(), range(0, 0, 1)).await.unwrap(), Err(MemoryError::Revoked));
+        });
     }
 }

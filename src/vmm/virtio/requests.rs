@@ -197,7 +197,17 @@ impl Engine {
         let outcome = match reply {
             Ok(Ok(completions)) => self.complete(completions),
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
-            Err(e) => Err(format!("control channel: {e}")),
+            Err(e) => {
+                // A dead process is the likely cause: give its watcher a
+                // moment to record why before settling for the channel error.
+                for _ in 0..40 {
+                    if self.context.health.failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(format!("control channel: {e}"))
+            }
         };
         self.context.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(reason) = outcome {

@@ -85,11 +85,21 @@ fn pattern(blk: &mut Blk, disk: usize, arena: &mut Arena, seed: u64) -> Result<(
     Ok(())
 }
 
+/// Guest RAM that no request ever names (the first 64 KiB of the arena): a
+/// device that could reach more than the buffers posted to it could change it.
+const CANARY_BYTES: u64 = 64 * 1024;
+
+fn canary_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9d) ^ 0xc3) as u8
+}
+
 pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
     let Some(mut arena) = arena(info) else {
         println!("blk: not enough RAM for buffers");
         return 0xff;
     };
+    let canary = arena.take(CANARY_BYTES).unwrap_or(0);
+    fill(canary, CANARY_BYTES, canary_byte);
     let mut failed = 0u8;
     let mut count = 0;
     let disks = virtio::devices(info.cmdline()).filter(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID);
@@ -105,6 +115,12 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
         }
     }
     println!("blk: {} disks tested", count);
+    // SAFETY: the canary is ours and CANARY_BYTES long.
+    let kept = unsafe { core::slice::from_raw_parts(canary as *const u8, CANARY_BYTES as usize) };
+    match kept.iter().enumerate().position(|(i, &b)| b != canary_byte(i as u64)) {
+        None => println!("canary at {:#x}: intact", canary),
+        Some(at) => println!("canary at {:#x}: changed at byte {}", canary, at),
+    }
     failed
 }
 
