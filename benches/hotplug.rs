@@ -20,7 +20,7 @@ use common::LiveVm;
 use machine::tsc_hz;
 use std::time::{Duration, Instant};
 
-const MODES: [&str; 3] = ["rpc", "shared", "inprocess"];
+const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 const CYCLES: u64 = 30;
 const STEP: u64 = 128 << 20;
 const IOS: u64 = 60_000;

@@ -40,8 +40,9 @@ The report format is described in docs/study.md.";
     name = "skvm",
     version,
     about = "A KVM hypervisor built for isolation",
-    long_about = "skvm runs x86-64 guests on KVM. Its design goal is isolation: devices are \
-                  meant to run in sandboxed processes that never map guest memory.\n\n\
+    long_about = "skvm runs x86-64 guests on KVM. Its design goal is isolation: every virtio \
+                  device runs in its own sandboxed process that never maps guest memory, and by \
+                  default reaches only the buffers the guest posted to it.\n\n\
                   Quick start: `skvm run` boots the built-in test guest and exits with its status.",
     after_help = RUN_HELP
 )]
@@ -172,7 +173,8 @@ pub struct RunArgs {
 
     /// When the VM stops, write its counters here as JSON: vCPU I/O exits, the vCPU
     /// threads' CPU time, the hotplug region, and per device its requests, errors, memory calls and RPCs, bytes, time
-    /// waiting on memory and serving queues, and a memory-latency histogram.
+    /// waiting on memory and serving queues, a memory-latency histogram and, in `rpc` mode, the
+    /// batches posted to it.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
 

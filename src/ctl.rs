@@ -75,8 +75,12 @@ fn print_info(info: &Value) {
             Some(rpcs) => format!(", {rpcs} memory RPCs, {} bytes, {} refused", d["memory_bytes"], d["memory_refused"]),
             None => String::new(),
         };
+        let posted = match d["batches"].as_u64() {
+            Some(batches) => format!(", {batches} batches posted, {} requests held", d["grants_outstanding"]),
+            None => String::new(),
+        };
         println!(
-            "device {:<5} {:<6} {pid}, {health}{requests}{counters}",
+            "device {:<5} {:<6} {pid}, {health}{requests}{counters}{posted}",
             d["name"].as_str().unwrap_or("?"),
             d["kind"].as_str().unwrap_or("?")
         );

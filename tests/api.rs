@@ -55,6 +55,8 @@ fn info_shows_devices_pids_and_health_then_shutdown_stops_the_vm() {
         let pid = device["pid"].as_u64().expect("a device process");
         assert!(Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is not running");
         assert_eq!(device["healthy"], true);
+        // Request level: the VMM counts what it posted and what the device holds.
+        assert!(device["batches"].is_u64() && device["grants_outstanding"] == 0, "{device}");
     }
 
     let summary = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "info"]);
@@ -63,6 +65,7 @@ fn info_shows_devices_pids_and_health_then_shutdown_stops_the_vm() {
         "{}",
         summary.stdout
     );
+    assert!(summary.stdout.contains("batches posted, 0 requests held"), "{}", summary.stdout);
 
     let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
     assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
