@@ -157,6 +157,11 @@ fn churn_under_verified_io_in_rpc_dma_mode() {
 }
 
 #[test]
+fn churn_under_verified_io_in_inprocess_mode() {
+    churn("inprocess", 20);
+}
+
+#[test]
 fn churn_with_sandbox_rebuilds_in_shared_mode() {
     churn("shared", 20);
 }

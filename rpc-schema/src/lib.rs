@@ -173,6 +173,8 @@ pub enum MemoryError {
     AddressAccess,
     #[error("grant {0} is not outstanding (never issued, or already completed)")]
     UnknownGrant(u64),
+    #[error("grant {0} was taken back when the driver reset the device")]
+    GrantReset(u64),
     #[error("grant {grant} has no buffer {buffer}")]
     NoSuchBuffer { grant: u64, buffer: u16 },
     #[error("grant {grant} buffer {buffer}: {offset:#x}+{len:#x} is outside the buffer")]

@@ -6,7 +6,7 @@
 //! An entry keeps the chain's head and buffers, which is all it takes to
 //! post the request again (to a restarted device process, say).
 use rpc_schema::MemoryError;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One buffer of a granted chain, where the guest put it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,9 @@ impl Grant {
 pub struct GrantTable {
     next: u64,
     outstanding: HashMap<u64, Grant>,
+    /// Grants the last reset took back: a device may still be working on
+    /// them, which is no fault of its own.
+    reset: HashSet<u64>,
 }
 
 impl GrantTable {
@@ -59,7 +62,11 @@ impl GrantTable {
     }
 
     pub fn get(&self, id: u64) -> Result<&Grant, MemoryError> {
-        self.outstanding.get(&id).ok_or(MemoryError::UnknownGrant(id))
+        match self.outstanding.get(&id) {
+            Some(grant) => Ok(grant),
+            None if self.reset.contains(&id) => Err(MemoryError::GrantReset(id)),
+            None => Err(MemoryError::UnknownGrant(id)),
+        }
     }
 
     /// Revokes a grant as its completion arrives.
@@ -69,6 +76,7 @@ impl GrantTable {
 
     /// Revokes every grant (a reset), returning them by id.
     pub fn revoke_all(&mut self) -> Vec<(u64, Grant)> {
+        self.reset = self.outstanding.keys().copied().collect();
         self.outstanding.drain().collect()
     }
 
@@ -112,8 +120,12 @@ mod tests {
         assert!(table.complete(id).is_ok());
         assert_eq!(table.complete(id), Err(MemoryError::UnknownGrant(id)));
         assert_eq!(table.get(id).err(), Some(MemoryError::UnknownGrant(id)));
-        assert_ne!(table.issue(chain()), id);
+        let held = table.issue(chain());
+        assert_ne!(held, id);
         assert_eq!(table.revoke_all().len(), 1);
         assert_eq!(table.outstanding(), 0);
+        // Taken back by a reset: refused, but not the device's fault.
+        assert_eq!(table.get(held).err(), Some(MemoryError::GrantReset(held)));
+        assert!(!MemoryError::GrantReset(held).is_violation() && MemoryError::UnknownGrant(id).is_violation());
     }
 }

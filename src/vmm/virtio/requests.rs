@@ -168,8 +168,14 @@ impl Engine {
             let in_ram = |b: &GrantedBuffer| GuestMemoryBackend::check_range(mem, GuestAddress(b.addr), b.len as usize);
             let faulty = granted.iter().any(|b| b.len > 0 && !in_ram(b));
             let readable_len: u64 = granted.iter().filter(|b| !b.writable).map(|b| b.len as u64).sum();
+            let inlined = !faulty && readable_len <= MAX_INLINE_REQUEST;
+            if inlined && inline + readable_len > MAX_BATCH_INLINE && !batch.is_empty() {
+                // Its bytes would not fit this batch: it leads the next one.
+                chains.go_to_previous_position();
+                return Ok(batch);
+            }
             let mut readable = Vec::new();
-            if !faulty && readable_len <= MAX_INLINE_REQUEST && inline + readable_len <= MAX_BATCH_INLINE {
+            if inlined {
                 inline += readable_len;
                 readable.reserve(readable_len as usize);
                 for b in granted.iter().filter(|b| !b.writable) {
