@@ -18,7 +18,7 @@
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
 //! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
-//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench`: see
+//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench|blk-verify`: see
 //!   `blk_scenarios.rs`.
 //!
 //! * `scenario=mem-plug|mem-hostile|mem-follow|mem-churn`: see `mem_scenarios.rs`.
@@ -118,6 +118,10 @@ pub fn run(info: &pvh::StartInfo) -> ! {
                 ops: number("ops", 1000),
             };
             check(blk_scenarios::run_bench(info, &params));
+        }
+        "blk-verify" => {
+            let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
+            check(blk_scenarios::run_verify(info, number("ops", 10000), number("qd", 8) as u16));
         }
         "mem-plug" => check(crate::mem_scenarios::run_plug(info)),
         "mem-hostile" => check(crate::mem_scenarios::run_hostile(info)),
