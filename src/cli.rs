@@ -254,12 +254,18 @@ pub fn init_logging(level: LogLevel) {
         LogLevel::Trace => LevelFilter::TRACE,
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_max_level(filter)
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    // tarpc warns once per request when a device's channel breaks; skvm
+    // reports the device's fate itself, once.
+    let quiet_rpc = tracing_subscriber::filter::Targets::new()
+        .with_default(filter)
+        .with_target("tarpc", filter.min(LevelFilter::ERROR));
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    tracing_subscriber::registry().with(output.with_filter(quiet_rpc)).init();
 }
 
 pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {

@@ -79,8 +79,12 @@ fn print_info(info: &Value) {
             Some(batches) => format!(", {batches} batches posted, {} requests held", d["grants_outstanding"]),
             None => String::new(),
         };
+        let restarts = match (d["restarts"].as_u64(), d["last_failure"].as_str()) {
+            (Some(n), Some(why)) if n > 0 => format!(", restarted {n} times (last: {why})"),
+            _ => String::new(),
+        };
         println!(
-            "device {:<5} {:<6} {pid}, {health}{requests}{counters}{posted}",
+            "device {:<5} {:<6} {pid}, {health}{requests}{counters}{posted}{restarts}",
             d["name"].as_str().unwrap_or("?"),
             d["kind"].as_str().unwrap_or("?")
         );

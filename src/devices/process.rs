@@ -36,6 +36,8 @@ pub struct SharedRegion {
 pub enum Misbehaviour {
     /// Make a system call outside the allowlist once confined.
     ForbiddenSyscall,
+    /// The same, at the 100th batch (or notification) it serves: a crash mid-I/O.
+    ForbiddenSyscallMidIo,
     /// Send refused requests, then garbage bytes, on the memory channel.
     HostileRpc,
     /// Write the test guest's canary by guest address: `rpc` refuses (at the
@@ -122,11 +124,21 @@ fn misbehaviour(
     client: Option<&GuestMemoryClient>,
     raw_memory_socket: RawFd,
 ) -> Option<OnNotify> {
-    let mut hook: Option<Hook> = match which? {
-        Misbehaviour::ForbiddenSyscall => Some(Box::pin(async {
+    let forbidden = || -> Hook {
+        Box::pin(async {
             // SAFETY: a harmless system call that the filter does not allow.
             unsafe { libc::syscall(libc::SYS_getppid) };
-        })),
+        })
+    };
+    let mut hook: Option<Hook> = match which? {
+        Misbehaviour::ForbiddenSyscall => Some(forbidden()),
+        Misbehaviour::ForbiddenSyscallMidIo => {
+            let mut served = 0u32;
+            return Some(Box::new(move || {
+                served += 1;
+                (served == 100).then(forbidden)
+            }));
+        }
         Misbehaviour::HostileRpc => {
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))

@@ -80,6 +80,13 @@ impl GrantTable {
         self.outstanding.drain().collect()
     }
 
+    /// Every outstanding grant, oldest first (to post again after a restart).
+    pub fn snapshot(&self) -> Vec<(u64, Grant)> {
+        let mut held: Vec<(u64, Grant)> = self.outstanding.iter().map(|(id, g)| (*id, g.clone())).collect();
+        held.sort_unstable_by_key(|(id, _)| *id);
+        held
+    }
+
     pub fn outstanding(&self) -> usize {
         self.outstanding.len()
     }

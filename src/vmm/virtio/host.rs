@@ -3,7 +3,7 @@
 use super::super::lock;
 use super::device_text;
 use super::memory_service::DeviceAccess;
-use super::requests::{QueueContext, RequestQueue};
+use super::requests::{Engine, QueueContext, RequestQueue};
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
@@ -21,7 +21,7 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a status report waits for a device's counters.
 const COUNTERS_DEADLINE: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct DeviceHealth {
     pub failed: AtomicBool,
     pub reason: Mutex<Option<String>>,
@@ -36,7 +36,27 @@ pub struct DeviceHealth {
     /// Every process of this device not yet reaped, by PID and pidfd: a
     /// failed device is killed, so none keeps serving with an old memory map.
     processes: Mutex<Vec<(u32, OwnedFd)>>,
+    /// rpc mode: starts a new process when the current one dies (the
+    /// device's supervisor); without it a death fails the device.
+    restarter: std::sync::OnceLock<Box<dyn Fn(String, Instant) + Send + Sync>>,
+    /// Times the device was brought back, and why it went down last.
+    pub restarts: AtomicU32,
+    pub last_failure: Mutex<Option<String>>,
+    /// Restarts since the device last completed a batch: a crash loop.
+    consecutive: AtomicU32,
+    /// From a death seen to the first batch the new process completed.
+    pub recovery_ns: Mutex<Vec<u64>>,
 }
+
+impl std::fmt::Debug for DeviceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHealth").field("failed", &self.failed).field("reason", &self.reason).finish()
+    }
+}
+
+/// Restarts in a row, with no batch completed in between, after which a
+/// device stays failed: it crashes as soon as it starts or serves.
+pub const MAX_CONSECUTIVE_RESTARTS: u32 = 5;
 
 impl DeviceHealth {
     pub fn new(access: Option<Arc<DeviceAccess>>) -> Arc<Self> {
@@ -56,10 +76,7 @@ impl DeviceHealth {
             warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
             *lock(&self.reason) = Some(reason);
         }
-        for (_, pidfd) in lock(&self.processes).iter() {
-            // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
-            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
-        }
+        self.kill("the device failed");
     }
 
     /// The device's memory access record (rpc modes).
@@ -88,16 +105,79 @@ impl DeviceHealth {
         self.current_pid.store(pid, Ordering::SeqCst);
     }
 
-    /// A device process ended: a failure, unless a rebuild had retired it.
+    /// The process running the device now, if any.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.current_pid.load(Ordering::SeqCst)).filter(|&pid| pid != 0)
+    }
+
+    /// A device process ended: restarted by its supervisor if it has one,
+    /// a failure otherwise; nothing if a rebuild or restart had retired it.
     pub fn process_ended(&self, name: &str, pid: u32, reason: String) {
         tracing::debug!("device {name}: {reason}");
-        if self.current_pid.load(Ordering::SeqCst) == pid {
-            self.fail(name, reason);
-            self.mark_ended();
-        } else {
+        if self.current_pid.load(Ordering::SeqCst) != pid {
             tracing::debug!("device {name}: that was a retired process");
+            return;
+        }
+        let down = self.stopping.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst);
+        match self.restarter.get() {
+            Some(restart) if !down => {
+                let since = Instant::now();
+                *lock(&self.last_failure) = Some(reason.clone());
+                if self.consecutive.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_CONSECUTIVE_RESTARTS {
+                    let limit = MAX_CONSECUTIVE_RESTARTS;
+                    self.fail(
+                        name,
+                        format!("{reason}; it died {limit} times in a row without serving, so it stays down"),
+                    );
+                    self.mark_ended();
+                } else {
+                    warn!("device {name}: {reason}; restarting it");
+                    restart(reason, since);
+                }
+            }
+            _ => {
+                self.fail(name, reason);
+                self.mark_ended();
+            }
         }
     }
+
+    /// Makes process deaths restart the device through `restart`.
+    pub fn supervise(&self, restart: Box<dyn Fn(String, Instant) + Send + Sync>) {
+        let _ = self.restarter.set(restart);
+    }
+
+    pub fn supervised(&self) -> bool {
+        self.restarter.get().is_some()
+    }
+
+    /// Kills the device's processes (their deaths then take the usual path).
+    pub fn kill(&self, why: &str) {
+        tracing::debug!("killing a device process: {why}");
+        for (_, pidfd) in lock(&self.processes).iter() {
+            // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
+        }
+    }
+
+    /// A restarted device completed its first batch, `took` after its death.
+    pub fn recovered(&self, name: &str, took: Duration) {
+        self.consecutive.store(0, Ordering::SeqCst);
+        lock(&self.recovery_ns).push(took.as_nanos() as u64);
+        tracing::info!("device {name}: serving again {took:?} after it went down");
+    }
+}
+
+/// What a device's restart replaces, shared by its host (under the
+/// transport's lock) and its supervisor (which must not take that lock: a
+/// vCPU may hold it while waiting on the dead process).
+#[derive(Default)]
+pub struct Lifeline {
+    pub control: Mutex<Option<DeviceControlClient>>,
+    /// rpc mode: the request engine while the driver has the device active.
+    pub engine: Mutex<Option<Arc<Engine>>>,
+    /// The features the driver negotiated, to activate a new process with.
+    pub features: std::sync::atomic::AtomicU64,
 }
 
 /// Shared mode: how to start the device's process again over a new memory map.
@@ -129,7 +209,7 @@ pub struct DeviceHost {
     pub access: Option<Arc<DeviceAccess>>,
     pub respawn: Option<Respawn>,
     pub posting: Option<Posting>,
-    control: Mutex<Option<DeviceControlClient>>,
+    pub lifeline: Arc<Lifeline>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
     /// The device's interrupt, for config-change interrupts the VMM raises.
@@ -159,7 +239,7 @@ fn within(limit: Duration) -> tarpc::context::Context {
     ctx
 }
 
-fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
+pub fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
     let _context = runtime.enter();
     let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
     Ok(DeviceControlClient::new(Default::default(), transport).spawn())
@@ -182,7 +262,7 @@ impl DeviceHost {
             access: None,
             respawn: None,
             posting: None,
-            control: Mutex::new(Some(client)),
+            lifeline: Arc::new(Lifeline { control: Mutex::new(Some(client)), ..Default::default() }),
             runtime: runtime.clone(),
             notify,
             irq,
@@ -197,7 +277,7 @@ impl DeviceHost {
         Fut: std::future::Future<Output = Result<Result<T, rpc_schema::DeviceError>, tarpc::client::RpcError>>,
     {
         let ctx = within(CONTROL_DEADLINE);
-        let client = lock(&self.control).clone();
+        let client = lock(&self.lifeline.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
         let reply = self.runtime.block_on(request(client, ctx));
         match reply {
@@ -211,7 +291,12 @@ impl DeviceHost {
                 while self.pid.is_some() && !self.health.failed.load(Ordering::SeqCst) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                self.health.fail(&self.name, reason.clone());
+                if self.health.supervised() {
+                    // Its supervisor brings it back (or fails it): this call alone is lost.
+                    self.health.kill(&reason);
+                } else {
+                    self.health.fail(&self.name, reason.clone());
+                }
                 Err(reason)
             }
         }
@@ -234,19 +319,22 @@ impl DeviceHost {
             memory: self.posting.as_ref().map(|p| p.memory.clone()).ok_or("no guest memory")?,
             access: self.access.clone().ok_or("no memory access record")?,
             health: self.health.clone(),
-            client: lock(&self.control).clone().ok_or("the device is shut down")?,
+            client: lock(&self.lifeline.control).clone().ok_or("the device is shut down")?,
             notify: self.notify.try_clone().map_err(|e| e.to_string())?,
             irq: self.irq.try_clone().map_err(|e| e.to_string())?,
         };
         let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
         let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;
         let queue = RequestQueue::start(&self.runtime, context, *config, posting.max_queue_size, event_idx)?;
+        self.lifeline.features.store(features, Ordering::SeqCst);
+        *lock(&self.lifeline.engine) = Some(queue.engine());
         posting.queue = Some(queue);
         Ok(())
     }
 
     /// Request level: stops walking the queue and revokes its grants.
     fn stop_posting(&mut self) {
+        lock(&self.lifeline.engine).take();
         if let Some(posting) = self.posting.as_mut() {
             posting.queue = None;
         }
@@ -259,7 +347,7 @@ impl DeviceHost {
         if self.health.failed.load(Ordering::SeqCst) || self.health.stopping.load(Ordering::SeqCst) {
             return None;
         }
-        Some(CountersQuery { client: lock(&self.control).clone()?, runtime: self.runtime.clone() })
+        Some(CountersQuery { client: lock(&self.lifeline.control).clone()?, runtime: self.runtime.clone() })
     }
 
     pub fn reset(&mut self) -> Result<(), String> {
@@ -275,7 +363,7 @@ impl DeviceHost {
     pub fn begin_stop(&mut self) {
         self.health.stopping.store(true, Ordering::SeqCst);
         self.stop_posting();
-        lock(&self.control).take();
+        lock(&self.lifeline.control).take();
     }
 
     pub fn has_ended(&self) -> bool {
@@ -312,7 +400,7 @@ impl DeviceHost {
             .map_err(|e| format!("device {}: restarting it: {e}", self.name))?;
         let retired = self.pid.replace(pid);
         let client = control_client(&self.runtime, control)?;
-        let old = lock(&self.control).replace(client);
+        let old = lock(&self.lifeline.control).replace(client);
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         let paused = Instant::now();
         let saved = match old {

@@ -8,6 +8,7 @@ pub mod memory_service;
 pub mod mmio;
 mod requests;
 mod spawn;
+mod supervisor;
 
 use super::config::{DiskConfig, MemoryMode, VmConfig};
 use super::hotplug::{self, DeviceHooks, HotplugRegion};
@@ -71,6 +72,12 @@ pub struct DeviceStatus {
     /// it holds now (each a grant).
     pub batches: Option<u64>,
     pub grants_outstanding: Option<usize>,
+    /// Times the device's process was replaced after it died (rpc mode),
+    /// and why it went down last.
+    pub restarts: u32,
+    pub last_failure: Option<String>,
+    /// For each restart, from the death seen to the first batch served after.
+    pub recovery_ms: Vec<f64>,
 }
 
 pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
@@ -90,7 +97,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                         crate::devices::mem::DEVICE_ID => "mem",
                         _ => "other",
                     },
-                    pid: host.pid,
+                    pid: host.pid.and(host.health.pid()),
                     healthy: !host.health.failed.load(Relaxed),
                     failure: lock(&host.health.reason).clone(),
                     counters: None,
@@ -100,6 +107,9 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                     memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
                     batches: access.filter(|a| a.request_level).map(|a| a.batches.load(Relaxed)),
                     grants_outstanding: access.filter(|a| a.request_level).map(|a| lock(&a.grants).outstanding()),
+                    restarts: host.health.restarts.load(Relaxed),
+                    last_failure: lock(&host.health.last_failure).clone(),
+                    recovery_ms: lock(&host.health.recovery_ns).iter().map(|&ns| ns as f64 / 1e6).collect(),
                 };
                 (status, host.counters_query())
             };
@@ -212,6 +222,12 @@ pub struct LaunchContext<'a> {
     pub runtime: &'a tokio::runtime::Handle,
 }
 
+/// `launch`'s own state: the supervisor that restarts `rpc`-mode devices.
+struct Launcher<'a> {
+    context: &'a LaunchContext<'a>,
+    supervisor: Option<Arc<supervisor::Supervisor>>,
+}
+
 /// Starts every configured device. Call from the main thread: device
 /// processes die with the thread that started them.
 pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDevice>> {
@@ -230,6 +246,11 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
         )));
     }
     let mut blocks = 0;
+    let supervisor = match config.memory_mode {
+        MemoryMode::Rpc => Some(supervisor::Supervisor::start()?),
+        _ => None,
+    };
+    let launcher = Launcher { context, supervisor };
     specs
         .into_iter()
         .enumerate()
@@ -243,7 +264,7 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
                 DeviceSpec::Mem(_) => "mem0".to_string(),
             };
             let slot = slot(index);
-            let (transport, disk_lock) = launch_device(index, name, slot, spec, config, context)?;
+            let (transport, disk_lock) = launch_device(index, name, slot, spec, config, &launcher)?;
             Ok(VirtioDevice { slot, transport: Mutex::new(transport), disk_lock })
         })
         .collect()
@@ -311,8 +332,9 @@ fn launch_device(
     slot: MmioSlot,
     spec: DeviceSpec,
     config: &VmConfig,
-    context: &LaunchContext,
+    launcher: &Launcher,
 ) -> Result<(MmioTransport, Option<DiskLock>)> {
+    let context = launcher.context;
     let LaunchContext { vm, ram, runtime, .. } = *context;
     // The VMM opens the backend; the device only ever gets the descriptor.
     let mut disk_lock = None;
@@ -351,6 +373,7 @@ fn launch_device(
         health: health.clone(),
     };
 
+    let mut restartable = None;
     let (control, pid, respawn) = match config.memory_mode {
         MemoryMode::Inprocess => {
             let (control_vmm, control_device) = UnixStream::pair()?;
@@ -361,6 +384,10 @@ fn launch_device(
             let (vmm_end, device_end) = UnixStream::pair()?;
             memory_service::serve(runtime, vmm_end, ram.atomic(), health.clone())?;
             let (pid, control) = recipe.spawn(ProcessMemory::Rpc(device_end))?;
+            // virtio-mem's hotplug channel is not remade: it is not restarted.
+            if request_level && !matches!(spec, DeviceSpec::Mem(_)) {
+                restartable = Some(recipe);
+            }
             (control, Some(pid), None)
         }
         MemoryMode::Shared => {
@@ -382,6 +409,16 @@ fn launch_device(
     host.respawn = respawn;
     if request_level {
         host.posting = Some(host::Posting { memory: ram.atomic(), max_queue_size: info.max_queue_size, queue: None });
+    }
+    if let (Some(supervisor), Some(recipe)) = (&launcher.supervisor, restartable) {
+        supervisor.watch(supervisor::Restartable {
+            name: name.clone(),
+            recipe,
+            runtime: runtime.clone(),
+            ram: ram.atomic(),
+            health: host.health.clone(),
+            lifeline: host.lifeline.clone(),
+        });
     }
     info!(
         "device {name}: virtio id {} at {:#x} (GSI {}), {:?} mode, pid {:?}",

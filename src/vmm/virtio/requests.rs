@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,11 +47,22 @@ pub struct QueueContext {
     pub irq: EventFd,
 }
 
-struct Engine {
+pub struct Engine {
     context: QueueContext,
     queue: Mutex<Queue>,
     /// Reset or stopped: replies still on their way are dropped.
     stopped: AtomicBool,
+    /// The device process requests go to, and which one it is: a restart
+    /// moves to a new epoch, and what the old process answered is dropped.
+    connection: Mutex<Connection>,
+}
+
+struct Connection {
+    epoch: u64,
+    /// None while the device is being restarted: requests wait as grants.
+    client: Option<DeviceControlClient>,
+    /// When the restart began, until the new process completes a batch.
+    restarting_since: Option<Instant>,
 }
 
 impl RequestQueue {
@@ -73,7 +85,13 @@ impl RequestQueue {
             return Err("the queue's rings are not in guest RAM".into());
         }
         let notify = context.notify.try_clone().map_err(|e| e.to_string())?;
-        let engine = Arc::new(Engine { context, queue: Mutex::new(queue), stopped: AtomicBool::new(false) });
+        let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None };
+        let engine = Arc::new(Engine {
+            context,
+            queue: Mutex::new(queue),
+            stopped: AtomicBool::new(false),
+            connection: Mutex::new(connection),
+        });
         let _context = runtime.enter();
         // SAFETY: the AsyncFd owns this clone of the eventfd and closes it only when dropped.
         let notify =
@@ -91,6 +109,11 @@ impl RequestQueue {
             }
         });
         Ok(RequestQueue { engine, task })
+    }
+
+    /// The engine, for a restart to reconnect.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 }
 
@@ -126,11 +149,7 @@ impl Engine {
             access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             match batch {
                 Ok(batch) if batch.is_empty() => return true,
-                Ok(batch) => {
-                    access.batches.fetch_add(1, Ordering::Relaxed);
-                    let engine = self.clone();
-                    tokio::spawn(async move { engine.post(batch).await });
-                }
+                Ok(batch) => self.send(batch),
                 Err(reason) => {
                     self.fail(reason);
                     return false;
@@ -147,56 +166,51 @@ impl Engine {
         let mem = &*memory;
         let mut queue = lock(&self.queue);
         let mut grants = lock(&self.context.access.grants);
-        let (mut batch, mut buffers, mut inline) = (Vec::new(), 0usize, 0u64);
+        let mut batch = Batcher::default();
         loop {
             let mut chains = queue.iter(mem).map_err(broken)?;
             let Some(chain) = chains.next() else {
                 if !batch.is_empty() || !queue.enable_notification(mem).map_err(broken)? {
-                    return Ok(batch);
+                    return Ok(batch.take());
                 }
                 continue;
             };
             let head = chain.head_index();
             let granted = collect(chain, head)?;
-            if !batch.is_empty() && buffers + granted.len() > MAX_BATCH_BUFFERS {
+            if batch.full_for(&granted) {
                 chains.go_to_previous_position();
-                return Ok(batch);
+                return Ok(batch.take());
             }
-            buffers += granted.len();
-            let posted: Vec<PostedBuffer> =
-                granted.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
-            let in_ram = |b: &GrantedBuffer| GuestMemoryBackend::check_range(mem, GuestAddress(b.addr), b.len as usize);
-            let faulty = granted.iter().any(|b| b.len > 0 && !in_ram(b));
-            let readable_len: u64 = granted.iter().filter(|b| !b.writable).map(|b| b.len as u64).sum();
-            let inlined = !faulty && readable_len <= MAX_INLINE_REQUEST;
-            if inlined && inline + readable_len > MAX_BATCH_INLINE && !batch.is_empty() {
-                // Its bytes would not fit this batch: it leads the next one.
-                chains.go_to_previous_position();
-                return Ok(batch);
-            }
-            let mut readable = Vec::new();
-            if inlined {
-                inline += readable_len;
-                readable.reserve(readable_len as usize);
-                for b in granted.iter().filter(|b| !b.writable) {
-                    let at = readable.len();
-                    readable.resize(at + b.len as usize, 0);
-                    mem.read_slice(&mut readable[at..], GuestAddress(b.addr)).map_err(broken)?;
-                }
-            }
-            self.context.access.bytes.fetch_add(readable.len() as u64, Ordering::Relaxed);
-            let grant = grants.issue(Grant { head, buffers: granted });
-            batch.push(PostedRequest { grant, buffers: posted, readable: ByteBuf::from(readable), faulty });
+            let grant = grants.issue(Grant { head, buffers: granted.clone() });
+            let inline = batch.push(grant, &granted, mem).map_err(broken)?;
+            self.context.access.bytes.fetch_add(inline, Ordering::Relaxed);
         }
     }
 
-    /// Sends a batch and applies its completions; a device that does not
-    /// answer, refuses, or breaks the protocol fails.
-    async fn post(self: Arc<Self>, batch: Vec<PostedRequest>) {
+    /// Posts a batch to the current process, unless a restart is under
+    /// way: then its grants wait, and the restart posts them.
+    fn send(self: &Arc<Self>, batch: Vec<PostedRequest>) {
+        let (epoch, client) = {
+            let connection = lock(&self.connection);
+            match &connection.client {
+                Some(client) => (connection.epoch, client.clone()),
+                None => return,
+            }
+        };
+        self.context.access.batches.fetch_add(1, Ordering::Relaxed);
+        let engine = self.clone();
+        tokio::spawn(async move { engine.post(epoch, client, batch).await });
+    }
+
+    /// Sends a batch and applies its completions; a device that refuses or
+    /// breaks the protocol fails. One that does not answer is killed: its
+    /// supervisor restarts it (and its grants are posted again) or fails it.
+    async fn post(self: Arc<Self>, epoch: u64, client: DeviceControlClient, batch: Vec<PostedRequest>) {
         let mut ctx = tarpc::context::current();
         ctx.deadline = Instant::now() + BATCH_DEADLINE;
-        let reply = self.context.client.requests(ctx, batch).await;
-        if self.stopped.load(Ordering::SeqCst) {
+        let reply = client.requests(ctx, batch).await;
+        let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
+        if !current(&self) {
             return;
         }
         let started = Instant::now();
@@ -205,20 +219,62 @@ impl Engine {
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
             Err(e) => {
                 // A dead process is the likely cause: give its watcher a
-                // moment to record why before settling for the channel error.
+                // moment to record why (and start a new one).
                 for _ in 0..40 {
-                    if self.context.health.failed.load(Ordering::SeqCst) {
-                        break;
+                    if self.context.health.failed.load(Ordering::SeqCst) || !current(&self) {
+                        return;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if self.context.health.supervised() {
+                    self.context.health.kill(&format!("control channel: {e}"));
+                    return;
                 }
                 Err(format!("control channel: {e}"))
             }
         };
         self.context.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(reason) = outcome {
-            self.fail(reason);
+        match outcome {
+            Ok(()) => {
+                let recovered = lock(&self.connection).restarting_since.take();
+                if let Some(since) = recovered {
+                    self.context.health.recovered(&self.context.name, since.elapsed());
+                }
+            }
+            Err(reason) => self.fail(reason),
         }
+    }
+
+    /// A restart begins: nothing more goes to the old process, and what it
+    /// still answers is dropped. `since`: when its death was seen.
+    pub fn disconnect(&self, since: Instant) {
+        let mut connection = lock(&self.connection);
+        connection.epoch += 1;
+        connection.client = None;
+        connection.restarting_since.get_or_insert(since);
+    }
+
+    /// The restarted process takes over: every outstanding grant is posted
+    /// to it again (a write may reach the disk twice; each request still
+    /// completes once, as its grant is revoked at its first completion).
+    pub fn reconnect(self: &Arc<Self>, client: DeviceControlClient) -> Result<(), String> {
+        lock(&self.connection).client = Some(client);
+        let memory = self.context.memory.memory();
+        let mem = &*memory;
+        let held = lock(&self.context.access.grants).snapshot();
+        let mut batch = Batcher::default();
+        for (grant, chain) in held {
+            if batch.full_for(&chain.buffers) {
+                self.send(batch.take());
+            }
+            batch.push(grant, &chain.buffers, mem).map_err(broken)?;
+        }
+        if !batch.is_empty() {
+            self.send(batch.take());
+        }
+        drop(memory);
+        self.pump();
+        Ok(())
     }
 
     /// Revokes each completed grant, checks and applies its writes, and
@@ -256,6 +312,73 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Posted requests packed into a batch within the batch limits.
+#[derive(Default)]
+struct Batcher {
+    batch: Vec<PostedRequest>,
+    buffers: usize,
+    inline: u64,
+}
+
+impl Batcher {
+    fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// `chain` belongs in the next batch: its buffers, or the readable bytes
+    /// it would carry inline, do not fit this one.
+    fn full_for(&self, chain: &[GrantedBuffer]) -> bool {
+        let readable = readable_len(chain);
+        let inline_overflow = readable <= MAX_INLINE_REQUEST && self.inline + readable > MAX_BATCH_INLINE;
+        !self.batch.is_empty() && (self.buffers + chain.len() > MAX_BATCH_BUFFERS || inline_overflow)
+    }
+
+    /// Adds a granted chain; returns the bytes it carries inline.
+    fn push(&mut self, grant: u64, chain: &[GrantedBuffer], mem: &GuestMemoryMmap) -> Result<u64, GuestMemoryError> {
+        let request = posted(grant, chain, mem, MAX_BATCH_INLINE - self.inline)?;
+        let inline = request.readable.len() as u64;
+        self.buffers += chain.len();
+        self.inline += inline;
+        self.batch.push(request);
+        Ok(inline)
+    }
+
+    fn take(&mut self) -> Vec<PostedRequest> {
+        (self.buffers, self.inline) = (0, 0);
+        std::mem::take(&mut self.batch)
+    }
+}
+
+fn readable_len(chain: &[GrantedBuffer]) -> u64 {
+    chain.iter().filter(|b| !b.writable).map(|b| b.len as u64).sum()
+}
+
+/// A granted chain as the device sees it: lengths and directions, and the
+/// driver-readable bytes inline when they are at most [`MAX_INLINE_REQUEST`]
+/// and `room` (else the device fetches them); `faulty` when a buffer is not
+/// guest RAM.
+fn posted(
+    grant: u64,
+    chain: &[GrantedBuffer],
+    mem: &GuestMemoryMmap,
+    room: u64,
+) -> Result<PostedRequest, GuestMemoryError> {
+    let in_ram = |b: &GrantedBuffer| GuestMemoryBackend::check_range(mem, GuestAddress(b.addr), b.len as usize);
+    let faulty = chain.iter().any(|b| b.len > 0 && !in_ram(b));
+    let readable_len = readable_len(chain);
+    let mut readable = Vec::new();
+    if !faulty && readable_len <= MAX_INLINE_REQUEST.min(room) {
+        readable.reserve(readable_len as usize);
+        for b in chain.iter().filter(|b| !b.writable) {
+            let at = readable.len();
+            readable.resize(at + b.len as usize, 0);
+            mem.read_slice(&mut readable[at..], GuestAddress(b.addr))?;
+        }
+    }
+    let buffers = chain.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
+    Ok(PostedRequest { grant, buffers, readable: ByteBuf::from(readable), faulty })
 }
 
 /// A chain's buffers, or why the chain is broken. `virtio-queue` stops a

@@ -8,8 +8,9 @@
 //! * `blk-hostile`: post malformed requests; each must get an error status,
 //!   and a looping chain must leave the device failed (DEVICE_NEEDS_RESET).
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
-//! * `blk-verify`: `ops=N qd=N`: verified random 4 KiB writes and read-backs
-//!   over the first 1 MiB, then a hash of what the disk must hold.
+//! * `blk-verify`: `ops=N qd=N [hold=1]`: verified random 4 KiB writes and
+//!   read-backs over the first 1 MiB, a flush, then a hash of what the disk
+//!   must hold; `hold=1` spins afterwards instead of exiting.
 use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
 use crate::{console, platform, println, pvh};
@@ -378,7 +379,7 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16) -> Result<(), &'s
             block = (block + 1) % VERIFY_BLOCKS;
         }
         let buffer = buffers + slot as u64 * VERIFY_BLOCK;
-        let (kind, expect) = if rng.next() % 2 == 0 {
+        let (kind, expect) = if rng.next().is_multiple_of(2) {
             let next = generation[block as usize] + 1;
             generation[block as usize] = next;
             fill(buffer, VERIFY_BLOCK, |i| verify_byte(block, next, i));

@@ -1,0 +1,104 @@
+//! Bringing a crashed `rpc`-mode device back without the guest noticing.
+//! When a device process dies (a crash, a signal, its seccomp filter, a
+//! broken channel), its watcher asks the supervisor for a new one: a fresh
+//! process over the same backend, greeted and activated with the features
+//! the driver negotiated; the request engine then posts every outstanding
+//! grant to it again. The queue itself never left the VMM, so the guest
+//! sees nothing but a slower request or two.
+//!
+//! New processes are started from the supervisor's own thread, which lives
+//! as long as the VMM: a device process dies with the thread that started it
+//! (`PR_SET_PDEATHSIG`), so a watcher thread, which ends with its process,
+//! must not start the next one.
+use super::super::lock;
+use super::host::{control_client, DeviceHealth, Lifeline};
+use super::memory_service;
+use super::spawn::{ProcessMemory, ProcessRecipe};
+use super::{Error, Result};
+use rpc_schema::PROTOCOL_VERSION;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// How long a new process may take to greet and accept activation.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The VM's one supervisor thread.
+pub struct Supervisor {
+    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+}
+
+impl Supervisor {
+    pub fn start() -> Result<Arc<Self>> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || queue.into_iter().for_each(|job| job()))
+            .map_err(|e| Error::Host("starting the device supervisor".into(), e))?;
+        Ok(Arc::new(Supervisor { jobs: std::sync::Mutex::new(jobs) }))
+    }
+
+    /// From now on, a death of this device's process starts a new one.
+    pub fn watch(self: &Arc<Self>, device: Restartable) {
+        let device = Arc::new(device);
+        let supervisor = self.clone();
+        let health = device.health.clone();
+        health.supervise(Box::new(move |reason, since| {
+            let device = device.clone();
+            let _ = lock(&supervisor.jobs).send(Box::new(move || device.restart(reason, since)));
+        }));
+    }
+}
+
+/// One `rpc`-mode device, as its supervisor restarts it.
+pub struct Restartable {
+    pub name: String,
+    pub recipe: ProcessRecipe,
+    pub runtime: tokio::runtime::Handle,
+    pub ram: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub health: Arc<DeviceHealth>,
+    pub lifeline: Arc<Lifeline>,
+}
+
+impl Restartable {
+    fn restart(&self, reason: String, since: Instant) {
+        if let Err(e) = self.try_restart(since) {
+            self.health.fail(&self.name, format!("{reason}; restarting it failed: {e}"));
+        }
+    }
+
+    fn try_restart(&self, since: Instant) -> std::result::Result<(), String> {
+        let engine = lock(&self.lifeline.engine).clone();
+        if let Some(engine) = &engine {
+            engine.disconnect(since);
+        }
+        let (vmm_end, device_end) = UnixStream::pair().map_err(|e| e.to_string())?;
+        memory_service::serve(&self.runtime, vmm_end, self.ram.clone(), self.health.clone())
+            .map_err(|e| e.to_string())?;
+        let (_, control) = self.recipe.spawn(ProcessMemory::Rpc(device_end)).map_err(|e| e.to_string())?;
+        let client = control_client(&self.runtime, control)?;
+        let within = || {
+            let mut ctx = tarpc::context::current();
+            ctx.deadline = Instant::now() + START_DEADLINE;
+            ctx
+        };
+        let hello = self.runtime.block_on(client.hello(within(), PROTOCOL_VERSION));
+        hello.map_err(|e| format!("hello: {e}"))?.map_err(|e| format!("hello: {e}"))?;
+        if engine.is_some() {
+            let features = self.lifeline.features.load(Ordering::SeqCst);
+            let active = self.runtime.block_on(client.activate(within(), features, Vec::new()));
+            active.map_err(|e| format!("activate: {e}"))?.map_err(|e| format!("activate: {e}"))?;
+        }
+        *lock(&self.lifeline.control) = Some(client.clone());
+        self.health.restarts.fetch_add(1, Ordering::SeqCst);
+        if let Some(engine) = engine {
+            let _context = self.runtime.enter();
+            engine.reconnect(client)?;
+        }
+        Ok(())
+    }
+}

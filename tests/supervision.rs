@@ -1,0 +1,155 @@
+//! Device supervision: an `rpc`-mode device whose process dies comes back by
+//! itself and the guest loses nothing; a device that dies over and over stays
+//! down; in the modes where the device walks its own ring, a dead device
+//! reports DEVICE_NEEDS_RESET instead.
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn disk(name: &str) -> (PathBuf, String) {
+    let path = temp_path(name);
+    let _ = std::fs::remove_file(&path);
+    std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+    let arg = format!("path={}", path.display());
+    (path, arg)
+}
+
+/// FNV-1a of the first MiB of the disk: what the guest's `blk-verify` prints
+/// for what the disk must hold.
+fn disk_hash(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let hash =
+        bytes[..1 << 20].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:#x}")
+}
+
+/// `blk-verify: done ops=N errors=E corrupt=C hash=H` as (errors, corrupt, hash).
+fn verify_report(console: &str) -> (u64, u64, String) {
+    let line = console.lines().find(|l| l.starts_with("blk-verify: done")).unwrap_or_else(|| panic!("{console}"));
+    let field = |key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().to_string();
+    (field("errors=").parse().unwrap(), field("corrupt=").parse().unwrap(), field("hash="))
+}
+
+/// The device process under skvm (its only child, started by any of its threads).
+fn device_pid(vmm: u32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{vmm}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[test]
+fn a_device_killed_50_times_mid_io_loses_nothing_in_rpc_mode() {
+    let (path, arg) = disk("kill-loop.img");
+    let args = ["--memory", "64M", "--disk", &arg, "--cmdline", "scenario=blk-verify ops=400000 qd=8 hold=1"];
+    let mut vm = LiveVm::start("kill-loop", &args);
+    let (mut killed, mut last_killed) = (0, None);
+    while killed < 50 {
+        std::thread::sleep(Duration::from_millis(50 + (killed * 7 % 50)));
+        // A new process, not the one just killed (its restart takes a few ms).
+        let Some(pid) = device_pid(vm.child.id()).filter(|&pid| Some(pid) != last_killed) else { continue };
+        // SAFETY: kill(2) on skvm's device process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        (killed, last_killed) = (killed + 1, Some(pid));
+        assert!(!vm.console().contains("blk-verify: done"), "the guest finished before 50 kills: raise ops");
+    }
+    let console = vm.wait_console("blk-verify: done", LONG);
+    let (errors, corrupt, hash) = verify_report(&console);
+    assert_eq!((errors, corrupt), (0, 0), "{console}");
+    assert_eq!(hash, disk_hash(&path), "the host file differs from the guest's record");
+    let (_, info) = vm.api("GET", "/vm", "");
+    let blk = &info["devices"][0];
+    assert_eq!(blk["healthy"], true, "{info}");
+    assert_eq!(blk["restarts"], 50, "{info}");
+    assert!(blk["last_failure"].as_str().unwrap().contains("killed by signal 9"), "{info}");
+    assert_eq!(blk["recovery_ms"].as_array().unwrap().len(), 50, "{info}");
+    let summary = run(&["ctl", "--api-socket", vm.socket.to_str().unwrap(), "info"]);
+    assert!(summary.stdout.contains("restarted 50 times (last: process"), "{}", summary.stdout);
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
+#[test]
+fn a_device_killed_by_its_seccomp_filter_mid_io_comes_back_in_rpc_mode() {
+    let (path, arg) = disk("sigsys-mid-io.img");
+    let args = [
+        "--memory",
+        "64M",
+        "--disk",
+        &arg,
+        "--test-device-misbehave",
+        "forbidden-syscall-mid-io",
+        "--cmdline",
+        "scenario=blk-verify ops=3000 qd=8 hold=1",
+    ];
+    let mut vm = LiveVm::start("sigsys-mid-io", &args);
+    let console = vm.wait_console("blk-verify: done", LONG);
+    let (errors, corrupt, hash) = verify_report(&console);
+    assert_eq!((errors, corrupt), (0, 0), "{console}");
+    assert_eq!(hash, disk_hash(&path));
+    let (_, info) = vm.api("GET", "/vm", "");
+    let blk = &info["devices"][0];
+    assert_eq!(blk["healthy"], true, "{info}");
+    // Every new process dies the same way after its 100th batch: many restarts, none in a row.
+    assert!(blk["restarts"].as_u64().unwrap() >= 3, "{info}");
+    assert!(blk["last_failure"].as_str().unwrap().contains("SIGSYS"), "{info}");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
+/// Durability: what the guest flushed is on the host file even if the whole
+/// VMM is killed right after.
+#[test]
+fn flushed_writes_survive_kill_9_of_the_vmm() {
+    for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {
+        let (path, arg) = disk(&format!("durable-{mode}.img"));
+        let args = [
+            "--memory",
+            "64M",
+            "--memory-mode",
+            mode,
+            "--disk",
+            &arg,
+            "--cmdline",
+            "scenario=blk-verify ops=3000 qd=8 hold=1",
+        ];
+        let mut vm = LiveVm::start(&format!("durable-{mode}"), &args);
+        let console = vm.wait_console("blk-verify: done", LONG);
+        vm.child.kill().unwrap();
+        vm.child.wait().unwrap();
+        let (errors, corrupt, hash) = verify_report(&console);
+        assert_eq!((errors, corrupt), (0, 0), "{mode}: {console}");
+        assert_eq!(hash, disk_hash(&path), "{mode}: flushed data missing after kill -9");
+    }
+}
+
+/// In the modes where the device walks its own ring, the VMM cannot know
+/// which requests the dead process had taken: the device reports
+/// DEVICE_NEEDS_RESET (the guest then resets it), never a silent loss.
+#[test]
+fn a_killed_device_in_a_ring_walking_mode_needs_a_reset() {
+    for mode in ["rpc-dma", "shared"] {
+        let (_, arg) = disk(&format!("killed-{mode}.img"));
+        let args = [
+            "--memory",
+            "64M",
+            "--memory-mode",
+            mode,
+            "--disk",
+            &arg,
+            "--cmdline",
+            "scenario=blk-verify ops=100000000 qd=8",
+        ];
+        let vm = LiveVm::start(&format!("killed-{mode}"), &args);
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = device_pid(vm.child.id()).expect("no device process");
+        // SAFETY: kill(2) on skvm's device process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let code = vm.wait_exit(LONG);
+        // The guest saw no completion and DEVICE_NEEDS_RESET, and said so.
+        assert_eq!(code, Some(0xb0), "{mode}");
+    }
+}
