@@ -153,3 +153,37 @@ fn a_killed_device_in_a_ring_walking_mode_needs_a_reset() {
         assert_eq!(code, Some(0xb0), "{mode}");
     }
 }
+
+/// The driver's answer to DEVICE_NEEDS_RESET is a reset: after each way of
+/// breaking the queue the device comes back (a fresh process, or thread)
+/// and works, in every memory mode.
+#[test]
+fn a_reset_brings_a_failed_device_back_in_every_mode() {
+    for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {
+        let (_, arg) = disk(&format!("recover-{mode}.img"));
+        let stats = temp_path(&format!("recover-{mode}.json"));
+        let args = ["--memory", "64M", "--memory-mode", mode, "--disk", &arg, "--stats-file", stats.to_str().unwrap()];
+        let out = run_guest(&args, "scenario=blk-recover");
+        assert_eq!(out.code(), Some(0), "{mode}: stdout {} stderr {}", out.stdout, out.stderr);
+        for breakage in [
+            "looping chain",
+            "self-referencing indirect table",
+            "bad indirect length",
+            "over-long chain",
+            "avail index jumping ahead",
+            "rings outside RAM",
+        ] {
+            let line = format!("recover {breakage}: needs-reset true works-again true");
+            assert!(out.stdout.contains(&line), "{mode}: {line}: {}", out.stdout);
+        }
+        assert!(out.stdout.contains("recover garbage notifications: needs-reset false works-again true"), "{mode}");
+        let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let blk = &stats["devices"][0];
+        assert_eq!(blk["healthy"], true, "{mode}: {blk}");
+        // Five ring breakages fail the device in every mode; rings outside RAM
+        // fail activation (rpc) or the device (where it walks the ring itself).
+        let restarts = blk["restarts"].as_u64().unwrap();
+        assert!((5..=6).contains(&restarts), "{mode}: {blk}");
+        assert!(blk["last_failure"].as_str().is_some(), "{mode}: {blk}");
+    }
+}

@@ -151,6 +151,28 @@ impl DeviceHealth {
         self.restarter.get().is_some()
     }
 
+    /// A new process or thread is about to serve the device: requests from
+    /// its predecessors' memory channels are refused from now on.
+    pub fn new_generation(&self) {
+        if let Some(access) = &self.access {
+            access.new_generation();
+        }
+    }
+
+    /// The device comes back after it failed (the driver reset it): a new
+    /// process or thread serves it, with a clean record.
+    pub fn revive(&self) {
+        self.new_generation();
+        let why = lock(&self.reason).take();
+        if why.is_some() {
+            *lock(&self.last_failure) = why;
+        }
+        self.consecutive.store(0, Ordering::SeqCst);
+        self.ended.store(false, Ordering::SeqCst);
+        self.failed.store(false, Ordering::SeqCst);
+        self.restarts.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Kills the device's processes (their deaths then take the usual path).
     pub fn kill(&self, why: &str) {
         tracing::debug!("killing a device process: {why}");
@@ -182,7 +204,7 @@ pub struct Lifeline {
 
 /// Shared mode: how to start the device's process again over a new memory map.
 pub struct Respawn {
-    pub recipe: ProcessRecipe,
+    pub recipe: Arc<ProcessRecipe>,
     pub memfd: RawFd,
 }
 
@@ -210,6 +232,8 @@ pub struct DeviceHost {
     pub respawn: Option<Respawn>,
     pub posting: Option<Posting>,
     pub lifeline: Arc<Lifeline>,
+    /// Starts the device afresh: how a failed device comes back at a reset.
+    pub starter: Option<super::Starter>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
     /// The device's interrupt, for config-change interrupts the VMM raises.
@@ -262,6 +286,7 @@ impl DeviceHost {
             access: None,
             respawn: None,
             posting: None,
+            starter: None,
             lifeline: Arc::new(Lifeline { control: Mutex::new(Some(client)), ..Default::default() }),
             runtime: runtime.clone(),
             notify,
@@ -350,12 +375,37 @@ impl DeviceHost {
         Some(CountersQuery { client: lock(&self.lifeline.control).clone()?, runtime: self.runtime.clone() })
     }
 
+    /// The driver's reset. A device that had failed comes back as a fresh
+    /// process or thread (virtio 1.x, 2.1.2: a reset is how a driver answers
+    /// DEVICE_NEEDS_RESET), unless it is shutting down or cannot be restarted.
     pub fn reset(&mut self) -> Result<(), String> {
         self.stop_posting();
         if self.health.failed.load(Ordering::SeqCst) {
-            return Ok(());
+            return self.revive();
         }
         self.call(|c, ctx| async move { c.reset(ctx).await })
+    }
+
+    fn revive(&mut self) -> Result<(), String> {
+        let Some(start) = self.starter.clone() else { return Err("this device cannot be restarted".into()) };
+        if self.health.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Whatever is left of the failed one goes first: it holds the backend too.
+        self.health.kill("it is being replaced");
+        self.health.revive();
+        let started = start().and_then(|control| control_client(&self.runtime, control));
+        let client = match started {
+            Ok(client) => client,
+            Err(e) => {
+                self.health.fail(&self.name, format!("restarting it at the driver's reset failed: {e}"));
+                return Err(e);
+            }
+        };
+        *lock(&self.lifeline.control) = Some(client);
+        self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
+        tracing::info!("device {}: restarted at the driver's reset", self.name);
+        Ok(())
     }
 
     /// Starts an orderly stop: closing the control channel makes the device

@@ -39,6 +39,9 @@ pub struct DeviceAccess {
     pub service_ns: AtomicU64,
     /// Request level: batches posted to the device.
     pub batches: AtomicU64,
+    /// Which process may use the service: a channel opened for an earlier
+    /// process of the device (one that failed or died) is refused.
+    generation: AtomicU64,
 }
 
 impl DeviceAccess {
@@ -50,6 +53,13 @@ impl DeviceAccess {
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::SeqCst);
     }
+
+    /// A new process serves the device: only channels opened from now on
+    /// are served, and the revocation of the old one is lifted.
+    pub fn new_generation(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.revoked.store(false, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone)]
@@ -57,13 +67,16 @@ struct MemoryServer {
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
     access: Arc<DeviceAccess>,
     health: Arc<DeviceHealth>,
+    /// The access generation this channel was opened in.
+    generation: u64,
 }
 
 impl MemoryServer {
     /// Admits a call by address (`by_grant` false) or by grant.
     fn admit(&self, by_grant: bool) -> Result<(), MemoryError> {
         self.access.rpcs.fetch_add(1, Ordering::Relaxed);
-        if self.access.revoked.load(Ordering::SeqCst) {
+        let stale = self.access.generation.load(Ordering::SeqCst) != self.generation;
+        if stale || self.access.revoked.load(Ordering::SeqCst) {
             return Err(MemoryError::Revoked);
         }
         if !self.access.greeted.load(Ordering::SeqCst) {
@@ -183,7 +196,8 @@ pub fn serve(
     let access = health.access().ok_or_else(|| std::io::Error::other("the device has no memory access record"))?;
     let _context = runtime.enter();
     let channel = rpc_schema::server_channel(socket)?;
-    let server = MemoryServer { memory, access: access.clone(), health };
+    let generation = access.generation.load(Ordering::SeqCst);
+    let server = MemoryServer { memory, access: access.clone(), health, generation };
     runtime.spawn(async move {
         channel
             .execute(server.serve())

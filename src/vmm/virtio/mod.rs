@@ -31,6 +31,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where a virtio-mmio device sits, for ACPI and the kernel command line.
@@ -373,34 +374,17 @@ fn launch_device(
         health: health.clone(),
     };
 
-    let mut restartable = None;
-    let (control, pid, respawn) = match config.memory_mode {
-        MemoryMode::Inprocess => {
-            let (control_vmm, control_device) = UnixStream::pair()?;
-            spawn_thread(ram, recipe, control_device)?;
-            (control_vmm, None, None)
-        }
-        MemoryMode::Rpc | MemoryMode::RpcDma => {
-            let (vmm_end, device_end) = UnixStream::pair()?;
-            memory_service::serve(runtime, vmm_end, ram.atomic(), health.clone())?;
-            let (pid, control) = recipe.spawn(ProcessMemory::Rpc(device_end))?;
-            // virtio-mem's hotplug channel is not remade: it is not restarted.
-            if request_level && !matches!(spec, DeviceSpec::Mem(_)) {
-                restartable = Some(recipe);
-            }
-            (control, Some(pid), None)
-        }
-        MemoryMode::Shared => {
-            let memfd = ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
-            let mut regions = ram.shared_regions();
-            regions.extend(context.hotplug.map(|h| h.plugged_shared_regions()).unwrap_or_default());
-            let (pid, control) = recipe.spawn(ProcessMemory::Shared { memfd, regions: &regions })?;
-            // virtio-mem's own queue lives in boot RAM, which never changes: it is not rebuilt.
-            let respawn = (!matches!(spec, DeviceSpec::Mem(_))).then_some(Respawn { recipe, memfd });
-            (control, Some(pid), respawn)
-        }
+    let recipe = Arc::new(recipe);
+    let starter = starter(config.memory_mode, &recipe, context)?;
+    let control = starter().map_err(device_error(&name, "start"))?;
+    let pid = health.pid().filter(|_| config.memory_mode != MemoryMode::Inprocess);
+    // virtio-mem's own queue lives in boot RAM, which never changes: it is not
+    // rebuilt; and its hotplug channel is not remade: it is not restarted.
+    let is_mem = matches!(spec, DeviceSpec::Mem(_));
+    let respawn = match (config.memory_mode, ram.memfd()) {
+        (MemoryMode::Shared, Some(memfd)) if !is_mem => Some(Respawn { recipe: recipe.clone(), memfd }),
+        _ => None,
     };
-
     let (mut host, info) =
         DeviceHost::connect(name.clone(), runtime, control, notify, irq).map_err(device_error(&name, "no hello"))?;
     host.pid = pid;
@@ -410,12 +394,14 @@ fn launch_device(
     if request_level {
         host.posting = Some(host::Posting { memory: ram.atomic(), max_queue_size: info.max_queue_size, queue: None });
     }
-    if let (Some(supervisor), Some(recipe)) = (&launcher.supervisor, restartable) {
+    if !is_mem {
+        host.starter = Some(starter.clone());
+    }
+    if let (Some(supervisor), false) = (&launcher.supervisor, is_mem) {
         supervisor.watch(supervisor::Restartable {
             name: name.clone(),
-            recipe,
+            start: starter,
             runtime: runtime.clone(),
-            ram: ram.atomic(),
             health: host.health.clone(),
             lifeline: host.lifeline.clone(),
         });
@@ -431,11 +417,54 @@ fn launch_device(
     Ok((MmioTransport::new(info, host, live_config), disk_lock))
 }
 
+/// Starts a device's process or thread afresh; returns the VMM's end of its
+/// control channel. Used at launch, and again when the device is restarted.
+pub type Starter = Arc<dyn Fn() -> std::result::Result<UnixStream, String> + Send + Sync>;
+
+fn starter(mode: MemoryMode, recipe: &Arc<ProcessRecipe>, context: &LaunchContext) -> Result<Starter> {
+    let recipe = recipe.clone();
+    let ram = context.ram.atomic();
+    Ok(match mode {
+        MemoryMode::Inprocess => Arc::new(move || {
+            let (control_vmm, control_device) = UnixStream::pair().map_err(|e| e.to_string())?;
+            spawn_thread(&ram, &recipe, control_device).map_err(|e| e.to_string())?;
+            Ok(control_vmm)
+        }),
+        MemoryMode::Rpc | MemoryMode::RpcDma => {
+            let runtime = context.runtime.clone();
+            Arc::new(move || {
+                let (vmm_end, device_end) = UnixStream::pair().map_err(|e| e.to_string())?;
+                memory_service::serve(&runtime, vmm_end, ram.clone(), recipe.health.clone())
+                    .map_err(|e| e.to_string())?;
+                let (_, control) = recipe.spawn(ProcessMemory::Rpc(device_end)).map_err(|e| e.to_string())?;
+                Ok(control)
+            })
+        }
+        MemoryMode::Shared => {
+            let memfd =
+                context.ram.memfd().ok_or_else(|| Error::Device("shared mode needs memfd-backed RAM".into()))?;
+            let boot = context.ram.shared_regions();
+            let hotplug = context.hotplug.cloned();
+            Arc::new(move || {
+                let mut regions = boot.clone();
+                regions.extend(hotplug.as_ref().map(|h| h.plugged_shared_regions()).unwrap_or_default());
+                let (_, control) =
+                    recipe.spawn(ProcessMemory::Shared { memfd, regions: &regions }).map_err(|e| e.to_string())?;
+                Ok(control)
+            })
+        }
+    })
+}
+
 /// `inprocess` mode: the device runs on a thread of the VMM, over its map.
-fn spawn_thread(ram: &GuestRam, recipe: ProcessRecipe, control: UnixStream) -> Result<()> {
-    let memory = MappedMemory::new(ram.atomic());
-    let ProcessRecipe { name, kind, doorbell, health, .. } = recipe;
-    let (notify, irq) = doorbell.ok_or_else(|| Error::Device("an inprocess device walks its own ring".into()))?;
+fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe, control: UnixStream) -> Result<()> {
+    let memory = MappedMemory::new(ram.clone());
+    let (name, health) = (recipe.name.clone(), recipe.health.clone());
+    let kind = recipe.kind.try_clone()?;
+    let (notify, irq) = match &recipe.doorbell {
+        Some((notify, irq)) => (notify.try_clone()?, irq.try_clone()?),
+        None => return Err(Error::Device("an inprocess device walks its own ring".into())),
+    };
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {

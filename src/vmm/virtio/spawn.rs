@@ -20,6 +20,19 @@ pub enum ProcessKind {
     Mem { hotplug: UnixStream },
 }
 
+impl ProcessKind {
+    /// The same backend, for another start of the device.
+    pub fn try_clone(&self) -> std::io::Result<ProcessKind> {
+        Ok(match self {
+            ProcessKind::Block { disk, readonly } => {
+                ProcessKind::Block { disk: disk.try_clone()?, readonly: *readonly }
+            }
+            ProcessKind::Rng => ProcessKind::Rng,
+            ProcessKind::Mem { hotplug } => ProcessKind::Mem { hotplug: hotplug.try_clone()? },
+        })
+    }
+}
+
 /// How a new device process reaches guest memory.
 pub enum ProcessMemory<'a> {
     /// The device's end of its memory-service channel.

@@ -12,15 +12,11 @@
 //! must not start the next one.
 use super::super::lock;
 use super::host::{control_client, DeviceHealth, Lifeline};
-use super::memory_service;
-use super::spawn::{ProcessMemory, ProcessRecipe};
-use super::{Error, Result};
+use super::{Error, Result, Starter};
 use rpc_schema::PROTOCOL_VERSION;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// How long a new process may take to greet and accept activation.
 const START_DEADLINE: Duration = Duration::from_secs(10);
@@ -57,9 +53,8 @@ impl Supervisor {
 /// One `rpc`-mode device, as its supervisor restarts it.
 pub struct Restartable {
     pub name: String,
-    pub recipe: ProcessRecipe,
+    pub start: Starter,
     pub runtime: tokio::runtime::Handle,
-    pub ram: GuestMemoryAtomic<GuestMemoryMmap>,
     pub health: Arc<DeviceHealth>,
     pub lifeline: Arc<Lifeline>,
 }
@@ -76,11 +71,8 @@ impl Restartable {
         if let Some(engine) = &engine {
             engine.disconnect(since);
         }
-        let (vmm_end, device_end) = UnixStream::pair().map_err(|e| e.to_string())?;
-        memory_service::serve(&self.runtime, vmm_end, self.ram.clone(), self.health.clone())
-            .map_err(|e| e.to_string())?;
-        let (_, control) = self.recipe.spawn(ProcessMemory::Rpc(device_end)).map_err(|e| e.to_string())?;
-        let client = control_client(&self.runtime, control)?;
+        self.health.new_generation();
+        let client = control_client(&self.runtime, (self.start)()?)?;
         let within = || {
             let mut ctx = tarpc::context::current();
             ctx.deadline = Instant::now() + START_DEADLINE;

@@ -14,7 +14,7 @@ pub const F_DISCARD: u64 = 1 << 13;
 pub const F_WRITE_ZEROES: u64 = 1 << 14;
 pub const T_DISCARD: u32 = 11;
 pub const T_WRITE_ZEROES: u32 = 13;
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 pub const SLOTS: u16 = 64;
 
 /// Hands out page-aligned guest RAM for queues and buffers.

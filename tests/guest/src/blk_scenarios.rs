@@ -7,6 +7,8 @@
 //!   8..16, DISCARD sectors 24..28, read back and report.
 //! * `blk-hostile`: post malformed requests; each must get an error status,
 //!   and a looping chain must leave the device failed (DEVICE_NEEDS_RESET).
+//! * `blk-recover`: break the queue seven ways; after each, reset the device
+//!   and check it works again.
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
 //! * `blk-verify`: `ops=N qd=N [hold=1]`: verified random 4 KiB writes and
 //!   read-backs over the first 1 MiB, a flush, then a hash of what the disk
@@ -431,6 +433,103 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16) -> Result<(), &'s
     println!("blk-verify: done ops={} errors={} corrupt={} hash={:#x}", completed, errors, corrupt, hash);
     if errors + corrupt > 0 {
         return Err("some requests failed or read back wrong");
+    }
+    Ok(())
+}
+
+/// Ways a driver can break its ring (or its queue set-up); `blk-recover`
+/// breaks each in turn.
+const BREAKAGES: [&str; 7] = [
+    "looping chain",
+    "self-referencing indirect table",
+    "bad indirect length",
+    "over-long chain",
+    "avail index jumping ahead",
+    "rings outside RAM",
+    "garbage notifications",
+];
+
+/// `blk-recover`: for each kind of breakage, break the disk's queue, see
+/// what the device says, then reset it (a fresh `Blk::init` starts with a
+/// reset) and check it works again: a sector written and read back.
+pub fn run_recover(info: &pvh::StartInfo) -> Result<(), &'static str> {
+    let (mut blk, mut arena) = first_disk(info)?;
+    let device = blk.device;
+    let table = arena.take(4096).ok_or("out of memory")?;
+    let data = arena.take(2 * 4096).ok_or("out of memory")?;
+    let (n, indirect) = (DESC_F_NEXT, 4u16);
+    let mut failures = 0;
+    for (round, breakage) in BREAKAGES.iter().enumerate() {
+        let queue = blk.queue();
+        match *breakage {
+            "looping chain" => queue.set_desc(0, data, 16, n, 0),
+            "self-referencing indirect table" => {
+                queue.set_desc(0, table, 16, indirect, 0);
+                // SAFETY: our table page; entry 0 points back at the table, indirect again.
+                unsafe {
+                    core::ptr::write_volatile(table as *mut u64, table);
+                    core::ptr::write_volatile((table + 8) as *mut u32, 16);
+                    core::ptr::write_volatile((table + 12) as *mut u16, indirect);
+                }
+            }
+            "bad indirect length" => queue.set_desc(0, table, 17, indirect, 0),
+            "over-long chain" => {
+                for i in 0..crate::blk::QUEUE_SIZE {
+                    queue.set_desc(i, data, 16, n, (i + 1) % crate::blk::QUEUE_SIZE);
+                }
+            }
+            "avail index jumping ahead" => {
+                let avail = queue.avail;
+                // SAFETY: the avail ring's index, in RAM we own.
+                unsafe {
+                    let idx = core::ptr::read_volatile((avail + 2) as *const u16);
+                    core::ptr::write_volatile((avail + 2) as *mut u16, idx.wrapping_add(crate::blk::QUEUE_SIZE + 5));
+                }
+            }
+            "rings outside RAM" => {
+                device.negotiate(crate::virtio::F_VERSION_1)?;
+                device.write(0x030, 0);
+                device.write(0x038, 16);
+                for offset in [0x080, 0x090, 0x0a0] {
+                    device.write(offset, 0xd800_0000);
+                    device.write(offset + 4, 0);
+                }
+                device.write(0x044, 1);
+                device.driver_ok();
+            }
+            _ => {
+                for value in [7u32, 0xffff_ffff, 0x5a5a_5a5a] {
+                    device.notify(value);
+                }
+            }
+        }
+        let pushes = !matches!(*breakage, "avail index jumping ahead" | "rings outside RAM" | "garbage notifications");
+        if pushes {
+            blk.queue().push(0);
+        }
+        if *breakage != "garbage notifications" {
+            blk.kick();
+            let _ = blk.wait();
+        }
+        let needs_reset = device.status() & STATUS_NEEDS_RESET != 0;
+        // The reset, and the device again from scratch.
+        blk = Blk::init(device, &mut arena)?;
+        let sector = round as u64 * 8;
+        fill(data, 4096, |i| pattern_byte(round, i, 0x77));
+        fill(data + 4096, 4096, |_| 0);
+        let wrote = blk.request(T_OUT, sector, data, 4096)?;
+        let read = blk.request(T_IN, sector, data + 4096, 4096)?;
+        // SAFETY: both halves of our data pages.
+        let same = unsafe {
+            core::slice::from_raw_parts(data as *const u8, 4096)
+                == core::slice::from_raw_parts((data + 4096) as *const u8, 4096)
+        };
+        let works = wrote == 0 && read == 0 && same;
+        println!("recover {}: needs-reset {} works-again {}", breakage, needs_reset, works);
+        failures += (!works) as u32;
+    }
+    if failures > 0 {
+        return Err("a device did not come back after its reset");
     }
     Ok(())
 }

@@ -18,7 +18,7 @@
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
 //! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
-//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-bench|blk-verify`: see
+//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-recover|blk-bench|blk-verify`: see
 //!   `blk_scenarios.rs`.
 //!
 //! * `scenario=mem-plug|mem-hostile|mem-follow|mem-churn`: see `mem_scenarios.rs`.
@@ -109,6 +109,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         "blk-readonly" => check(blk_scenarios::run_readonly(info)),
         "blk-zeroes" => check(blk_scenarios::run_zeroes(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),
+        "blk-recover" => check(blk_scenarios::run_recover(info)),
         "blk-bench" => {
             let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
             let params = BenchParams {
