@@ -43,7 +43,9 @@ fn main() {
     let mut ms: Vec<f64> = blk["recovery_ms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| ms[((ms.len() - 1) as f64 * q) as usize];
-    println!("device restart, rpc mode: {KILLS} kills of the disk's process, one every 100 ms, under verified I/O at QD8");
+    println!(
+        "device restart, rpc mode: {KILLS} kills of the disk's process, one every 100 ms, under verified I/O at QD8"
+    );
     println!(
         "death seen -> first batch served again: median {:.2} ms, p10 {:.2} ms, p90 {:.2} ms, max {:.2} ms ({} restarts; goal 10 ms)",
         at(0.5),

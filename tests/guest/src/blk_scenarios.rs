@@ -10,9 +10,10 @@
 //! * `blk-recover`: break the queue seven ways; after each, reset the device
 //!   and check it works again.
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
-//! * `blk-verify`: `ops=N qd=N [hold=1]`: verified random 4 KiB writes and
-//!   read-backs over the first 1 MiB, a flush, then a hash of what the disk
-//!   must hold; `hold=1` spins afterwards instead of exiting.
+//! * `blk-verify`: `ops=N qd=N [hold=1] [recover=1]`: verified random 4 KiB
+//!   writes and read-backs over the first 1 MiB, a flush, then a hash of what
+//!   the disk must hold; `hold=1` spins afterwards instead of exiting;
+//!   `recover=1` resets a device that needs it and posts its requests again.
 use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
 use crate::{console, platform, println, pvh};
@@ -362,7 +363,7 @@ fn verify_byte(block: u64, generation: u32, i: u64) -> u8 {
 /// read is checked against the guest's own record of what each block holds,
 /// every status must be OK. Then a flush, and an FNV-1a hash of the record
 /// (the whole 1 MiB as it must be on the disk) for the host to compare.
-pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16) -> Result<(), &'static str> {
+pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) -> Result<(), &'static str> {
     let (mut blk, mut arena) = first_disk(info)?;
     if blk.capacity * SECTOR < VERIFY_BLOCKS * VERIFY_BLOCK {
         return Err("disk smaller than 1 MiB");
@@ -399,8 +400,23 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16) -> Result<(), &'s
         submitted += 1;
     }
     blk.kick();
+    let mut resets = 0u32;
     while completed < submitted {
-        let Some((slot, status, _)) = blk.wait() else { return Err("no completion (timeout or device needs reset)") };
+        let Some((slot, status, _)) = blk.wait() else {
+            if !recover || resets == 100 {
+                return Err("no completion (timeout or device needs reset)");
+            }
+            // What a driver does with DEVICE_NEEDS_RESET: reset the device,
+            // set it up again and post what it had not completed once more.
+            resets += 1;
+            blk = Blk::init(blk.device, &mut arena)?;
+            for (slot, &(block, kind, _)) in in_flight.iter().enumerate().filter(|(_, f)| f.0 != u64::MAX) {
+                let buffer = buffers + slot as u64 * VERIFY_BLOCK;
+                blk.submit(slot as u16, kind, block * VERIFY_BLOCK / SECTOR, buffer, VERIFY_BLOCK as u32);
+            }
+            blk.kick();
+            continue;
+        };
         completed += 1;
         let (block, kind, expect) = in_flight[slot as usize];
         in_flight[slot as usize].0 = u64::MAX;
@@ -430,7 +446,10 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16) -> Result<(), &'s
             hash = (hash ^ verify_byte(block, generation[block as usize], i) as u64).wrapping_mul(0x100_0000_01b3);
         }
     }
-    println!("blk-verify: done ops={} errors={} corrupt={} hash={:#x}", completed, errors, corrupt, hash);
+    println!(
+        "blk-verify: done ops={} errors={} corrupt={} resets={} hash={:#x}",
+        completed, errors, corrupt, resets, hash
+    );
     if errors + corrupt > 0 {
         return Err("some requests failed or read back wrong");
     }
