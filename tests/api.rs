@@ -232,3 +232,53 @@ fn a_live_api_socket_is_never_taken_over() {
     let out = run(&["run", "--memory", "64M", "--api-socket", stale.to_str().unwrap(), "--cmdline", "scenario=hello"]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
 }
+
+/// The socket is the VMM's front door: owner-only whatever the umask, and
+/// a client running as another user is refused even if the file's mode
+/// would let it in.
+#[test]
+fn the_api_socket_is_owner_only_and_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let socket = temp_path("api-owner.sock");
+    let mut command = std::process::Command::new(SKVM);
+    command.args(["run", "--memory", "64M", "--api-socket", socket.to_str().unwrap(), "--cmdline", "scenario=spin"]);
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // SAFETY: umask in the child before exec; no memory is touched.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut vm = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() || UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o} under umask 000");
+
+    // Opened up by hand, it still serves only skvm's own user.
+    std::fs::set_permissions(socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+                  s.sendall(b'PUT /vm/shutdown HTTP/1.1\\r\\nHost: skvm\\r\\nContent-Length: 0\\r\\n\\r\\n'); \
+                  print(s.recv(4096).decode())";
+    let other =
+        std::process::Command::new("python3").args(["-c", script, socket.to_str().unwrap()]).uid(65534).output();
+    let other = other.unwrap();
+    let reply = String::from_utf8_lossy(&other.stdout);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply} {}", String::from_utf8_lossy(&other.stderr));
+    assert!(vm.try_wait().unwrap().is_none(), "another user stopped the VM");
+
+    // Ten idle connections do not keep skvm's own user out.
+    let idle: Vec<UnixStream> = (0..10).map(|_| UnixStream::connect(&socket).unwrap()).collect();
+    let info = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "--json", "info"]);
+    assert_eq!(info.code(), Some(0), "{}", info.stderr);
+    drop(idle);
+    let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
+    assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
+    assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
+}

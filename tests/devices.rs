@@ -83,7 +83,7 @@ fn readonly_disk_refuses_writes_in_every_mode() {
 
 /// Starts a spinning guest with one disk and returns skvm and its device's pid.
 fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32) {
-    let child = skvm(&[
+    let mut command = skvm(&[
         "run",
         "--memory",
         "64M",
@@ -93,9 +93,9 @@ fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32
         &disk_arg(path, ""),
         "--cmdline",
         "scenario=spin",
-    ])
-    .spawn()
-    .unwrap();
+    ]);
+    // Something a device must not see.
+    let child = command.env("SKVM_TEST_SECRET", "hunter2").spawn().unwrap();
     let vmm = child.id();
     for _ in 0..200 {
         std::thread::sleep(Duration::from_millis(20));
@@ -150,6 +150,9 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
         let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
         assert!(size < 32 << 20, "large mapping in the rpc device: {line}");
     }
+    // Started with an empty environment, whatever the user's holds.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.is_empty(), "device environment: {}", String::from_utf8_lossy(&environ));
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let data = limits.lines().find(|l| l.starts_with("Max data size")).unwrap();
     assert_eq!(data.split_whitespace().nth(3), Some("536870912"), "{data}");

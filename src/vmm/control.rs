@@ -102,6 +102,9 @@ impl VmControl {
         while *parked < threads.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // A refused pause changes nothing: let the parked ones go again.
+                self.paused.store(false, Ordering::SeqCst);
+                self.changed.notify_all();
                 return Err(format!("only {} of {} vCPUs stopped in time", *parked, threads.len()));
             }
             parked = self.changed.wait_timeout(parked, left).unwrap_or_else(|e| e.into_inner()).0;

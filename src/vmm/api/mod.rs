@@ -139,32 +139,88 @@ pub fn bind(path: &Path) -> Result<ApiSocket> {
         Ok(_) => return Err(Error::Device(format!("API socket {} exists and is not a socket", path.display()))),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|e| fail("bind", e))?;
+    // Owner-only from the moment it exists, whatever the caller's umask
+    // (skvm is still one thread here, so the umask change is not racy).
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the caller's mask.
+    unsafe { libc::umask(previous) };
+    let listener = bound.map_err(|e| fail("bind", e))?;
     Ok(ApiSocket { path: path.to_path_buf(), listener: Some(listener) })
 }
 
-/// Serves the API on a thread until skvm exits.
+/// Connections served at once; more wait for the listener's backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// The uid of the process at the other end of `stream`.
+fn peer_uid(stream: &std::os::unix::net::UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size we pass.
+    let got = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (got == 0).then_some(cred.uid)
+}
+
+/// Serves the API until skvm exits: each connection on a thread of its
+/// own, at most [`MAX_CONNECTIONS`] at once (a slow client cannot hold the
+/// API), and only for clients running as skvm's own user.
 pub fn serve(socket: &mut ApiSocket, api: Api) -> Result<()> {
     let Some(listener) = socket.listener.take() else { return Ok(()) };
+    let api = Arc::new(api);
+    let slots = Arc::new(std::sync::Mutex::new(0usize));
+    let freed = Arc::new(std::sync::Condvar::new());
+    // SAFETY: geteuid has no failure mode.
+    let owner = unsafe { libc::geteuid() };
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let mut stream = Connection::new(stream);
-                let (response, shutdown) = match read_request(&mut stream) {
-                    Ok(request) => api.route(&request),
-                    Err(refusal) => (refusal, false),
-                };
-                let _ = write_response(&mut stream, &response);
-                drop(stream);
-                if shutdown {
-                    api.control.request_exit(VmExit::ApiShutdown);
+                {
+                    let mut busy = super::lock(&slots);
+                    while *busy >= MAX_CONNECTIONS {
+                        busy = freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+                    }
+                    *busy += 1;
+                }
+                let (api, taken, freed) = (api.clone(), slots.clone(), freed.clone());
+                let served = std::thread::Builder::new().name("api-client".into()).spawn(move || {
+                    serve_one(&api, stream, owner);
+                    *super::lock(&taken) -= 1;
+                    freed.notify_one();
+                });
+                if served.is_err() {
+                    *super::lock(&slots) -= 1;
                 }
             }
         })
         .map_err(|e| Error::Host("starting the API thread".into(), e))?;
     Ok(())
+}
+
+fn serve_one(api: &Api, stream: std::os::unix::net::UnixStream, owner: u32) {
+    let allowed = peer_uid(&stream).is_some_and(|uid| uid == owner);
+    let mut stream = Connection::new(stream);
+    let (response, shutdown) = match read_request(&mut stream) {
+        Ok(_) if !allowed => (Response::error(403, "only skvm's own user may use its API"), false),
+        Ok(request) => api.route(&request),
+        Err(refusal) => (refusal, false),
+    };
+    let _ = write_response(&mut stream, &response);
+    drop(stream);
+    if shutdown {
+        api.control.request_exit(VmExit::ApiShutdown);
+    }
 }
 
 /// Removes the socket file when skvm is done with it.

@@ -77,7 +77,8 @@ pub struct DeviceStatus {
     /// and why it went down last.
     pub restarts: u32,
     pub last_failure: Option<String>,
-    /// For each restart, from the death seen to the first batch served after.
+    /// For each restart whose new process served (before it went down
+    /// again), from the death seen to the first batch it served.
     pub recovery_ms: Vec<f64>,
 }
 

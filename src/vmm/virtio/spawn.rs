@@ -115,6 +115,8 @@ impl DeviceCommand {
                 command.arg("--misbehave").arg(value.get_name());
             }
         }
+        // Nothing of the user's environment reaches a device: it needs none.
+        command.env_clear();
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         DeviceCommand { command, fds: Vec::new(), name: name.into() }
     }
