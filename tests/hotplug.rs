@@ -214,6 +214,28 @@ fn bad_hotplug_flags_are_clear_usage_errors() {
     }
 }
 
+/// A device process dies with the thread that started it. A shared-mode
+/// rebuild happens on a hotplug worker thread, which tokio retires after
+/// 10 s idle: the rebuilt process must not go with it.
+#[test]
+fn a_rebuilt_shared_mode_device_outlives_the_thread_that_asked_for_it() {
+    let (_disk_path, disk_arg) = disk("rebuilt-lives.img", MIB);
+    let args = ["--memory-mode", "shared", "--memory", "64M,hotplug=64M", "--disk", &disk_arg];
+    let mut vm = LiveVm::start("rebuilt-lives", &[&args[..], &["--cmdline", "scenario=mem-follow"]].concat());
+    vm.wait_console("mem: region", LONG);
+    let (_, before) = vm.api("GET", "/vm", "");
+    vm.resize_and_wait(32 * MIB, LONG);
+    let (_, after) = vm.api("GET", "/vm", "");
+    let pid = after["devices"][0]["pid"].as_u64().unwrap();
+    assert_ne!(pid, before["devices"][0]["pid"].as_u64().unwrap(), "the plug did not rebuild the device");
+    std::thread::sleep(Duration::from_secs(15));
+    let (_, later) = vm.api("GET", "/vm", "");
+    assert_eq!(later["devices"][0]["healthy"], true, "{later}");
+    assert_eq!(later["devices"][0]["pid"].as_u64(), Some(pid), "{later}");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the rebuilt device process is gone");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
 #[test]
 fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
     for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {

@@ -146,8 +146,10 @@ impl DeviceCommand {
                 Ok(())
             });
         }
-        let mut child =
-            self.command.spawn().map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
+        let mut command = self.command;
+        let mut child = on_spawner(move || command.spawn())
+            .and_then(|spawned| spawned)
+            .map_err(|e| Error::Host(format!("starting device process {}", self.name), e))?;
         let pid = child.id();
         health.set_current_process(pid);
         // SAFETY: pidfd_open on our own, not yet reaped, child.
@@ -173,6 +175,29 @@ impl DeviceCommand {
             .map_err(|e| Error::Host("starting a device watcher".into(), e))?;
         Ok(pid)
     }
+}
+
+/// Runs `job` on the one thread that starts device processes, and waits for
+/// it. A device process dies with the thread that started it
+/// (`PR_SET_PDEATHSIG`), so that thread must live as long as skvm: not a
+/// vCPU, a tokio blocking-pool worker (which exits after 10 s idle, as the
+/// hotplug service's do) or a process watcher.
+fn on_spawner<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        // If the thread cannot start, `queue` is dropped and every send fails.
+        let _ = std::thread::Builder::new().name("spawner".into()).spawn(move || queue.into_iter().for_each(|job| job()));
+        std::sync::Mutex::new(jobs)
+    });
+    let gone = || std::io::Error::other("the device spawner thread is gone");
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = done.send(job());
+    });
+    spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job).map_err(|_| gone())?;
+    result.recv().map_err(|_| gone())
 }
 
 /// Longest line of a device's stderr that reaches the VMM's.

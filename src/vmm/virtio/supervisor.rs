@@ -6,10 +6,10 @@
 //! grant to it again. The queue itself never left the VMM, so the guest
 //! sees nothing but a slower request or two.
 //!
-//! New processes are started from the supervisor's own thread, which lives
-//! as long as the VMM: a device process dies with the thread that started it
-//! (`PR_SET_PDEATHSIG`), so a watcher thread, which ends with its process,
-//! must not start the next one.
+//! Restarts run one at a time on the supervisor's own thread, not on the
+//! watcher that saw the death (which ends with its process); the process
+//! itself is started, like every device process, on the spawner thread
+//! (`spawn.rs`).
 use super::super::lock;
 use super::host::{control_client, DeviceHealth, Lifeline};
 use super::{Error, Result, Starter};
