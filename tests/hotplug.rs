@@ -236,6 +236,29 @@ fn a_rebuilt_shared_mode_device_outlives_the_thread_that_asked_for_it() {
     assert_eq!(vm.shutdown(), Some(0));
 }
 
+/// A rebuild retires the old process by closing its channel; one that will
+/// not go (it keeps the memfd, the disk and the eventfds) is killed.
+#[test]
+fn a_retired_shared_mode_process_that_will_not_exit_is_killed() {
+    let (_disk_path, disk_arg) = disk("retired-lingers.img", MIB);
+    let args = ["--memory-mode", "shared", "--memory", "64M,hotplug=64M", "--disk", &disk_arg];
+    let extra = ["--test-device-misbehave", "linger", "--cmdline", "scenario=mem-follow"];
+    let mut vm = LiveVm::start("retired-lingers", &[&args[..], &extra[..]].concat());
+    vm.wait_console("mem: region", LONG);
+    let (_, before) = vm.api("GET", "/vm", "");
+    let old = before["devices"][0]["pid"].as_u64().unwrap();
+    vm.resize_and_wait(32 * MIB, LONG);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&format!("/proc/{old}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "the retired process {old} lives on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, after) = vm.api("GET", "/vm", "");
+    assert_eq!(after["devices"][0]["healthy"], true, "{after}");
+    assert!(vm.stderr().contains(&format!("retired process {old} did not exit; killing it")), "{}", vm.stderr());
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
 #[test]
 fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
     for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {

@@ -84,7 +84,7 @@ pub async fn smash_canary(client: &GuestMemoryClient) {
 /// what the move calls for.
 pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<Tamper> {
     use Misbehaviour::*;
-    if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc) {
+    if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger) {
         return None;
     }
     let client = client.clone();
@@ -152,7 +152,7 @@ pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<T
                     let refused = answers.iter().filter(|a| !matches!(a, Ok(Ok(_)))).count();
                     report("grant flood", format!("{refused} of 2000 refused"));
                 }
-                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc => {}
+                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger => {}
             }
             done
         })

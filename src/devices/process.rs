@@ -65,6 +65,8 @@ pub enum Misbehaviour {
     GrantDuplicate,
     /// Send a flood of calls through an unknown grant.
     GrantFlood,
+    /// Stay alive when the VMM closes the control channel (its request to exit).
+    Linger,
 }
 
 #[derive(Debug, Clone)]
@@ -251,7 +253,7 @@ impl DeviceProcess {
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
             sandbox::confine(&filter, highest_fd).map_err(|e| format!("sandbox: {e}"))?;
-            match (memory_socket, shared) {
+            let served = match (memory_socket, shared) {
                 (Some(socket), _) => {
                     let client = GuestMemoryClient::new(Default::default(), socket).spawn();
                     // The hostile test device opens the session itself, after
@@ -279,7 +281,12 @@ impl DeviceProcess {
                     .await
                 }
                 (None, None) => Err("no guest memory channel".into()),
+            };
+            if served.is_ok() && self.misbehave == Some(Misbehaviour::Linger) {
+                // Test-only: ignore the VMM's request to exit (its closed channel).
+                std::future::pending::<()>().await;
             }
+            served
         })
     }
 }

@@ -173,6 +173,14 @@ impl DeviceHealth {
         self.restarts.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Kills one of the device's processes, through its pidfd.
+    pub fn kill_process(&self, pid: u32) {
+        for (_, pidfd) in lock(&self.processes).iter().filter(|(p, _)| *p == pid) {
+            // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
+        }
+    }
+
     /// Kills the device's processes (their deaths then take the usual path).
     pub fn kill(&self, why: &str) {
         tracing::debug!("killing a device process: {why}");
@@ -471,6 +479,11 @@ impl DeviceHost {
             let deadline = Instant::now() + RETIRE_DEADLINE;
             while !process_gone(old_pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_micros(100));
+            }
+            if !process_gone(old_pid) {
+                // It keeps the memfd, the disk and the eventfds while it lives.
+                warn!("device {}: retired process {old_pid} did not exit; killing it", self.name);
+                self.health.kill_process(old_pid);
             }
         }
         self.notify_fallback();
