@@ -326,6 +326,8 @@ fn hostile_descriptors_get_errors_or_a_failed_device() {
             );
         }
         assert!(out.stdout.contains("hostile read past the end: status 1"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("hostile status outside RAM: completed true"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("hostile status outside RAM: next read status 0"), "{mode}: {}", out.stdout);
         assert!(
             out.stdout.contains("hostile looping chain: completed false needs-reset true"),
             "{mode}: {}",

@@ -193,6 +193,23 @@ pub fn run_hostile(info: &pvh::StartInfo) -> Result<(), &'static str> {
             _ => return Err("a malformed request did not get the expected error status"),
         }
     }
+    // A request whose own status byte is not RAM fails alone: it completes
+    // (nothing written) and the next ordinary request is served.
+    let header = blk.header_addr(0);
+    // SAFETY: our header slot.
+    unsafe { core::ptr::write_volatile(header as *mut u32, T_IN) };
+    let queue = blk.queue();
+    queue.set_desc(0, header, 16, n, 1);
+    queue.set_desc(1, buf, 512, n | w, 2);
+    queue.set_desc(2, 0xd800_0000, 1, w, 0);
+    queue.push(0);
+    blk.kick();
+    let done = blk.wait();
+    println!("hostile status outside RAM: completed {}", done.is_some());
+    match blk.request(T_IN, 0, buf, 512) {
+        Ok(status) => println!("hostile status outside RAM: next read status {}", status),
+        Err(_) => return Err("a bad status byte took the disk down"),
+    }
     let sector_past_end = blk.capacity;
     blk.submit(0, T_IN, sector_past_end, buf, 512);
     blk.kick();
