@@ -9,17 +9,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::LiveVm;
+use common::{child_pids, LiveVm};
 use std::time::Duration;
 
 const KILLS: usize = 40;
 
 fn device_pid(vmm: u32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{vmm}/task")).ok()?;
-    tasks.flatten().find_map(|task| {
-        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
-        children.split_whitespace().next()?.parse().ok()
-    })
+    child_pids(vmm).first().copied()
 }
 
 fn main() {

@@ -246,6 +246,22 @@ fn a_device_that_steps_outside_its_grants_fails_alone() {
     }
 }
 
+/// A compromised block device cannot grow its disk: writes past its size
+/// fail (RLIMIT_FSIZE) and fallocate may only punch holes (seccomp).
+#[test]
+fn a_device_cannot_grow_its_disk() {
+    let (out, d0, _) = two_disks_first_misbehaving("rpc-dma", "disk-abuse", 8);
+    assert_eq!(out.code(), Some(1), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("hostile-rpc: disk write past its size: -1 (File too large"), "{}", out.stderr);
+    assert!(!out.stderr.contains("disk grown by fallocate"), "{}", out.stderr);
+    let failed = out.stderr.lines().find(|l| l.contains("device blk0 failed")).unwrap_or_default();
+    assert!(failed.contains("SIGSYS"), "{}", out.stderr);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&d0).unwrap();
+    assert_eq!(meta.len(), 4 << 20, "the disk's size changed");
+    assert!(meta.blocks() * 512 <= 4 << 20, "{} bytes allocated", meta.blocks() * 512);
+}
+
 /// The contrast that makes the canary check meaningful: an `rpc-dma`
 /// device may write any guest RAM, so the same attack gets through.
 #[test]
@@ -403,8 +419,8 @@ fn inprocess_mode_starts_no_device_process() {
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["devices"][0]["healthy"], true, "{info}");
     let pid = vm.child.id();
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    assert!(children.trim().is_empty(), "inprocess mode started child processes: {children}");
+    let children = child_pids(pid);
+    assert!(children.is_empty(), "inprocess mode started child processes: {children:?}");
 }
 
 #[test]
@@ -430,9 +446,8 @@ fn a_killed_device_fails_alone_and_the_guest_carries_on() {
     let mut device = None;
     for _ in 0..200 {
         std::thread::sleep(Duration::from_millis(20));
-        let children = std::fs::read_to_string(format!("/proc/{vmm}/task/{vmm}/children")).unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next() {
-            device = Some(pid.parse::<i32>().unwrap());
+        if let Some(&pid) = child_pids(vmm).first() {
+            device = Some(pid);
             break;
         }
     }

@@ -36,11 +36,7 @@ fn verify_report(console: &str) -> (u64, u64, String) {
 
 /// The device process under skvm (its only child, started by any of its threads).
 fn device_pid(vmm: u32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{vmm}/task")).ok()?;
-    tasks.flatten().find_map(|task| {
-        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
-        children.split_whitespace().next()?.parse().ok()
-    })
+    child_pids(vmm).first().copied()
 }
 
 #[test]

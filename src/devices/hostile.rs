@@ -72,6 +72,19 @@ pub async fn probe(client: &GuestMemoryClient, raw: std::os::fd::RawFd) {
 /// request ever names, which an address-style write aims at.
 pub const GUEST_CANARY: u64 = 8 << 20;
 
+/// What a compromised block device would do to the host's disk: write 1 TiB
+/// past its start (RLIMIT_FSIZE refuses), then grow it with fallocate (the
+/// filter allows only hole punching: the process dies by SIGSYS).
+pub fn abuse_disk(disk: std::os::fd::RawFd) {
+    let byte = [0x66u8];
+    // SAFETY: a one-byte write from our buffer to the disk descriptor we hold.
+    let wrote = unsafe { libc::pwrite(disk, byte.as_ptr() as *const libc::c_void, 1, 1 << 40) };
+    report("disk write past its size", format!("{wrote} ({})", std::io::Error::last_os_error()));
+    // SAFETY: fallocate on the disk descriptor we hold.
+    let grew = unsafe { libc::fallocate(disk, 0, 0, 1 << 30) };
+    report("disk grown by fallocate", format!("{grew}"));
+}
+
 /// Overwrites the start of the test guest's canary by guest address.
 pub async fn smash_canary(client: &GuestMemoryClient) {
     let smash = vec![WriteSegment { addr: GUEST_CANARY, data: ByteBuf::from(vec![0x66u8; 4096]) }];
@@ -84,7 +97,7 @@ pub async fn smash_canary(client: &GuestMemoryClient) {
 /// what the move calls for.
 pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<Tamper> {
     use Misbehaviour::*;
-    if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger) {
+    if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse) {
         return None;
     }
     let client = client.clone();
@@ -152,7 +165,7 @@ pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<T
                     let refused = answers.iter().filter(|a| !matches!(a, Ok(Ok(_)))).count();
                     report("grant flood", format!("{refused} of 2000 refused"));
                 }
-                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger => {}
+                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse => {}
             }
             done
         })

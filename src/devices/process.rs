@@ -67,6 +67,8 @@ pub enum Misbehaviour {
     GrantFlood,
     /// Stay alive when the VMM closes the control channel (its request to exit).
     Linger,
+    /// Write its disk past the disk's size, then try to grow it with fallocate.
+    DiskAbuse,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +127,7 @@ fn misbehaviour(
     which: Option<Misbehaviour>,
     client: Option<&GuestMemoryClient>,
     raw_memory_socket: RawFd,
+    disk: RawFd,
 ) -> Option<OnNotify> {
     let forbidden = || -> Hook {
         Box::pin(async {
@@ -145,6 +148,7 @@ fn misbehaviour(
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::probe(&client, raw_memory_socket).await }))
         }
+        Misbehaviour::DiskAbuse => Some(Box::pin(async move { super::hostile::abuse_disk(disk) })),
         Misbehaviour::AddressWrite => {
             let client = client?.clone();
             Some(Box::pin(async move { super::hostile::smash_canary(&client).await }))
@@ -175,6 +179,16 @@ fn memory_probe(name: String, client: GuestMemoryClient, addr: u64) -> OnNotify 
             }
         }))
     })
+}
+
+/// The size of the file behind `fd` (the disk), which it may not outgrow.
+fn file_size(fd: RawFd) -> Result<u64, String> {
+    // SAFETY: fstat into a zeroed stat buffer of ours, on a descriptor we hold.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(format!("disk: {}", std::io::Error::last_os_error()));
+    }
+    Ok(stat.st_size as u64)
 }
 
 /// Shows up as `skvm-blk0` (not `exe`) in ps, top and /proc/PID/comm.
@@ -215,7 +229,10 @@ impl DeviceProcess {
             MemoryChannel::Shared { memfd, regions } => Some(map_shared(*memfd, regions)?),
             MemoryChannel::Rpc { .. } => None,
         };
-        let filter = sandbox::block_device_filter()?;
+        let (filter, max_file_size) = match self.kind {
+            DeviceKind::Block { disk, .. } => (sandbox::device_filter(sandbox::DeviceFilter::Block)?, file_size(disk)?),
+            DeviceKind::Rng | DeviceKind::Mem { .. } => (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, 0),
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -246,13 +263,17 @@ impl DeviceProcess {
                     Backend::Mem(MemDevice::connect(socket).await?)
                 }
             };
+            let disk_fd = match self.kind {
+                DeviceKind::Block { disk, .. } => disk,
+                _ => -1,
+            };
             let raw_memory_socket = match (self.misbehave, &self.memory) {
                 // SAFETY: duplicating a descriptor we own, for the hostile test path.
                 (Some(Misbehaviour::HostileRpc), MemoryChannel::Rpc { socket }) => unsafe { libc::dup(*socket) },
                 _ => -1,
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
-            sandbox::confine(&filter, highest_fd).map_err(|e| format!("sandbox: {e}"))?;
+            sandbox::confine(&filter, highest_fd, max_file_size).map_err(|e| format!("sandbox: {e}"))?;
             let served = match (memory_socket, shared) {
                 (Some(socket), _) => {
                     let client = GuestMemoryClient::new(Default::default(), socket).spawn();
@@ -264,7 +285,7 @@ impl DeviceProcess {
                     }
                     let on_notify = match self.probe {
                         Some(addr) => Some(memory_probe(self.name.clone(), client.clone(), addr)),
-                        None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket),
+                        None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket, disk_fd),
                     };
                     let tamper = self.misbehave.and_then(|m| super::hostile::grant_attack(m, &client));
                     serve(RpcMemory::new(client), backend, control, doorbell, on_notify, tamper).await
@@ -275,7 +296,7 @@ impl DeviceProcess {
                         backend,
                         control,
                         doorbell,
-                        misbehaviour(self.misbehave, None, -1),
+                        misbehaviour(self.misbehave, None, -1, disk_fd),
                         None,
                     )
                     .await

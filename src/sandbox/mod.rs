@@ -10,7 +10,7 @@
 //! 5. a seccomp-BPF allowlist whose default action kills the process.
 mod seccomp;
 
-pub use seccomp::block_device_filter;
+pub use seccomp::{device_filter, DeviceFilter};
 
 use std::ffi::CString;
 use std::io;
@@ -116,8 +116,10 @@ fn drop_capabilities() -> Result<(), SandboxError> {
 const DATA_LIMIT: u64 = 512 << 20;
 
 /// Confines the calling process; `open_fds` is how many descriptors it
-/// holds (the limit on new ones). The process must be single-threaded.
-pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64) -> Result<(), SandboxError> {
+/// holds (the limit on new ones), `max_file_size` the largest a file may
+/// grow (a block device's disk size; 0 for the others). The process must be
+/// single-threaded.
+pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64, max_file_size: u64) -> Result<(), SandboxError> {
     // SAFETY: process-wide settings with valid arguments.
     unsafe {
         check("PR_SET_PDEATHSIG", libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
@@ -135,6 +137,10 @@ pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64) -> Result<(), Sa
     limit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
     limit(libc::RLIMIT_MSGQUEUE, 0, "RLIMIT_MSGQUEUE")?;
     limit(libc::RLIMIT_DATA, DATA_LIMIT, "RLIMIT_DATA")?;
+    // A write past the limit fails with EFBIG instead of killing the device.
+    // SAFETY: ignoring a signal; no handler runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    limit(libc::RLIMIT_FSIZE, max_file_size, "RLIMIT_FSIZE")?;
     drop_capabilities()?;
     // SAFETY: as above.
     check("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;

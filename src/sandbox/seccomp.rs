@@ -1,23 +1,23 @@
-//! The system calls a block device process makes in its steady state, and
-//! nothing else. Every entry says why it is there.
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+//! The system calls a device process makes in its steady state, and nothing
+//! else, per device kind: only a block device may touch a disk. Every entry
+//! says why it is there; a few are narrowed further by their arguments.
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 use std::collections::BTreeMap;
 
-/// Allowlist for a virtio-blk device process (all memory modes).
-pub const BLOCK_DEVICE_SYSCALLS: &[(i64, &str)] = &[
+/// What every device process needs: its channels, its event loop, memory.
+pub const COMMON_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_read, "RPC socket, queue-notify eventfd"),
     (libc::SYS_write, "RPC socket, irqfd, stderr"),
     (libc::SYS_writev, "RPC socket (framed writes)"),
     (libc::SYS_recvfrom, "RPC socket reads (tokio)"),
     (libc::SYS_epoll_wait, "tokio event loop"),
     (libc::SYS_epoll_ctl, "tokio event loop"),
-    (libc::SYS_pread64, "disk reads"),
-    (libc::SYS_pwrite64, "disk writes"),
-    (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
-    (libc::SYS_fallocate, "VIRTIO_BLK_T_DISCARD and WRITE_ZEROES (punch a hole)"),
     (libc::SYS_futex, "tokio and allocator locks"),
-    (libc::SYS_getrandom, "RPC trace ids (tarpc), hash seeds"),
-    (libc::SYS_mmap, "allocator"),
+    (libc::SYS_getrandom, "RPC trace ids (tarpc), hash seeds, virtio-rng"),
+    (libc::SYS_clock_gettime, "timers and counters, where the clocksource has no vDSO fast path"),
+    (libc::SYS_mmap, "allocator: private, never executable (see the argument rules)"),
     (libc::SYS_munmap, "allocator"),
     (libc::SYS_mremap, "allocator"),
     (libc::SYS_madvise, "allocator"),
@@ -28,11 +28,132 @@ pub const BLOCK_DEVICE_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_exit_group, "process exit"),
 ];
 
-/// The compiled filter: default action kills the process with SIGSYS.
-pub fn block_device_filter() -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        BLOCK_DEVICE_SYSCALLS.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+/// What a block device adds: its disk, and nothing that opens or grows one.
+pub const DISK_SYSCALLS: &[(i64, &str)] = &[
+    (libc::SYS_pread64, "disk reads"),
+    (libc::SYS_pwrite64, "disk writes (RLIMIT_FSIZE: not past the disk's size)"),
+    (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
+    (libc::SYS_fallocate, "DISCARD and WRITE_ZEROES: punching a hole only (see the argument rules)"),
+];
+
+/// Which allowlist a device process gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFilter {
+    Block,
+    /// virtio-rng and virtio-mem: no disk.
+    NoDisk,
+}
+
+impl DeviceFilter {
+    pub fn syscalls(self) -> Vec<(i64, &'static str)> {
+        let mut all = COMMON_SYSCALLS.to_vec();
+        if self == DeviceFilter::Block {
+            all.extend_from_slice(DISK_SYSCALLS);
+        }
+        all
+    }
+}
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(|e| e.to_string())
+}
+
+/// Argument rules: `mmap` never maps executable or shared memory (shared
+/// mode maps guest RAM before it confines itself), and `fallocate` only
+/// punches holes inside the file, never grows it.
+fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, String> {
+    let rule = |conditions| SeccompRule::new(conditions).map_err(|e| e.to_string());
+    match nr {
+        libc::SYS_mmap => Ok(vec![rule(vec![
+            condition(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?,
+            condition(3, SeccompCmpOp::MaskedEq(libc::MAP_SHARED as u64), 0)?,
+        ])?]),
+        libc::SYS_fallocate => {
+            let punch = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+            Ok(vec![rule(vec![condition(1, SeccompCmpOp::Eq, punch)?])?])
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// The compiled filter for a kind: anything else kills the process (SIGSYS).
+pub fn device_filter(kind: DeviceFilter) -> Result<BpfProgram, String> {
+    let rules = kind
+        .syscalls()
+        .iter()
+        .map(|&(nr, _)| Ok((nr, argument_rules(nr)?)))
+        .collect::<Result<BTreeMap<i64, Vec<SeccompRule>>, String>>()?;
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| e.to_string())?;
     filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_gets_its_own_short_list_and_only_a_disk_gets_disk_calls() {
+        let block = DeviceFilter::Block.syscalls();
+        let other = DeviceFilter::NoDisk.syscalls();
+        assert!(block.len() <= 25 && other.len() <= 25, "{} and {}", block.len(), other.len());
+        for (nr, _) in DISK_SYSCALLS {
+            assert!(block.iter().any(|(n, _)| n == nr));
+            assert!(!other.iter().any(|(n, _)| n == nr), "syscall {nr} allowed without a disk");
+        }
+        for forbidden in [libc::SYS_openat, libc::SYS_mprotect, libc::SYS_execve, libc::SYS_socket, libc::SYS_ftruncate]
+        {
+            assert!(!block.iter().any(|(n, _)| *n == forbidden), "syscall {forbidden} allowed");
+        }
+        assert!(device_filter(DeviceFilter::Block).is_ok() && device_filter(DeviceFilter::NoDisk).is_ok());
+    }
+
+    /// Runs `call` in a forked child confined by `kind`'s filter; true when
+    /// the filter killed it.
+    fn killed_by_filter(kind: DeviceFilter, call: fn()) -> bool {
+        let filter = device_filter(kind).unwrap();
+        // SAFETY: the child only makes system calls (no allocation) and leaves with _exit.
+        unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if seccompiler::apply_filter(&filter).is_err() {
+                    libc::_exit(2);
+                }
+                call();
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+        }
+    }
+
+    fn map(prot: i32, flags: i32) {
+        // SAFETY: an anonymous mapping the child never uses.
+        unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags | libc::MAP_ANONYMOUS, -1, 0) };
+    }
+
+    #[test]
+    fn the_filters_narrow_mmap_and_fallocate_by_their_arguments() {
+        assert!(!killed_by_filter(DeviceFilter::NoDisk, || map(libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)));
+        assert!(killed_by_filter(DeviceFilter::NoDisk, || map(libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE)));
+        assert!(killed_by_filter(DeviceFilter::Block, || map(libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)));
+        // SAFETY (both): fallocate on no descriptor: the filter decides before the kernel looks.
+        let punch = || unsafe {
+            libc::fallocate(-1, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096);
+        };
+        let grow = || unsafe {
+            libc::fallocate(-1, 0, 1 << 40, 1 << 30);
+        };
+        assert!(!killed_by_filter(DeviceFilter::Block, punch));
+        assert!(killed_by_filter(DeviceFilter::Block, grow));
+        assert!(killed_by_filter(DeviceFilter::NoDisk, punch), "a device without a disk may not fallocate");
+        // SAFETY: a read of nothing from no descriptor.
+        let pread = || unsafe {
+            libc::pread(-1, std::ptr::null_mut(), 0, 0);
+        };
+        assert!(!killed_by_filter(DeviceFilter::Block, pread));
+        assert!(killed_by_filter(DeviceFilter::NoDisk, pread));
+    }
 }

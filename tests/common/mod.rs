@@ -280,3 +280,15 @@ impl Drop for LiveVm {
         let _ = self.child.wait();
     }
 }
+
+/// Every child process of `pid`, whichever of its threads started it (skvm
+/// starts device processes on a thread of their own).
+#[allow(dead_code)]
+pub fn child_pids(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| children.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
+        .collect()
+}

@@ -188,7 +188,8 @@ fn on_spawner<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> st
     let spawner = SPAWNER.get_or_init(|| {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         // If the thread cannot start, `queue` is dropped and every send fails.
-        let _ = std::thread::Builder::new().name("spawner".into()).spawn(move || queue.into_iter().for_each(|job| job()));
+        let _ =
+            std::thread::Builder::new().name("spawner".into()).spawn(move || queue.into_iter().for_each(|job| job()));
         std::sync::Mutex::new(jobs)
     });
     let gone = || std::io::Error::other("the device spawner thread is gone");
