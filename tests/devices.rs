@@ -246,6 +246,21 @@ fn a_device_that_steps_outside_its_grants_fails_alone() {
     }
 }
 
+/// A guest can make the transport refuse it as often as it likes: every
+/// refusal is counted, a few are logged.
+#[test]
+fn a_flood_of_bad_driver_requests_is_counted_not_logged() {
+    let path = disk("driver-flood.img", 1 << 20);
+    let stats = temp_path("driver-flood.json");
+    let args = ["--disk", &disk_arg(&path, ""), "--memory", "64M", "--stats-file", stats.to_str().unwrap()];
+    let out = run_guest(&args, "scenario=driver-flood rounds=1000");
+    assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("driver-flood: 1000 rounds done"), "{}", out.stdout);
+    assert!(out.stderr.lines().count() <= 20, "{} lines logged: {}", out.stderr.lines().count(), out.stderr);
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(stats["devices"][0]["driver_errors"], 2000, "{stats}");
+}
+
 /// A compromised block device cannot grow its disk: writes past its size
 /// fail (RLIMIT_FSIZE) and fallocate may only punch holes (seccomp).
 #[test]

@@ -15,6 +15,7 @@ mod legacy;
 mod memory;
 mod signals;
 mod teardown;
+mod throttle;
 mod vcpu;
 pub mod virtio;
 mod vm;

@@ -6,6 +6,7 @@ use super::memory_service::DeviceAccess;
 use super::requests::{Engine, QueueContext, RequestQueue};
 use super::spawn::{ProcessMemory, ProcessRecipe};
 use crate::devices::process::SharedRegion;
+use crate::vmm::throttle::{held_back, Throttle};
 use rpc_schema::{DeviceControlClient, DeviceInfo, QueueConfig, PROTOCOL_VERSION};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -46,6 +47,7 @@ pub struct DeviceHealth {
     consecutive: AtomicU32,
     /// From a death seen to the first batch the new process completed.
     pub recovery_ns: Mutex<Vec<u64>>,
+    log_limit: Throttle,
 }
 
 impl std::fmt::Debug for DeviceHealth {
@@ -73,7 +75,10 @@ impl DeviceHealth {
             return;
         }
         if !self.failed.swap(true, Ordering::SeqCst) {
-            warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET");
+            // A guest can fail a device, reset it and fail it again at will.
+            if let Some(skipped) = self.log_limit.allow() {
+                warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET{}", held_back(skipped));
+            }
             *lock(&self.reason) = Some(reason);
         }
         self.kill("the device failed");
@@ -131,7 +136,9 @@ impl DeviceHealth {
                     );
                     self.mark_ended();
                 } else {
-                    warn!("device {name}: {reason}; restarting it");
+                    if let Some(skipped) = self.log_limit.allow() {
+                        warn!("device {name}: {reason}; restarting it{}", held_back(skipped));
+                    }
                     restart(reason, since);
                 }
             }

@@ -5,6 +5,7 @@
 //! straight from it through an irqfd.
 use super::host::DeviceHost;
 use crate::vmm::hotplug::HotplugRegion;
+use crate::vmm::throttle::{held_back, Throttle};
 use rpc_schema::{DeviceInfo, QueueConfig};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,6 +52,10 @@ pub struct MmioTransport {
     config_changed: bool,
     /// virtio-mem: the config space is the hotplug region's live state.
     live_config: Option<Arc<HotplugRegion>>,
+    /// Driver requests refused (unoffered features, failed activations):
+    /// counted all, logged a few at a time (a guest can repeat them at will).
+    pub driver_errors: u64,
+    log_limit: Throttle,
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -77,6 +82,8 @@ impl MmioTransport {
             needs_reset_seen: false,
             config_changed: false,
             live_config,
+            driver_errors: 0,
+            log_limit: Throttle::default(),
         }
     }
 
@@ -232,10 +239,16 @@ impl MmioTransport {
             if acceptable {
                 status |= STATUS_FEATURES_OK;
             } else {
-                warn!(
-                    "virtio-mmio: driver asked for features {:#x} of {:#x}",
-                    self.driver_features, self.info.features
-                );
+                self.driver_errors += 1;
+                if let Some(skipped) = self.log_limit.allow() {
+                    warn!(
+                        "virtio-mmio: {}: the driver asked for features {:#x} of {:#x}{}",
+                        self.host.name,
+                        self.driver_features,
+                        self.info.features,
+                        held_back(skipped)
+                    );
+                }
             }
         }
         if new & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
@@ -249,7 +262,10 @@ impl MmioTransport {
             match self.host.activate(self.driver_features, queues) {
                 Ok(()) => status |= STATUS_DRIVER_OK,
                 Err(e) => {
-                    warn!("virtio-mmio: {} refused activation: {e}", self.host.name);
+                    self.driver_errors += 1;
+                    if let Some(skipped) = self.log_limit.allow() {
+                        warn!("virtio-mmio: {} refused activation: {e}{}", self.host.name, held_back(skipped));
+                    }
                     status |= STATUS_DRIVER_OK | STATUS_NEEDS_RESET;
                     self.needs_reset_seen = true;
                 }

@@ -77,6 +77,10 @@ pub struct DeviceStatus {
     /// and why it went down last.
     pub restarts: u32,
     pub last_failure: Option<String>,
+    /// Driver requests the transport refused (unoffered features, failed
+    /// activations): a guest may repeat them at will, so they are counted
+    /// here and logged only a few at a time.
+    pub driver_errors: u64,
     /// For each restart whose new process served (before it went down
     /// again), from the death seen to the first batch it served.
     pub recovery_ms: Vec<f64>,
@@ -110,6 +114,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                     batches: access.filter(|a| a.request_level).map(|a| a.batches.load(Relaxed)),
                     grants_outstanding: access.filter(|a| a.request_level).map(|a| lock(&a.grants).outstanding()),
                     restarts: host.health.restarts.load(Relaxed),
+                    driver_errors: transport.driver_errors,
                     last_failure: lock(&host.health.last_failure).clone(),
                     recovery_ms: lock(&host.health.recovery_ns).iter().map(|&ns| ns as f64 / 1e6).collect(),
                 };

@@ -9,6 +9,8 @@
 //!   and a looping chain must leave the device failed (DEVICE_NEEDS_RESET).
 //! * `blk-recover`: break the queue seven ways; after each, reset the device
 //!   and check it works again.
+//! * `driver-flood`: `rounds=N`: N times each, ask the first disk for
+//!   features it does not offer, and activate it with rings outside RAM.
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
 //! * `blk-verify`: `ops=N qd=N [hold=1] [recover=1]`: verified random 4 KiB
 //!   writes and read-backs over the first 1 MiB, a flush, then a hash of what
@@ -567,5 +569,31 @@ pub fn run_recover(info: &pvh::StartInfo) -> Result<(), &'static str> {
     if failures > 0 {
         return Err("a device did not come back after its reset");
     }
+    Ok(())
+}
+
+/// `driver-flood`: what a hostile driver can make the VMM log at will.
+pub fn run_driver_flood(info: &pvh::StartInfo, rounds: u32) -> Result<(), &'static str> {
+    let (blk, _) = first_disk(info)?;
+    let device = blk.device;
+    for _ in 0..rounds {
+        device.write(0x070, 0);
+        device.write(0x070, 1 | 2);
+        device.write(0x024, 1);
+        device.write(0x020, 0xffff_ffff);
+        device.write(0x070, 1 | 2 | 8);
+    }
+    for _ in 0..rounds {
+        device.negotiate(crate::virtio::F_VERSION_1)?;
+        device.write(0x030, 0);
+        device.write(0x038, 16);
+        for offset in [0x080, 0x090, 0x0a0] {
+            device.write(offset, 0xd800_0000);
+            device.write(offset + 4, 0);
+        }
+        device.write(0x044, 1);
+        device.driver_ok();
+    }
+    println!("driver-flood: {} rounds done", rounds);
     Ok(())
 }

@@ -18,7 +18,7 @@
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
 //! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
-//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-recover|blk-bench|blk-verify`: see
+//! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-recover|blk-bench|blk-verify|driver-flood`: see
 //!   `blk_scenarios.rs`.
 //!
 //! * `scenario=mem-plug|mem-hostile|mem-follow|mem-churn`: see `mem_scenarios.rs`.
@@ -110,6 +110,10 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         "blk-zeroes" => check(blk_scenarios::run_zeroes(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),
         "blk-recover" => check(blk_scenarios::run_recover(info)),
+        "driver-flood" => {
+            let rounds = param(cmdline, "rounds").and_then(|s| s.parse().ok()).unwrap_or(1000);
+            check(blk_scenarios::run_driver_flood(info, rounds));
+        }
         "blk-bench" => {
             let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
             let params = BenchParams {
