@@ -259,6 +259,41 @@ fn a_retired_shared_mode_process_that_will_not_exit_is_killed() {
     assert_eq!(vm.shutdown(), Some(0));
 }
 
+/// A compromised virtio-mem device replays real plugs and unplugs with 2 ms
+/// deadlines: calls it gives up on must not leave VMM workers behind.
+#[test]
+fn a_flood_of_hotplug_calls_cannot_pile_up_vmm_threads() {
+    let threads = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).map_or(0, |n| n.trim().parse().unwrap_or(0))
+    };
+    let (_disk_path, disk_arg) = disk("hotplug-flood.img", MIB);
+    let args = [
+        "--memory",
+        "64M,hotplug=64M",
+        "--disk",
+        &disk_arg,
+        "--test-device-misbehave",
+        "hotplug-flood",
+        "--cmdline",
+        "scenario=mem-follow",
+    ];
+    let mut vm = LiveVm::start("hotplug-flood", &args);
+    vm.wait_console("mem: region", LONG);
+    let (status, _) = vm.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{}}}", 8 * MIB));
+    assert_eq!(status, 200);
+    let (mut most, deadline) = (0, std::time::Instant::now() + LONG);
+    while !vm.stderr().contains("hostile-rpc: hotplug flood") {
+        assert!(std::time::Instant::now() < deadline, "the flood never ended: {}", vm.stderr());
+        most = most.max(threads(vm.child.id()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(most < 40, "the VMM grew to {most} threads");
+    let (status, info) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
 #[test]
 fn malformed_and_impossible_virtio_mem_requests_are_refused_in_every_mode() {
     for mode in ["rpc", "rpc-dma", "shared", "inprocess"] {

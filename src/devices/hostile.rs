@@ -95,10 +95,17 @@ pub async fn smash_canary(client: &GuestMemoryClient) {
 /// forbidden move `which` names (the first batch is served honestly, so a
 /// completed grant exists), reports the VMM's answer and then replies with
 /// what the move calls for.
-pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<Tamper> {
+pub fn grant_attack(
+    which: Misbehaviour,
+    client: &GuestMemoryClient,
+    hotplug: Option<rpc_schema::MemoryHotplugClient>,
+) -> Option<Tamper> {
     use Misbehaviour::*;
     if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse) {
         return None;
+    }
+    if which == HotplugFlood {
+        return Some(hotplug_flood(hotplug?));
     }
     let client = client.clone();
     let mut batches = 0u32;
@@ -165,9 +172,49 @@ pub fn grant_attack(which: Misbehaviour, client: &GuestMemoryClient) -> Option<T
                     let refused = answers.iter().filter(|a| !matches!(a, Ok(Ok(_)))).count();
                     report("grant flood", format!("{refused} of 2000 refused"));
                 }
-                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse => {}
+                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse | HotplugFlood => {}
             }
             done
         })
     }))
+}
+
+/// Test-only: after the guest's first virtio-mem request, replays it (a plug
+/// of real blocks) and its undoing thousands of times, each call given 2 ms:
+/// the VMM must not start a worker per call whose deadline passed.
+fn hotplug_flood(hotplug: rpc_schema::MemoryHotplugClient) -> Tamper {
+    let mut flooded = false;
+    Box::new(move |batch: Vec<PostedRequest>, done: Vec<CompletedRequest>| {
+        let hotplug = hotplug.clone();
+        let first = std::mem::replace(&mut flooded, true);
+        Box::pin(async move {
+            let request = batch.first().map(|r| r.readable.to_vec()).unwrap_or_default();
+            if first || request.len() < 24 {
+                return done;
+            }
+            let addr = u64::from_le_bytes(request[8..16].try_into().unwrap_or_default());
+            let blocks = u16::from_le_bytes([request[16], request[17]]);
+            let brief = || {
+                let mut ctx = context::current();
+                ctx.deadline = std::time::Instant::now() + std::time::Duration::from_millis(2);
+                ctx
+            };
+            let mut failed = 0;
+            for round in 0..40 {
+                let calls = (0..50).map(|i| {
+                    let hotplug = hotplug.clone();
+                    async move {
+                        if (round + i) % 2 == 0 {
+                            hotplug.unplug(brief(), addr, blocks).await.is_err()
+                        } else {
+                            hotplug.plug(brief(), addr, blocks).await.is_err()
+                        }
+                    }
+                });
+                failed += futures::future::join_all(calls).await.into_iter().filter(|f| *f).count();
+            }
+            report("hotplug flood", format!("{failed} of 2000 calls timed out"));
+            done
+        })
+    })
 }

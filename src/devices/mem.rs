@@ -84,6 +84,11 @@ impl MemDevice {
         Ok(MemDevice { hotplug })
     }
 
+    /// Test-only: the channel to the VMM's hotplug service.
+    pub fn hotplug_client(&self) -> MemoryHotplugClient {
+        self.hotplug.clone()
+    }
+
     pub fn info(&self) -> DeviceInfo {
         DeviceInfo {
             device_id: DEVICE_ID,

@@ -69,6 +69,9 @@ pub enum Misbehaviour {
     Linger,
     /// Write its disk past the disk's size, then try to grow it with fallocate.
     DiskAbuse,
+    /// virtio-mem, request level: replay the guest's first plug and unplug
+    /// thousands of times with 2 ms deadlines.
+    HotplugFlood,
 }
 
 #[derive(Debug, Clone)]
@@ -263,6 +266,10 @@ impl DeviceProcess {
                     Backend::Mem(MemDevice::connect(socket).await?)
                 }
             };
+            let hotplug = match &backend {
+                Backend::Mem(device) => Some(device.hotplug_client()),
+                _ => None,
+            };
             let disk_fd = match self.kind {
                 DeviceKind::Block { disk, .. } => disk,
                 _ => -1,
@@ -287,7 +294,7 @@ impl DeviceProcess {
                         Some(addr) => Some(memory_probe(self.name.clone(), client.clone(), addr)),
                         None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket, disk_fd),
                     };
-                    let tamper = self.misbehave.and_then(|m| super::hostile::grant_attack(m, &client));
+                    let tamper = self.misbehave.and_then(|m| super::hostile::grant_attack(m, &client, hotplug.clone()));
                     serve(RpcMemory::new(client), backend, control, doorbell, on_notify, tamper).await
                 }
                 (None, Some(mapped)) => {

@@ -14,6 +14,11 @@ use tracing::debug;
 struct HotplugServer {
     region: Arc<HotplugRegion>,
     greeted: Arc<AtomicBool>,
+    /// One call works at a time. The permit goes with the work, not with
+    /// the request: a call whose deadline passes (or that the device
+    /// cancels) stops waiting, but work already started keeps its permit
+    /// until it ends, so a device cannot pile up workers.
+    worker: Arc<tokio::sync::Semaphore>,
 }
 
 impl HotplugServer {
@@ -26,10 +31,16 @@ impl HotplugServer {
         if !self.greeted.load(Ordering::SeqCst) {
             return Err(HotplugError::NoSession("the first call must be hello".into()));
         }
+        let permit = self.worker.clone().acquire_owned().await;
+        let permit = permit.map_err(|e| HotplugError::Refused(format!("hotplug worker gone: {e}")))?;
         let region = self.region.clone();
-        tokio::task::spawn_blocking(move || op(&region))
-            .await
-            .unwrap_or_else(|e| Err(HotplugError::Refused(format!("hotplug worker failed: {e}"))))
+        tokio::task::spawn_blocking(move || {
+            let done = op(&region);
+            drop(permit);
+            done
+        })
+        .await
+        .unwrap_or_else(|e| Err(HotplugError::Refused(format!("hotplug worker failed: {e}"))))
     }
 }
 
@@ -67,7 +78,7 @@ pub fn serve(
 ) -> std::io::Result<()> {
     let _context = runtime.enter();
     let channel = rpc_schema::server_channel(socket)?;
-    let server = HotplugServer { region, greeted: Arc::default() };
+    let server = HotplugServer { region, greeted: Arc::default(), worker: Arc::new(tokio::sync::Semaphore::new(1)) };
     runtime.spawn(async move {
         channel
             .execute(server.serve())

@@ -375,7 +375,15 @@ fn launch_device(
         name: name.clone(),
         kind,
         doorbell,
-        misbehave: if index == 0 { config.test_misbehaviour } else { None },
+        // Test-only: the first device misbehaves (a hotplug flood needs virtio-mem).
+        misbehave: config.test_misbehaviour.filter(|&m| {
+            let for_mem = m == crate::devices::process::Misbehaviour::HotplugFlood;
+            if for_mem {
+                matches!(spec, DeviceSpec::Mem(_))
+            } else {
+                index == 0
+            }
+        }),
         probe: config.test_probe,
         health: health.clone(),
     };
