@@ -170,6 +170,11 @@ fn shared_device_maps_the_guest_ram_memfd() {
     let (mut vmm, pid) = spinning_vm_with_device("shared", &path);
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("memfd:skvm-guest-ram"), "shared device does not map guest RAM:\n{maps}");
+    // It maps what it was given and keeps no descriptor for the rest.
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert!(!target.to_string_lossy().contains("skvm-guest-ram"), "the device holds the RAM memfd as {fd:?}");
+    }
     assert_eq!(status_field(pid, "Seccomp"), "2");
     vmm.kill().unwrap();
     vmm.wait().unwrap();

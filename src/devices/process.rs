@@ -10,8 +10,8 @@ use super::Backend;
 use crate::sandbox;
 use rpc_schema::{GuestMemoryClient, Segment, PROTOCOL_VERSION};
 use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How the process reaches guest memory.
@@ -112,17 +112,32 @@ where
     rpc_schema::transport(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
 }
 
+/// Maps exactly `regions` of the RAM memfd, then closes the memfd: a device
+/// keeps no descriptor through which it could reach the rest of it (the
+/// unplugged part of the hotplug reservation).
 fn map_shared(memfd: RawFd, regions: &[SharedRegion]) -> Result<GuestMemoryMmap, String> {
-    // SAFETY: the VMM handed us this memfd to own.
+    // SAFETY: the VMM handed us this memfd to own; it is closed when `file` drops.
     let file = unsafe { File::from_raw_fd(memfd) };
-    let ranges = regions
+    let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_NORESERVE);
+    let mapped = regions
         .iter()
         .map(|r| {
-            let handle = file.try_clone().map_err(|e| e.to_string())?;
-            Ok((GuestAddress(r.guest_addr), r.size as usize, Some(FileOffset::new(handle, r.file_offset))))
+            // SAFETY: a new shared mapping of our memfd, which nothing else in this process uses.
+            let addr = unsafe {
+                libc::mmap(std::ptr::null_mut(), r.size as usize, prot, flags, file.as_raw_fd(), r.file_offset as i64)
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(format!("cannot map guest RAM: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: `addr` is the mapping of `size` bytes just made, kept for the process's life.
+            let region = unsafe { vm_memory::MmapRegion::build_raw(addr as *mut u8, r.size as usize, prot, flags) };
+            let region = region.map_err(|e| format!("cannot map guest RAM: {e}"))?;
+            vm_memory::GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                .ok_or_else(|| "a guest RAM region overflows the address space".to_string())
         })
         .collect::<Result<Vec<_>, String>>()?;
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| format!("cannot map guest RAM: {e}"))
+    drop(file);
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("cannot map guest RAM: {e}"))
 }
 
 /// The test-only misbehaviour, to run when the guest first notifies the queue.

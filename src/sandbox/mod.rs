@@ -119,7 +119,7 @@ const DATA_LIMIT: u64 = 512 << 20;
 /// holds (the limit on new ones), `max_file_size` the largest a file may
 /// grow (a block device's disk size; 0 for the others). The process must be
 /// single-threaded.
-pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64, max_file_size: u64) -> Result<(), SandboxError> {
+pub fn confine(filters: &[seccompiler::BpfProgram], open_fds: u64, max_file_size: u64) -> Result<(), SandboxError> {
     // SAFETY: process-wide settings with valid arguments.
     unsafe {
         check("PR_SET_PDEATHSIG", libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
@@ -144,5 +144,8 @@ pub fn confine(filter: &seccompiler::BpfProgram, open_fds: u64, max_file_size: u
     drop_capabilities()?;
     // SAFETY: as above.
     check("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    seccompiler::apply_filter(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))
+    for filter in filters {
+        seccompiler::apply_filter(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
 }

@@ -76,16 +76,29 @@ fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, String> {
     }
 }
 
-/// The compiled filter for a kind: anything else kills the process (SIGSYS).
-pub fn device_filter(kind: DeviceFilter) -> Result<BpfProgram, String> {
+/// The compiled filters for a kind, to apply in order: one that makes
+/// `mremap` fail with EPERM, then the allowlist (anything else kills the
+/// process with SIGSYS). A remap could grow shared mode's mapping of
+/// guest RAM over memory the device was not given; the allocator, which is
+/// the only honest caller, falls back to copying when it fails.
+pub fn device_filter(kind: DeviceFilter) -> Result<Vec<BpfProgram>, String> {
     let rules = kind
         .syscalls()
         .iter()
         .map(|&(nr, _)| Ok((nr, argument_rules(nr)?)))
         .collect::<Result<BTreeMap<i64, Vec<SeccompRule>>, String>>()?;
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| e.to_string())?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+    let no_remap = BTreeMap::from([(libc::SYS_mremap, Vec::new())]);
+    // The allowlist goes last: once it is in force, installing a filter is not allowed.
+    [
+        (no_remap, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32)),
+        (rules, SeccompAction::KillProcess, SeccompAction::Allow),
+    ]
+    .into_iter()
+    .map(|(rules, otherwise, matched)| {
+        let filter = SeccompFilter::new(rules, otherwise, matched, TargetArch::x86_64).map_err(|e| e.to_string())?;
+        filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+    })
+    .collect()
 }
 
 #[cfg(test)]
@@ -117,7 +130,7 @@ mod tests {
             let pid = libc::fork();
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if seccompiler::apply_filter(&filter).is_err() {
+                if filter.iter().any(|f| seccompiler::apply_filter(f).is_err()) {
                     libc::_exit(2);
                 }
                 call();
@@ -155,5 +168,41 @@ mod tests {
         };
         assert!(!killed_by_filter(DeviceFilter::Block, pread));
         assert!(killed_by_filter(DeviceFilter::NoDisk, pread));
+    }
+
+    #[test]
+    fn mremap_fails_rather_than_grow_a_mapping() {
+        // The child exits 0 only if mremap failed with EPERM (and it lived).
+        let remap = || {
+            // SAFETY: a private anonymous page, remapped larger (refused), then the verdict.
+            unsafe {
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let grown = libc::mremap(page, 4096, 1 << 20, libc::MREMAP_MAYMOVE);
+                let refused = grown == libc::MAP_FAILED && *libc::__errno_location() == libc::EPERM;
+                libc::_exit(if refused { 0 } else { 3 });
+            }
+        };
+        let filter = device_filter(DeviceFilter::Block).unwrap();
+        // SAFETY: as in killed_by_filter.
+        unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if filter.iter().any(|f| seccompiler::apply_filter(f).is_err()) {
+                    libc::_exit(2);
+                }
+                remap();
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+        }
     }
 }

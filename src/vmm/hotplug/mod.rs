@@ -297,6 +297,9 @@ impl HotplugRegion {
                 requested >> 20
             )));
         }
+        // A plugged block reads zero whatever was written there while it was
+        // unplugged (nothing, unless a device wrote where it should not).
+        range.clone().for_each(|b| self.release(b));
         let regions = range.clone().map(|b| self.map_region(b)).collect::<std::result::Result<Vec<_>, _>>()?;
         self.swap_map(|mut map| {
             for region in &regions {
