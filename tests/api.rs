@@ -251,7 +251,18 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
             Ok(())
         });
     }
-    let mut vm = command.spawn().unwrap();
+    // Killed if the test fails before it stops the VM itself.
+    struct Running(Option<std::process::Child>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut running = Running(Some(command.spawn().unwrap()));
+    let vm = running.0.as_mut().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !socket.exists() || UnixStream::connect(&socket).is_err() {
         assert!(std::time::Instant::now() < deadline, "no API socket");
@@ -280,5 +291,6 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
     drop(idle);
     let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
     assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
+    let vm = running.0.take().unwrap();
     assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
 }

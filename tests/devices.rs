@@ -472,8 +472,14 @@ fn a_killed_device_fails_alone_and_the_guest_carries_on() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
+    let Some(device) = device else {
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no device process");
+    };
     // SAFETY: kill(2) on the device process we just found.
-    unsafe { libc::kill(device.expect("no device process"), libc::SIGKILL) };
+    unsafe { libc::kill(device, libc::SIGKILL) };
     let out = wait_with_deadline(child, Duration::from_secs(60));
     // The guest noticed (no completion, DEVICE_NEEDS_RESET) and exited on its own.
     assert_eq!(out.code(), Some(0xb0), "stdout {} stderr {}", out.stdout, out.stderr);
