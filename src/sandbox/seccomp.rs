@@ -122,9 +122,9 @@ mod tests {
         assert!(device_filter(DeviceFilter::Block).is_ok() && device_filter(DeviceFilter::NoDisk).is_ok());
     }
 
-    /// Runs `call` in a forked child confined by `kind`'s filter; true when
-    /// the filter killed it.
-    fn killed_by_filter(kind: DeviceFilter, call: fn()) -> bool {
+    /// Runs `call` in a forked child confined by `kind`'s filters; returns
+    /// its wait status.
+    fn under_filter(kind: DeviceFilter, call: fn()) -> i32 {
         let filter = device_filter(kind).unwrap();
         // SAFETY: the child only makes system calls (no allocation) and leaves with _exit.
         unsafe {
@@ -139,8 +139,14 @@ mod tests {
             }
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+            status
         }
+    }
+
+    /// True when `kind`'s filter kills a process for `call`.
+    fn killed_by_filter(kind: DeviceFilter, call: fn()) -> bool {
+        let status = under_filter(kind, call);
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
     }
 
     fn map(prot: i32, flags: i32) {
@@ -190,20 +196,7 @@ mod tests {
                 libc::_exit(if refused { 0 } else { 3 });
             }
         };
-        let filter = device_filter(DeviceFilter::Block).unwrap();
-        // SAFETY: as in killed_by_filter.
-        unsafe {
-            let pid = libc::fork();
-            if pid == 0 {
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if filter.iter().any(|f| seccompiler::apply_filter(f).is_err()) {
-                    libc::_exit(2);
-                }
-                remap();
-            }
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
-        }
+        let status = under_filter(DeviceFilter::Block, remap);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
     }
 }

@@ -525,15 +525,7 @@ pub fn run_recover(info: &pvh::StartInfo) -> Result<(), &'static str> {
                 }
             }
             "rings outside RAM" => {
-                device.negotiate(crate::virtio::F_VERSION_1)?;
-                device.write(0x030, 0);
-                device.write(0x038, 16);
-                for offset in [0x080, 0x090, 0x0a0] {
-                    device.write(offset, 0xd800_0000);
-                    device.write(offset + 4, 0);
-                }
-                device.write(0x044, 1);
-                device.driver_ok();
+                activate_outside_ram(device)?;
             }
             _ => {
                 for value in [7u32, 0xffff_ffff, 0x5a5a_5a5a] {
@@ -572,6 +564,20 @@ pub fn run_recover(info: &pvh::StartInfo) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Sets the device up with its rings in the MMIO hole (not RAM) and says DRIVER_OK.
+fn activate_outside_ram(device: crate::virtio::Device) -> Result<(), &'static str> {
+    device.negotiate(crate::virtio::F_VERSION_1)?;
+    device.write(0x030, 0);
+    device.write(0x038, 16);
+    for offset in [0x080, 0x090, 0x0a0] {
+        device.write(offset, 0xd800_0000);
+        device.write(offset + 4, 0);
+    }
+    device.write(0x044, 1);
+    device.driver_ok();
+    Ok(())
+}
+
 /// `driver-flood`: what a hostile driver can make the VMM log at will.
 pub fn run_driver_flood(info: &pvh::StartInfo, rounds: u32) -> Result<(), &'static str> {
     let (blk, _) = first_disk(info)?;
@@ -584,15 +590,7 @@ pub fn run_driver_flood(info: &pvh::StartInfo, rounds: u32) -> Result<(), &'stat
         device.write(0x070, 1 | 2 | 8);
     }
     for _ in 0..rounds {
-        device.negotiate(crate::virtio::F_VERSION_1)?;
-        device.write(0x030, 0);
-        device.write(0x038, 16);
-        for offset in [0x080, 0x090, 0x0a0] {
-            device.write(offset, 0xd800_0000);
-            device.write(offset + 4, 0);
-        }
-        device.write(0x044, 1);
-        device.driver_ok();
+        activate_outside_ram(device)?;
     }
     println!("driver-flood: {} rounds done", rounds);
     Ok(())
