@@ -436,8 +436,13 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) ->
             blk.kick();
             continue;
         };
-        completed += 1;
         let (block, kind, expect) = in_flight[slot as usize];
+        if block == u64::MAX {
+            // A completion for a request not in flight: completed twice.
+            errors += 1;
+            continue;
+        }
+        completed += 1;
         in_flight[slot as usize].0 = u64::MAX;
         if status != 0 {
             errors += 1;
