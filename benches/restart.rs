@@ -23,10 +23,12 @@ fn main() {
     std::fs::File::create(&disk).expect("tmpfs at /dev/shm").set_len(4 << 20).unwrap();
     let disk_arg = format!("path={disk}");
     let args = ["--memory", "64M", "--disk", &disk_arg, "--cmdline", "scenario=blk-verify ops=100000000 qd=8"];
-    let vm = LiveVm::start("bench-restart", &args);
+    let mut vm = LiveVm::start("bench-restart", &args);
+    vm.wait_console("blk-verify: start", Duration::from_secs(60));
     let mut last_killed = None;
     let mut killed = 0;
     while killed < KILLS {
+        assert!(vm.child.try_wait().unwrap().is_none(), "skvm exited: {}", vm.console());
         std::thread::sleep(Duration::from_millis(100));
         let Some(pid) = device_pid(vm.child.id()).filter(|&pid| Some(pid) != last_killed) else { continue };
         // SAFETY: kill(2) on skvm's device process.

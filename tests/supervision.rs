@@ -44,8 +44,10 @@ fn a_device_killed_50_times_mid_io_loses_nothing_in_rpc_mode() {
     let (path, arg) = disk("kill-loop.img");
     let args = ["--memory", "64M", "--disk", &arg, "--cmdline", "scenario=blk-verify ops=400000 qd=8 hold=1"];
     let mut vm = LiveVm::start("kill-loop", &args);
+    vm.wait_console("blk-verify: start", LONG);
     let (mut killed, mut last_killed) = (0, None);
     while killed < 50 {
+        assert!(vm.child.try_wait().unwrap().is_none(), "skvm exited: {}\n{}", vm.console(), vm.stderr());
         std::thread::sleep(Duration::from_millis(50 + (killed * 7 % 50)));
         // A new process, not the one just killed (its restart takes a few ms).
         let Some(pid) = device_pid(vm.child.id()).filter(|&pid| Some(pid) != last_killed) else { continue };
@@ -136,6 +138,7 @@ fn a_killed_device_in_a_ring_walking_mode_comes_back_at_the_drivers_reset() {
         let cmdline = "scenario=blk-verify ops=60000 qd=8 recover=1 hold=1";
         let args = ["--memory", "64M", "--memory-mode", mode, "--disk", &arg, "--cmdline", cmdline];
         let mut vm = LiveVm::start(&format!("killed-{mode}"), &args);
+        vm.wait_console("blk-verify: start", LONG);
         let mut last_killed = None;
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(300));

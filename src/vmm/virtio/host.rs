@@ -353,7 +353,23 @@ impl DeviceHost {
         let [config] = queues.as_slice() else {
             return Err(format!("{} queues set up, the device has 1", queues.len()));
         };
-        self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await })?;
+        let restarts = self.health.restarts.load(Ordering::SeqCst);
+        if let Err(first) = self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await }) {
+            // The process died under the call: its supervisor starts another,
+            // which is activated instead (the driver never knows).
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.health.supervised()
+                && !self.health.failed.load(Ordering::SeqCst)
+                && self.health.restarts.load(Ordering::SeqCst) == restarts
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.health.restarts.load(Ordering::SeqCst) == restarts {
+                return Err(first);
+            }
+            self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await })?;
+        }
         let context = QueueContext {
             name: self.name.clone(),
             memory: self.posting.as_ref().map(|p| p.memory.clone()).ok_or("no guest memory")?,

@@ -61,36 +61,51 @@ pub struct Restartable {
 
 impl Restartable {
     fn restart(&self, reason: String, since: Instant) {
-        if let Err(e) = self.try_restart(since) {
-            self.health.fail(&self.name, format!("{reason}; restarting it failed: {e}"));
+        match self.try_restart(since) {
+            Ok(()) => {}
+            // The new process went down too before it took over: its own
+            // death starts the next attempt (and counts towards a crash loop).
+            Err(Retry::Later(e)) => self.health.kill(&format!("it could not take over: {e}")),
+            Err(Retry::Never(e)) => self.health.fail(&self.name, format!("{reason}; restarting it failed: {e}")),
         }
     }
 
-    fn try_restart(&self, since: Instant) -> std::result::Result<(), String> {
+    fn try_restart(&self, since: Instant) -> std::result::Result<(), Retry> {
         let engine = lock(&self.lifeline.engine).clone();
         if let Some(engine) = &engine {
             engine.disconnect(since);
         }
         self.health.new_generation();
-        let client = control_client(&self.runtime, (self.start)()?)?;
+        let control = (self.start)().map_err(Retry::Never)?;
+        let client = control_client(&self.runtime, control).map_err(Retry::Later)?;
         let within = || {
             let mut ctx = tarpc::context::current();
             ctx.deadline = Instant::now() + START_DEADLINE;
             ctx
         };
         let hello = self.runtime.block_on(client.hello(within(), PROTOCOL_VERSION));
-        hello.map_err(|e| format!("hello: {e}"))?.map_err(|e| format!("hello: {e}"))?;
+        hello.map_err(|e| Retry::Later(format!("hello: {e}")))?.map_err(|e| Retry::Never(format!("hello: {e}")))?;
         if engine.is_some() {
             let features = self.lifeline.features.load(Ordering::SeqCst);
             let active = self.runtime.block_on(client.activate(within(), features, Vec::new()));
-            active.map_err(|e| format!("activate: {e}"))?.map_err(|e| format!("activate: {e}"))?;
+            active
+                .map_err(|e| Retry::Later(format!("activate: {e}")))?
+                .map_err(|e| Retry::Never(format!("activate: {e}")))?;
         }
         *lock(&self.lifeline.control) = Some(client.clone());
         self.health.restarts.fetch_add(1, Ordering::SeqCst);
         if let Some(engine) = engine {
             let _context = self.runtime.enter();
-            engine.reconnect(client)?;
+            engine.reconnect(client).map_err(Retry::Never)?;
         }
         Ok(())
     }
+}
+
+/// Why a restart did not take.
+enum Retry {
+    /// The new process's channel broke (it died too): its death retries.
+    Later(String),
+    /// It cannot work: starting failed, or the new process refused.
+    Never(String),
 }
