@@ -167,9 +167,8 @@ impl DeviceHealth {
     }
 
     /// The device comes back after it failed (the driver reset it): a new
-    /// process or thread serves it, with a clean record.
+    /// process or thread, already started, serves it with a clean record.
     pub fn revive(&self) {
-        self.new_generation();
         let why = lock(&self.reason).take();
         if why.is_some() {
             *lock(&self.last_failure) = why;
@@ -424,7 +423,7 @@ impl DeviceHost {
         }
         // Whatever is left of the failed one goes first: it holds the backend too.
         self.health.kill("it is being replaced");
-        self.health.revive();
+        self.health.new_generation();
         let started = start().and_then(|control| control_client(&self.runtime, control));
         let client = match started {
             Ok(client) => client,
@@ -433,6 +432,9 @@ impl DeviceHost {
                 return Err(e);
             }
         };
+        // Only now, with the new process current: the old one's watcher may
+        // still report its death, which must not read as the new one's.
+        self.health.revive();
         *lock(&self.lifeline.control) = Some(client);
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         tracing::info!("device {}: restarted at the driver's reset", self.name);
