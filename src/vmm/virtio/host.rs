@@ -179,21 +179,23 @@ impl DeviceHealth {
         self.restarts.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Kills one of the device's processes, through its pidfd.
-    pub fn kill_process(&self, pid: u32) {
-        for (_, pidfd) in lock(&self.processes).iter().filter(|(p, _)| *p == pid) {
+    /// Kills, through their pidfds, the device's processes `which` picks.
+    fn kill_where(&self, which: impl Fn(u32) -> bool) {
+        for (_, pidfd) in lock(&self.processes).iter().filter(|(pid, _)| which(*pid)) {
             // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
             unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
         }
     }
 
+    /// Kills one of the device's processes.
+    pub fn kill_process(&self, pid: u32) {
+        self.kill_where(|p| p == pid);
+    }
+
     /// Kills the device's processes (their deaths then take the usual path).
     pub fn kill(&self, why: &str) {
         tracing::debug!("killing a device process: {why}");
-        for (_, pidfd) in lock(&self.processes).iter() {
-            // SAFETY: sends SIGKILL through a pidfd we own; no memory is passed.
-            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
-        }
+        self.kill_where(|_| true);
     }
 
     /// A restarted device completed its first batch, `took` after its death.
@@ -271,7 +273,7 @@ impl CountersQuery {
 const MAX_DEVICE_TEXT: usize = 200;
 
 /// A request context that gives up after `limit`.
-fn within(limit: Duration) -> tarpc::context::Context {
+pub fn within(limit: Duration) -> tarpc::context::Context {
     let mut ctx = tarpc::context::current();
     ctx.deadline = Instant::now() + limit;
     ctx

@@ -9,7 +9,7 @@
 //! thread in a control call.
 use super::super::lock;
 use super::grants::{Grant, GrantedBuffer};
-use super::host::DeviceHealth;
+use super::host::{within, DeviceHealth};
 use super::memory_service::DeviceAccess;
 use rpc_schema::{
     CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
@@ -206,9 +206,7 @@ impl Engine {
     /// breaks the protocol fails. One that does not answer is killed: its
     /// supervisor restarts it (and its grants are posted again) or fails it.
     async fn post(self: Arc<Self>, epoch: u64, client: DeviceControlClient, batch: Vec<PostedRequest>) {
-        let mut ctx = tarpc::context::current();
-        ctx.deadline = Instant::now() + BATCH_DEADLINE;
-        let reply = client.requests(ctx, batch).await;
+        let reply = client.requests(within(BATCH_DEADLINE), batch).await;
         let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
         if !current(&self) {
             return;

@@ -11,7 +11,7 @@
 //! itself is started, like every device process, on the spawner thread
 //! (`spawn.rs`).
 use super::super::lock;
-use super::host::{control_client, DeviceHealth, Lifeline};
+use super::host::{control_client, within, DeviceHealth, Lifeline};
 use super::{Error, Result, Starter};
 use rpc_schema::PROTOCOL_VERSION;
 use std::sync::atomic::Ordering;
@@ -78,16 +78,11 @@ impl Restartable {
         self.health.new_generation();
         let control = (self.start)().map_err(Retry::Never)?;
         let client = control_client(&self.runtime, control).map_err(Retry::Later)?;
-        let within = || {
-            let mut ctx = tarpc::context::current();
-            ctx.deadline = Instant::now() + START_DEADLINE;
-            ctx
-        };
-        let hello = self.runtime.block_on(client.hello(within(), PROTOCOL_VERSION));
+        let hello = self.runtime.block_on(client.hello(within(START_DEADLINE), PROTOCOL_VERSION));
         hello.map_err(|e| Retry::Later(format!("hello: {e}")))?.map_err(|e| Retry::Never(format!("hello: {e}")))?;
         if engine.is_some() {
             let features = self.lifeline.features.load(Ordering::SeqCst);
-            let active = self.runtime.block_on(client.activate(within(), features, Vec::new()));
+            let active = self.runtime.block_on(client.activate(within(START_DEADLINE), features, Vec::new()));
             active
                 .map_err(|e| Retry::Later(format!("activate: {e}")))?
                 .map_err(|e| Retry::Never(format!("activate: {e}")))?;
