@@ -294,3 +294,50 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
     let vm = running.0.take().unwrap();
     assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
 }
+
+#[test]
+fn a_pause_that_times_out_leaves_the_vm_running() {
+    // A device that takes 6 s to activate keeps the driver's vCPU inside its
+    // MMIO write, so a pause cannot park it within its 2 s: the API says 409,
+    // and a refused pause must change nothing (the guest then runs on).
+    let socket = temp_path("api-pause-timeout.sock");
+    let socket_arg = socket.to_str().unwrap().to_string();
+    let disk = temp_path("api-pause-timeout.img");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let args = [
+        "run",
+        "--memory",
+        "64M",
+        "--api-socket",
+        &socket_arg,
+        "--disk",
+        &disk_arg,
+        "--test-device-misbehave",
+        "slow-activation",
+        "--cmdline",
+        "scenario=blk-pattern seed=3",
+    ];
+    let vm = skvm(&args).spawn().unwrap();
+    let ctl = |command: &str| run(&["ctl", "--api-socket", &socket_arg, command]);
+    let mut refused = None;
+    for _ in 0..100 {
+        let out = ctl("pause");
+        if out.code() == Some(0) {
+            // Too early (the guest had not reached activation yet): try again.
+            assert_eq!(ctl("resume").code(), Some(0));
+        } else if out.stderr.contains("409") || out.stderr.contains("stopped in time") {
+            refused = Some(out.stderr);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = refused.expect("no pause was refused while the device activated");
+    assert!(refused.contains("stopped in time"), "{refused}");
+    let info = run(&["ctl", "--api-socket", &socket_arg, "--json", "info"]);
+    assert!(info.stdout.contains("\"state\":\"running\""), "{}", info.stdout);
+    // The guest finishes its disk work once the activation ends.
+    let out = wait_with_deadline(vm, Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("blk0: read back 2048 sectors, all match"), "{}", out.stdout);
+}

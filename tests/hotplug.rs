@@ -35,6 +35,8 @@ fn plug_use_unplug(mode: &str) {
     let mut vm = LiveVm::start(&format!("hotplug-{mode}"), &args);
     vm.wait_console("mem: ready", LONG);
     let rss_before = vm.rss_kib();
+    let device_maps = |vm: &LiveVm| (mode == "shared").then(|| guest_ram_mapped_by_disk(vm));
+    assert!(matches!(device_maps(&vm), None | Some(512)), "before the plug: {:?} MiB", device_maps(&vm));
 
     let (status, body) = vm.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{}}}", 256 * MIB));
     assert_eq!(status, 200, "{body}");
@@ -45,6 +47,8 @@ fn plug_use_unplug(mode: &str) {
     assert_eq!(info["hotplug"]["plugged_bytes"], 256 * MIB, "{info}");
     let rss_plugged = vm.rss_kib();
     assert!(rss_plugged >= rss_before + 240 * 1024, "RSS {rss_before} -> {rss_plugged} KiB after plugging 256 MiB");
+    // A shared-mode device maps RAM and what is plugged, never the whole reservation.
+    assert!(matches!(device_maps(&vm), None | Some(768)), "plugged: {:?} MiB", device_maps(&vm));
 
     // The disk holds the MiB the guest wrote straight from plugged memory.
     let line = console.lines().find(|l| l.contains("from plugged memory at region offset")).unwrap();
@@ -57,7 +61,7 @@ fn plug_use_unplug(mode: &str) {
 
     let (status, body) = vm.api("PUT", "/vm/memory", "{\"requested_bytes\":0}");
     assert_eq!(status, 200, "{body}");
-    let console = vm.wait_console("mem: done", LONG);
+    let console = vm.wait_console("mem: disk write from unplugged memory", LONG);
     assert!(console.contains("mem: unplugged 256 MiB"), "{console}");
     // The guest no longer owns it: STATE says unplugged (checked in the guest),
     // the addresses are not RAM any more, and a disk write from there fails.
@@ -72,6 +76,13 @@ fn plug_use_unplug(mode: &str) {
     }
     // The device counted the write from unplugged memory as its one error.
     assert_eq!(info["devices"][0]["counters"]["errors"], 1, "{info}");
+    assert!(matches!(device_maps(&vm), None | Some(512)), "unplugged: {:?} MiB", device_maps(&vm));
+
+    // Plugged again, the blocks the guest filled read zero.
+    let (status, body) = vm.api("PUT", "/vm/memory", &format!("{{\"requested_bytes\":{}}}", 256 * MIB));
+    assert_eq!(status, 200, "{body}");
+    let console = vm.wait_console("mem: done", LONG);
+    assert!(console.contains("mem: replugged 256 MiB reads zero"), "{console}");
     if mode == "rpc-dma" {
         // A device asking for an address in the unplugged range is refused.
         let stderr = vm.stderr();
@@ -80,6 +91,22 @@ fn plug_use_unplug(mode: &str) {
         assert!(stderr.contains(&refused), "{stderr}");
     }
     assert_eq!(vm.shutdown(), Some(0));
+}
+
+/// MiB of the guest RAM memfd that the disk device (blk0) maps.
+fn guest_ram_mapped_by_disk(vm: &LiveVm) -> u64 {
+    let (_, info) = vm.api("GET", "/vm", "");
+    let pid = info["devices"][0]["pid"].as_u64().unwrap_or_else(|| panic!("no blk0 pid: {info}"));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let bytes: u64 = maps
+        .lines()
+        .filter(|l| l.contains("memfd:skvm-guest-ram"))
+        .map(|l| {
+            let (start, end) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+            u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap()
+        })
+        .sum();
+    bytes / MIB
 }
 
 #[test]

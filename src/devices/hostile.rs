@@ -91,6 +91,26 @@ pub async fn smash_canary(client: &GuestMemoryClient) {
     report("address write", format!("{:?}", client.write(context::current(), smash).await));
 }
 
+/// Keeps `MAX_CALLS_IN_FLIGHT` reads of `MAX_TRANSFER` bytes in flight from
+/// 1 MiB into guest RAM, until the channel closes.
+pub async fn flood_memory(client: GuestMemoryClient) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let read = || {
+        let client = client.clone();
+        async move {
+            let segment = Segment { addr: 1 << 20, len: MAX_TRANSFER as u32 };
+            client.read(context::current(), vec![segment]).await
+        }
+    };
+    let mut in_flight: FuturesUnordered<_> = (0..rpc_schema::MAX_CALLS_IN_FLIGHT).map(|_| read()).collect();
+    while let Some(reply) = in_flight.next().await {
+        if reply.is_err() {
+            return;
+        }
+        in_flight.push(read());
+    }
+}
+
 /// Test-only, request level: at the second batch the device makes the one
 /// forbidden move `which` names (the first batch is served honestly, so a
 /// completed grant exists), reports the VMM's answer and then replies with
@@ -101,7 +121,10 @@ pub fn grant_attack(
     hotplug: Option<rpc_schema::MemoryHotplugClient>,
 ) -> Option<Tamper> {
     use Misbehaviour::*;
-    if matches!(which, ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse) {
+    if matches!(
+        which,
+        ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse | SlowActivation | MemoryFlood
+    ) {
         return None;
     }
     if which == HotplugFlood {
@@ -172,7 +195,14 @@ pub fn grant_attack(
                     let refused = answers.iter().filter(|a| !matches!(a, Ok(Ok(_)))).count();
                     report("grant flood", format!("{refused} of 2000 refused"));
                 }
-                ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse | HotplugFlood => {}
+                ForbiddenSyscall
+                | ForbiddenSyscallMidIo
+                | HostileRpc
+                | Linger
+                | DiskAbuse
+                | HotplugFlood
+                | SlowActivation
+                | MemoryFlood => {}
             }
             done
         })

@@ -5,7 +5,7 @@ use super::blk::BlockDevice;
 use super::mem::MemDevice;
 use super::memory::{MappedMemory, RpcMemory};
 use super::rng::RngDevice;
-use super::runner::{serve, Doorbell, Hook, OnNotify};
+use super::runner::{serve, Doorbell, Hook, OnNotify, TestHooks};
 use super::Backend;
 use crate::sandbox;
 use rpc_schema::{GuestMemoryClient, Segment, PROTOCOL_VERSION};
@@ -72,6 +72,11 @@ pub enum Misbehaviour {
     /// virtio-mem, request level: replay the guest's first plug and unplug
     /// thousands of times with 2 ms deadlines.
     HotplugFlood,
+    /// Take 6 s to answer `activate`, keeping the driver's vCPU in its MMIO write.
+    SlowActivation,
+    /// `rpc-dma`: from its start, keep 64 reads of 1 MiB of guest RAM in
+    /// flight, forever (a fair-share test for the VMM's memory service).
+    MemoryFlood,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +224,10 @@ fn name_process(device: &str) {
 }
 
 impl DeviceProcess {
+    fn slow_activation(&self) -> Option<std::time::Duration> {
+        (self.misbehave == Some(Misbehaviour::SlowActivation)).then(|| std::time::Duration::from_secs(6))
+    }
+
     fn fds(&self) -> Vec<RawFd> {
         let memory = match self.memory {
             MemoryChannel::Rpc { socket } => socket,
@@ -310,18 +319,19 @@ impl DeviceProcess {
                         None => misbehaviour(self.misbehave, Some(&client), raw_memory_socket, disk_fd),
                     };
                     let tamper = self.misbehave.and_then(|m| super::hostile::grant_attack(m, &client, hotplug.clone()));
-                    serve(RpcMemory::new(client), backend, control, doorbell, on_notify, tamper).await
+                    if self.misbehave == Some(Misbehaviour::MemoryFlood) {
+                        tokio::spawn(super::hostile::flood_memory(client.clone()));
+                    }
+                    let hooks = TestHooks { on_notify, tamper, slow_activation: self.slow_activation() };
+                    serve(RpcMemory::new(client), backend, control, doorbell, hooks).await
                 }
                 (None, Some(mapped)) => {
-                    serve(
-                        MappedMemory::new(GuestMemoryAtomic::new(mapped)),
-                        backend,
-                        control,
-                        doorbell,
-                        misbehaviour(self.misbehave, None, -1, disk_fd),
-                        None,
-                    )
-                    .await
+                    let hooks = TestHooks {
+                        on_notify: misbehaviour(self.misbehave, None, -1, disk_fd),
+                        tamper: None,
+                        slow_activation: self.slow_activation(),
+                    };
+                    serve(MappedMemory::new(GuestMemoryAtomic::new(mapped)), backend, control, doorbell, hooks).await
                 }
                 (None, None) => Err("no guest memory channel".into()),
             };

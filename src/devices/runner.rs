@@ -35,6 +35,15 @@ struct Core<M> {
     tamper: Option<Tamper>,
 }
 
+/// Test-only behaviour of a device, from `--test-device-misbehave`.
+#[derive(Default)]
+pub struct TestHooks {
+    pub on_notify: Option<OnNotify>,
+    pub tamper: Option<Tamper>,
+    /// Take this long to answer `activate` (a driver's vCPU waits on it).
+    pub slow_activation: Option<std::time::Duration>,
+}
+
 impl<M: DeviceMemory> Core<M> {
     fn counters(&self) -> DeviceCounters {
         let mut counters = self.counters.clone();
@@ -103,6 +112,7 @@ struct Control<M> {
     info: DeviceInfo,
     /// Serves requests the VMM posts (`rpc`) rather than walking a ring.
     request_level: bool,
+    slow_activation: Option<std::time::Duration>,
 }
 
 impl<M> Clone for Control<M> {
@@ -112,6 +122,7 @@ impl<M> Clone for Control<M> {
             kick: self.kick.clone(),
             info: self.info.clone(),
             request_level: self.request_level,
+            slow_activation: self.slow_activation,
         }
     }
 }
@@ -144,6 +155,9 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         features: u64,
         queues: Vec<QueueConfig>,
     ) -> Result<(), DeviceError> {
+        if let Some(delay) = self.slow_activation {
+            tokio::time::sleep(delay).await;
+        }
         let features = features & self.info.features;
         if self.request_level {
             // The VMM walks the ring: the device never learns where it is.
@@ -245,8 +259,7 @@ pub async fn serve<M, T>(
     backend: Backend,
     control: T,
     doorbell: Doorbell,
-    on_notify: Option<OnNotify>,
-    tamper: Option<Tamper>,
+    hooks: TestHooks,
 ) -> Result<(), String>
 where
     M: DeviceMemory,
@@ -265,11 +278,17 @@ where
         features: 0,
         irq,
         counters: DeviceCounters::default(),
-        on_notify,
-        tamper,
+        on_notify: hooks.on_notify,
+        tamper: hooks.tamper,
     }));
     let kick = Arc::new(Notify::new());
-    let server = Control { core: core.clone(), kick: kick.clone(), info, request_level: notify.is_none() };
+    let server = Control {
+        core: core.clone(),
+        kick: kick.clone(),
+        info,
+        request_level: notify.is_none(),
+        slow_activation: hooks.slow_activation,
+    };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
         tokio::spawn(response);
     });
@@ -323,8 +342,7 @@ mod tests {
                 Backend::Rng(RngDevice),
                 device_transport,
                 Doorbell::Ring { notify, irq },
-                None,
-                None,
+                TestHooks::default(),
             ));
             let client = DeviceControlClient::new(Default::default(), rpc_schema::transport(vmm_end).unwrap()).spawn();
             let ctx = tarpc::context::current;

@@ -62,6 +62,9 @@ impl DeviceAccess {
     }
 }
 
+/// Requests of one device served per turn of the service thread.
+const TURN: usize = 4;
+
 #[derive(Clone)]
 struct MemoryServer {
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -201,8 +204,11 @@ pub fn serve(
     runtime.spawn(async move {
         channel
             .execute(server.serve())
-            .for_each(|response| async move {
-                tokio::spawn(response);
+            .for_each_concurrent(TURN, |response| async move {
+                response.await;
+                // Let every other channel have its turn: one device's flood
+                // must not queue another device's requests behind all of it.
+                tokio::task::yield_now().await;
             })
             .await;
         debug!("{}: memory channel closed", access.name);

@@ -492,7 +492,7 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                 };
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
                 let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq };
-                crate::devices::runner::serve(memory, backend, transport, doorbell, None, None).await
+                crate::devices::runner::serve(memory, backend, transport, doorbell, Default::default()).await
             };
             let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime.block_on(run),

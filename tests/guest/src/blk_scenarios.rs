@@ -131,9 +131,11 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
 
 pub fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
     let mut arena = arena(info).ok_or("not enough RAM")?;
+    let index = crate::scenario::param(info.cmdline(), "disk").and_then(|n| n.parse().ok()).unwrap_or(0);
     let device = virtio::devices(info.cmdline())
-        .find(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID)
-        .ok_or("no virtio-blk device on the command line")?;
+        .filter(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID)
+        .nth(index)
+        .ok_or("no such virtio-blk device on the command line")?;
     Ok((Blk::init(device, &mut arena)?, arena))
 }
 

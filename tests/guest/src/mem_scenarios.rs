@@ -4,7 +4,8 @@
 //!   a pattern and check it, write 1 MiB of it to the disk straight from
 //!   plugged memory and read it back; then wait for the request to drop to
 //!   zero, unplug, and show the memory is gone (STATE, reads, a disk write
-//!   from it fails). Then idle until the host shuts the VM down.
+//!   from it fails); then wait for a second plug and check it reads zero.
+//!   Then idle until the host shuts the VM down.
 //! * `mem-hostile`: send malformed and impossible requests (unaligned,
 //!   outside the region, wrapping around the address space, beyond the
 //!   requested size, unplugging what is not plugged, an unknown type, a
@@ -155,6 +156,15 @@ pub fn run_plug(info: &pvh::StartInfo) -> Result<(), &'static str> {
     println!("mem: unplugged memory reads {:#x}", platform::mmio_read32(addr));
     let status = disk_transfer(&mut blk, T_OUT, addr, 4096)?;
     println!("mem: disk write from unplugged memory: status {}", status);
+
+    // Plugged again, the blocks read zero: nothing written before reaches us.
+    let Change::Plugged { addr, bytes } = await_and_report(&mut mem)? else { return Err("expected a second plug") };
+    // SAFETY: plugged memory we own, read as words.
+    let words = unsafe { core::slice::from_raw_parts(addr as *const u64, (bytes / 8) as usize) };
+    match words.iter().position(|&w| w != 0) {
+        Some(i) => println!("mem: replugged memory holds {:#x} at {:#x}", words[i], addr + 8 * i as u64),
+        None => println!("mem: replugged {} MiB reads zero", bytes / MIB),
+    }
     println!("mem: done");
     loop {
         core::hint::spin_loop();

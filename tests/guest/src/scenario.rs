@@ -24,7 +24,8 @@
 //! * `scenario=mem-plug|mem-hostile|mem-follow|mem-churn`: see `mem_scenarios.rs`.
 //! * `scenario=idle tsc=N`: do nothing for N TSC ticks, then exit.
 //!
-//! `exit=N` picks the status for the debug-exit port (default 0).
+//! `exit=N` picks the status for the debug-exit port (default 0); `disk=N`
+//! makes the disk scenarios use the Nth virtio-blk device (default 0).
 use crate::blk_scenarios::{self, BenchParams};
 use crate::{acpi, console, platform, println, pvh};
 
@@ -32,7 +33,7 @@ const MIB: u64 = 1 << 20;
 /// An address in the VMM's 32-bit MMIO hole that no device claims.
 const UNCLAIMED_MMIO: u64 = 0xdfff_f000;
 
-fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_ascii_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
