@@ -6,10 +6,11 @@
 # Produces in OUTDIR:
 #   vmlinux            uncompressed x86-64 ELF kernel (extracted from the bzImage)
 #   bzImage            the Debian /boot/vmlinuz-* as shipped
-#   initramfs.cpio.gz  busybox-static + /init that prints SKVM-LINUX-INIT-OK and powers off;
-#                      with `skvm-virtio-mem` on the command line it loads the virtio and
-#                      virtio_mem modules (shipped in /lib/modules) and waits for hotplugged
-#                      memory to come online first
+#   initramfs.cpio.gz  busybox-static, mkfs.ext4, and the modules for skvm's devices and
+#                      ext4 (with their dependencies, from scripts/kernel-modules.sh); /init
+#                      loads them, runs the test that `skvm-test=NAME` on the command line
+#                      names (cpus, devices, virtio-mem, reboot; see the init
+#                      below), prints SKVM-LINUX-INIT-OK and powers off
 #   kit.env            KERNEL_VERSION, VMLINUX, BZIMAGE, INITRAMFS, PVH_NOTE (sourceable)
 #
 # Idempotent: each step is skipped when its outputs exist and are newer than this
@@ -166,6 +167,21 @@ extract_vmlinux() {
     return 1
 }
 
+# The modules the guest's init loads (with their dependencies): virtio-mmio
+# and the drivers for skvm's devices, and ext4 with the checksum it needs
+# (the generic one: the emulated CPUs of the nested tier lack SSE4.2).
+GUEST_MODULES=(virtio_mmio virtio_blk virtio_rng virtio_mem ext4 crc32c_generic)
+
+# add_program ROOT BINARY DEST: copy a dynamic binary to ROOT/DEST with the
+# libraries it loads (and the loader), at their own paths.
+add_program() {
+    local root=$1 bin=$2 dest=$3 lib
+    install -D -m 0755 "$bin" "$root$dest"
+    for lib in $(ldd "$bin" | grep -oE '/[^ ]+'); do
+        [[ -e "$root$lib" ]] || install -D -m 0755 "$lib" "$root$lib"
+    done
+}
+
 # ---------------------------------------------------------------------------
 # Step 1: tools
 say "[1/5] checking tools"
@@ -194,18 +210,13 @@ else
     (cd "$TMP" && quiet apt-get download -qq "$KPKG" busybox-static)
     KDEB=$(ls "$TMP"/linux-image-*.deb)
     mkdir -p "$TMP/kernel"
-    # Only /boot and the virtio modules are needed; skip writing the ~400 MB of modules to disk.
-    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/vmlinuz-*' \
-        './lib/modules/*/kernel/drivers/virtio/*'
-    mkdir -p "$OUT/modules"
-    for ko in "$TMP"/kernel/lib/modules/*/kernel/drivers/virtio/*.ko*; do
-        case "$ko" in
-            *.xz) xz -dc "$ko" >"$OUT/modules/$(basename "${ko%.xz}")" ;;
-            *.zst) zstd -qdc "$ko" >"$OUT/modules/$(basename "${ko%.zst}")" ;;
-            *) cp "$ko" "$OUT/modules/" ;;
-        esac
-    done
-    ls "$OUT/modules" >"$OUT/modules/extracted"
+    # Only /boot and the modules the guest loads are needed; skip writing the ~400 MB of modules to disk.
+    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/vmlinuz-*'
+    rm -rf "$OUT/modules"
+    need_tool strings binutils
+    need_tool xz xz-utils
+    "$REPO_ROOT/scripts/kernel-modules.sh" "$KDEB" "$OUT/modules" "${GUEST_MODULES[@]}"
+    cp "$OUT/modules/load-order" "$OUT/modules/extracted"
     VMLINUZ=$(ls "$TMP"/kernel/boot/vmlinuz-* | head -n1)
     [[ -f "$VMLINUZ" ]] || die "no /boot/vmlinuz-* in $KDEB"
     KREL=${VMLINUZ##*/vmlinuz-}
@@ -248,9 +259,12 @@ else
 
     R="$TMP/root"
     mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,lib/modules}
-    for m in virtio virtio_ring virtio_mmio virtio_mem; do
-        cp "$OUT/modules/$m.ko" "$R/lib/modules/" 2>/dev/null || say "      (no $m.ko: built into the kernel)"
-    done
+    while read -r m; do cp "$OUT/modules/$m.ko" "$R/lib/modules/"; done <"$OUT/modules/load-order"
+    cp "$OUT/modules/load-order" "$R/lib/modules/"
+    # mkfs.ext4 from the host's e2fsprogs, with its libraries (busybox makes only ext2).
+    need_tool mke2fs e2fsprogs
+    add_program "$R" "$(command -v mke2fs)" /sbin/mkfs.ext4
+    [[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$R/etc/"
     chmod 1777 "$R/tmp"
     install -m 0755 "$BB" "$R/bin/busybox"
     # Applet symlinks: ask busybox (it is static x86-64) or fall back to a fixed list.
@@ -267,32 +281,100 @@ else
 
     cat >"$R/init" <<'EOF'
 #!/bin/sh
+# The kit's init: load the modules, run the test the command line names
+# (skvm-test=NAME), print the init marker and power off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-say() { echo "$1" >/dev/console; [ -c /dev/ttyS0 ] && echo "$1" >/dev/ttyS0; }
-if grep -q skvm-virtio-mem /proc/cmdline; then
-    # Dependencies first; a module the kernel has built in is simply absent.
-    for m in virtio virtio_ring virtio_mmio virtio_mem; do
-        [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
-    done
-    before=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
-    say "SKVM-LINUX-MEM-READY MemTotal=${before}kB"
+say() { echo "$1" >/dev/console; }
+for m in $(cat /lib/modules/load-order); do
+    insmod /lib/modules/$m.ko || say "SKVM-LINUX-FAIL insmod $m"
+done
+# wait_for PATH: device nodes appear as drivers probe (up to 10 s).
+wait_for() {
     n=0
-    while [ $n -lt 600 ]; do
-        now=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
-        if [ "$now" -gt $((before + 200000)) ]; then
-            say "SKVM-LINUX-MEM-ONLINE MemTotal=${now}kB"
-            break
-        fi
-        sleep 1
-        n=$((n + 1))
+    while [ ! -e "$1" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -e "$1" ] || say "SKVM-LINUX-FAIL no $1"
+}
+# disk_of SECTORS: the virtio disk of that size (the host picks distinct sizes).
+disk_of() {
+    for d in /sys/block/vd*; do
+        [ "$(cat "$d/size")" = "$1" ] && { echo "/dev/${d##*/}"; return; }
     done
-fi
-MSG="SKVM-LINUX-INIT-OK $(uname -r)"
-echo "$MSG" >/dev/console
-[ -c /dev/ttyS0 ] && echo "$MSG" >/dev/ttyS0
+    say "SKVM-LINUX-FAIL no disk of $1 sectors"
+}
+# A filesystem through Linux's virtio-blk driver, for the host to check.
+test_ext4() {
+    mkfs.ext4 -q -F -L skvm "$1" || say "SKVM-LINUX-FAIL mkfs.ext4"
+    mkdir -p /mnt && mount -t ext4 "$1" /mnt || say "SKVM-LINUX-FAIL mount"
+    echo "written by Linux under skvm" >/mnt/hello.txt
+    mkdir /mnt/dir
+    dd if=/dev/urandom of=/mnt/dir/random.bin bs=1M count=8 2>/dev/null
+    say "SKVM-LINUX-MD5 $(md5sum /mnt/dir/random.bin | cut -d' ' -f1)"
+    sync
+    umount /mnt || say "SKVM-LINUX-FAIL umount"
+    say "SKVM-LINUX-EXT4-DONE"
+}
+test_readonly() {
+    say "SKVM-LINUX-RO $(cat /sys/block/${1##*/}/ro)"
+    say "SKVM-LINUX-RO-READ $(dd if="$1" bs=4096 count=1 2>/dev/null | md5sum | cut -d' ' -f1)"
+    if dd if=/dev/zero of="$1" bs=4096 count=1 conv=fsync 2>/dev/null; then
+        say "SKVM-LINUX-RO-WRITE accepted"
+    else
+        say "SKVM-LINUX-RO-WRITE refused"
+    fi
+}
+test_rng() {
+    wait_for /dev/hwrng
+    say "SKVM-LINUX-RNG-CURRENT $(cat /sys/class/misc/hw_random/rng_current)"
+    say "SKVM-LINUX-RNG-BYTES $(dd if=/dev/hwrng bs=4096 count=1 2>/dev/null | wc -c)"
+    say "SKVM-LINUX-RNG-SAMPLE $(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+}
+test=$(sed -n 's/.*skvm-test=\([a-z0-9-]*\).*/\1/p' /proc/cmdline)
+case "$test" in
+cpus)
+    say "SKVM-LINUX-CPUS $(grep -c ^processor /proc/cpuinfo)"
+    ;;
+devices)
+    # A 64 MiB disk for ext4, an 8 MiB read-only one, and virtio-rng.
+    wait_for /dev/vdb
+    test_ext4 "$(disk_of 131072)"
+    test_readonly "$(disk_of 16384)"
+    test_rng
+    ;;
+virtio-mem)
+    # Follow the host: memory plugged comes online and holds a 560 MiB file
+    # (more than the boot RAM could), then goes away when the host asks.
+    memtotal() { awk '/MemTotal/ {print $2}' /proc/meminfo; }
+    # await_memtotal CMP KB: wait up to 10 minutes for MemTotal CMP KB.
+    await_memtotal() {
+        n=0
+        while [ $n -lt 600 ] && ! [ "$(memtotal)" "$1" "$2" ]; do sleep 1; n=$((n + 1)); done
+        [ "$(memtotal)" "$1" "$2" ]
+    }
+    before=$(memtotal)
+    say "SKVM-LINUX-MEM-READY MemTotal=${before}kB"
+    if await_memtotal -gt $((before + 200000)); then
+        say "SKVM-LINUX-MEM-ONLINE MemTotal=$(memtotal)kB"
+        mkdir -p /big && mount -t tmpfs -o size=600M tmpfs /big
+        if dd if=/dev/zero of=/big/fill bs=1M count=560 2>/dev/null; then
+            say "SKVM-LINUX-MEM-USED 560 MiB"
+        else
+            say "SKVM-LINUX-FAIL writing 560 MiB"
+        fi
+        rm /big/fill
+        umount /big
+        say "SKVM-LINUX-MEM-RELEASED"
+        await_memtotal -lt $((before + 100000)) && say "SKVM-LINUX-MEM-SHRUNK MemTotal=$(memtotal)kB"
+    fi
+    ;;
+reboot)
+    say "SKVM-LINUX-REBOOTING"
+    reboot -f
+    ;;
+esac
+say "SKVM-LINUX-INIT-OK $(uname -r)"
 sync
 poweroff -f
 # If poweroff somehow returns, do not let init exit (that panics the kernel).
