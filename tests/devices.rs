@@ -82,7 +82,7 @@ fn readonly_disk_refuses_writes_in_every_mode() {
 }
 
 /// Starts a spinning guest with one disk and returns skvm and its device's pid.
-fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32) {
+fn spinning_vm_with_device(mode: &str, path: &Path, disk_options: &str) -> (std::process::Child, u32) {
     let mut command = skvm(&[
         "run",
         "--memory",
@@ -90,7 +90,7 @@ fn spinning_vm_with_device(mode: &str, path: &Path) -> (std::process::Child, u32
         "--memory-mode",
         mode,
         "--disk",
-        &disk_arg(path, ""),
+        &disk_arg(path, disk_options),
         "--cmdline",
         "scenario=spin",
     ]);
@@ -128,7 +128,7 @@ fn status_field(pid: u32, key: &str) -> String {
 #[test]
 fn rpc_device_is_confined_and_maps_no_guest_memory() {
     let path = disk("confined.img", 1 << 20);
-    let (mut vmm, pid) = spinning_vm_with_device("rpc", &path);
+    let (mut vmm, pid) = spinning_vm_with_device("rpc", &path, "");
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
     assert_eq!(status_field(pid, "Name"), "skvm-blk0");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
@@ -167,7 +167,7 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
 fn shared_device_maps_the_guest_ram_memfd() {
     // The contrast that makes the rpc check meaningful.
     let path = disk("shared-maps.img", 1 << 20);
-    let (mut vmm, pid) = spinning_vm_with_device("shared", &path);
+    let (mut vmm, pid) = spinning_vm_with_device("shared", &path, "");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("memfd:skvm-guest-ram"), "shared device does not map guest RAM:\n{maps}");
     // It maps what it was given and keeps no descriptor for the rest.
@@ -582,5 +582,41 @@ fn device_processes_exit_cleanly_when_the_vm_stops() {
                 .unwrap_or_else(|| panic!("{mode}: no end recorded for {device}: {}", out.stderr));
             assert!(ended.ends_with("exited with status 0"), "{mode}: {ended}");
         }
+    }
+}
+
+/// The O_DIRECT flag (octal 040000 on x86-64) in `/proc/PID/fdinfo/FD` of
+/// the descriptor of `pid` that names `path`.
+fn opened_direct(pid: u32, path: &Path) -> bool {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(fd.path()).ok().as_deref() == Some(path) {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
+            let flags = info.unwrap().lines().find_map(|l| l.strip_prefix("flags:").map(|f| f.trim().to_string()));
+            return u32::from_str_radix(&flags.unwrap(), 8).unwrap() & 0o40000 != 0;
+        }
+    }
+    panic!("process {pid} does not hold {}", path.display());
+}
+
+#[test]
+fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
+    for (seed, mode) in MODES.iter().enumerate() {
+        let path = disk(&format!("direct-{mode}.img"), 4 << 20);
+        // Random reads and writes at queue depth 8, each checked by the guest,
+        // then a pattern the host reads back.
+        let out = guest_with_disk(mode, &path, ",direct=on", &[], "scenario=blk-verify ops=2000 qd=8");
+        assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("blk-verify: done ops=2000 errors=0 corrupt=0"), "{mode}: {}", out.stdout);
+        let out = guest_with_disk(mode, &path, ",direct=on", &[], &format!("scenario=blk-pattern seed={seed}"));
+        assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
+        assert_pattern_on_disk(&path, 0, seed as u64);
+    }
+    // The device's descriptor bypasses the page cache; without direct=on it does not.
+    for (options, direct) in [(",direct=on", true), ("", false)] {
+        let path = disk("direct-flag.img", 1 << 20);
+        let (mut vm, device) = spinning_vm_with_device("rpc", &path, options);
+        assert_eq!(opened_direct(device, &path), direct, "disk options `{options}`");
+        vm.kill().unwrap();
+        vm.wait().unwrap();
     }
 }

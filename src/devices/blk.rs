@@ -1,6 +1,7 @@
 //! virtio-blk (virtio 1.x, 5.2): read, write, flush and get-id on a host
 //! file the VMM opened. Every request header and buffer layout is checked;
 //! a bad request gets an error status, never a crash.
+use super::aligned::{AlignedBuffer, ALIGN};
 use super::features;
 use super::request::{Reply, Request};
 use rpc_schema::DeviceInfo;
@@ -18,6 +19,7 @@ const HEADER_SIZE: u64 = 16;
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
 const ID_SIZE: usize = 20;
 
+pub const F_BLK_SIZE: u64 = 1 << 6;
 pub const F_RO: u64 = 1 << 5;
 pub const F_FLUSH: u64 = 1 << 9;
 pub const F_DISCARD: u64 = 1 << 13;
@@ -36,6 +38,7 @@ const RANGE_FLAG_UNMAP: u32 = 1;
 const MAX_RANGE_SECTORS: u32 = 1 << 21;
 /// Config-space offsets (virtio 1.x, 5.2.4) of the fields we fill.
 const CONFIG_SIZE: usize = 60;
+const CONFIG_BLK_SIZE: usize = 20;
 const CONFIG_MAX_DISCARD_SECTORS: usize = 36;
 const CONFIG_MAX_DISCARD_SEG: usize = 40;
 const CONFIG_DISCARD_ALIGNMENT: usize = 44;
@@ -52,15 +55,39 @@ pub struct BlockDevice {
     readonly: bool,
     sectors: u64,
     id: [u8; ID_SIZE],
+    /// The disk was opened with O_DIRECT (`direct=on`).
+    direct: Option<Direct>,
+}
+
+/// O_DIRECT transfers: through an aligned buffer, at offsets and lengths
+/// that are multiples of the host's block (512, or 4096 where the host
+/// refuses less; then the driver is told so with VIRTIO_BLK_F_BLK_SIZE).
+struct Direct {
+    buffer: AlignedBuffer,
+    block: u64,
+}
+
+impl Direct {
+    fn probe(file: &File) -> Direct {
+        let mut buffer = AlignedBuffer::new();
+        let refused_512 = match buffer.get(SECTOR_SIZE as usize) {
+            Some(bytes) => file.read_at(bytes, 0).is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)),
+            None => false,
+        };
+        Direct { buffer, block: if refused_512 { ALIGN as u64 } else { SECTOR_SIZE } }
+    }
 }
 
 impl BlockDevice {
     pub fn new(file: File, readonly: bool, id: &str) -> std::io::Result<Self> {
         let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        // SAFETY: F_GETFL on a descriptor we own.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let direct = (flags >= 0 && flags & libc::O_DIRECT != 0).then(|| Direct::probe(&file));
         let mut serial = [0u8; ID_SIZE];
         let bytes = id.as_bytes();
         serial[..bytes.len().min(ID_SIZE)].copy_from_slice(&bytes[..bytes.len().min(ID_SIZE)]);
-        Ok(BlockDevice { file, readonly, sectors, id: serial })
+        Ok(BlockDevice { file, readonly, sectors, id: serial, direct })
     }
 
     pub fn info(&self) -> DeviceInfo {
@@ -79,6 +106,10 @@ impl BlockDevice {
         put(CONFIG_DISCARD_ALIGNMENT, 1);
         put(CONFIG_MAX_WRITE_ZEROES_SECTORS, MAX_RANGE_SECTORS);
         put(CONFIG_MAX_WRITE_ZEROES_SEG, 1);
+        if let Some(direct) = self.direct.as_ref().filter(|d| d.block > SECTOR_SIZE) {
+            features |= F_BLK_SIZE;
+            put(CONFIG_BLK_SIZE, direct.block as u32);
+        }
         config[CONFIG_WRITE_ZEROES_MAY_UNMAP] = 1;
         config[..8].copy_from_slice(&self.sectors.to_le_bytes());
         DeviceInfo {
@@ -143,8 +174,10 @@ impl BlockDevice {
     fn execute(&mut self, header: &[u8], out: &[u8], room: u64) -> (u8, Option<Vec<u8>>) {
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let block = self.direct.as_ref().map_or(SECTOR_SIZE, |d| d.block);
         let in_bounds = |len: u64| {
-            len % SECTOR_SIZE == 0
+            len % block == 0
+                && (sector * SECTOR_SIZE) % block == 0
                 && sector
                     .checked_mul(SECTOR_SIZE)
                     .and_then(|o| o.checked_add(len))
@@ -152,15 +185,12 @@ impl BlockDevice {
         };
         let done = |result: std::io::Result<()>| if result.is_ok() { S_OK } else { S_IOERR };
         match kind {
-            T_IN if in_bounds(room) => {
-                let mut bytes = vec![0u8; room as usize];
-                match self.file.read_exact_at(&mut bytes, sector * SECTOR_SIZE) {
-                    Ok(()) => (S_OK, Some(bytes)),
-                    Err(_) => (S_IOERR, None),
-                }
-            }
+            T_IN if in_bounds(room) => match self.read_at(room as usize, sector * SECTOR_SIZE) {
+                Ok(bytes) => (S_OK, Some(bytes)),
+                Err(_) => (S_IOERR, None),
+            },
             T_OUT if !self.readonly && in_bounds(out.len() as u64) => {
-                (done(self.file.write_all_at(out, sector * SECTOR_SIZE)), None)
+                (done(self.write_at(out, sector * SECTOR_SIZE)), None)
             }
             T_FLUSH => (done(self.file.sync_data()), None),
             T_GET_ID if room > 0 => {
@@ -199,11 +229,82 @@ impl BlockDevice {
         let mut done = 0;
         while done < len {
             let chunk = (len - done).min(zeroes.len() as u64) as usize;
-            if self.file.write_all_at(&zeroes[..chunk], offset + done).is_err() {
+            if self.write_at(&zeroes[..chunk], offset + done).is_err() {
                 return S_IOERR;
             }
             done += chunk as u64;
         }
         S_OK
+    }
+
+    /// `len` bytes of the disk at `offset` (through the aligned buffer with O_DIRECT).
+    fn read_at(&mut self, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+        match self.direct.as_mut() {
+            None => {
+                let mut bytes = vec![0u8; len];
+                self.file.read_exact_at(&mut bytes, offset).map(|()| bytes)
+            }
+            Some(direct) => {
+                let buffer = direct.buffer.get(len).ok_or(std::io::ErrorKind::OutOfMemory)?;
+                self.file.read_exact_at(buffer, offset).map(|()| buffer.to_vec())
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` (through the aligned buffer with O_DIRECT).
+    fn write_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        match self.direct.as_mut() {
+            None => self.file.write_all_at(data, offset),
+            Some(direct) => {
+                let buffer = direct.buffer.get(data.len()).ok_or(std::io::ErrorKind::OutOfMemory)?;
+                buffer.copy_from_slice(data);
+                self.file.write_all_at(buffer, offset)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kind: u32, sector: u64, data: &[u8], room: u64) -> Request {
+        let mut readable = [kind.to_le_bytes(), [0; 4]].concat();
+        readable.extend_from_slice(&sector.to_le_bytes());
+        readable.extend_from_slice(data);
+        Request { readable_len: readable.len() as u64, writable_len: room + 1, readable: Some(readable) }
+    }
+
+    fn status(reply: &Reply) -> u8 {
+        reply.writes.last().unwrap().1[0]
+    }
+
+    #[test]
+    fn a_host_that_needs_4k_direct_io_gets_4k_requests_only() {
+        let file = tempfile_with(64 << 10);
+        let mut disk = BlockDevice::new(file, false, "d").unwrap();
+        disk.direct = Some(Direct { buffer: AlignedBuffer::new(), block: 4096 });
+        let info = disk.info();
+        assert_ne!(info.features & F_BLK_SIZE, 0, "the driver is told the block size");
+        assert_eq!(u32::from_le_bytes(info.config[CONFIG_BLK_SIZE..CONFIG_BLK_SIZE + 4].try_into().unwrap()), 4096);
+
+        let replies = disk.serve(&[
+            request(T_OUT, 8, &[7u8; 4096], 0),
+            request(T_IN, 8, &[], 4096),
+            request(T_IN, 1, &[], 4096),
+            request(T_OUT, 8, &[7u8; 512], 0),
+        ]);
+        assert_eq!(status(&replies[0]), S_OK);
+        assert_eq!((status(&replies[1]), &replies[1].writes[0].1[..]), (S_OK, &[7u8; 4096][..]));
+        assert_eq!(status(&replies[2]), S_IOERR, "an offset off the 4 KiB grid");
+        assert_eq!(status(&replies[3]), S_IOERR, "a length off the 4 KiB grid");
+    }
+
+    fn tempfile_with(len: u64) -> File {
+        let path = std::env::temp_dir().join(format!("skvm-blk-unit-{}.img", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(len).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     }
 }

@@ -4,6 +4,7 @@
 //! [`request::Request`]s, which reach it either as requests the VMM posted
 //! (`rpc`, [`posted`]) or from the device's own ring walk over
 //! [`memory::DeviceMemory`] (the other modes, [`ring`]).
+pub mod aligned;
 pub mod blk;
 mod hostile;
 pub mod mem;

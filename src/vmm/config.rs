@@ -38,6 +38,8 @@ pub struct HotplugConfig {
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
 }
 
 /// How device code reaches guest memory.

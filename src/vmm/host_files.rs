@@ -28,7 +28,11 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
 /// Opens `path` without waiting on a FIFO's peer and insists on a regular
 /// file; returns it with its size.
 fn open_regular(what: &'static str, path: &Path, options: &mut OpenOptions) -> Result<(File, u64)> {
-    let file = options.custom_flags(libc::O_NONBLOCK).open(path).map_err(|source| Error::ReadFile {
+    open_regular_with(what, path, options, 0)
+}
+
+fn open_regular_with(what: &'static str, path: &Path, options: &mut OpenOptions, flags: i32) -> Result<(File, u64)> {
+    let file = options.custom_flags(libc::O_NONBLOCK | flags).open(path).map_err(|source| Error::ReadFile {
         what,
         path: path.to_path_buf(),
         source,
@@ -59,9 +63,21 @@ pub fn read_image(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>
     Ok(bytes)
 }
 
-/// Opens a disk image (a regular file) for reading, and writing unless `readonly`.
-pub fn open_disk(path: &Path, readonly: bool) -> Result<File> {
-    Ok(open_regular("disk", path, OpenOptions::new().read(true).write(!readonly))?.0)
+/// Opens a disk image (a regular file) for reading, and writing unless
+/// `readonly`; with `direct`, bypassing the page cache (O_DIRECT).
+pub fn open_disk(path: &Path, readonly: bool, direct: bool) -> Result<File> {
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let opened = open_regular_with("disk", path, OpenOptions::new().read(true).write(!readonly), flags);
+    match opened {
+        Err(Error::ReadFile { source, .. }) if direct && source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(Error::BadImage {
+                what: "disk",
+                path: path.display().to_string(),
+                reason: "direct=on, but its filesystem does not support O_DIRECT".into(),
+            })
+        }
+        other => Ok(other?.0),
+    }
 }
 
 /// Creates (or truncates) an output file. A FIFO is accepted only when a
@@ -116,11 +132,11 @@ mod tests {
     fn the_wrong_kind_of_file_is_an_error_not_a_hang() {
         let pipe = fifo("pipe");
         let err = |e: Error| e.to_string();
-        assert!(err(open_disk(&pipe, true).unwrap_err()).contains("a FIFO"));
+        assert!(err(open_disk(&pipe, true, false).unwrap_err()).contains("a FIFO"));
         assert!(err(read_image("initrd", &pipe, 1 << 20).unwrap_err()).contains("a FIFO"));
         assert!(create_output(&pipe).unwrap_err().to_string().contains("nobody reads"));
         assert!(err(read_image("kernel", Path::new("/dev/zero"), 1 << 20).unwrap_err()).contains("character device"));
-        assert!(err(open_disk(&std::env::temp_dir(), true).unwrap_err()).contains("a directory"));
+        assert!(err(open_disk(&std::env::temp_dir(), true, false).unwrap_err()).contains("a directory"));
         assert!(check_output(Path::new("/dev/null")).is_err());
     }
 

@@ -347,7 +347,7 @@ fn launch_device(
     let mut disk_lock = None;
     let kind = match &spec {
         DeviceSpec::Block(disk) => {
-            let file = super::host_files::open_disk(&disk.path, disk.readonly)?;
+            let file = super::host_files::open_disk(&disk.path, disk.readonly, disk.direct)?;
             disk_lock = Some(DiskLock::take(&file, disk)?);
             ProcessKind::Block { disk: file, readonly: disk.readonly }
         }
