@@ -602,11 +602,11 @@ fn opened_direct(pid: u32, path: &Path) -> bool {
 fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
     for (seed, mode) in MODES.iter().enumerate() {
         let path = disk(&format!("direct-{mode}.img"), 4 << 20);
-        // Random reads and writes at queue depth 8, each checked by the guest,
+        // Random reads and writes at queue depth 32, each checked by the guest,
         // then a pattern the host reads back.
-        let out = guest_with_disk(mode, &path, ",direct=on", &[], "scenario=blk-verify ops=2000 qd=8");
+        let out = guest_with_disk(mode, &path, ",direct=on", &[], "scenario=blk-verify ops=4000 qd=32");
         assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
-        assert!(out.stdout.contains("blk-verify: done ops=2000 errors=0 corrupt=0"), "{mode}: {}", out.stdout);
+        assert!(out.stdout.contains("blk-verify: done ops=4000 errors=0 corrupt=0"), "{mode}: {}", out.stdout);
         let out = guest_with_disk(mode, &path, ",direct=on", &[], &format!("scenario=blk-pattern seed={seed}"));
         assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
         assert_pattern_on_disk(&path, 0, seed as u64);
@@ -616,6 +616,14 @@ fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
         let path = disk("direct-flag.img", 1 << 20);
         let (mut vm, device) = spinning_vm_with_device("rpc", &path, options);
         assert_eq!(opened_direct(device, &path), direct, "disk options `{options}`");
+        // A direct disk's I/O threads are all under the device's filter.
+        let threads: Vec<_> = std::fs::read_dir(format!("/proc/{device}/task")).unwrap().flatten().collect();
+        assert_eq!(threads.len(), if direct { 33 } else { 1 }, "threads of a disk with `{options}`");
+        for thread in threads {
+            let status = std::fs::read_to_string(thread.path().join("status")).unwrap();
+            assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{}: {status}", thread.path().display());
+            assert!(status.lines().any(|l| l == "CapEff:\t0000000000000000"), "{}: {status}", thread.path().display());
+        }
         vm.kill().unwrap();
         vm.wait().unwrap();
     }

@@ -7,6 +7,7 @@
 pub mod aligned;
 pub mod blk;
 mod hostile;
+mod io_threads;
 pub mod mem;
 pub mod memory;
 mod posted;
@@ -59,6 +60,20 @@ impl Backend {
         match self {
             Backend::Block(_) => blk::BlockDevice::refuse(writable_len),
             Backend::Rng(_) | Backend::Mem(_) => Reply { failed: true, ..Reply::default() },
+        }
+    }
+
+    /// Whether the device runs I/O threads (a `direct=on` disk).
+    pub fn needs_io_threads(&self) -> bool {
+        matches!(self, Backend::Block(blk) if blk.is_direct())
+    }
+
+    /// Starts what the device needs before its sandbox closes (a `direct=on`
+    /// disk's I/O threads).
+    pub fn start_io_threads(&mut self, name: &str) -> std::io::Result<()> {
+        match self {
+            Backend::Block(blk) => blk.start_io_threads(name),
+            Backend::Rng(_) | Backend::Mem(_) => Ok(()),
         }
     }
 

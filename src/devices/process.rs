@@ -277,7 +277,7 @@ impl DeviceProcess {
                 },
                 None => Doorbell::Requests,
             };
-            let backend = match self.kind {
+            let mut backend = match self.kind {
                 DeviceKind::Block { disk, readonly } => {
                     // SAFETY: as above.
                     let disk = unsafe { File::from_raw_fd(disk) };
@@ -304,7 +304,10 @@ impl DeviceProcess {
                 _ => -1,
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
-            sandbox::confine(&filter, highest_fd, max_file_size).map_err(|e| format!("sandbox: {e}"))?;
+            let (name, needs_threads) = (self.name.clone(), backend.needs_io_threads());
+            let mut start_io_threads = || backend.start_io_threads(&name);
+            let threads = needs_threads.then_some(&mut start_io_threads as &mut dyn FnMut() -> _);
+            sandbox::confine(&filter, highest_fd, max_file_size, threads).map_err(|e| format!("sandbox: {e}"))?;
             let served = match (memory_socket, shared) {
                 (Some(socket), _) => {
                     let client = GuestMemoryClient::new(Default::default(), socket).spawn();

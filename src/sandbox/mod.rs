@@ -118,17 +118,28 @@ const DATA_LIMIT: u64 = 512 << 20;
 /// Confines the calling process; `open_fds` is how many descriptors it
 /// holds (the limit on new ones), `max_file_size` the largest a file may
 /// grow (a block device's disk size; 0 for the others). The process must be
-/// single-threaded.
-pub fn confine(filters: &[seccompiler::BpfProgram], open_fds: u64, max_file_size: u64) -> Result<(), SandboxError> {
+/// single-threaded when it calls.
+///
+/// `start_threads`, if given, runs once the process is otherwise confined
+/// (namespaces, limits, no capabilities, no_new_privs): the threads it
+/// starts inherit all of that, and the filters then apply to every thread.
+/// Such a process keeps skvm's pid namespace: Linux refuses a thread in a
+/// process that has unshared its own. The filters forbid creating processes
+/// and sending signals, which are what a pid namespace would bound.
+pub fn confine(
+    filters: &[seccompiler::BpfProgram],
+    open_fds: u64,
+    max_file_size: u64,
+    start_threads: Option<&mut dyn FnMut() -> std::io::Result<()>>,
+) -> Result<(), SandboxError> {
     // SAFETY: process-wide settings with valid arguments.
     unsafe {
         check("PR_SET_PDEATHSIG", libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
-        let namespaces = libc::CLONE_NEWUSER
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWNET
-            | libc::CLONE_NEWUTS;
+        let mut namespaces =
+            libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET | libc::CLONE_NEWUTS;
+        if start_threads.is_none() {
+            namespaces |= libc::CLONE_NEWPID;
+        }
         check("unshare namespaces", libc::unshare(namespaces))?;
     }
     empty_root()?;
@@ -144,8 +155,11 @@ pub fn confine(filters: &[seccompiler::BpfProgram], open_fds: u64, max_file_size
     drop_capabilities()?;
     // SAFETY: as above.
     check("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    if let Some(start) = start_threads {
+        start().map_err(|e| SandboxError::Seccomp(format!("starting threads before the filter: {e}")))?;
+    }
     for filter in filters {
-        seccompiler::apply_filter(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+        seccompiler::apply_filter_all_threads(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     }
     Ok(())
 }

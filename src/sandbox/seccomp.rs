@@ -34,6 +34,7 @@ pub const DISK_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_pwrite64, "disk writes (RLIMIT_FSIZE: not past the disk's size)"),
     (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
     (libc::SYS_fallocate, "DISCARD and WRITE_ZEROES: punching a hole only (see the argument rules)"),
+    (libc::SYS_exit, "a direct=on disk's I/O threads end with the device"),
 ];
 
 /// Which allowlist a device process gets.
