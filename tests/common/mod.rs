@@ -292,3 +292,78 @@ pub fn child_pids(pid: u32) -> Vec<i32> {
         .flat_map(|children| children.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
         .collect()
 }
+
+/// Runs `skvm ARGS` for at most `limit`; if its console (stdout) stays
+/// silent for `stall` while it runs, kills it and returns what each of its
+/// threads was doing then (state, system call, kernel stack), so a report
+/// can tell a guest stuck inside KVM_RUN from skvm stuck in its own code.
+pub fn run_watched(args: &[&str], stall: Duration, limit: Duration) -> Result<Outcome, String> {
+    use std::sync::{Arc, Mutex};
+    let mut child = skvm(args).spawn().unwrap();
+    let console = Arc::new(Mutex::new(String::new()));
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let sink = console.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (start, mut last_len, mut last_change) = (Instant::now(), 0, Instant::now());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        let len = console.lock().unwrap().len();
+        if len != last_len {
+            (last_len, last_change) = (len, Instant::now());
+        }
+        if last_change.elapsed() > stall || start.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some(status) = status else {
+        let why = if start.elapsed() > limit { "ran too long" } else { "console silent" };
+        let report = format!(
+            "skvm {why} after {:.0?} (console silent for {:.0?}); its threads:\n{}",
+            start.elapsed(),
+            last_change.elapsed(),
+            threads_report(child.id())
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = reader.join();
+        let tail: String =
+            console.lock().unwrap().chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(format!("{report}\nconsole tail: {tail}\nstderr: {}", errors.join().unwrap()));
+    };
+    let _ = reader.join();
+    let stdout = console.lock().unwrap().clone();
+    Ok(Outcome { status, stdout, stderr: errors.join().unwrap() })
+}
+
+/// One line per thread of `pid`: name, state, the system call it is in,
+/// and the top of its kernel stack.
+pub fn threads_report(pid: u32) -> String {
+    let mut out = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let state = read("stat").rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("?").to_string();
+        let stack: Vec<String> =
+            read("stack").lines().take(6).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()).collect();
+        let syscall = read("syscall").split_whitespace().next().unwrap_or("?").to_string();
+        out += &format!(
+            "  {} [{}] state {state} syscall {syscall} stack {}\n",
+            read("comm").trim(),
+            task.file_name().to_string_lossy(),
+            stack.join(" < ")
+        );
+    }
+    out
+}
