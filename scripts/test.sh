@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs skvm's checks: format, lints, and the
-# test suite. `--slow` adds the slow tier (full Linux boots).
+# test suite. `--slow` adds the slow tier (full Linux boots); `--linux` then
+# runs the nested Linux tier (scripts/linux-tier.sh: the tests inside a Linux
+# under QEMU that has a real KVM, for hosts whose /dev/kvm is PVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-slow=0
+slow=0 linux=0
 for arg in "$@"; do
     case "$arg" in
         --slow) slow=1 ;;
-        *) echo "usage: $0 [--slow]" >&2; exit 2 ;;
+        --linux) linux=1 ;;
+        *) echo "usage: $0 [--slow] [--linux]" >&2; exit 2 ;;
     esac
 done
 
@@ -30,7 +33,11 @@ if ((slow)); then
 else
     echo "test: NOT RUN: slow tier (bzImage banner, full Linux boot to its init marker, Linux virtio_mem onlining plugged memory); ./scripts/test.sh --slow runs it" >&2
 fi
-if [ -d /sys/module/kvm_pvm ]; then
-    echo "test: note: /dev/kvm is PVM here; Linux was checked to its first serial lines only (it cannot reach userspace on PVM)" >&2
+if ((linux)); then
+    echo "test: nested Linux tier (scripts/linux-tier.sh)" >&2
+    ./scripts/linux-tier.sh
+fi
+if [ -d /sys/module/kvm_pvm ] && ((!linux)); then
+    echo "test: note: /dev/kvm is PVM here; Linux was checked to its first serial lines only (it cannot reach userspace on PVM); ./scripts/test.sh --linux runs the tests inside a nested Linux with a real KVM" >&2
 fi
 echo "test: all passed in $(( $(date +%s) - start )) s" >&2
