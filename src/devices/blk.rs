@@ -138,9 +138,10 @@ impl BlockDevice {
     /// Starts the I/O threads of a `direct=on` disk (nothing otherwise: with
     /// the page cache a transfer is a memory copy, which a hand-off to
     /// another thread would only slow). Call before confinement.
-    pub fn start_io_threads(&mut self, name: &str) -> std::io::Result<()> {
+    /// `sandboxed`: the threads never end (see [`IoThreads::start`]).
+    pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
         if let Some(direct) = self.direct.as_mut() {
-            direct.threads = Some(IoThreads::start(IO_THREADS, name)?);
+            direct.threads = Some(IoThreads::start(IO_THREADS, name, sandboxed)?);
         }
         Ok(())
     }
@@ -468,7 +469,7 @@ mod tests {
         file.set_len(len).unwrap();
         let mut disk = BlockDevice::new(file, false, "d").unwrap();
         assert!(disk.is_direct());
-        disk.start_io_threads("test").unwrap();
+        disk.start_io_threads("test", false).unwrap();
         Some(disk)
     }
 

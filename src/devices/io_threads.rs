@@ -13,7 +13,11 @@ pub struct IoThreads {
 }
 
 impl IoThreads {
-    pub fn start(count: usize, name: &str) -> std::io::Result<IoThreads> {
+    /// `count` threads named `name-ioN`. With `outlive_jobs` they never end,
+    /// even when the last sender goes: in a sandboxed device process a
+    /// thread's exit makes system calls the filter does not allow, and the
+    /// process's own exit ends them anyway.
+    pub fn start(count: usize, name: &str, outlive_jobs: bool) -> std::io::Result<IoThreads> {
         let (jobs, queue) = channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         // Returns only once every thread runs: a thread's own start-up
@@ -28,6 +32,9 @@ impl IoThreads {
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     match job {
                         Ok(job) => job(),
+                        Err(_) if outlive_jobs => loop {
+                            std::thread::park();
+                        },
                         Err(_) => return,
                     }
                 }

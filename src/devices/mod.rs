@@ -70,9 +70,9 @@ impl Backend {
 
     /// Starts what the device needs before its sandbox closes (a `direct=on`
     /// disk's I/O threads).
-    pub fn start_io_threads(&mut self, name: &str) -> std::io::Result<()> {
+    pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
         match self {
-            Backend::Block(blk) => blk.start_io_threads(name),
+            Backend::Block(blk) => blk.start_io_threads(name, sandboxed),
             Backend::Rng(_) | Backend::Mem(_) => Ok(()),
         }
     }

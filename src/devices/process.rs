@@ -305,7 +305,7 @@ impl DeviceProcess {
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
             let (name, needs_threads) = (self.name.clone(), backend.needs_io_threads());
-            let mut start_io_threads = || backend.start_io_threads(&name);
+            let mut start_io_threads = || backend.start_io_threads(&name, true);
             let threads = needs_threads.then_some(&mut start_io_threads as &mut dyn FnMut() -> _);
             sandbox::confine(&filter, highest_fd, max_file_size, threads).map_err(|e| format!("sandbox: {e}"))?;
             let served = match (memory_socket, shared) {

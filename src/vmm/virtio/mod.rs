@@ -490,7 +490,7 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                     ProcessKind::Rng => Backend::Rng(RngDevice),
                     ProcessKind::Mem { hotplug } => Backend::Mem(MemDevice::connect(hotplug).await?),
                 };
-                backend.start_io_threads(&name).map_err(|e| format!("I/O threads: {e}"))?;
+                backend.start_io_threads(&name, false).map_err(|e| format!("I/O threads: {e}"))?;
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
                 let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq };
                 crate::devices::runner::serve(memory, backend, transport, doorbell, Default::default()).await
