@@ -31,7 +31,7 @@ if ((slow)); then
     echo "test: slow tier" >&2
     cargo test --release --locked --workspace -- --ignored
 else
-    echo "test: NOT RUN: slow tier (bzImage banner, full Linux boot to its init marker, Linux virtio_mem onlining plugged memory); ./scripts/test.sh --slow runs it" >&2
+    echo "test: NOT RUN: slow tier (bzImage banner and the 14 full Linux tests: boots, poweroff and reboot, 2 vCPUs, ext4, read-only disk, hwrng and virtio-mem resize through Linux's drivers in every mode); ./scripts/test.sh --slow runs them where Linux can boot, ./scripts/test.sh --linux in the nested tier" >&2
 fi
 if ((linux)); then
     echo "test: nested Linux tier (scripts/linux-tier.sh)" >&2
