@@ -14,6 +14,8 @@
 #   --timeout SECS      limit per test binary inside L1 (default 2400)
 #   --tier-timeout SECS limit for one L1 boot with all its tests (default 14400)
 #   --no-build          skip cargo: reuse the binaries of the last successful build
+#   --exec SCRIPT       instead of the tests, run the shell script SCRIPT in L1
+#                       (busybox sh; for chasing a hang by hand)
 #   -h, --help          this text
 #
 # Examples: scripts/linux-tier.sh                  (everything, about N min)
@@ -51,8 +53,10 @@ usage() {
     exit 2
 }
 
-ONLY=all FILTER="" THREADS="" BIN_TIMEOUT=2400 TIER_TIMEOUT=14400 BUILD=1
+ONLY=all FILTER="" THREADS="" BIN_TIMEOUT=2400 TIER_TIMEOUT=14400 BUILD=1 EXEC=""
 STALL_SECS=${TIER_STALL_SECS:-120}
+# For experiments: L1's CPU model and count, and more of its command line.
+L1_CPU=${TIER_L1_CPU:-qemu64,+svm,+npt} L1_SMP=${TIER_L1_SMP:-2} L1_APPEND=${TIER_L1_APPEND:-}
 while (($#)); do
     case "$1" in
         --only) [[ $# -ge 2 ]] || usage; ONLY=$2; shift 2 ;;
@@ -61,6 +65,7 @@ while (($#)); do
         --timeout) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || usage; BIN_TIMEOUT=$2; shift 2 ;;
         --tier-timeout) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || usage; TIER_TIMEOUT=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --exec) [[ $# -ge 2 && -f $2 ]] || usage; EXEC=$(readlink -f "$2"); shift 2 ;;
         -h|--help) usage 0 ;;
         *) printf 'linux-tier: unknown argument: %s\n' "$1" >&2; usage ;;
     esac
@@ -78,6 +83,7 @@ cleanup() {
     if [[ -n $QPID ]] && kill -0 "$QPID" 2>/dev/null; then kill -KILL "$QPID" 2>/dev/null || true; fi
     if [[ -n $RPID ]] && kill -0 "$RPID" 2>/dev/null; then kill "$RPID" 2>/dev/null || true; fi
     rm -rf "$TMP"
+    rm -f "${SCRATCH:-}"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -126,9 +132,9 @@ say "[1/7] tools and the L2 Linux kit"
 need_tool jq jq
 need_tool cpio cpio
 need_tool dpkg-deb dpkg
-need_tool flock util-linux
 need_tool ldd libc-bin
 need_tool xz xz-utils
+need_tool mke2fs e2fsprogs    # L1's scratch disk, and e2fsck/debugfs for the tests in L1
 command -v cargo >/dev/null || die "cargo not found (scripts/setup.sh installs Rust)"
 "$REPO_ROOT/scripts/linux-kit.sh"
 # shellcheck source=/dev/null
@@ -207,11 +213,14 @@ fi
 say "      $(env "${QEMU_ENV[@]}" "${QEMU[0]}" --version | head -n1)"
 
 # ---------------------------------------------------------------------------
-# KVM modules from the kit kernel's own package, with their dependencies
-# (kvm-amd needs ccp), in load order.
+# L1's modules from the kit kernel's own package, with their dependencies
+# (kvm-amd needs ccp), in load order: KVM, and virtio-blk with ext4 for /tmp
+# on a scratch disk (tmpfs has no O_DIRECT before Linux 6.6; the generic
+# crc32c because the emulated CPU lacks SSE4.2).
+L1_MODULES=(kvm_amd virtio_pci virtio_blk ext4 crc32c_generic)
 MODDIR="$T/modules/$KERNEL_VERSION"
-say "[3/7] KVM modules for $KERNEL_VERSION"
-if [[ ! -s $MODDIR/load-order ]]; then
+say "[3/7] L1 modules for $KERNEL_VERSION"
+if [[ ! -s $MODDIR/load-order || $(cat "$MODDIR/wanted" 2>/dev/null) != "${L1_MODULES[*]}" ]]; then
     KPKG="linux-image-$KERNEL_VERSION"
     has_candidate "$KPKG-unsigned" || apt_update_once
     if has_candidate "$KPKG-unsigned"; then KPKG="$KPKG-unsigned"; fi
@@ -221,7 +230,8 @@ if [[ ! -s $MODDIR/load-order ]]; then
     KDEB=$(ls "$TMP"/k/*.deb)
     rm -rf "$MODDIR.tmp"
     need_tool strings binutils
-    "$REPO_ROOT/scripts/kernel-modules.sh" "$KDEB" "$MODDIR.tmp" kvm_amd
+    "$REPO_ROOT/scripts/kernel-modules.sh" "$KDEB" "$MODDIR.tmp" "${L1_MODULES[@]}"
+    echo "${L1_MODULES[*]}" >"$MODDIR.tmp/wanted"
     rm -rf "$MODDIR"
     mv "$MODDIR.tmp" "$MODDIR"
     rm -rf "$TMP/k"
@@ -234,18 +244,6 @@ if [[ ! -x $BUSYBOX ]]; then
     download "$TMP/bb" busybox-static
     dpkg-deb -x "$TMP"/bb/busybox-static_*.deb "$TMP/bb/x"
     install -m 0755 "$TMP/bb/x/bin/busybox" "$BUSYBOX"
-fi
-
-# e2fsprogs for the tests that check disk images in L1: the host's, or unpacked from Debian.
-E2DIR=""
-if ! PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v debugfs >/dev/null; then
-    E2DIR="$T/e2fsprogs"
-    if [[ ! -x $E2DIR/sbin/debugfs && ! -x $E2DIR/usr/sbin/debugfs ]]; then
-        say "      e2fsprogs not installed: unpacking it from Debian"
-        download "$TMP/e2" e2fsprogs libext2fs2 libss2 libcom-err2
-        mkdir -p "$E2DIR"
-        for deb in "$TMP"/e2/*.deb; do dpkg-deb -x "$deb" "$E2DIR"; done
-    fi
 fi
 
 # ---------------------------------------------------------------------------
@@ -289,7 +287,9 @@ while IFS=$'\t' read -r name kind exe dir; do
     label=$name
     [[ $kind == test ]] || label="${name}[$kind]"
     case "$ONLY" in
-        all|linux) [[ $name == linux_boot ]] && plan_line "linux_boot[ignored]" "$dir" "$exe" 1 --ignored >>"$TMP/plan.linux" ;;
+        all|linux) if [[ $name == linux_boot ]]; then
+            plan_line "linux_boot[ignored]" "$dir" "$exe" 1 --ignored >>"$TMP/plan.linux"
+        fi ;;
     esac
     case "$ONLY" in
         all|others) plan_line "$label" "$dir" "$exe" 2 >>"$TMP/plan.others" ;;
@@ -297,6 +297,7 @@ while IFS=$'\t' read -r name kind exe dir; do
     esac
 done <"$TMP/tests.tsv"
 cat "$TMP/plan.linux" "$TMP/plan.others" 2>/dev/null >"$TMP/plan" || true
+if [[ -n $EXEC ]]; then echo "exec|$BIN_TIMEOUT|/|sh /tier/exec.sh" >"$TMP/plan"; fi
 [[ -s $TMP/plan ]] || die "--only $ONLY selects no test binary (binaries: $(cut -f1 "$TMP/tests.tsv" | paste -sd' '))"
 
 # ---------------------------------------------------------------------------
@@ -310,13 +311,12 @@ add_elf() {
     local f=$1 lib
     add "$f" "${2:-$f}"
     while read -r lib; do
-        [[ -n $lib ]] && add "$lib"
-    done < <(env ${EXTRA_LD:+LD_LIBRARY_PATH=$EXTRA_LD} ldd "$f" 2>/dev/null | awk '
+        if [[ -n $lib ]]; then add "$lib"; fi
+    done < <(ldd "$f" 2>/dev/null | awk '
         /=> not found/ {print "NOTFOUND:" $1; next}
         $2 == "=>" && $3 ~ /^\// {print $3; next}
         $1 ~ /^\// {print $1}')
 }
-EXTRA_LD=""
 cut -f3 "$TMP/tests.tsv" | while read -r exe; do add_elf "$exe"; done
 while read -r f; do
     [[ -f $f ]] || continue
@@ -325,7 +325,7 @@ done <"$TMP/built.list"
 # The source tree: tests read files under CARGO_MANIFEST_DIR (docs, the kit's kit.env).
 if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-        [[ -f $REPO_ROOT/$f && ! -L $REPO_ROOT/$f ]] && add "$REPO_ROOT/$f"
+        if [[ -f $REPO_ROOT/$f && ! -L $REPO_ROOT/$f ]]; then add "$REPO_ROOT/$f"; fi
     done
 else
     warn "not a git checkout: copying only docs/ of the source tree"
@@ -334,20 +334,15 @@ fi
 find "$KIT" -type f | while read -r f; do add "$f"; done
 # Host tools the tests run.
 SYSPATH=/usr/sbin:/usr/bin:/sbin:/bin
+# (e2fsprogs is installed above; objdump and iasl come with scripts/setup.sh.)
 for tool in e2fsck debugfs mke2fs mkfs.ext4 objdump iasl; do
-    p=""
-    if [[ -n $E2DIR ]] && [[ $tool == e2fsck || $tool == debugfs || $tool == mke2fs || $tool == mkfs.ext4 ]]; then
-        p=$(find "$E2DIR"/sbin "$E2DIR"/usr/sbin -name "$tool" 2>/dev/null | head -n1)
-        EXTRA_LD="$E2DIR/usr/lib/x86_64-linux-gnu:$E2DIR/lib/x86_64-linux-gnu"
-    else
-        p=$(PATH=$SYSPATH command -v "$tool" || true)
+    if ! p=$(PATH=$SYSPATH command -v "$tool"); then
+        warn "$tool not on this host: tests that run it will fail in L1"
+        continue
     fi
-    if [[ -z $p ]]; then warn "$tool not on this host: tests that run it will fail in L1"; EXTRA_LD=""; continue; fi
     add_elf "$(readlink -f "$p")" "/usr/sbin/${tool}"
-    EXTRA_LD=""
 done
-[[ -f /etc/mke2fs.conf ]] && add /etc/mke2fs.conf
-if [[ -n $E2DIR && -f $E2DIR/etc/mke2fs.conf ]]; then add "$E2DIR/etc/mke2fs.conf" /etc/mke2fs.conf; fi
+if [[ -f /etc/mke2fs.conf ]]; then add /etc/mke2fs.conf; fi
 # python3 for tests/api.rs (a client of another user): the interpreter and
 # only the standard modules a socket client imports.
 if PY=$(PATH=$SYSPATH command -v python3); then
@@ -397,7 +392,6 @@ exec </dev/null >/dev/console 2>&1
 mkdir -p /dev/pts /dev/shm /tmp /run /root /sys/fs/cgroup
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777,size=85% tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
 # cgroup2 only to find and kill what a test binary leaves running.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
@@ -410,10 +404,20 @@ echo "TIER-INIT uptime=$(up) kernel=$(uname -r) cpus=$(grep -c ^processor /proc/
 for m in $(cat /tier/modules/load-order); do
     insmod /tier/modules/$m.ko || echo "TIER-FATAL insmod $m.ko failed: $(dmesg | tail -n 3 | tr '\n' ' ')"
 done
+# /tmp on the scratch disk (ext4, like the host's: O_DIRECT works), else tmpfs.
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+if ! mount -t ext4 -o noatime,discard /dev/vda /tmp; then
+    echo "TIER-WARNING no scratch disk: /tmp is tmpfs, which has no O_DIRECT on Linux $(uname -r)"
+    mount -t tmpfs -o size=85% tmpfs /tmp
+fi
+chmod 1777 /tmp
 if [ ! -c /dev/kvm ]; then
     echo "TIER-FATAL no /dev/kvm in L1: $(dmesg | grep -iE 'kvm|svm' | tail -n 5 | tr '\n' ' ')"
     poweroff -f
 fi
+# The kernel's symbols for the host, who names where L1's CPUs are if it stalls.
+grep ' [tT] ' /proc/kallsyms >/tmp/.tier-kallsyms
+sync
 # Kernel warnings on the console from now on, with every CPU's stack on a lockup.
 dmesg -n 7
 echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
@@ -450,13 +454,14 @@ while IFS='|' read -r name tmo cwd cmd <&3; do
     if [ "$rc" = 0 ]; then res=PASS
     elif [ "$rc" -ge 128 ] && awk -v s="$secs" -v t="$tmo" 'BEGIN {exit !(s >= t - 1)}'; then res=TIMEOUT
     else res=FAIL; fi
-    # What the binary started must be gone (busybox timeout's watcher takes up to 1 s).
-    i=0; while [ -s $cg/cgroup.procs ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
-    if [ -s $cg/cgroup.procs ]; then
+    # What the binary started must be gone (busybox timeout's watcher takes up
+    # to 1 s). cgroup files have no size: read them.
+    i=0; while [ -n "$(cat $cg/cgroup.procs 2>/dev/null)" ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -n "$(cat $cg/cgroup.procs 2>/dev/null)" ]; then
         echo "TIER-STRAYS $name left running:"
         for p in $(cat $cg/cgroup.procs); do echo "  $p $(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null)"; done
         echo 1 >$cg/cgroup.kill
-        i=0; while [ -s $cg/cgroup.procs ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+        i=0; while [ -n "$(cat $cg/cgroup.procs)" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
     fi
     rmdir $cg 2>/dev/null
     rm -rf /tmp/* 2>/dev/null
@@ -488,7 +493,6 @@ else
     "$BUSYBOX" --list-full | while read -r a; do
         [[ -e $R/$a || -L $R/$a ]] || ln -s /usr/bin/busybox "$R/$a"
     done
-    ln -sf python3 "$R/usr/bin/python" 2>/dev/null || true
     echo 'root:x:0:0:root:/root:/bin/sh' >"$R/etc/passwd"
     echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >>"$R/etc/passwd"
     printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$R/etc/group"
@@ -502,30 +506,56 @@ else
 fi
 
 # ---------------------------------------------------------------------------
+# where_are_the_cpus MONITOR_LOG: each L1 CPU's RIP, with its kernel function
+# (from L1's /proc/kallsyms, which L1 leaves on the scratch disk; L1 runs
+# nokaslr, so one copy serves every boot), and whether it halts.
+where_are_the_cpus() {
+    local line rip sym syms="$T/l1-kallsyms.$KERNEL_VERSION"
+    if [[ ! -s $syms ]]; then
+        debugfs -R "dump /.tier-kallsyms $syms.tmp" "$SCRATCH" >/dev/null 2>&1 || true
+        LC_ALL=C sort "$syms.tmp" 2>/dev/null >"$syms" || true
+        rm -f "$syms.tmp"
+    fi
+    grep -o 'RIP=[0-9a-f]* .*HLT=[01]' "$1" 2>/dev/null | while read -r line; do
+        rip=${line%% *}
+        rip=${rip#RIP=}
+        sym=$(awk -v a="$rip" '$1 > a { exit } { s = $3 } END { print s }' "$syms" 2>/dev/null)
+        say "      L1 CPU: RIP $rip in ${sym:-?} (${line##* })"
+    done
+}
+
 # run_l1 ATTEMPT PLAN: boot L1 with PLAN appended as a second cpio; sets OUTCOME.
 STAMP=$(date +%Y%m%d-%H%M%S)
+SCRATCH="$T/scratch.img"
 OUTCOME=""
 run_l1() {
     local attempt=$1 plan=$2 serial="$T/logs/$STAMP-attempt$1.log" qerr="$T/logs/$STAMP-attempt$1.qemu.err"
     mkdir -p "$TMP/p$attempt/tier"
     cp "$plan" "$TMP/p$attempt/tier/plan"
-    (cd "$TMP/p$attempt" && printf '%s\n' tier tier/plan | cpio -o -H newc -R 0:0 --quiet) | gzip -n >"$TMP/plan.cpio.gz"
+    if [[ -n $EXEC ]]; then cp "$EXEC" "$TMP/p$attempt/tier/exec.sh"; fi
+    (cd "$TMP/p$attempt" && find tier | cpio -o -H newc -R 0:0 --quiet) | gzip -n >"$TMP/plan.cpio.gz"
     cat "$BASE" "$TMP/plan.cpio.gz" >"$TMP/initrd"
     rm -f "$serial"
     : >"$serial"
     ln -sfn "$(basename "$serial")" "$T/logs/latest.log"
     say "attempt $attempt: booting L1 ($(wc -l <"$plan") test binaries); log $serial"
     local t0 now last_change mon="$TMP/mon.$attempt" progress="$TMP/progress.$attempt"
+    # L1's /tmp: a fresh sparse ext4 image (holes punched as L1 deletes files).
+    rm -f "$SCRATCH"
+    truncate -s 16G "$SCRATCH"
+    quiet mke2fs -q -F -t ext4 -O ^has_journal -E nodiscard "$SCRATCH"
     t0=$(date +%s)
     # A monitor on two FIFOs, to ask QEMU where L1's CPUs are when it stalls.
     mkfifo "$mon.in" "$mon.out"
     : >"$progress"
-    env "${QEMU_ENV[@]}" "${QEMU[@]}" -accel tcg,thread=multi -cpu qemu64,+svm,+npt -smp 2 -m 6G \
+    env "${QEMU_ENV[@]}" "${QEMU[@]}" -accel tcg,thread=multi -cpu "$L1_CPU" -smp "$L1_SMP" -m 6G \
         -nodefaults -display none -no-reboot -monitor "pipe:$mon" -serial "file:$serial" \
+        -drive "file=$SCRATCH,if=virtio,format=raw,cache=unsafe,discard=unmap" \
         -kernel "$BZIMAGE" -initrd "$TMP/initrd" \
-        -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off" 2>"$qerr" &
+        -append "console=ttyS0 panic=-1 loglevel=4 nokaslr $L1_APPEND" 2>"$qerr" &
     QPID=$!
     cat "$mon.out" >"$T/logs/$STAMP-attempt$attempt.monitor.log" 2>/dev/null &
+    MPID=$!
     # Stream the console with a prefix. Progress is userspace output (the tests,
     # L1's heartbeat): kernel lines ("[ 12.3] ...") do not count, a hung L1
     # keeps printing soft-lockup reports.
@@ -533,7 +563,7 @@ run_l1() {
         line=${line%$'\r'}
         printf 'L1| %s\n' "$line" >&2
         [[ $line =~ ^\[\ *[0-9]+\.[0-9]+\] ]] || : >"$progress"
-        [[ $line == TIER-BOOTED* ]] && echo "$(($(date +%s) - t0))" >"$TMP/booted.$attempt"
+        if [[ $line == TIER-BOOTED* ]]; then echo "$(($(date +%s) - t0))" >"$TMP/booted.$attempt"; fi
     done &
     RPID=$!
     OUTCOME=exited
@@ -546,6 +576,7 @@ run_l1() {
             say "STALL: no output from L1's userspace for $((now - last_change)) s; asking QEMU where the CPUs are, then killing it"
             printf 'info cpus\ninfo registers -a\n' >"$mon.in" || true
             sleep 3
+            where_are_the_cpus "$T/logs/$STAMP-attempt$attempt.monitor.log"
             kill -KILL "$QPID" 2>/dev/null || true
             break
         fi
@@ -561,14 +592,20 @@ run_l1() {
     QPID=""
     wait "$RPID" 2>/dev/null || true
     RPID=""
+    wait "$MPID" 2>/dev/null || true
     if [[ $OUTCOME == exited && $rc -ne 0 ]]; then
         say "QEMU exited with status $rc: $(tail -n 5 "$qerr" | tr '\n' ' ')"
     fi
     tr -d '\r' <"$serial" >"$serial.clean" && mv "$serial.clean" "$serial"
+    # The monitor echoes what it is sent with terminal escapes: keep its answers.
+    local monlog="$T/logs/$STAMP-attempt$attempt.monitor.log"
+    if [[ -f $monlog ]]; then sed -i '/\x1b\[/d' "$monlog"; fi
     SERIALS+=("$serial")
 }
 
 say "[6/7] running the tests in L1 (QEMU TCG, 2 vCPUs, 6 GiB)"
+avail=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
+if ((avail < 7)); then warn "only ${avail} GiB of memory available here; L1 takes up to 6 GiB"; fi
 SERIALS=()
 declare -A RESULT=() SECS=() NOTE=()
 cut -d'|' -f1 "$TMP/plan" >"$TMP/names"
