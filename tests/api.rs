@@ -318,7 +318,17 @@ fn a_pause_that_times_out_leaves_the_vm_running() {
         "--cmdline",
         "scenario=blk-pattern seed=3",
     ];
-    let vm = skvm(&args).spawn().unwrap();
+    // Killed if an assertion below fails, so no VM is left behind.
+    struct Guard(Option<std::process::Child>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(mut vm) = self.0.take() {
+                let _ = vm.kill();
+                let _ = vm.wait();
+            }
+        }
+    }
+    let mut vm = Guard(Some(skvm(&args).spawn().unwrap()));
     let ctl = |command: &str| run(&["ctl", "--api-socket", &socket_arg, command]);
     let mut refused = None;
     for _ in 0..100 {
@@ -337,7 +347,7 @@ fn a_pause_that_times_out_leaves_the_vm_running() {
     let info = run(&["ctl", "--api-socket", &socket_arg, "--json", "info"]);
     assert!(info.stdout.contains("\"state\":\"running\""), "{}", info.stdout);
     // The guest finishes its disk work once the activation ends.
-    let out = wait_with_deadline(vm, Duration::from_secs(60));
+    let out = wait_with_deadline(vm.0.take().unwrap(), Duration::from_secs(60));
     assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("blk0: read back 2048 sectors, all match"), "{}", out.stdout);
 }
