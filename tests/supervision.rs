@@ -54,6 +54,14 @@ fn a_device_killed_50_times_mid_io_loses_nothing_in_rpc_mode() {
         // SAFETY: kill(2) on skvm's device process.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         (killed, last_killed) = (killed + 1, Some(pid));
+        // The next kill waits for this restart to take over: a process killed
+        // while it starts is replaced by the same restart (on a loaded host
+        // the count then lags the kills).
+        let deadline = std::time::Instant::now() + LONG;
+        while vm.api("GET", "/vm", "").1["devices"][0]["restarts"].as_u64() < Some(killed) {
+            assert!(std::time::Instant::now() < deadline, "restart {killed} never took over: {}", vm.stderr());
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(!vm.console().contains("blk-verify: done"), "the guest finished before 50 kills: raise ops");
     }
     // Enough I/O that a fast host is still busy after the 50th kill.
