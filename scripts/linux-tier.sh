@@ -18,7 +18,7 @@
 #                       (busybox sh; for chasing a hang by hand)
 #   -h, --help          this text
 #
-# Examples: scripts/linux-tier.sh                  (everything, about N min)
+# Examples: scripts/linux-tier.sh                  (everything, about 15 min)
 #           scripts/linux-tier.sh --only linux --filter slow_linux_sees_two_vcpus
 #           scripts/linux-tier.sh --only devices --no-build
 #
@@ -28,6 +28,10 @@
 # If L1's userspace prints nothing for 120 s (TIER_STALL_SECS; L1 prints a
 # heartbeat every 60 s) QEMU is killed and the binaries without a result run
 # again once ("STALL"); likewise after a kernel panic in L1.
+#
+# L1 has 1 vCPU and ticks periodically: see run_l1 for what 2 vCPUs and
+# one-shot timers did. To experiment: TIER_L1_SMP=2, TIER_L1_CPU=<qemu -cpu>,
+# TIER_L1_APPEND=<more of L1's command line>.
 #
 # Cached under build/linux-tier/: QEMU 10 from Debian's bookworm-backports
 # (fetched with a private apt state, the system's apt configuration is left
@@ -56,7 +60,7 @@ usage() {
 ONLY=all FILTER="" THREADS="" BIN_TIMEOUT=2400 TIER_TIMEOUT=14400 BUILD=1 EXEC=""
 STALL_SECS=${TIER_STALL_SECS:-120}
 # For experiments: L1's CPU model and count, and more of its command line.
-L1_CPU=${TIER_L1_CPU:-qemu64,+svm,+npt} L1_SMP=${TIER_L1_SMP:-2} L1_APPEND=${TIER_L1_APPEND:-}
+L1_CPU=${TIER_L1_CPU:-qemu64,+svm,+npt} L1_SMP=${TIER_L1_SMP:-1} L1_APPEND=${TIER_L1_APPEND:-}
 while (($#)); do
     case "$1" in
         --only) [[ $# -ge 2 ]] || usage; ONLY=$2; shift 2 ;;
@@ -545,12 +549,18 @@ run_l1() {
     truncate -s 16G "$SCRATCH"
     quiet mke2fs -q -F -t ext4 -O ^has_journal -E nodiscard "$SCRATCH"
     t0=$(date +%s)
-    # L1 ticks periodically (nohz=off highres=off): with one-shot timers, QEMU's
-    # emulated SVM sometimes loses L1's timer interrupt and L1 then halts for
-    # good (seen with 1 vCPU), and with 2 vCPUs heavy VM churn panicked L1
-    # ("corrupted stack end detected inside scheduler") in about half the
-    # boots; with periodic ticks neither was seen again. nokaslr: kallsyms
-    # serves every boot.
+    # What QEMU 10's emulated SVM did to L1 here (2026-11-30), and why L1 has
+    # 1 vCPU and periodic ticks (nohz=off highres=off):
+    # - 2 vCPUs: under VM churn (the study, devices and supervision tests) L1
+    #   panicked in a skvm vcpu0 thread, "corrupted stack end detected inside
+    #   scheduler", in about half the boots; L2 guests stopped mid-line (their
+    #   vCPU looping inside L1's KVM) or triple-faulted. Periodic ticks made
+    #   it rarer, not gone.
+    # - 1 vCPU with one-shot timers: L1 lost its timer interrupt and halted
+    #   for good (both attempts of a run).
+    # - 1 vCPU, periodic ticks: no panic, stall or guest crash in a whole
+    #   tier, at about the same speed (the host has 2 cores to share anyway).
+    # nokaslr: L1's kallsyms from one boot serves every boot.
     # A monitor on two FIFOs, to ask QEMU where L1's CPUs are when it stalls.
     mkfifo "$mon.in" "$mon.out"
     : >"$progress"
@@ -609,7 +619,7 @@ run_l1() {
     SERIALS+=("$serial")
 }
 
-say "[6/7] running the tests in L1 (QEMU TCG, 2 vCPUs, 6 GiB)"
+say "[6/7] running the tests in L1 (QEMU TCG, $L1_SMP vCPU, 6 GiB)"
 avail=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
 if ((avail < 7)); then warn "only ${avail} GiB of memory available here; L1 takes up to 6 GiB"; fi
 SERIALS=()
