@@ -481,7 +481,8 @@ EOF
 }
 
 BASE="$T/initramfs.cpio.gz"
-SIG=$( { sha256sum "$SCRIPT"; cut -f1 "$LIST" | tr '\n' '\0' | xargs -0 stat -L -c '%n %s %Y'; cat "$LIST"; } | sha256sum | cut -d' ' -f1)
+# By content: linux-kit.sh rewrites kit.env on every run.
+SIG=$( { sha256sum "$SCRIPT"; cut -f1 "$LIST" | tr '\n' '\0' | xargs -0 sha256sum; cat "$LIST"; } | sha256sum | cut -d' ' -f1)
 if [[ -s $BASE && -f $T/initramfs.sig && $(cat "$T/initramfs.sig") == "$SIG" ]]; then
     say "      up to date ($(du -h "$BASE" | cut -f1))"
 else
