@@ -27,7 +27,6 @@ START_NS=$(date +%s%N)
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/linux-kit.XXXXXX")"
 chmod 755 "$TMP"    # let apt's _apt user write downloads here
 trap 'rm -rf "$TMP"' EXIT
-LOG="$TMP/log"
 
 VMLINUX="$OUT/vmlinux"
 BZIMAGE="$OUT/bzImage"
@@ -38,13 +37,8 @@ KREL_FILE="$OUT/kernel-release"
 say() { printf 'linux-kit: %s\n' "$*" >&2; }
 die() { printf 'linux-kit: error: %s\n' "$*" >&2; exit 1; }
 
-# Run a command quietly; on failure show its output.
-quiet() {
-    if ! "$@" >"$LOG" 2>&1; then
-        cat "$LOG" >&2
-        die "command failed: $*"
-    fi
-}
+# shellcheck source=lib/apt.sh
+source "$REPO_ROOT/scripts/lib/apt.sh"
 
 # fresh FILE...: all files exist and are newer than this script.
 fresh() {
@@ -52,35 +46,6 @@ fresh() {
     for f in "$@"; do
         [[ -s "$f" && "$f" -nt "$SCRIPT" ]] || return 1
     done
-}
-
-if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
-
-APT_UPDATED=0
-apt_update_once() {
-    if [[ $APT_UPDATED -eq 0 ]]; then
-        say "apt-get update"
-        quiet "${SUDO[@]}" apt-get update -qq
-        APT_UPDATED=1
-    fi
-}
-
-# has_candidate PKG: apt knows an installable version of PKG.
-has_candidate() {
-    local c
-    c=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')
-    [[ -n "$c" && "$c" != "(none)" ]]
-}
-
-# need_tool CMD PKG: make sure CMD exists, installing Debian package PKG if not.
-need_tool() {
-    local cmd=$1 pkg=$2
-    command -v "$cmd" >/dev/null 2>&1 && return 0
-    has_candidate "$pkg" || apt_update_once
-    say "installing $pkg (for $cmd)"
-    quiet "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$pkg"
-    command -v "$cmd" >/dev/null 2>&1 || die "$cmd still missing after installing $pkg"
 }
 
 # Byte-level helpers.

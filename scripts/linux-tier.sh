@@ -94,35 +94,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 START=$(date +%s)
-if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
-
-quiet() {
-    if ! "$@" >"$TMP/log" 2>&1; then
-        cat "$TMP/log" >&2
-        die "command failed: $*"
-    fi
-}
-
-APT_UPDATED=0
-apt_update_once() {
-    if ((APT_UPDATED == 0)); then
-        say "apt-get update"
-        quiet "${SUDO[@]}" apt-get update -qq
-        APT_UPDATED=1
-    fi
-}
-has_candidate() {
-    local c
-    c=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')
-    [[ -n $c && $c != "(none)" ]]
-}
-need_tool() {
-    command -v "$1" >/dev/null 2>&1 && return 0
-    has_candidate "$2" || apt_update_once
-    say "installing $2 (for $1)"
-    quiet "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"
-    command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
-}
+# shellcheck source=lib/apt.sh
+source "$REPO_ROOT/scripts/lib/apt.sh"
 # download DIR PKG...: apt-get download into DIR with the system's apt sources.
 download() {
     local dir=$1 p; shift
