@@ -34,6 +34,7 @@ pub const DISK_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_pwrite64, "disk writes (RLIMIT_FSIZE: not past the disk's size)"),
     (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
     (libc::SYS_fallocate, "DISCARD and WRITE_ZEROES: punching a hole only (see the argument rules)"),
+    (libc::SYS_sched_yield, "direct disks' I/O threads: std's channel backs off with a yield when contended"),
 ];
 
 /// Which allowlist a device process gets.
@@ -109,8 +110,8 @@ mod tests {
     fn each_kind_gets_its_own_short_list_and_only_a_disk_gets_disk_calls() {
         let block = DeviceFilter::Block.syscalls();
         let other = DeviceFilter::NoDisk.syscalls();
-        // README promises at most 22 (the issue that asked for per-kind lists allowed 25).
-        assert!(block.len() <= 22 && other.len() <= 22, "{} and {}", block.len(), other.len());
+        // README promises at most 23 (the issue that asked for per-kind lists allowed 25).
+        assert!(block.len() <= 23 && other.len() <= 23, "{} and {}", block.len(), other.len());
         for (nr, _) in DISK_SYSCALLS {
             assert!(block.iter().any(|(n, _)| n == nr));
             assert!(!other.iter().any(|(n, _)| n == nr), "syscall {nr} allowed without a disk");
