@@ -12,10 +12,12 @@
 //! * `driver-flood`: `rounds=N`: N times each, ask the first disk for
 //!   features it does not offer, and activate it with rings outside RAM.
 //! * `blk-bench`: `rw=read|write|randread|randwrite|mixed bs=BYTES qd=N ops=N`.
-//! * `blk-verify`: `ops=N qd=N [hold=1] [recover=1]`: verified random 4 KiB
-//!   writes and read-backs over the first 1 MiB, a flush, then a hash of what
-//!   the disk must hold; `hold=1` spins afterwards instead of exiting;
-//!   `recover=1` resets a device that needs it and posts its requests again.
+//! * `blk-verify`: `ops=N qd=N [hold=1] [recover=1] [stop=1]`: verified
+//!   random 4 KiB writes and read-backs over the first 1 MiB, a flush, then a
+//!   hash of what the disk must hold; `hold=1` spins afterwards instead of
+//!   exiting; `recover=1` resets a device that needs it and posts its
+//!   requests again; `stop=1` ends early once the host writes `STOP` at the
+//!   disk's 1 MiB mark (so a host sets how long the work runs, at any speed).
 use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
 use crate::{console, platform, println, pvh};
@@ -369,6 +371,10 @@ pub fn run_zeroes(info: &pvh::StartInfo) -> Result<(), &'static str> {
 /// Blocks of 4 KiB that `blk-verify` works on (the first 1 MiB of the disk).
 const VERIFY_BLOCKS: u64 = 256;
 const VERIFY_BLOCK: u64 = 4096;
+/// `stop=1`: the block right after them holds the host's stop mark, read
+/// once every [`STOP_EVERY`] requests.
+const STOP_BLOCK: u64 = VERIFY_BLOCKS;
+const STOP_EVERY: u64 = 256;
 
 /// The byte at `i` of block `block` as written for the `generation`th time
 /// (generation 0: never written, zero).
@@ -384,11 +390,12 @@ fn verify_byte(block: u64, generation: u32, i: u64) -> u8 {
 /// read is checked against the guest's own record of what each block holds,
 /// every status must be OK. Then a flush, and an FNV-1a hash of the record
 /// (the whole 1 MiB as it must be on the disk) for the host to compare.
-pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) -> Result<(), &'static str> {
+pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool, stop: bool) -> Result<(), &'static str> {
     let (mut blk, mut arena) = first_disk(info)?;
-    if blk.capacity * SECTOR < VERIFY_BLOCKS * VERIFY_BLOCK {
-        return Err("disk smaller than 1 MiB");
+    if blk.capacity * SECTOR < (VERIFY_BLOCKS + stop as u64) * VERIFY_BLOCK {
+        return Err("disk smaller than 1 MiB (and a block for the stop mark)");
     }
+    let mut ops = ops;
     let depth = depth.clamp(1, SLOTS.min(8));
     let buffers = arena.take(VERIFY_BLOCK * depth as u64).ok_or("out of memory")?;
     let mut generation = [0u32; VERIFY_BLOCKS as usize];
@@ -397,12 +404,18 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) ->
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let (mut submitted, mut completed, mut errors, mut corrupt) = (0u64, 0u64, 0u64, 0u64);
     let busy = |in_flight: &[(u64, u32, u32); 8], block: u64| in_flight.iter().any(|f| f.0 == block);
-    let mut start = |blk: &mut Blk, slot: u16, in_flight: &mut [(u64, u32, u32); 8], generation: &mut [u32]| {
+    let mut start = |blk: &mut Blk, slot: u16, in_flight: &mut [(u64, u32, u32); 8], generation: &mut [u32], probe| {
+        let buffer = buffers + slot as u64 * VERIFY_BLOCK;
+        if probe && !busy(in_flight, STOP_BLOCK) {
+            // Not a verified block: the host's stop mark, read like the rest.
+            in_flight[slot as usize] = (STOP_BLOCK, T_IN, 0);
+            blk.submit(slot, T_IN, STOP_BLOCK * VERIFY_BLOCK / SECTOR, buffer, VERIFY_BLOCK as u32);
+            return;
+        }
         let mut block = rng.next() % VERIFY_BLOCKS;
         while busy(in_flight, block) {
             block = (block + 1) % VERIFY_BLOCKS;
         }
-        let buffer = buffers + slot as u64 * VERIFY_BLOCK;
         let (kind, expect) = if rng.next().is_multiple_of(2) {
             let next = generation[block as usize] + 1;
             generation[block as usize] = next;
@@ -417,7 +430,7 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) ->
     };
     println!("blk-verify: start ops={} qd={}", ops, depth);
     for slot in 0..depth.min(ops as u16) {
-        start(&mut blk, slot, &mut in_flight, &mut generation);
+        start(&mut blk, slot, &mut in_flight, &mut generation, false);
         submitted += 1;
     }
     blk.kick();
@@ -448,6 +461,12 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) ->
         in_flight[slot as usize].0 = u64::MAX;
         if status != 0 {
             errors += 1;
+        } else if block == STOP_BLOCK {
+            // SAFETY: the slot's buffer, VERIFY_BLOCK bytes we own.
+            let got = unsafe { core::slice::from_raw_parts((buffers + slot as u64 * VERIFY_BLOCK) as *const u8, 4) };
+            if got == b"STOP" {
+                ops = submitted;
+            }
         } else if kind == T_IN {
             // SAFETY: the slot's buffer, VERIFY_BLOCK bytes we own.
             let got = unsafe {
@@ -458,7 +477,8 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool) ->
             }
         }
         if submitted < ops {
-            start(&mut blk, slot, &mut in_flight, &mut generation);
+            let probe = stop && submitted.is_multiple_of(STOP_EVERY);
+            start(&mut blk, slot, &mut in_flight, &mut generation, probe);
             submitted += 1;
             blk.kick();
         }

@@ -128,7 +128,8 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         "blk-verify" => {
             let number = |key, default| param(cmdline, key).and_then(|s| s.parse().ok()).unwrap_or(default);
             let recover = number("recover", 0) != 0;
-            check(blk_scenarios::run_verify(info, number("ops", 10000), number("qd", 8) as u16, recover));
+            let stop = number("stop", 0) != 0;
+            check(blk_scenarios::run_verify(info, number("ops", 10000), number("qd", 8) as u16, recover, stop));
             // `hold=1`: stay up after the report (for a host that kills the VMM there).
             while number("hold", 0) != 0 {
                 core::hint::spin_loop();
