@@ -6,11 +6,12 @@
 # Produces in OUTDIR:
 #   vmlinux            uncompressed x86-64 ELF kernel (extracted from the bzImage)
 #   bzImage            the Debian /boot/vmlinuz-* as shipped
-#   initramfs.cpio.gz  busybox-static, mkfs.ext4, and the modules for skvm's devices and
-#                      ext4 (with their dependencies, from scripts/kernel-modules.sh); /init
-#                      loads them, runs the test that `skvm-test=NAME` on the command line
-#                      names (cpus, devices, virtio-mem, reboot; see the init
-#                      below), prints SKVM-LINUX-INIT-OK and powers off
+#   initramfs.cpio.gz  busybox-static, mkfs.ext4, a static fio (scripts/build-fio.sh) and
+#                      the modules for skvm's devices and ext4 (with their dependencies,
+#                      from scripts/kernel-modules.sh); /init loads them, runs the test
+#                      that `skvm-test=NAME` on the command line names (cpus, devices,
+#                      virtio-mem, reboot, fio; see the init below), prints
+#                      SKVM-LINUX-INIT-OK and powers off
 #   kit.env            KERNEL_VERSION, VMLINUX, BZIMAGE, INITRAMFS, PVH_NOTE (sourceable)
 #
 # Idempotent: each step is skipped when its outputs exist and are newer than this
@@ -207,7 +208,9 @@ fi
 
 # ---------------------------------------------------------------------------
 # Step 4: initramfs
-if fresh "$INITRAMFS"; then
+FIO="$REPO_ROOT/build/fio/fio"
+"$REPO_ROOT/scripts/build-fio.sh" "$(dirname "$FIO")"
+if fresh "$INITRAMFS" && [[ "$INITRAMFS" -nt "$FIO" ]]; then
     say "[4/5] initramfs: up to date"
 else
     say "[4/5] building initramfs"
@@ -230,6 +233,7 @@ else
     need_tool mke2fs e2fsprogs
     add_program "$R" "$(command -v mke2fs)" /sbin/mkfs.ext4
     [[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$R/etc/"
+    install -m 0755 "$FIO" "$R/bin/fio"
     chmod 1777 "$R/tmp"
     install -m 0755 "$BB" "$R/bin/busybox"
     # Applet symlinks: ask busybox (it is static x86-64) or fall back to a fixed list.
@@ -337,6 +341,22 @@ virtio-mem)
 reboot)
     say "SKVM-LINUX-REBOOTING"
     reboot -f
+    ;;
+fio)
+    # One fio job on the first disk through Linux's virtio-blk driver, its
+    # JSON report between markers for `skvm bench --linux`:
+    # fio=RW,BLOCKSIZE,IODEPTH,IOS (for example fio=randread,4k,32,20000).
+    IFS=, read -r rw bs qd ios <<ARGS
+$(sed -n 's/.*[[:space:]]fio=\([a-z0-9,]*\).*/\1/p' /proc/cmdline)
+ARGS
+    wait_for /dev/vda
+    engine=io_uring
+    [ "$qd" = 1 ] && engine=psync
+    say "SKVM-FIO-BEGIN"
+    fio --name=skvm --filename=/dev/vda --direct=1 --ioengine=$engine --rw="$rw" --bs="$bs" \
+        --iodepth="$qd" --number_ios="$ios" --randrepeat=0 --norandommap --output-format=json \
+        >/dev/console 2>&1 || say "SKVM-LINUX-FAIL fio"
+    say "SKVM-FIO-END"
     ;;
 esac
 say "SKVM-LINUX-INIT-OK $(uname -r)"

@@ -16,6 +16,9 @@
 #   --no-build          skip cargo: reuse the binaries of the last successful build
 #   --exec SCRIPT       instead of the tests, run the shell script SCRIPT in L1
 #                       (busybox sh; for chasing a hang by hand)
+#   --bench quick|full  instead of the tests, run `skvm bench --linux` in L1 (fio in
+#                       L2 Linux guests, every memory mode); the table goes to
+#                       build/linux-tier/bench/linux.md
 #   -h, --help          this text
 #
 # Examples: scripts/linux-tier.sh                  (everything, about 15 min)
@@ -57,7 +60,7 @@ usage() {
     exit 2
 }
 
-ONLY=all FILTER="" THREADS="" BIN_TIMEOUT=2400 TIER_TIMEOUT=14400 BUILD=1 EXEC=""
+ONLY=all FILTER="" THREADS="" BIN_TIMEOUT=2400 TIER_TIMEOUT=14400 BUILD=1 EXEC="" BENCH=""
 STALL_SECS=${TIER_STALL_SECS:-120}
 # For experiments: L1's CPU model and count, and more of its command line.
 L1_CPU=${TIER_L1_CPU:-qemu64,+svm,+npt} L1_SMP=${TIER_L1_SMP:-1} L1_APPEND=${TIER_L1_APPEND:-}
@@ -70,6 +73,7 @@ while (($#)); do
         --tier-timeout) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || usage; TIER_TIMEOUT=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --exec) [[ $# -ge 2 && -f $2 ]] || usage; EXEC=$(readlink -f "$2"); shift 2 ;;
+        --bench) [[ $# -ge 2 && $2 =~ ^(quick|full)$ ]] || usage; BENCH=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) printf 'linux-tier: unknown argument: %s\n' "$1" >&2; usage ;;
     esac
@@ -275,6 +279,11 @@ while IFS=$'\t' read -r name kind exe dir; do
 done <"$TMP/tests.tsv"
 cat "$TMP/plan.linux" "$TMP/plan.others" 2>/dev/null >"$TMP/plan" || true
 if [[ -n $EXEC ]]; then echo "exec|$BIN_TIMEOUT|/|sh /tier/exec.sh" >"$TMP/plan"; fi
+if [[ -n $BENCH ]]; then
+    skvm_exe=$(grep -m1 '/target/release/skvm$' "$TMP/built.list") || die "cargo built no skvm binary"
+    echo "bench-linux|$BIN_TIMEOUT|$REPO_ROOT|$skvm_exe bench --linux $([[ $BENCH == quick ]] && echo --quick)" \
+        "--linux-kit $KIT --out /tmp/linux-bench" >"$TMP/plan"
+fi
 [[ -s $TMP/plan ]] || die "--only $ONLY selects no test binary (binaries: $(cut -f1 "$TMP/tests.tsv" | paste -sd' '))"
 
 # ---------------------------------------------------------------------------
@@ -652,6 +661,18 @@ printf 'L1 boot to KVM ready: %s s from QEMU start (L1 uptime %s s); whole tier 
     "$boot_secs" "${l1_up:-?}" "$total" $((total / 60)) "${SERIALS[*]}" >&2
 if grep -qE 'soft lockup|self-detected stall|hung_task|Out of memory|Kernel panic' "${SERIALS[@]}"; then
     warn "L1's kernel complained (lockup, RCU stall, OOM or panic): grep the logs above"
+fi
+if [[ -n $BENCH ]]; then
+    mkdir -p "$T/bench"
+    # The table skvm printed, without the kernel's lines that may interleave.
+    sed -n '/^## fio in a Linux guest/,/^skvm bench --linux:/p' "${SERIALS[@]}" | grep -v '^\[ *[0-9]' \
+        >"$T/bench/linux.md" || true
+    if [[ -s $T/bench/linux.md ]]; then
+        say "fio in L2 Linux guests, in L1 (QEMU TCG): $T/bench/linux.md"
+        cat "$T/bench/linux.md" >&2
+    else
+        warn "no table from skvm bench --linux"
+    fi
 fi
 if ((fail)); then
     say "FAILED"

@@ -198,3 +198,22 @@ fn the_wrong_kind_of_host_file_is_refused_at_once() {
         assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
     }
 }
+
+#[test]
+fn bench_linux_says_what_it_needs() {
+    let out = run(&[
+        "bench",
+        "--linux",
+        "--linux-kit",
+        "/nonexistent/kit",
+        "--out",
+        temp_path("bench-linux").to_str().unwrap(),
+    ]);
+    out.assert_clean_error();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // Linux cannot reach userspace here: point at the nested tier instead of booting 16 guests that fail.
+        assert!(out.stderr.contains("PVM") && out.stderr.contains("scripts/linux-tier.sh --bench"), "{}", out.stderr);
+    } else {
+        assert!(out.stderr.contains("no Linux kit at /nonexistent/kit/kit.env"), "{}", out.stderr);
+    }
+}

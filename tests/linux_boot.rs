@@ -336,3 +336,26 @@ fn slow_linux_virtio_mem_follows_resize_in_shared_mode() {
 fn slow_linux_virtio_mem_follows_resize_in_inprocess_mode() {
     linux_follows_resize("inprocess");
 }
+
+/// `skvm bench --linux --quick`: fio through Linux's virtio-blk driver, one
+/// run of each workload in each mode, every run succeeds and the table has
+/// a figure for each.
+#[test]
+#[ignore = "slow tier: sixteen full Linux boots; needs hardware virtualisation"]
+fn slow_bench_linux_runs_fio_in_every_mode() {
+    let kit = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/linux-kit");
+    let out_dir = temp_path("bench-linux");
+    let args =
+        ["bench", "--linux", "--quick", "--linux-kit", kit.to_str().unwrap(), "--out", out_dir.to_str().unwrap()];
+    let out = wait_with_deadline(skvm(&args).spawn().unwrap(), Duration::from_secs(3000));
+    assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("linux.json")).unwrap()).unwrap();
+    assert_eq!(rows.len(), 16, "4 workloads in 4 modes");
+    for row in &rows {
+        assert_eq!(row["ok"], true, "{row}");
+        assert!(row["iops"].as_f64().unwrap() > 0.0 && row["clat_p99_us"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let table = std::fs::read_to_string(out_dir.join("linux.md")).unwrap();
+    assert!(table.contains("| 4K randread QD32 | IOPS |") && !table.contains("failed"), "{table}");
+}

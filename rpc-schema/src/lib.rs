@@ -46,7 +46,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -321,6 +321,9 @@ pub struct DeviceCounters {
     pub busy_ns: u64,
     /// Guest-memory call latency: bucket i counts calls under 2^i µs (the last, the rest).
     pub memory_latency_log2_us: Vec<u64>,
+    /// Requests whose data moved straight between the disk and guest memory
+    /// mapped in the device (zero copy; `shared` and `inprocess` only).
+    pub zero_copy_requests: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! mode (and QEMU or other VMMs where they run) on the same test guest and
 //! workloads, and writes the results (JSON, CSV), a Markdown report and SVG
 //! plots. A results file can be rendered again without re-running.
+mod linux;
 mod machine;
 mod matrix;
 mod peers;
@@ -33,9 +34,21 @@ pub struct BenchArgs {
     /// Re-render the report and plots from this results.json instead of running.
     #[arg(long, value_name = "RESULTS.json")]
     pub render: Option<PathBuf>,
+    /// Instead of the study: fio inside a Linux guest (the kit's kernel and initramfs),
+    /// through Linux's own virtio-blk driver, in every memory mode; writes linux.md and
+    /// linux.json. Needs a host where Linux boots under KVM (on a PVM host,
+    /// scripts/linux-tier.sh --bench runs it in the nested tier).
+    #[arg(long)]
+    pub linux: bool,
+    /// The Linux kit for --linux (scripts/linux-kit.sh builds it).
+    #[arg(long, value_name = "DIR", default_value = "build/linux-kit")]
+    pub linux_kit: PathBuf,
 }
 
 pub fn run(args: BenchArgs) -> Result<u8, String> {
+    if args.linux {
+        return linux::run(&args);
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let results = match &args.render {
         Some(path) => Results::load(path)?,

@@ -73,7 +73,12 @@ pub struct Finished {
 }
 
 /// Runs `command` to the end (or kills it after `RUN_LIMIT`).
-pub fn run_process(mut command: Command) -> Result<Finished, String> {
+pub fn run_process(command: Command) -> Result<Finished, String> {
+    run_process_within(command, RUN_LIMIT)
+}
+
+/// Runs `command` to the end, or kills it after `limit`.
+pub fn run_process_within(mut command: Command, limit: Duration) -> Result<Finished, String> {
     let started = Instant::now();
     let mut child = command
         .stdin(Stdio::null())
@@ -97,7 +102,7 @@ pub fn run_process(mut command: Command) -> Result<Finished, String> {
         if let Some(ended) = reap(child.id())? {
             break Some(ended);
         }
-        if started.elapsed() > RUN_LIMIT {
+        if started.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -108,7 +113,7 @@ pub fn run_process(mut command: Command) -> Result<Finished, String> {
     let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
     match ended {
         Some((code, cpu)) => Ok(Finished { stdout, stderr, code, wall, cpu }),
-        None => Err(format!("did not finish within {RUN_LIMIT:?}")),
+        None => Err(format!("did not finish within {limit:?}")),
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub const DEVICE_ID: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
-const HEADER_SIZE: u64 = 16;
+pub const HEADER_SIZE: u64 = 16;
 /// Largest request served, data of both directions together; a larger one
 /// fails before any of it is read. Linux sends at most 1.25 MiB by default.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
@@ -133,6 +133,24 @@ impl BlockDevice {
 
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A request that is a plain read or write, on the disk and its grid, as
+    /// (write, file offset, length): what [`super::zero_copy`] serves
+    /// straight from guest memory. None for anything else, and for a
+    /// `direct=on` disk (its transfers need aligned buffers).
+    pub fn plain_transfer(&self, header: &[u8], readable_len: u64, writable_len: u64) -> Option<(bool, u64, u64)> {
+        if self.direct.is_some() || Self::wanted(readable_len, writable_len) == 0 || header.len() < HEADER_SIZE as usize
+        {
+            return None;
+        }
+        let (kind, sector) = Self::header(header);
+        let t = self.transfer(kind, sector, readable_len - HEADER_SIZE, writable_len - 1)?;
+        Some((t.write, t.offset, t.len))
     }
 
     /// Starts the I/O threads of a `direct=on` disk (nothing otherwise: with

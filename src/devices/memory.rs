@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 use tarpc::context;
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,11 @@ pub trait DeviceMemory: Send + Sync + 'static {
     fn read_granted(&self, ranges: Vec<GrantRange>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
     /// Writes into granted buffers.
     fn write_granted(&self, writes: Vec<GrantWrite>) -> impl Future<Output = Result<(), AccessError>> + Send;
+    /// Guest RAM as this process maps it, for zero-copy transfers: only in
+    /// `shared` and `inprocess`. The snapshot keeps the map it names mapped.
+    fn mapped(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        None
+    }
 }
 
 fn rpc_reply<T>(reply: Result<Result<T, MemoryError>, tarpc::client::RpcError>) -> Result<T, AccessError> {
@@ -103,6 +109,11 @@ impl DeviceMemory for MappedMemory {
     async fn write_granted(&self, _: Vec<GrantWrite>) -> Result<(), AccessError> {
         Err(AccessError::Transport("a device that maps guest RAM holds no grants".into()))
     }
+
+    fn mapped(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        use vm_memory::GuestAddressSpace;
+        Some(self.memory.memory())
+    }
 }
 
 /// Counts and times every call on the memory it wraps, in every mode, so a
@@ -136,6 +147,13 @@ impl<M: DeviceMemory> Timed<M> {
         let micros = elapsed.as_micros() as u64;
         let bucket = (64 - micros.leading_zeros() as usize).min(rpc_schema::LATENCY_BUCKETS - 1);
         s.latency[bucket].fetch_add(1, Relaxed);
+    }
+
+    /// Counts bytes that moved between guest memory and the disk directly
+    /// (zero copy: no memory call of the device's own).
+    pub fn count_direct(&self, read: u64, written: u64) {
+        self.stats.bytes_read.fetch_add(read, Relaxed);
+        self.stats.bytes_written.fetch_add(written, Relaxed);
     }
 
     /// Fills the memory fields of `counters`.
@@ -192,6 +210,10 @@ impl<M: DeviceMemory> DeviceMemory for Timed<M> {
         let result = self.inner.write_granted(writes).await;
         self.record(started, 0, bytes);
         result
+    }
+
+    fn mapped(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        self.inner.mapped()
     }
 }
 

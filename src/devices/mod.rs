@@ -17,6 +17,7 @@ mod ring;
 pub mod rng;
 pub mod runner;
 pub mod virtqueue;
+mod zero_copy;
 
 /// Virtio feature bits shared by every device.
 pub mod features {

@@ -72,6 +72,13 @@ impl<M: DeviceMemory> Core<M> {
         if chains.is_empty() {
             return Ok(false);
         }
+        let chains = serve_zero_copy(mem, backend, queue, counters, chains).await?;
+        if chains.is_empty() {
+            if let Some(irq) = irq {
+                let _ = irq.write(1);
+            }
+            return Ok(true);
+        }
         let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
         let replies = backend.serve(&requests).await?;
         let failed = ring::deliver(mem, queue, backend, &chains, &requests, replies).await?;
@@ -104,6 +111,41 @@ impl<M: DeviceMemory> Core<M> {
         }
         Ok(completions)
     }
+}
+
+/// Where guest RAM is mapped here, serves a batch's plain disk reads and
+/// writes straight between the disk and guest memory and completes them;
+/// returns the chains left for the copying path. (Requests in one batch are
+/// all in flight at once, so serving some first reorders nothing a driver
+/// may rely on.)
+async fn serve_zero_copy<M: DeviceMemory>(
+    mem: &Timed<M>,
+    backend: &Backend,
+    queue: &mut SplitQueue,
+    counters: &mut DeviceCounters,
+    chains: Vec<super::virtqueue::Chain>,
+) -> Result<Vec<super::virtqueue::Chain>, QueueError> {
+    let (Backend::Block(blk), Some(guest)) = (backend, mem.mapped()) else { return Ok(chains) };
+    let mut rest = Vec::new();
+    let mut done = Vec::new();
+    for chain in chains {
+        match super::zero_copy::serve(&guest, blk, &chain) {
+            Some(served) => {
+                mem.count_direct(served.out_bytes, served.in_bytes);
+                counters.errors += u64::from(served.failed);
+                counters.zero_copy_requests += 1;
+                done.push((served.head, served.used_len));
+            }
+            None => rest.push(chain),
+        }
+    }
+    drop(guest);
+    if !done.is_empty() {
+        let ring = queue.complete(&done);
+        mem.write(ring).await?;
+        counters.requests += done.len() as u64;
+    }
+    Ok(rest)
 }
 
 struct Control<M> {
