@@ -135,17 +135,25 @@ impl BlockDevice {
         self.direct.is_some()
     }
 
-    pub fn file(&self) -> &File {
+    pub fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// A `direct=on` disk's block: the grid its transfers keep to.
+    pub fn direct_block(&self) -> Option<u64> {
+        self.direct.as_ref().map(|d| d.block)
+    }
+
+    /// A `direct=on` disk's I/O threads, once started.
+    pub fn io_threads(&self) -> Option<&IoThreads> {
+        self.direct.as_ref()?.threads.as_ref()
     }
 
     /// A request that is a plain read or write, on the disk and its grid, as
     /// (write, file offset, length): what [`super::zero_copy`] serves
-    /// straight from guest memory. None for anything else, and for a
-    /// `direct=on` disk (its transfers need aligned buffers).
+    /// straight from guest memory. None for anything else.
     pub fn plain_transfer(&self, header: &[u8], readable_len: u64, writable_len: u64) -> Option<(bool, u64, u64)> {
-        if self.direct.is_some() || Self::wanted(readable_len, writable_len) == 0 || header.len() < HEADER_SIZE as usize
-        {
+        if Self::wanted(readable_len, writable_len) == 0 || header.len() < HEADER_SIZE as usize {
             return None;
         }
         let (kind, sector) = Self::header(header);

@@ -117,7 +117,8 @@ impl<M: DeviceMemory> Core<M> {
 /// writes straight between the disk and guest memory and completes them;
 /// returns the chains left for the copying path. (Requests in one batch are
 /// all in flight at once, so serving some first reorders nothing a driver
-/// may rely on.)
+/// may rely on.) A `direct=on` disk's transfers run on its I/O threads, all
+/// at once except where one overlaps another that writes.
 async fn serve_zero_copy<M: DeviceMemory>(
     mem: &Timed<M>,
     backend: &Backend,
@@ -125,27 +126,79 @@ async fn serve_zero_copy<M: DeviceMemory>(
     counters: &mut DeviceCounters,
     chains: Vec<super::virtqueue::Chain>,
 ) -> Result<Vec<super::virtqueue::Chain>, QueueError> {
+    use std::os::fd::AsRawFd;
     let (Backend::Block(blk), Some(guest)) = (backend, mem.mapped()) else { return Ok(chains) };
-    let mut rest = Vec::new();
-    let mut done = Vec::new();
+    let (mut rest, mut served) = (Vec::new(), Vec::new());
+    let mut threaded = ThreadedPlans::new(blk);
     for chain in chains {
-        match super::zero_copy::serve(&guest, blk, &chain) {
-            Some(served) => {
-                mem.count_direct(served.out_bytes, served.in_bytes);
-                counters.errors += u64::from(served.failed);
-                counters.zero_copy_requests += 1;
-                done.push((served.head, served.used_len));
-            }
+        match super::zero_copy::plan(&guest, blk, &chain) {
+            Some(plan) => match threaded.as_mut() {
+                Some(threaded) => threaded.start(plan, &mut served),
+                None => served.push(plan.run(blk.file().as_raw_fd())),
+            },
             None => rest.push(chain),
         }
     }
+    if let Some(threaded) = threaded.as_mut() {
+        threaded.finish(&mut served);
+    }
+    // Every transfer has ended: only now may the map they used go.
     drop(guest);
-    if !done.is_empty() {
-        let ring = queue.complete(&done);
-        mem.write(ring).await?;
-        counters.requests += done.len() as u64;
+    for s in &served {
+        mem.count_direct(s.out_bytes, s.in_bytes);
+        counters.errors += u64::from(s.failed);
+    }
+    if !served.is_empty() {
+        let done: Vec<(u16, u32)> = served.iter().map(|s| (s.head, s.used_len)).collect();
+        mem.write(queue.complete(&done)).await?;
+        counters.requests += served.len() as u64;
+        counters.zero_copy_requests += served.len() as u64;
     }
     Ok(rest)
+}
+
+/// Zero-copy transfers of a `direct=on` disk on its I/O threads.
+struct ThreadedPlans {
+    threads: super::io_threads::IoThreads,
+    file: Arc<std::fs::File>,
+    report: std::sync::mpsc::Sender<super::zero_copy::Served>,
+    done: std::sync::mpsc::Receiver<super::zero_copy::Served>,
+    /// (offset, length, write) of each transfer in flight.
+    in_flight: Vec<(u64, u64, bool)>,
+}
+
+impl ThreadedPlans {
+    fn new(blk: &super::blk::BlockDevice) -> Option<ThreadedPlans> {
+        let threads = blk.io_threads()?.clone();
+        let (report, done) = std::sync::mpsc::channel();
+        Some(ThreadedPlans { threads, file: blk.file().clone(), report, done, in_flight: Vec::new() })
+    }
+
+    fn start(&mut self, plan: super::zero_copy::Plan, served: &mut Vec<super::zero_copy::Served>) {
+        let (offset, len, write) = (plan.offset, plan.len, plan.write);
+        // The guest sees each request whole, never a mix of two.
+        let overlaps = self.in_flight.iter().any(|&(o, l, w)| (write || w) && offset < o + l && o < offset + len);
+        if overlaps {
+            self.finish(served);
+        }
+        let (file, report) = (self.file.clone(), self.report.clone());
+        self.threads.run(Box::new(move || {
+            use std::os::fd::AsRawFd;
+            let _ = report.send(plan.run(file.as_raw_fd()));
+        }));
+        self.in_flight.push((offset, len, write));
+    }
+
+    /// Waits for every transfer in flight.
+    fn finish(&mut self, served: &mut Vec<super::zero_copy::Served>) {
+        for _ in 0..self.in_flight.len() {
+            match self.done.recv() {
+                Ok(s) => served.push(s),
+                Err(_) => break,
+            }
+        }
+        self.in_flight.clear();
+    }
 }
 
 struct Control<M> {

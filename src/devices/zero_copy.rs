@@ -9,12 +9,13 @@
 //! map of guest RAM before anything is read or written, and the map stays
 //! alive (and mapped) while the transfer runs. A request this path does not
 //! take (another type, a range off the disk, a buffer outside RAM, a
-//! `direct=on` disk) goes the copying way, which answers it as before.
+//! `direct=on` disk's buffer off its block grid) goes the copying way, which
+//! answers it as before. A `direct=on` disk's transfers run on its I/O
+//! threads, many at once.
 use super::blk::{BlockDevice, HEADER_SIZE};
 use super::request::{pieces, stream_lengths};
 use super::virtqueue::Chain;
 use rpc_schema::PostedBuffer;
-use std::os::fd::AsRawFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A request served here: what the used ring gets.
@@ -81,9 +82,49 @@ fn transfer(fd: i32, pieces: &[(*mut u8, usize)], mut offset: u64, write: bool) 
     true
 }
 
+/// A checked zero-copy transfer, ready to run: host addresses in guest RAM.
+pub struct Plan {
+    head: u16,
+    pub write: bool,
+    pub offset: u64,
+    pub len: u64,
+    pieces: Vec<(*mut u8, usize)>,
+    status: *mut u8,
+}
+
+// SAFETY: the pointers name guest RAM mapped by a map snapshot that whoever
+// made the plan holds until the plan has run (see `runner`), on any thread.
+unsafe impl Send for Plan {}
+
+impl Plan {
+    /// Moves the data and writes the status byte.
+    pub fn run(self, fd: i32) -> Served {
+        let ok = transfer(fd, &self.pieces, self.offset, self.write);
+        let status = if ok { super::blk::S_OK } else { super::blk::S_IOERR };
+        // SAFETY: a checked one-byte piece of mapped guest RAM.
+        unsafe { std::ptr::write_volatile(self.status, status) };
+        let read_len = if ok && !self.write { self.len } else { 0 };
+        Served {
+            head: self.head,
+            used_len: 1 + read_len as u32,
+            failed: !ok,
+            out_bytes: if self.write { self.len } else { 0 },
+            in_bytes: read_len + 1,
+        }
+    }
+}
+
 /// Serves `chain` straight between the disk and guest memory if it is a
 /// plain read or write whose buffers are all guest RAM; None otherwise.
-pub fn serve(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Served> {
+#[cfg(test)]
+fn serve(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Served> {
+    use std::os::fd::AsRawFd;
+    plan(mem, blk, chain).map(|plan| plan.run(blk.file().as_raw_fd()))
+}
+
+/// The zero-copy plan for `chain`, if it is a plain read or write whose
+/// buffers are all guest RAM (and, for a `direct=on` disk, on its block grid).
+pub fn plan(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Plan> {
     let posted: Vec<PostedBuffer> =
         chain.buffers.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
     let (readable_len, writable_len) = stream_lengths(&posted);
@@ -100,20 +141,13 @@ pub fn serve(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<
     let (write, offset, len) = blk.plain_transfer(&header, readable_len, writable_len)?;
     let data =
         if write { host_pieces(mem, chain, false, HEADER_SIZE, len)? } else { host_pieces(mem, chain, true, 0, len)? };
-    let status_at = host_pieces(mem, chain, true, writable_len - 1, 1)?;
-    let ok = transfer(blk.file().as_raw_fd(), &data, offset, write);
-    let status = if ok { super::blk::S_OK } else { super::blk::S_IOERR };
-    let (addr, _) = status_at[0];
-    // SAFETY: a checked one-byte piece of mapped guest RAM.
-    unsafe { std::ptr::write_volatile(addr, status) };
-    let read_len = if ok && !write { len } else { 0 };
-    Some(Served {
-        head: chain.head,
-        used_len: 1 + read_len as u32,
-        failed: !ok,
-        out_bytes: if write { len } else { 0 },
-        in_bytes: read_len + 1,
-    })
+    // O_DIRECT moves whole blocks between the disk and block-aligned memory.
+    let block = blk.direct_block().unwrap_or(1) as usize;
+    if data.iter().any(|&(ptr, len)| ptr as usize % block != 0 || len % block != 0) {
+        return None;
+    }
+    let status = host_pieces(mem, chain, true, writable_len - 1, 1)?[0].0;
+    Some(Plan { head: chain.head, write, offset, len, pieces: data, status })
 }
 
 #[cfg(test)]
@@ -181,7 +215,7 @@ mod tests {
         let served = serve(&mem, &blk, &chain).unwrap();
         assert_eq!((served.used_len, served.failed, served.out_bytes), (1, false, 1024));
         let mut on_disk = vec![0u8; 1024];
-        std::os::unix::fs::FileExt::read_exact_at(blk.file(), &mut on_disk, 1024).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(blk.file().as_ref(), &mut on_disk, 1024).unwrap();
         assert_eq!(on_disk, vec![0xab; 1024]);
     }
 

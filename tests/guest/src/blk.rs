@@ -45,20 +45,47 @@ pub struct Blk {
     headers: u64,
     statuses: u64,
     pub capacity: u64,
+    /// With indirect descriptors negotiated ([`Blk::init_with_layouts`]):
+    /// one table of [`TABLE_ENTRIES`] per slot, and where each slot's
+    /// status byte is (a layout may put it in the data buffer).
+    tables: Option<u64>,
+    status_at: [u64; SLOTS as usize],
 }
+
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const DESC_F_INDIRECT: u16 = 4;
+const TABLE_ENTRIES: u64 = 16;
+/// How many buffer layouts [`Blk::submit_layout`] knows.
+pub const LAYOUTS: u32 = 5;
 
 impl Blk {
     pub fn init(device: Device, arena: &mut Arena) -> Result<Blk, &'static str> {
+        Self::init_features(device, arena, 0)
+    }
+
+    /// Like [`Blk::init`], with indirect descriptors for [`Blk::submit_layout`].
+    pub fn init_with_layouts(device: Device, arena: &mut Arena) -> Result<Blk, &'static str> {
+        let mut blk = Self::init_features(device, arena, F_INDIRECT_DESC)?;
+        blk.tables = Some(arena.take(16 * TABLE_ENTRIES * SLOTS as u64).ok_or("out of memory")?);
+        Ok(blk)
+    }
+
+    fn init_features(device: Device, arena: &mut Arena, extra: u64) -> Result<Blk, &'static str> {
         if !device.is_virtio() || device.device_id() != DEVICE_ID {
             return Err("not a virtio-blk device");
         }
-        device.negotiate(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES)?;
+        let features = device.negotiate(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | extra)?;
+        if features & extra != extra {
+            return Err("the device lacks a feature we need");
+        }
         let queue = Queue::new(arena.take(Queue::footprint(QUEUE_SIZE)).ok_or("out of memory")?, QUEUE_SIZE);
         device.setup_queue(0, &queue)?;
         let headers = arena.take(16 * SLOTS as u64 + SLOTS as u64).ok_or("out of memory")?;
         device.driver_ok();
         let capacity = device.read(0x100) as u64 | (device.read(0x104) as u64) << 32;
-        Ok(Blk { device, queue, headers, statuses: headers + 16 * SLOTS as u64, capacity })
+        let statuses = headers + 16 * SLOTS as u64;
+        let status_at = core::array::from_fn(|slot| statuses + slot as u64);
+        Ok(Blk { device, queue, headers, statuses, capacity, tables: None, status_at })
     }
 
     /// Queues request `slot` (not yet notified). `data` may be 0 with `len` 0.
@@ -73,6 +100,7 @@ impl Blk {
             write_volatile(status as *mut u8, 0xff);
         }
         let head = slot * 3;
+        self.status_at[slot as usize] = status;
         let device_writes = kind == T_IN || kind == T_GET_ID;
         if len == 0 {
             self.queue.set_desc(head, header, 16, DESC_F_NEXT, head + 2);
@@ -82,6 +110,58 @@ impl Blk {
             self.queue.set_desc(head + 1, data, len, flags, head + 2);
         }
         self.queue.set_desc(head + 2, status, 1, DESC_F_WRITE, 0);
+        self.queue.push(head);
+    }
+
+    /// Queues request `slot` as one indirect descriptor whose table lays the
+    /// buffers out in `layout` (0..LAYOUTS), the ways a driver may:
+    /// 0 header, data, status; 1 the header split in two; 2 the data in 8
+    /// pieces; 3 the data at `data + 8` (off every block grid; the caller
+    /// leaves room); 4 for reads, the status byte right after the data in
+    /// the same buffer (the caller leaves room), for writes as 0.
+    /// Needs [`Blk::init_with_layouts`].
+    pub fn submit_layout(&mut self, slot: u16, kind: u32, sector: u64, data: u64, len: u32, layout: u32) {
+        let Some(tables) = self.tables else { return self.submit(slot, kind, sector, data, len) };
+        let header = self.headers + 16 * slot as u64;
+        let table = tables + 16 * TABLE_ENTRIES * slot as u64;
+        let reads = kind == T_IN;
+        let data = if layout == 3 { data + 8 } else { data };
+        let status = if layout == 4 && reads { data + len as u64 } else { self.statuses + slot as u64 };
+        // SAFETY: our header, and a status byte in RAM we own.
+        unsafe {
+            write_volatile(header as *mut u32, kind);
+            write_volatile((header + 4) as *mut u32, 0);
+            write_volatile((header + 8) as *mut u64, sector);
+            write_volatile(status as *mut u8, 0xff);
+        }
+        self.status_at[slot as usize] = status;
+        let w = if reads { DESC_F_WRITE } else { 0 };
+        let mut buffers = [(0u64, 0u32, 0u16); 12];
+        let mut n = 0;
+        let mut add = |addr, len, flags| {
+            buffers[n] = (addr, len, flags);
+            n += 1;
+        };
+        if layout == 1 {
+            add(header, 8, 0);
+            add(header + 8, 8, 0);
+        } else {
+            add(header, 16, 0);
+        }
+        match layout {
+            2 => (0..8u64).for_each(|i| add(data + i * (len as u64 / 8), len / 8, w)),
+            4 if reads => add(data, len + 1, w),
+            _ => add(data, len, w),
+        }
+        if !(layout == 4 && reads) {
+            add(status, 1, DESC_F_WRITE);
+        }
+        for (i, &(addr, len, flags)) in buffers[..n].iter().enumerate() {
+            let next = if i + 1 < n { DESC_F_NEXT } else { 0 };
+            crate::virtio::write_desc(table, i as u16, addr, len, flags | next, i as u16 + 1);
+        }
+        let head = slot * 3;
+        self.queue.set_desc(head, table, 16 * n as u32, DESC_F_INDIRECT, 0);
         self.queue.push(head);
     }
 
@@ -106,8 +186,8 @@ impl Blk {
     pub fn wait(&mut self) -> Option<(u16, u8, u32)> {
         let (head, len) = self.queue.wait_used(&self.device)?;
         let slot = head / 3;
-        // SAFETY: the status byte of that slot.
-        let status = unsafe { read_volatile((self.statuses + slot as u64) as *const u8) };
+        // SAFETY: the status byte of that slot, in RAM we own.
+        let status = unsafe { read_volatile(self.status_at[(slot % SLOTS) as usize] as *const u8) };
         Some((slot, status, len))
     }
 

@@ -16,9 +16,11 @@
 //!   random 4 KiB writes and read-backs over the first 1 MiB, a flush, then a
 //!   hash of what the disk must hold; `hold=1` spins afterwards instead of
 //!   exiting; `recover=1` resets a device that needs it and posts its
-//!   requests again; `stop=1` ends early once the host writes `STOP` at the
+//!   requests again; `layouts=1` lays each request's buffers out one of five
+//!   ways (split header, data in 8 pieces, data off the block grid, status
+//!   in the data buffer); `stop=1` ends early once the host writes `STOP` at the
 //!   disk's 1 MiB mark (so a host sets how long the work runs, at any speed).
-use crate::blk::{Arena, Blk, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
+use crate::blk::{Arena, Blk, LAYOUTS, SECTOR, SLOTS, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::virtio::{self, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET};
 use crate::{console, platform, println, pvh};
 
@@ -395,23 +397,34 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool, st
     if blk.capacity * SECTOR < (VERIFY_BLOCKS + stop as u64) * VERIFY_BLOCK {
         return Err("disk smaller than 1 MiB (and a block for the stop mark)");
     }
+    // `layouts=1`: each request lays its buffers out one of the ways a
+    // driver may (see Blk::submit_layout), through indirect descriptors.
+    let layouts = crate::scenario::param(info.cmdline(), "layouts") == Some("1");
+    if layouts {
+        blk = Blk::init_with_layouts(blk.device, &mut arena)?;
+    }
+    // Room past each block for the layouts that move the data or add the status.
+    let stride = 2 * VERIFY_BLOCK;
     let mut ops = ops;
     let depth = depth.clamp(1, SLOTS.min(8));
-    let buffers = arena.take(VERIFY_BLOCK * depth as u64).ok_or("out of memory")?;
+    let buffers = arena.take(stride * depth as u64).ok_or("out of memory")?;
+    let data_at = |slot: u64, layout: u32| buffers + slot * stride + if layout == 3 { 8 } else { 0 };
     let mut generation = [0u32; VERIFY_BLOCKS as usize];
-    // Per slot: (block, kind, generation it writes or must read).
+    // Per slot: (block, kind | layout << 16, generation it writes or must read).
     let mut in_flight = [(u64::MAX, 0u32, 0u32); 8];
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let (mut submitted, mut completed, mut errors, mut corrupt) = (0u64, 0u64, 0u64, 0u64);
     let busy = |in_flight: &[(u64, u32, u32); 8], block: u64| in_flight.iter().any(|f| f.0 == block);
     let mut start = |blk: &mut Blk, slot: u16, in_flight: &mut [(u64, u32, u32); 8], generation: &mut [u32], probe| {
-        let buffer = buffers + slot as u64 * VERIFY_BLOCK;
+        let base = data_at(slot as u64, 0);
         if probe && !busy(in_flight, STOP_BLOCK) {
             // Not a verified block: the host's stop mark, read like the rest.
             in_flight[slot as usize] = (STOP_BLOCK, T_IN, 0);
-            blk.submit(slot, T_IN, STOP_BLOCK * VERIFY_BLOCK / SECTOR, buffer, VERIFY_BLOCK as u32);
+            blk.submit(slot, T_IN, STOP_BLOCK * VERIFY_BLOCK / SECTOR, base, VERIFY_BLOCK as u32);
             return;
         }
+        let layout = if layouts { (rng.next() % LAYOUTS as u64) as u32 } else { 0 };
+        let buffer = data_at(slot as u64, layout);
         let mut block = rng.next() % VERIFY_BLOCKS;
         while busy(in_flight, block) {
             block = (block + 1) % VERIFY_BLOCKS;
@@ -425,8 +438,8 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool, st
             fill(buffer, VERIFY_BLOCK, |_| 0xee);
             (T_IN, generation[block as usize])
         };
-        in_flight[slot as usize] = (block, kind, expect);
-        blk.submit(slot, kind, block * VERIFY_BLOCK / SECTOR, buffer, VERIFY_BLOCK as u32);
+        in_flight[slot as usize] = (block, kind | layout << 16, expect);
+        blk.submit_layout(slot, kind, block * VERIFY_BLOCK / SECTOR, base, VERIFY_BLOCK as u32, layout);
     };
     println!("blk-verify: start ops={} qd={}", ops, depth);
     for slot in 0..depth.min(ops as u16) {
@@ -443,10 +456,14 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool, st
             // What a driver does with DEVICE_NEEDS_RESET: reset the device,
             // set it up again and post what it had not completed once more.
             resets += 1;
-            blk = Blk::init(blk.device, &mut arena)?;
+            blk = if layouts {
+                Blk::init_with_layouts(blk.device, &mut arena)?
+            } else {
+                Blk::init(blk.device, &mut arena)?
+            };
             for (slot, &(block, kind, _)) in in_flight.iter().enumerate().filter(|(_, f)| f.0 != u64::MAX) {
-                let buffer = buffers + slot as u64 * VERIFY_BLOCK;
-                blk.submit(slot as u16, kind, block * VERIFY_BLOCK / SECTOR, buffer, VERIFY_BLOCK as u32);
+                let (base, sector) = (data_at(slot as u64, 0), block * VERIFY_BLOCK / SECTOR);
+                blk.submit_layout(slot as u16, kind & 0xffff, sector, base, VERIFY_BLOCK as u32, kind >> 16);
             }
             blk.kick();
             continue;
@@ -463,14 +480,14 @@ pub fn run_verify(info: &pvh::StartInfo, ops: u64, depth: u16, recover: bool, st
             errors += 1;
         } else if block == STOP_BLOCK {
             // SAFETY: the slot's buffer, VERIFY_BLOCK bytes we own.
-            let got = unsafe { core::slice::from_raw_parts((buffers + slot as u64 * VERIFY_BLOCK) as *const u8, 4) };
+            let got = unsafe { core::slice::from_raw_parts(data_at(slot as u64, 0) as *const u8, 4) };
             if got == b"STOP" {
                 ops = submitted;
             }
-        } else if kind == T_IN {
+        } else if kind & 0xffff == T_IN {
             // SAFETY: the slot's buffer, VERIFY_BLOCK bytes we own.
             let got = unsafe {
-                core::slice::from_raw_parts((buffers + slot as u64 * VERIFY_BLOCK) as *const u8, VERIFY_BLOCK as usize)
+                core::slice::from_raw_parts(data_at(slot as u64, kind >> 16) as *const u8, VERIFY_BLOCK as usize)
             };
             if got.iter().enumerate().any(|(i, &b)| b != verify_byte(block, expect, i as u64)) {
                 corrupt += 1;

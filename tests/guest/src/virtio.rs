@@ -102,6 +102,19 @@ impl Device {
     }
 }
 
+/// Writes descriptor `index` of the table at `table` (a queue's, or an
+/// indirect one), in RAM the driver owns.
+pub fn write_desc(table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let d = (table + 16 * index as u64) as *mut u8;
+    // SAFETY: the caller's table, with room for entry `index`.
+    unsafe {
+        write_volatile(d as *mut u64, addr);
+        write_volatile(d.add(8) as *mut u32, len);
+        write_volatile(d.add(12) as *mut u16, flags);
+        write_volatile(d.add(14) as *mut u16, next);
+    }
+}
+
 /// A split virtqueue in guest memory that the driver owns.
 pub struct Queue {
     pub size: u16,
@@ -131,14 +144,7 @@ impl Queue {
     }
 
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = (self.desc + 16 * index as u64) as *mut u8;
-        // SAFETY: index < size, inside the descriptor table we own.
-        unsafe {
-            write_volatile(d as *mut u64, addr);
-            write_volatile(d.add(8) as *mut u32, len);
-            write_volatile(d.add(12) as *mut u16, flags);
-            write_volatile(d.add(14) as *mut u16, next);
-        }
+        write_desc(self.desc, index, addr, len, flags, next);
     }
 
     /// Makes the chain at `head` available (the caller notifies).
