@@ -318,6 +318,8 @@ else
     find "$REPO_ROOT/docs" -type f | while read -r f; do add "$f"; done
 fi
 find "$KIT" -type f | while read -r f; do add "$f"; done
+# The study's host-disk group runs the host's fio: in L1, the kit's static one.
+add "$REPO_ROOT/build/fio/fio" /usr/bin/fio
 # Host tools the tests run.
 SYSPATH=/usr/sbin:/usr/bin:/sbin:/bin
 # (e2fsprogs is installed above; objdump and iasl come with scripts/setup.sh.)

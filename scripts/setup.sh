@@ -12,6 +12,8 @@ command -v cc >/dev/null || need_packages+=(gcc)
 command -v iasl >/dev/null || need_packages+=(acpica-tools)  # tests check our ACPI tables with ACPICA
 # The study's peer column (`skvm bench`); the tests run it with the quick preset.
 command -v qemu-system-x86_64 >/dev/null || need_packages+=(qemu-system-x86)
+# The study's host-disk group sets skvm beside the host's own fio on the same file.
+command -v fio >/dev/null || need_packages+=(fio)
 if ((${#need_packages[@]})); then
     log "installing ${need_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

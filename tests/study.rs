@@ -19,14 +19,20 @@ const WORKLOADS: [&str; 10] = [
     "4K mixed 70/30 QD8",
     "idle",
 ];
+/// On a 1 GiB file in the temp dir with direct=on, beside the host's fio.
+const HOST_DISK_WORKLOADS: [&str; 4] = [
+    "host disk 4K randread QD1",
+    "host disk 4K randread QD32",
+    "host disk 128K seq read QD4",
+    "host disk 128K seq write QD4",
+];
 
 #[test]
 fn quick_study_writes_every_cell_a_report_and_plots() {
     let out = temp_path("study");
-    let outcome = wait_with_deadline(
-        skvm(&["bench", "--quick", "--out", out.to_str().unwrap()]).spawn().unwrap(),
-        Duration::from_secs(300),
-    );
+    let host_disk_dir = std::env::temp_dir();
+    let args = ["bench", "--quick", "--out", out.to_str().unwrap(), "--host-disk-dir", host_disk_dir.to_str().unwrap()];
+    let outcome = wait_with_deadline(skvm(&args).spawn().unwrap(), Duration::from_secs(400));
     assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
     assert!(outcome.stderr.contains("[ 1/") || outcome.stderr.contains("[  1/"), "no progress: {}", outcome.stderr);
     assert!(outcome.stderr.contains("left)"), "no time estimate: {}", outcome.stderr);
@@ -88,6 +94,41 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
             }
         }
     }
+    // The host-disk group: every mode and the host's fio ran (or, where the
+    // temp dir has no O_DIRECT, every row says so), and skvm's 1 GiB file is gone.
+    let direct_here = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = temp_path("study-direct-probe");
+        std::fs::write(&probe, [0u8; 4096]).unwrap();
+        let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+        let _ = std::fs::remove_file(&probe);
+        opened
+    };
+    for workload in HOST_DISK_WORKLOADS {
+        for mode in MODES.iter().chain(&["fio (host)"]) {
+            let row = rows
+                .iter()
+                .find(|r| r["mode"] == *mode && r["workload"] == workload && r["vcpus"] == 1)
+                .unwrap_or_else(|| panic!("no row for {mode} {workload}"));
+            if direct_here {
+                assert_eq!(row["ok"], true, "{mode} {workload}: {row}");
+                assert!(row["ops"].as_u64().unwrap() > 0 && row["guest_seconds"].as_f64().unwrap() > 0.0, "{row}");
+            } else {
+                assert!(row["note"].as_str().unwrap().contains("no O_DIRECT"), "{mode} {workload}: {row}");
+            }
+        }
+        // Other VMMs do not run this group.
+        assert!(!rows.iter().any(|r| r["workload"] == workload && r["system"] == "qemu"), "{workload}");
+    }
+    if !direct_here {
+        eprintln!("study: NOT RUN: the host-disk group's figures: the temp dir has no O_DIRECT here");
+    }
+    let mut leftovers = std::fs::read_dir(&host_disk_dir).unwrap().flatten();
+    assert!(
+        !leftovers.any(|e| e.file_name().to_string_lossy().starts_with("skvm-bench-host-disk-")),
+        "1 GiB left behind"
+    );
+
     // Peers are accounted for, whether they ran or not.
     let peers = results["peers"].as_array().unwrap();
     let qemu = peers.iter().find(|p| p["name"] == "qemu").expect("the report says what became of QEMU");
@@ -106,6 +147,7 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
         "## Host CPU per request",
         "## Idle guest",
         "## Guest-memory call latency",
+        "## Host disk against the host's own fio",
     ] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }

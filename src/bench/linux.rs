@@ -56,7 +56,12 @@ pub struct FioResult {
 pub fn parse_fio(console: &str) -> Result<FioResult, String> {
     let begin = console.find("SKVM-FIO-BEGIN").ok_or("the guest never started fio (no SKVM-FIO-BEGIN)")?;
     let end = console[begin..].find("SKVM-FIO-END").ok_or("fio did not finish (no SKVM-FIO-END)")? + begin;
-    let text = &console[begin..end];
+    parse_fio_json(&console[begin..end])
+}
+
+/// Reads fio's JSON report out of `text` (what fio printed, perhaps with a
+/// line or two around it).
+pub fn parse_fio_json(text: &str) -> Result<FioResult, String> {
     let (Some(open), Some(close)) = (text.find('{'), text.rfind('}')) else {
         let said = text.lines().skip(1).find(|l| !l.trim().is_empty()).unwrap_or("nothing");
         return Err(format!("fio printed no report: {said}"));

@@ -11,16 +11,29 @@ pub struct Workload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// The guest's `blk-bench`: `rw` is randread, randwrite, read, write or mixed.
-    Disk { rw: &'static str, block_size: u64, depth: u16, quick_ops: u64, full_ops: u64 },
+    /// `host_disk`: on a file of the host's own filesystem with `direct=on`
+    /// (the host-disk group, beside the host's fio), not in tmpfs.
+    Disk { rw: &'static str, block_size: u64, depth: u16, quick_ops: u64, full_ops: u64, host_disk: bool },
     /// The guest does nothing for a while: what the VMM and devices cost at rest.
     Idle { quick_ms: u64, full_ms: u64 },
 }
 
 const fn disk(name: &'static str, rw: &'static str, block_size: u64, depth: u16, quick: u64, full: u64) -> Workload {
-    Workload { name, kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full } }
+    Workload { name, kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: false } }
 }
 
-pub const WORKLOADS: [Workload; 10] = [
+const fn host_disk(
+    name: &'static str,
+    rw: &'static str,
+    block_size: u64,
+    depth: u16,
+    quick: u64,
+    full: u64,
+) -> Workload {
+    Workload { name, kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: true } }
+}
+
+pub const WORKLOADS: [Workload; 14] = [
     disk("4K randread QD1", "randread", 4096, 1, 300, 3000),
     disk("4K randread QD8", "randread", 4096, 8, 1000, 10000),
     disk("4K randread QD32", "randread", 4096, 32, 2000, 20000),
@@ -31,6 +44,10 @@ pub const WORKLOADS: [Workload; 10] = [
     disk("128K seq write QD4", "write", 128 << 10, 4, 150, 1500),
     disk("4K mixed 70/30 QD8", "mixed", 4096, 8, 1000, 10000),
     Workload { name: "idle", kind: Kind::Idle { quick_ms: 100, full_ms: 1000 } },
+    host_disk("host disk 4K randread QD1", "randread", 4096, 1, 300, 3000),
+    host_disk("host disk 4K randread QD32", "randread", 4096, 32, 2000, 20000),
+    host_disk("host disk 128K seq read QD4", "read", 128 << 10, 4, 150, 1500),
+    host_disk("host disk 128K seq write QD4", "write", 128 << 10, 4, 150, 1500),
 ];
 
 pub const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
@@ -48,7 +65,7 @@ impl Workload {
     /// The test guest's command line for this workload.
     pub fn cmdline(&self, quick: bool, tsc_hz: f64) -> String {
         match self.kind {
-            Kind::Disk { rw, block_size, depth, quick_ops, full_ops } => {
+            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, .. } => {
                 let ops = if quick { quick_ops } else { full_ops };
                 format!("scenario=blk-bench rw={rw} bs={block_size} qd={depth} ops={ops}")
             }
@@ -66,5 +83,20 @@ impl Workload {
 
     pub fn is_disk(&self) -> bool {
         matches!(self.kind, Kind::Disk { .. })
+    }
+
+    pub fn on_host_disk(&self) -> bool {
+        matches!(self.kind, Kind::Disk { host_disk: true, .. })
+    }
+
+    /// The host's fio job for the same work on the same file: (rw, block
+    /// size, queue depth, I/Os). Only the host-disk group has one.
+    pub fn fio_job(&self, quick: bool) -> Option<(&'static str, u64, u16, u64)> {
+        match self.kind {
+            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, host_disk: true } => {
+                Some((rw, block_size, depth, if quick { quick_ops } else { full_ops }))
+            }
+            _ => None,
+        }
     }
 }

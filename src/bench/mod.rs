@@ -2,7 +2,7 @@
 //! mode (and QEMU or other VMMs where they run) on the same test guest and
 //! workloads, and writes the results (JSON, CSV), a Markdown report and SVG
 //! plots. A results file can be rendered again without re-running.
-mod linux;
+pub mod linux;
 mod machine;
 mod matrix;
 mod peers;
@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// The Linux kit for --linux (scripts/linux-kit.sh builds it).
     #[arg(long, value_name = "DIR", default_value = "build/linux-kit")]
     pub linux_kit: PathBuf,
+    /// Where the host-disk group's 1 GiB file goes: a directory on the host's own
+    /// filesystem (one with O_DIRECT; tmpfs before Linux 6.6 has none). skvm opens it
+    /// with direct=on, and the host's fio runs the same jobs on it.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    pub host_disk_dir: PathBuf,
 }
 
 pub fn run(args: BenchArgs) -> Result<u8, String> {

@@ -66,6 +66,31 @@ fn table(results: &Results, vcpus: u8) -> String {
     out
 }
 
+/// The host-disk group beside the host's own fio on the same file (1 vCPU).
+fn host_disk_table(results: &Results) -> String {
+    let fio = super::runner::FIO_COLUMN;
+    let mut out = format!(
+        "| workload | unit | {fio} | {} | rpc/fio | rpc-dma/fio | shared/fio | inprocess/fio |\n|---|---|---:|{}---:|---:|---:|---:|\n",
+        MODES.join(" | "),
+        "---:|".repeat(MODES.len())
+    );
+    for workload in WORKLOADS.iter().filter(|w| w.on_host_disk()) {
+        let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
+        let v = |column| value(results, column, workload, 1);
+        let modes: Vec<String> = MODES.iter().map(|m| figure(v(m))).collect();
+        let ratios: Vec<String> = MODES.iter().map(|m| ratio(v(m), v(fio))).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {unit} | {} | {} | {} |",
+            workload.name,
+            figure(v(fio)),
+            modes.join(" | "),
+            ratios.join(" | ")
+        );
+    }
+    out
+}
+
 /// The table README.md carries: 1 vCPU, every disk workload, every system.
 pub fn headline(results: &Results) -> String {
     format!(
@@ -290,6 +315,13 @@ pub fn markdown(results: &Results) -> String {
         let _ = write!(out, "\n## Disk throughput, {vcpus} vCPU{}\n\n", if vcpus == 1 { "" } else { "s" });
         out.push_str(&table(results, vcpus));
     }
+    out.push_str(
+        "\n## Host disk against the host's own fio (1 vCPU)\n\n\
+         The host-disk group's disk is a 1 GiB file on the host's own filesystem (`--host-disk-dir`), which \
+         skvm opens with `direct=on` and on which the host's fio runs the same job (`--direct=1`, io_uring, \
+         psync at QD1): what the host itself reaches is the limit. Other VMMs do not run this group.\n\n",
+    );
+    out.push_str(&host_disk_table(results));
     out.push_str(
         "\n## Where the time goes, per request (1 vCPU)\n\n\
          Guest latency is from submitting a request to seeing it completed. Memory calls are the device's \

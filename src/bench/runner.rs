@@ -148,6 +148,8 @@ pub struct Cell<'a> {
 enum System<'a> {
     Skvm(&'static str),
     Peer(&'a Peer),
+    /// The host's own fio on the host-disk file: the physical limit.
+    Fio,
 }
 
 impl System<'_> {
@@ -155,19 +157,49 @@ impl System<'_> {
         match self {
             System::Skvm(mode) => mode.to_string(),
             System::Peer(peer) => peer.name.clone(),
+            System::Fio => FIO_COLUMN.into(),
         }
     }
 }
+
+/// The study's column for the host's fio.
+pub const FIO_COLUMN: &str = "fio (host)";
+const HOST_DISK_BYTES: u64 = 1 << 30;
 
 pub struct Scratch {
     pub dir: PathBuf,
     pub disk: PathBuf,
     pub guest: PathBuf,
+    /// The host-disk group's file, or why there is none.
+    pub host_disk: Result<PathBuf, String>,
+}
+
+/// A 1 GiB file of real data in `dir`, which must support O_DIRECT.
+fn create_host_disk(dir: &Path) -> Result<PathBuf, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("skvm-bench-host-disk-{}.img", std::process::id()));
+    let mut file = std::fs::File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..HOST_DISK_BYTES / chunk.len() as u64 {
+        if let Err(e) = file.write_all(&chunk) {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    let _ = file.sync_all();
+    let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path);
+    if let Err(e) = direct {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!("{} has no O_DIRECT ({e}); give --host-disk-dir on a disk filesystem", dir.display()));
+    }
+    Ok(path)
 }
 
 impl Scratch {
-    /// A disk file in tmpfs (so the host disk does not dominate) and the test guest's ELF.
-    fn create(out: &Path) -> Result<Scratch, String> {
+    /// A disk file in tmpfs (so the host disk does not dominate), the
+    /// host-disk group's file, and the test guest's ELF.
+    fn create(out: &Path, host_disk_dir: &Path) -> Result<Scratch, String> {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
         let dir = base.join(format!("skvm-bench-{}", std::process::id()));
@@ -177,13 +209,53 @@ impl Scratch {
         std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).map_err(|e| format!("cannot write the disk: {e}"))?;
         let guest = out.join("test-guest.elf");
         std::fs::write(&guest, crate::test_guest::IMAGE).map_err(|e| format!("cannot write the test guest: {e}"))?;
-        Ok(Scratch { dir, disk, guest })
+        let host_disk = create_host_disk(host_disk_dir);
+        Ok(Scratch { dir, disk, guest, host_disk })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Ok(path) = &self.host_disk {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The host's fio on the host-disk file, the same job the guest runs.
+fn fio_row(cell: &Cell, scratch: &Scratch, quick: bool) -> Row {
+    let mut row = empty_row("fio", FIO_COLUMN, cell);
+    let (Some((rw, block_size, depth, ops)), Ok(file)) = (cell.workload.fio_job(quick), &scratch.host_disk) else {
+        return failed(row, "not run: no host-disk file".into());
+    };
+    let engine = if depth == 1 { "psync" } else { "io_uring" };
+    let mut command = Command::new("fio");
+    command
+        .args(["--name=skvm-study", "--direct=1", "--randrepeat=0", "--norandommap", "--output-format=json"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--ioengine={engine}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={block_size}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--number_ios={ops}"))
+        .arg(format!("--size={HOST_DISK_BYTES}"));
+    let finished = match run_process(command) {
+        Ok(f) => f,
+        Err(e) => return failed(row, format!("fio (setup.sh installs it): {e}")),
+    };
+    row.wall_seconds = finished.wall.as_secs_f64();
+    row.host_cpu_seconds = Some(finished.cpu.as_secs_f64());
+    match super::linux::parse_fio_json(&finished.stdout) {
+        Ok(fio) if fio.iops > 0.0 => {
+            row.ops = fio.ios;
+            row.bytes = fio.ios * block_size;
+            // So that ops / guest_seconds is fio's own IOPS figure.
+            row.guest_seconds = fio.ios as f64 / fio.iops;
+            row
+        }
+        Ok(_) => failed(row, "fio did no I/O".into()),
+        Err(e) => failed(row, format!("{e} ({})", last_line(&finished.stderr))),
     }
 }
 
@@ -191,11 +263,19 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
     let stats = scratch.dir.join("stats.json");
     let _ = std::fs::remove_file(&stats);
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let disk = if cell.workload.on_host_disk() {
+        match &scratch.host_disk {
+            Ok(path) => format!("path={},direct=on", path.display()),
+            Err(why) => return failed(empty_row("skvm", mode, cell), format!("not run: {why}")),
+        }
+    } else {
+        format!("path={}", scratch.disk.display())
+    };
     let mut command = Command::new(exe);
     command
         .args(["run", "--memory", GUEST_MEMORY, "--cpus", &cell.vcpus.to_string(), "--memory-mode", mode])
         .arg("--disk")
-        .arg(format!("path={}", scratch.disk.display()))
+        .arg(disk)
         .arg("--stats-file")
         .arg(&stats)
         .args(["--cmdline", &cell.workload.cmdline(quick, machine.tsc_hz)]);
@@ -337,7 +417,10 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
     let quick = args.quick;
     eprintln!("skvm bench: measuring the machine");
     let machine = machine::describe();
-    let scratch = Scratch::create(&args.out)?;
+    let scratch = Scratch::create(&args.out, &args.host_disk_dir)?;
+    if let Err(why) = &scratch.host_disk {
+        eprintln!("skvm bench: the host-disk group will not run: {why}");
+    }
     let (peers, mut peer_infos): (Vec<Peer>, Vec<PeerInfo>) = peers::prepare(args, &scratch)?;
     let repeats = matrix::repeats(quick);
     let mut cells = Vec::new();
@@ -346,7 +429,12 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
             for repeat in 0..repeats {
                 // Modes interleaved per repeat, so drift on a shared host hits them alike.
                 cells.extend(MODES.iter().map(|&m| Cell { system: System::Skvm(m), workload, vcpus, repeat }));
-                cells.extend(peers.iter().map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
+                if workload.on_host_disk() {
+                    // The group compares skvm with the host itself, not with other VMMs.
+                    cells.push(Cell { system: System::Fio, workload, vcpus, repeat });
+                } else {
+                    cells.extend(peers.iter().map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
+                }
             }
         }
     }
@@ -366,6 +454,7 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
         let row = match cell.system {
             System::Skvm(mode) => skvm_row(cell, mode, &scratch, &machine, quick),
             System::Peer(peer) => peer.run(cell, &scratch, &machine, quick),
+            System::Fio => fio_row(cell, &scratch, quick),
         };
         let what = format!("{} {}, {} vCPU", cell.system.label(), cell.workload.name, cell.vcpus);
         progress.step(&what, &outcome(&row, cell.workload));
