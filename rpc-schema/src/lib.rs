@@ -323,6 +323,8 @@ pub struct DeviceCounters {
     pub memory_latency_log2_us: Vec<u64>,
     /// Requests whose data moved straight between the disk and guest memory
     /// mapped in the device (zero copy; `shared` and `inprocess` only).
+    /// (Absent from results files written before it existed.)
+    #[serde(default)]
     pub zero_copy_requests: u64,
 }
 

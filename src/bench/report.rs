@@ -48,7 +48,7 @@ fn table(results: &Results, vcpus: u8) -> String {
         columns.join(" | ")
     );
     out.push_str(&format!("|---|---|{}---:|---:|---:|---:|\n", "---:|".repeat(columns.len())));
-    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk() && ran(results, w)) {
         let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
         let cells: Vec<String> = columns.iter().map(|c| figure(value(results, c, workload, vcpus))).collect();
         let v = |mode| value(results, mode, workload, vcpus);
@@ -64,6 +64,12 @@ fn table(results: &Results, vcpus: u8) -> String {
         );
     }
     out
+}
+
+/// Whether the results hold any run of `workload` (a results file from
+/// before a workload existed has none, and renders as it did).
+fn ran(results: &Results, workload: &Workload) -> bool {
+    results.rows.iter().any(|r| r.workload == workload.name)
 }
 
 /// The host-disk group beside the host's own fio on the same file (1 vCPU).
@@ -115,7 +121,7 @@ fn breakdown(results: &Results, vcpus: u8) -> String {
         "| workload | mode | guest latency | memory calls | of them RPCs | requests per batch | messages per batch | VMM memory service | device waiting on memory | device's own work | bytes copied | I/O exits | VMM + device CPU |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk() && ran(results, w)) {
         for mode in MODES {
             let rows: Vec<&Row> = results.cell(mode, workload.name, vcpus).collect();
             if rows.is_empty() {
@@ -156,7 +162,7 @@ fn breakdown(results: &Results, vcpus: u8) -> String {
 fn cpu_table(results: &Results) -> String {
     let columns = results.columns();
     let mut out = format!("| workload | {} |\n|---|{}\n", columns.join(" | "), "---:|".repeat(columns.len()));
-    for workload in WORKLOADS.iter().filter(|w| w.is_disk()) {
+    for workload in WORKLOADS.iter().filter(|w| w.is_disk() && ran(results, w)) {
         let cells: Vec<String> = columns
             .iter()
             .map(|column| {
@@ -315,13 +321,15 @@ pub fn markdown(results: &Results) -> String {
         let _ = write!(out, "\n## Disk throughput, {vcpus} vCPU{}\n\n", if vcpus == 1 { "" } else { "s" });
         out.push_str(&table(results, vcpus));
     }
-    out.push_str(
-        "\n## Host disk against the host's own fio (1 vCPU)\n\n\
-         The host-disk group's disk is a 1 GiB file on the host's own filesystem (`--host-disk-dir`), which \
-         skvm opens with `direct=on` and on which the host's fio runs the same job (`--direct=1`, io_uring, \
-         psync at QD1): what the host itself reaches is the limit. Other VMMs do not run this group.\n\n",
-    );
-    out.push_str(&host_disk_table(results));
+    if WORKLOADS.iter().any(|w| w.on_host_disk() && ran(results, w)) {
+        out.push_str(
+            "\n## Host disk against the host's own fio (1 vCPU)\n\n\
+             The host-disk group's disk is a 1 GiB file on the host's own filesystem (`--host-disk-dir`), which \
+             skvm opens with `direct=on` and on which the host's fio runs the same job (`--direct=1`, io_uring, \
+             psync at QD1): what the host itself reaches is the limit. Other VMMs do not run this group.\n\n",
+        );
+        out.push_str(&host_disk_table(results));
+    }
     out.push_str(
         "\n## Where the time goes, per request (1 vCPU)\n\n\
          Guest latency is from submitting a request to seeing it completed. Memory calls are the device's \

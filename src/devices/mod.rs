@@ -7,6 +7,7 @@
 pub mod aligned;
 pub mod blk;
 mod hostile;
+mod in_flight;
 mod io_threads;
 pub mod mem;
 pub mod memory;

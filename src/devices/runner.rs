@@ -2,6 +2,7 @@
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
 use super::features;
+use super::in_flight::InFlight;
 use super::memory::{DeviceMemory, Timed};
 use super::virtqueue::{validate, QueueError, SplitQueue};
 use super::{posted, ring, Backend};
@@ -33,6 +34,10 @@ struct Core<M> {
     on_notify: Option<OnNotify>,
     /// Test-only: rewrites the completions of posted batches.
     tamper: Option<Tamper>,
+    /// A `direct=on` disk's zero-copy transfers in flight (mapped modes).
+    in_flight: Option<InFlight>,
+    /// Rung by an I/O thread when a transfer in flight ends.
+    io_done: Arc<Notify>,
 }
 
 /// Test-only behaviour of a device, from `--test-device-misbehave`.
@@ -61,18 +66,20 @@ impl<M: DeviceMemory> Core<M> {
     async fn service(&mut self) -> Result<bool, QueueError> {
         let started = std::time::Instant::now();
         let result = self.serve_batch().await;
+        // Transfers that ended meanwhile complete now, not after the queue empties.
+        let ended = self.complete_ended(false).await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
-        result
+        ended.and(result)
     }
 
     async fn serve_batch(&mut self) -> Result<bool, QueueError> {
-        let Core { mem, backend, queue, irq, counters, .. } = self;
+        let Core { mem, backend, queue, irq, counters, in_flight, io_done, .. } = self;
         let Some(queue) = queue.as_mut() else { return Ok(false) };
         let (chains, mut prefetched) = queue.pop_all(mem).await?;
         if chains.is_empty() {
             return Ok(false);
         }
-        let chains = serve_zero_copy(mem, backend, queue, counters, chains).await?;
+        let chains = serve_zero_copy(mem, backend, queue, counters, in_flight, io_done, chains).await?;
         if chains.is_empty() {
             if let Some(irq) = irq {
                 let _ = irq.write(1);
@@ -90,6 +97,21 @@ impl<M: DeviceMemory> Core<M> {
             let _ = irq.write(1);
         }
         Ok(true)
+    }
+
+    /// Completes the transfers in flight that have ended (all of them, and
+    /// waiting for those still running, with `wait`).
+    async fn complete_ended(&mut self, wait: bool) -> Result<(), QueueError> {
+        let Core { mem, queue, irq, counters, in_flight, .. } = self;
+        let Some(io) = in_flight.as_mut() else { return Ok(()) };
+        let ended = if wait { io.drain() } else { io.reap() };
+        let Some(queue) = queue.as_mut() else { return Ok(()) };
+        if complete(mem, queue, counters, &ended).await? {
+            if let Some(irq) = irq {
+                let _ = irq.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Request level: serves a batch the VMM posted.
@@ -114,91 +136,59 @@ impl<M: DeviceMemory> Core<M> {
 }
 
 /// Where guest RAM is mapped here, serves a batch's plain disk reads and
-/// writes straight between the disk and guest memory and completes them;
-/// returns the chains left for the copying path. (Requests in one batch are
-/// all in flight at once, so serving some first reorders nothing a driver
-/// may rely on.) A `direct=on` disk's transfers run on its I/O threads, all
-/// at once except where one overlaps another that writes.
+/// writes straight between the disk and guest memory; returns the chains
+/// left for the copying path. (Requests in one batch are all in flight at
+/// once, so serving some first reorders nothing a driver may rely on.) A
+/// `direct=on` disk's transfers go to its I/O threads and complete as they
+/// end ([`Core::complete_ended`]); the others complete here.
 async fn serve_zero_copy<M: DeviceMemory>(
     mem: &Timed<M>,
     backend: &Backend,
     queue: &mut SplitQueue,
     counters: &mut DeviceCounters,
+    in_flight: &mut Option<InFlight>,
+    io_done: &Arc<Notify>,
     chains: Vec<super::virtqueue::Chain>,
 ) -> Result<Vec<super::virtqueue::Chain>, QueueError> {
     use std::os::fd::AsRawFd;
     let (Backend::Block(blk), Some(guest)) = (backend, mem.mapped()) else { return Ok(chains) };
+    if in_flight.is_none() {
+        *in_flight = blk.io_threads().map(|t| InFlight::new(t.clone(), blk.file().clone(), io_done.clone()));
+    }
     let (mut rest, mut served) = (Vec::new(), Vec::new());
-    let mut threaded = ThreadedPlans::new(blk);
+    let map = in_flight.is_some().then(|| guest.clone().into_inner());
     for chain in chains {
-        match super::zero_copy::plan(&guest, blk, &chain) {
-            Some(plan) => match threaded.as_mut() {
-                Some(threaded) => threaded.start(plan, &mut served),
-                None => served.push(plan.run(blk.file().as_raw_fd())),
-            },
-            None => rest.push(chain),
+        match (super::zero_copy::plan(&guest, blk, &chain), in_flight.as_mut(), &map) {
+            (Some(plan), Some(io), Some(map)) => io.start(plan.keeping(map.clone())),
+            (Some(plan), _, _) => served.push(plan.run(blk.file().as_raw_fd())),
+            (None, _, _) => rest.push(chain),
         }
     }
-    if let Some(threaded) = threaded.as_mut() {
-        threaded.finish(&mut served);
-    }
-    // Every transfer has ended: only now may the map they used go.
+    // Every transfer served here has ended: the map they used may go.
     drop(guest);
-    for s in &served {
-        mem.count_direct(s.out_bytes, s.in_bytes);
-        counters.errors += u64::from(s.failed);
-    }
-    if !served.is_empty() {
-        let done: Vec<(u16, u32)> = served.iter().map(|s| (s.head, s.used_len)).collect();
-        mem.write(queue.complete(&done)).await?;
-        counters.requests += served.len() as u64;
-        counters.zero_copy_requests += served.len() as u64;
-    }
+    complete(mem, queue, counters, &served).await?;
     Ok(rest)
 }
 
-/// Zero-copy transfers of a `direct=on` disk on its I/O threads.
-struct ThreadedPlans {
-    threads: super::io_threads::IoThreads,
-    file: Arc<std::fs::File>,
-    report: std::sync::mpsc::Sender<super::zero_copy::Served>,
-    done: std::sync::mpsc::Receiver<super::zero_copy::Served>,
-    /// (offset, length, write) of each transfer in flight.
-    in_flight: Vec<(u64, u64, bool)>,
-}
-
-impl ThreadedPlans {
-    fn new(blk: &super::blk::BlockDevice) -> Option<ThreadedPlans> {
-        let threads = blk.io_threads()?.clone();
-        let (report, done) = std::sync::mpsc::channel();
-        Some(ThreadedPlans { threads, file: blk.file().clone(), report, done, in_flight: Vec::new() })
+/// Publishes zero-copy completions in the used ring; true if there were any.
+async fn complete<M: DeviceMemory>(
+    mem: &Timed<M>,
+    queue: &mut SplitQueue,
+    counters: &mut DeviceCounters,
+    served: &[super::zero_copy::Served],
+) -> Result<bool, QueueError> {
+    if served.is_empty() {
+        return Ok(false);
     }
-
-    fn start(&mut self, plan: super::zero_copy::Plan, served: &mut Vec<super::zero_copy::Served>) {
-        let (offset, len, write) = (plan.offset, plan.len, plan.write);
-        // The guest sees each request whole, never a mix of two.
-        let overlaps = self.in_flight.iter().any(|&(o, l, w)| (write || w) && offset < o + l && o < offset + len);
-        if overlaps {
-            self.finish(served);
-        }
-        let (file, report) = (self.file.clone(), self.report.clone());
-        self.threads.run(Box::new(move || {
-            use std::os::fd::AsRawFd;
-            let _ = report.send(plan.run(file.as_raw_fd()));
-        }));
-        self.in_flight.push((offset, len, write));
+    for s in served {
+        mem.count_direct(s.out_bytes, s.in_bytes);
+        counters.errors += u64::from(s.failed);
     }
-
-    /// Waits for every transfer in flight.
-    fn finish(&mut self, served: &mut Vec<super::zero_copy::Served>) {
-        for _ in 0..self.in_flight.len() {
-            match self.done.recv() {
-                Ok(s) => served.push(s),
-                Err(_) => break,
-            }
-        }
-        self.in_flight.clear();
-    }
+    let done: Vec<(u16, u32)> = served.iter().map(|s| (s.head, s.used_len)).collect();
+    mem.write(queue.complete(&done)).await?;
+    counters.requests += served.len() as u64;
+    counters.zero_copy_requests += served.len() as u64;
+    Ok(true)
 }
 
 struct Control<M> {
@@ -279,6 +269,10 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
 
     async fn reset(self, _: tarpc::context::Context) -> Result<(), DeviceError> {
         let mut core = self.core.lock().await;
+        // No transfer may touch the driver's buffers after the reset.
+        if let Some(io) = core.in_flight.as_mut() {
+            io.drain();
+        }
         core.queue = None;
         core.posting = false;
         core.features = 0;
@@ -289,6 +283,8 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         // Holding the core means no request is half served; dropping the
         // queue means none starts here after the state is taken.
         let mut core = self.core.lock().await;
+        // Transfers in flight end and complete first: the state includes them.
+        core.complete_ended(true).await.map_err(|e| DeviceError::Failed(e.to_string()))?;
         let queue = core.queue.take().ok_or(DeviceError::NotActive)?;
         let counters = core.counters();
         Ok(DeviceState { features: core.features, queues: vec![queue.state()], counters })
@@ -365,6 +361,7 @@ where
         Doorbell::Ring { notify, irq } => (Some(notify), Some(irq)),
         Doorbell::Requests => (None, None),
     };
+    let io_done = Arc::new(Notify::new());
     let core = Arc::new(Mutex::new(Core {
         mem: Timed::new(mem),
         backend,
@@ -375,6 +372,8 @@ where
         counters: DeviceCounters::default(),
         on_notify: hooks.on_notify,
         tamper: hooks.tamper,
+        in_flight: None,
+        io_done: io_done.clone(),
     }));
     let kick = Arc::new(Notify::new());
     let server = Control {
@@ -402,6 +401,10 @@ where
                     guard.clear_ready();
                 }
                 _ = kick.notified() => {}
+                _ = io_done.notified() => {
+                    core.lock().await.complete_ended(false).await.map_err(|e| format!("virtqueue: {e}"))?;
+                    continue;
+                }
             }
             core.lock().await.run_hook().await;
             // A batch at a time, letting go of the core in between: a guest

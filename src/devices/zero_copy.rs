@@ -90,6 +90,9 @@ pub struct Plan {
     pub len: u64,
     pieces: Vec<(*mut u8, usize)>,
     status: *mut u8,
+    /// Keeps the map the pointers name mapped while the plan waits or runs
+    /// elsewhere (see [`Plan::keeping`]).
+    map: Option<std::sync::Arc<GuestMemoryMmap>>,
 }
 
 // SAFETY: the pointers name guest RAM mapped by a map snapshot that whoever
@@ -97,6 +100,17 @@ pub struct Plan {
 unsafe impl Send for Plan {}
 
 impl Plan {
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// The plan, holding `map` (the one it was made from) until it has run:
+    /// for a plan that outlives the caller's snapshot.
+    pub fn keeping(mut self, map: std::sync::Arc<GuestMemoryMmap>) -> Plan {
+        self.map = Some(map);
+        self
+    }
+
     /// Moves the data and writes the status byte.
     pub fn run(self, fd: i32) -> Served {
         let ok = transfer(fd, &self.pieces, self.offset, self.write);
@@ -147,7 +161,7 @@ pub fn plan(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<P
         return None;
     }
     let status = host_pieces(mem, chain, true, writable_len - 1, 1)?[0].0;
-    Some(Plan { head: chain.head, write, offset, len, pieces: data, status })
+    Some(Plan { head: chain.head, write, offset, len, pieces: data, status, map: None })
 }
 
 #[cfg(test)]
