@@ -73,7 +73,12 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
                 // address for every access, rpc by posted batches (the device
                 // calls back only for data too large to come inline).
                 if mode.starts_with("rpc") {
-                    assert_eq!(rpcs, row["device"]["memory_calls"].as_u64().unwrap(), "{what}");
+                    // The VMM counts a call as it admits it and the device as
+                    // the reply arrives; the device's last look at an empty
+                    // ring can fall on either side of the exit's snapshot
+                    // (seen in the nested tier, where everything is slow).
+                    let calls = row["device"]["memory_calls"].as_u64().unwrap();
+                    assert!(rpcs.abs_diff(calls) <= 1, "{rpcs} RPCs, {calls} calls: {what}");
                     assert!(row["memory_rpc_bytes"].as_u64().unwrap() >= row["bytes"].as_u64().unwrap(), "{what}");
                 }
                 if mode == "rpc" {
