@@ -190,7 +190,7 @@ fn bench_refuses_a_missing_results_file_and_an_unknown_peer() {
 /// change to the report's format cannot leave it stale.
 #[test]
 fn the_published_report_renders_from_its_results_file() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/study-2026-11-29");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/study-2026-11-30");
     let again = temp_path("published-render");
     let results = dir.join("results.json");
     let rendered = run(&["bench", "--render", results.to_str().unwrap(), "--out", again.to_str().unwrap()]);
