@@ -195,7 +195,7 @@ say "      $(env "${QEMU_ENV[@]}" "${QEMU[0]}" --version | head -n1)"
 
 # ---------------------------------------------------------------------------
 # L1's modules from the kit kernel's own package, with their dependencies
-# (kvm-amd needs ccp), in load order: KVM, and virtio-blk with ext4 for /tmp
+# (kvm-amd needs ccp), in load order: KVM, and virtio-blk with ext4 for the temp dir
 # on a scratch disk (tmpfs has no O_DIRECT before Linux 6.6; the generic
 # crc32c because the emulated CPU lacks SSE4.2).
 L1_MODULES=(kvm_amd virtio_pci virtio_blk ext4 crc32c_generic)
@@ -282,7 +282,7 @@ if [[ -n $EXEC ]]; then echo "exec|$BIN_TIMEOUT|/|sh /tier/exec.sh" >"$TMP/plan"
 if [[ -n $BENCH ]]; then
     skvm_exe=$(grep -m1 '/target/release/skvm$' "$TMP/built.list") || die "cargo built no skvm binary"
     echo "bench-linux|$BIN_TIMEOUT|$REPO_ROOT|$skvm_exe bench --linux $([[ $BENCH == quick ]] && echo --quick)" \
-        "--linux-kit $KIT --out /tmp/linux-bench" >"$TMP/plan"
+        "--linux-kit $KIT --out /scratch/linux-bench" >"$TMP/plan"
 fi
 [[ -s $TMP/plan ]] || die "--only $ONLY selects no test binary (binaries: $(cut -f1 "$TMP/tests.tsv" | paste -sd' '))"
 
@@ -377,7 +377,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/null >/dev/console 2>&1
-mkdir -p /dev/pts /dev/shm /tmp /run /root /sys/fs/cgroup
+mkdir -p /dev/pts /dev/shm /tmp /scratch /run /root /sys/fs/cgroup
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
@@ -392,19 +392,21 @@ echo "TIER-INIT uptime=$(up) kernel=$(uname -r) cpus=$(grep -c ^processor /proc/
 for m in $(cat /tier/modules/load-order); do
     insmod /tier/modules/$m.ko || echo "TIER-FATAL insmod $m.ko failed: $(dmesg | tail -n 3 | tr '\n' ' ')"
 done
-# /tmp on the scratch disk (ext4, like the host's: O_DIRECT works), else tmpfs.
+# The tests' temp dir (TMPDIR) on the scratch disk (ext4, like the host's:
+# O_DIRECT works), else tmpfs. Not over /tmp: the checkout may live there.
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-if ! mount -t ext4 -o noatime,discard /dev/vda /tmp; then
-    echo "TIER-WARNING no scratch disk: /tmp is tmpfs, which has no O_DIRECT on Linux $(uname -r)"
-    mount -t tmpfs -o size=85% tmpfs /tmp
+if ! mount -t ext4 -o noatime,discard /dev/vda /scratch; then
+    echo "TIER-WARNING no scratch disk: the temp dir is tmpfs, which has no O_DIRECT on Linux $(uname -r)"
+    mount -t tmpfs -o size=85% tmpfs /scratch
 fi
-chmod 1777 /tmp
+chmod 1777 /tmp /scratch
+export TMPDIR=/scratch
 if [ ! -c /dev/kvm ]; then
     echo "TIER-FATAL no /dev/kvm in L1: $(dmesg | grep -iE 'kvm|svm' | tail -n 5 | tr '\n' ' ')"
     poweroff -f
 fi
 # The kernel's symbols for the host, who names where L1's CPUs are if it stalls.
-grep ' [tT] ' /proc/kallsyms >/tmp/.tier-kallsyms
+grep ' [tT] ' /proc/kallsyms >/scratch/.tier-kallsyms
 sync
 # Kernel warnings on the console from now on, with every CPU's stack on a lockup.
 dmesg -n 7
@@ -452,7 +454,7 @@ while IFS='|' read -r name tmo cwd cmd <&3; do
         i=0; while [ -n "$(cat $cg/cgroup.procs)" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
     fi
     rmdir $cg 2>/dev/null
-    rm -rf /tmp/* 2>/dev/null
+    find /scratch -mindepth 1 -maxdepth 1 ! -name .tier-kallsyms -exec rm -rf {} \; 2>/dev/null
     echo "TIER-RESULT $name $res $secs rc=$rc"
 done 3</tier/plan
 kill $HB 2>/dev/null
@@ -529,7 +531,7 @@ run_l1() {
     ln -sfn "$(basename "$serial")" "$T/logs/latest.log"
     say "attempt $attempt: booting L1 ($(wc -l <"$plan") test binaries); log $serial"
     local t0 now last_change mon="$TMP/mon.$attempt" progress="$TMP/progress.$attempt"
-    # L1's /tmp: a fresh sparse ext4 image (holes punched as L1 deletes files).
+    # L1's temp dir: a fresh sparse ext4 image (holes punched as L1 deletes files).
     rm -f "$SCRATCH"
     truncate -s 16G "$SCRATCH"
     quiet mke2fs -q -F -t ext4 -O ^has_journal -E nodiscard "$SCRATCH"
