@@ -613,16 +613,6 @@ fn opened_direct(pid: u32, path: &Path) -> bool {
     panic!("process {pid} does not hold {}", path.display());
 }
 
-/// Whether files in the test directory can be opened O_DIRECT (tmpfs
-/// before Linux 6.6 cannot: the nested tier's L1 runs from one).
-fn temp_dir_has_direct_io() -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let probe = disk("direct-probe.img", 4096);
-    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe);
-    let _ = std::fs::remove_file(&probe);
-    opened.is_ok()
-}
-
 #[test]
 fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
     if !temp_dir_has_direct_io() {
@@ -674,15 +664,6 @@ fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
         vm.kill().unwrap();
         vm.wait().unwrap();
     }
-}
-
-/// FNV-1a of the first MiB of a disk: what `blk-verify` prints as the hash
-/// of what the disk must hold.
-fn first_mib_hash(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap();
-    let hash =
-        bytes[..1 << 20].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    format!("{hash:#x}")
 }
 
 /// Random reads and writes, each request's buffers laid out one of five

@@ -101,14 +101,7 @@ fn quick_study_writes_every_cell_a_report_and_plots() {
     }
     // The host-disk group: every mode and the host's fio ran (or, where the
     // temp dir has no O_DIRECT, every row says so), and skvm's 1 GiB file is gone.
-    let direct_here = {
-        use std::os::unix::fs::OpenOptionsExt;
-        let probe = temp_path("study-direct-probe");
-        std::fs::write(&probe, [0u8; 4096]).unwrap();
-        let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
-        let _ = std::fs::remove_file(&probe);
-        opened
-    };
+    let direct_here = temp_dir_has_direct_io();
     for workload in HOST_DISK_WORKLOADS {
         for mode in MODES.iter().chain(&["fio (host)"]) {
             let row = rows

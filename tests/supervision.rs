@@ -18,15 +18,6 @@ fn disk(name: &str) -> (PathBuf, String) {
     (path, arg)
 }
 
-/// FNV-1a of the first MiB of the disk: what the guest's `blk-verify` prints
-/// for what the disk must hold.
-fn disk_hash(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap();
-    let hash =
-        bytes[..1 << 20].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    format!("{hash:#x}")
-}
-
 /// Tells a guest running `blk-verify stop=1` to finish: its work then lasts
 /// as long as the test needs, on a fast host or in the nested tier's emulator.
 fn stop_verify(path: &Path) {
@@ -76,7 +67,7 @@ fn a_device_killed_50_times_mid_io_loses_nothing_in_rpc_mode() {
     let console = vm.wait_console("blk-verify: done", LONG);
     let (errors, corrupt, hash) = verify_report(&console);
     assert_eq!((errors, corrupt), (0, 0), "{console}");
-    assert_eq!(hash, disk_hash(&path), "the host file differs from the guest's record");
+    assert_eq!(hash, first_mib_hash(&path), "the host file differs from the guest's record");
     let (_, info) = vm.api("GET", "/vm", "");
     let blk = &info["devices"][0];
     assert_eq!(blk["healthy"], true, "{info}");
@@ -107,7 +98,7 @@ fn a_device_killed_by_its_seccomp_filter_mid_io_comes_back_in_rpc_mode() {
     let console = vm.wait_console("blk-verify: done", LONG);
     let (errors, corrupt, hash) = verify_report(&console);
     assert_eq!((errors, corrupt), (0, 0), "{console}");
-    assert_eq!(hash, disk_hash(&path));
+    assert_eq!(hash, first_mib_hash(&path));
     let (_, info) = vm.api("GET", "/vm", "");
     let blk = &info["devices"][0];
     assert_eq!(blk["healthy"], true, "{info}");
@@ -147,18 +138,9 @@ fn flushed_writes_survive_kill_9_of_the_vmm() {
             vm.child.wait().unwrap();
             let (errors, corrupt, hash) = verify_report(&console);
             assert_eq!((errors, corrupt), (0, 0), "{mode}, direct {direct}: {console}");
-            assert_eq!(hash, disk_hash(&path), "{mode}, direct {direct}: flushed data missing after kill -9");
+            assert_eq!(hash, first_mib_hash(&path), "{mode}, direct {direct}: flushed data missing after kill -9");
         }
     }
-}
-
-/// Whether files in the temp dir can be opened with O_DIRECT (tmpfs before Linux 6.6 cannot).
-fn temp_dir_has_direct_io() -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let (probe, _) = disk("direct-probe.img");
-    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe);
-    let _ = std::fs::remove_file(&probe);
-    opened.is_ok()
 }
 
 /// In the modes where the device walks its own ring, the VMM cannot know
@@ -187,7 +169,7 @@ fn a_killed_device_in_a_ring_walking_mode_comes_back_at_the_drivers_reset() {
         let (errors, corrupt, hash) = verify_report(&console);
         assert_eq!((errors, corrupt), (0, 0), "{mode}: {console}");
         assert!(console.contains("resets=3 "), "{mode}: the guest did not see each death: {console}");
-        assert_eq!(hash, disk_hash(&path), "{mode}");
+        assert_eq!(hash, first_mib_hash(&path), "{mode}");
         let (_, info) = vm.api("GET", "/vm", "");
         assert_eq!(
             (&info["devices"][0]["healthy"], &info["devices"][0]["restarts"]),

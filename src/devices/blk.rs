@@ -97,13 +97,16 @@ struct InFlight {
     transfers: Vec<(usize, u64, Transfer)>,
 }
 
+/// Whether two transfers, as (offset, length, write), may not run at once:
+/// they overlap and one of them writes. The later one waits, so the guest
+/// sees each request whole, never a mix of two.
+pub fn clash(a: (u64, u64, bool), b: (u64, u64, bool)) -> bool {
+    (a.2 || b.2) && a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
 impl InFlight {
-    /// A new transfer overlapping one in flight that writes (or a write over
-    /// any) must wait: the guest sees each request whole, never a mix.
     fn conflicts(&self, t: &Transfer) -> bool {
-        self.transfers.iter().any(|(_, _, other)| {
-            (t.write || other.write) && t.offset < other.offset + other.len && other.offset < t.offset + t.len
-        })
+        self.transfers.iter().any(|(_, _, o)| clash((t.offset, t.len, t.write), (o.offset, o.len, o.write)))
     }
 }
 

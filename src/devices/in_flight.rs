@@ -4,6 +4,7 @@
 //! depth reaches the host disk. A transfer that overlaps one in flight that
 //! writes (or a write over any) waits for it: a request is never seen half
 //! old, half new.
+use super::blk::clash;
 use super::io_threads::IoThreads;
 use super::zero_copy::{Plan, Served};
 use std::collections::VecDeque;
@@ -20,8 +21,8 @@ pub struct InFlight {
     done: Receiver<Served>,
     /// Wakes the device's event loop when a transfer ends.
     wake: Arc<Notify>,
-    /// (head, offset, length, write) of each transfer running.
-    running: Vec<(u16, u64, u64, bool)>,
+    /// (head, (offset, length, write)) of each transfer running.
+    running: Vec<(u16, (u64, u64, bool))>,
     /// Transfers waiting for an overlapping one to end, in arrival order.
     waiting: VecDeque<Plan>,
 }
@@ -33,15 +34,13 @@ impl InFlight {
     }
 
     /// Requests not yet completed.
-    pub fn len(&self) -> usize {
+    pub fn outstanding(&self) -> usize {
         self.running.len() + self.waiting.len()
     }
 
     fn blocked(&self, plan: &Plan) -> bool {
-        let (offset, len, write) = (plan.offset, plan.len, plan.write);
-        let overlaps = |o: u64, l: u64, w: bool| (write || w) && offset < o + l && o < offset + len;
-        self.running.iter().any(|&(_, o, l, w)| overlaps(o, l, w))
-            || self.waiting.iter().any(|p| overlaps(p.offset, p.len, p.write))
+        self.running.iter().any(|r| clash(plan.extent(), r.1))
+            || self.waiting.iter().any(|p| clash(plan.extent(), p.extent()))
     }
 
     /// Starts `plan` on a thread, or queues it behind an overlapping transfer.
@@ -54,7 +53,7 @@ impl InFlight {
     }
 
     fn launch(&mut self, plan: Plan) {
-        self.running.push((plan.head(), plan.offset, plan.len, plan.write));
+        self.running.push((plan.head(), plan.extent()));
         let (file, report, wake) = (self.file.clone(), self.report.clone(), self.wake.clone());
         self.threads.run(Box::new(move || {
             let _ = report.send(plan.run(file.as_raw_fd()));
@@ -73,7 +72,7 @@ impl InFlight {
     /// Waits for every transfer, running and waiting, to end.
     pub fn drain(&mut self) -> Vec<Served> {
         let mut ended = Vec::new();
-        while self.len() > 0 {
+        while self.outstanding() > 0 {
             let Ok(served) = self.done.recv() else { break };
             self.forget(std::slice::from_ref(&served));
             ended.push(served);
@@ -90,11 +89,8 @@ impl InFlight {
         // Start what no longer overlaps anything ahead of it.
         let mut still: VecDeque<Plan> = VecDeque::new();
         while let Some(plan) = self.waiting.pop_front() {
-            let ahead = self.running.iter().map(|&(_, o, l, w)| (o, l, w));
-            let conflict = ahead
-                .chain(still.iter().map(|p| (p.offset, p.len, p.write)))
-                .any(|(o, l, w)| (plan.write || w) && plan.offset < o + l && o < plan.offset + plan.len);
-            if conflict {
+            let ahead = self.running.iter().map(|r| r.1).chain(still.iter().map(Plan::extent));
+            if ahead.into_iter().any(|other| clash(plan.extent(), other)) {
                 still.push_back(plan);
             } else {
                 self.launch(plan);

@@ -9,7 +9,7 @@ use super::Backend;
 use rpc_schema::{PostedBuffer, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 
-fn posted(chain: &Chain) -> Vec<PostedBuffer> {
+pub(super) fn posted(chain: &Chain) -> Vec<PostedBuffer> {
     chain.buffers.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect()
 }
 

@@ -14,8 +14,8 @@
 //! threads, many at once.
 use super::blk::{BlockDevice, HEADER_SIZE};
 use super::request::{pieces, stream_lengths};
+use super::ring::posted;
 use super::virtqueue::Chain;
-use rpc_schema::PostedBuffer;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A request served here: what the used ring gets.
@@ -38,8 +38,7 @@ fn host_pieces(
     start: u64,
     len: u64,
 ) -> Option<Vec<(*mut u8, usize)>> {
-    let posted: Vec<PostedBuffer> =
-        chain.buffers.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
+    let posted = posted(chain);
     let mut out = Vec::new();
     for (index, offset, piece_len) in pieces(&posted, writable, start, len) {
         let addr = chain.buffers[index as usize].addr.checked_add(offset as u64)?;
@@ -85,9 +84,9 @@ fn transfer(fd: i32, pieces: &[(*mut u8, usize)], mut offset: u64, write: bool) 
 /// A checked zero-copy transfer, ready to run: host addresses in guest RAM.
 pub struct Plan {
     head: u16,
-    pub write: bool,
-    pub offset: u64,
-    pub len: u64,
+    write: bool,
+    offset: u64,
+    len: u64,
     pieces: Vec<(*mut u8, usize)>,
     status: *mut u8,
     /// Keeps the map the pointers name mapped while the plan waits or runs
@@ -102,6 +101,11 @@ unsafe impl Send for Plan {}
 impl Plan {
     pub fn head(&self) -> u16 {
         self.head
+    }
+
+    /// (file offset, length, write): what [`super::blk::clash`] compares.
+    pub fn extent(&self) -> (u64, u64, bool) {
+        (self.offset, self.len, self.write)
     }
 
     /// The plan, holding `map` (the one it was made from) until it has run:
@@ -139,8 +143,7 @@ fn serve(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Serv
 /// The zero-copy plan for `chain`, if it is a plain read or write whose
 /// buffers are all guest RAM (and, for a `direct=on` disk, on its block grid).
 pub fn plan(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Plan> {
-    let posted: Vec<PostedBuffer> =
-        chain.buffers.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
+    let posted = posted(chain);
     let (readable_len, writable_len) = stream_lengths(&posted);
     if readable_len < HEADER_SIZE || writable_len == 0 {
         return None;

@@ -98,6 +98,26 @@ pub fn run_guest(extra: &[&str], cmdline: &str) -> Outcome {
     run(&args)
 }
 
+/// Whether files in the test directory can be opened O_DIRECT (tmpfs
+/// before Linux 6.6 cannot).
+pub fn temp_dir_has_direct_io() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = temp_path("direct-probe.img");
+    std::fs::write(&probe, [0u8; 4096]).unwrap();
+    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe);
+    let _ = std::fs::remove_file(&probe);
+    opened.is_ok()
+}
+
+/// FNV-1a of the first MiB of a disk: what the test guest's `blk-verify`
+/// prints as the hash of what the disk must hold.
+pub fn first_mib_hash(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let hash =
+        bytes[..1 << 20].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:#x}")
+}
+
 pub fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("skvm-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
