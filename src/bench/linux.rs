@@ -5,7 +5,8 @@
 //! Absolute figures there are an emulator's; the ratios between modes are
 //! what it reports for.
 use super::matrix::MODES;
-use super::runner::run_process_within;
+use super::results::median_of;
+use super::runner::{last_line, run_process_within, tmpfs_dir};
 use super::BenchArgs;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -117,15 +118,9 @@ fn one_run(kernel: &Path, initrd: &Path, disk: &Path, mode: &str, cmdline: &str)
     let finished = run_process_within(command, RUN_LIMIT)?;
     let fio = parse_fio(&finished.stdout)?;
     if finished.code != Some(0) {
-        let why = finished.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        return Err(format!("skvm exited with {:?}: {why}", finished.code));
+        return Err(format!("skvm exited with {:?}: {}", finished.code, last_line(&finished.stderr)));
     }
     Ok((fio, finished.cpu.as_secs_f64()))
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
 }
 
 fn row(workload: &str, mode: &str, runs: Vec<Result<(FioResult, f64), String>>) -> LinuxRow {
@@ -150,7 +145,7 @@ fn row(workload: &str, mode: &str, runs: Vec<Result<(FioResult, f64), String>>) 
     if good.is_empty() || row.error.is_some() {
         return row;
     }
-    let pick = |f: &dyn Fn(&(FioResult, f64)) -> f64| median(good.iter().map(f).collect());
+    let pick = |f: &dyn Fn(&(FioResult, f64)) -> f64| median_of(good.iter().map(f).collect()).unwrap_or(0.0);
     row.ok = true;
     row.iops = pick(&|(r, _)| r.iops);
     row.mib_per_s = pick(&|(r, _)| r.bytes_per_s / (1 << 20) as f64);
@@ -163,16 +158,14 @@ fn row(workload: &str, mode: &str, runs: Vec<Result<(FioResult, f64), String>>) 
 
 /// Runs every workload in every mode and writes linux.json and linux.md.
 pub fn run(args: &BenchArgs) -> Result<u8, String> {
-    if Path::new("/sys/module/kvm_pvm").exists() {
+    if super::machine::is_pvm() {
         return Err("this host's /dev/kvm is PVM, where a Linux guest does not reach userspace; \
                     run `scripts/linux-tier.sh --bench` to run this benchmark in the nested tier"
             .into());
     }
     let (kernel, initrd) = kit(&args.linux_kit)?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-    let disk = base.join(format!("skvm-bench-linux-{}.img", std::process::id()));
+    let disk = tmpfs_dir().join(format!("skvm-bench-linux-{}.img", std::process::id()));
     std::fs::write(&disk, vec![0x5au8; DISK_BYTES]).map_err(|e| format!("cannot write {}: {e}", disk.display()))?;
     let repeats = if args.quick { 1 } else { 3 };
     let total = WORKLOADS.len() * MODES.len() * repeats;

@@ -30,9 +30,17 @@ pub fn tsc_hz() -> f64 {
     (t1 - t0) as f64 / start.elapsed().as_secs_f64()
 }
 
+fn loaded(module: &str) -> bool {
+    std::path::Path::new(&format!("/sys/module/{module}")).exists()
+}
+
+/// Whether /dev/kvm is PVM, where a Linux guest does not reach userspace.
+pub fn is_pvm() -> bool {
+    loaded("kvm_pvm")
+}
+
 fn kvm_kind() -> String {
-    let loaded = |m: &str| std::path::Path::new(&format!("/sys/module/{m}")).exists();
-    if loaded("kvm_pvm") {
+    if is_pvm() {
         "PVM (kvm_pvm: software nested virtualisation; guest ring 0 emulated)".into()
     } else if loaded("kvm_intel") {
         "hardware (kvm_intel)".into()

@@ -187,7 +187,11 @@ impl Results {
 
 /// The median of the values `f` gives for the runs, if there are any.
 pub fn median<'a>(rows: impl Iterator<Item = &'a Row>, f: impl Fn(&Row) -> f64) -> Option<f64> {
-    let mut values: Vec<f64> = rows.map(f).collect();
+    median_of(rows.map(f).collect())
+}
+
+/// The median of `values` (the upper one of an even count), if there are any.
+pub fn median_of(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -196,13 +196,22 @@ fn create_host_disk(dir: &Path) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Where a benchmark's disk files go: tmpfs (so the host disk does not
+/// dominate) where there is one.
+pub fn tmpfs_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 impl Scratch {
     /// A disk file in tmpfs (so the host disk does not dominate), the
     /// host-disk group's file, and the test guest's ELF.
     fn create(out: &Path, host_disk_dir: &Path) -> Result<Scratch, String> {
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        let dir = base.join(format!("skvm-bench-{}", std::process::id()));
+        let dir = tmpfs_dir().join(format!("skvm-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let disk = dir.join("disk.img");
         // Real data, so reads touch real pages.
@@ -309,7 +318,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
     row
 }
 
-fn last_line(text: &str) -> &str {
+pub fn last_line(text: &str) -> &str {
     text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
