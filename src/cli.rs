@@ -1,7 +1,9 @@
 //! Command-line interface: flag parsing, validation and exit statuses.
 use crate::devices::process::{DeviceKind, DeviceProcess, MemoryChannel, Misbehaviour, SharedRegion};
 use crate::test_guest;
-use crate::vmm::{self, BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
+use crate::vmm::{
+    self, BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, NetConfig, SerialOutput, VmConfig,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::error::Error;
 use std::path::PathBuf;
@@ -152,6 +154,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=FILE[,readonly=on][,direct=on]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
 
+    /// A virtio-net device on an existing host tap: `tap=NAME[,mac=MAC]`. Repeat for more
+    /// (8 devices at most, of all kinds). skvm attaches to the tap (which must exist and not
+    /// be in use) and hands the device process only that descriptor. Without `mac=`, the MAC
+    /// is derived from the tap's name (stable, locally administered); `skvm ctl info` shows it.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+
     /// How devices reach guest memory. `rpc`: a sandboxed process that never maps guest RAM;
     /// the VMM walks its queue and hands it only the buffers the guest posted, by grant.
     /// `rpc-dma`: a sandboxed process that walks its own queue and asks the VMM to read or
@@ -228,6 +237,12 @@ pub struct DeviceArgs {
     hotplug_fd: Option<i32>,
     #[arg(long, value_parser = parse_address)]
     probe: Option<u64>,
+    /// A network device's tap, opened by the VMM.
+    #[arg(long, required_if_eq("kind", "net"), value_parser = inherited_fd)]
+    tap_fd: Option<i32>,
+    /// A network device's MAC address.
+    #[arg(long, required_if_eq("kind", "net"), value_parser = parse_mac_arg)]
+    mac: Option<[u8; 6]>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -235,6 +250,7 @@ pub enum DeviceKindArg {
     Blk,
     Rng,
     Mem,
+    Net,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -299,6 +315,10 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                         Some(hotplug) => DeviceKind::Mem { hotplug },
                         None => return Err("a virtio-mem device needs --hotplug-fd".into()),
                     },
+                    (DeviceKindArg::Net, _) => match (args.tap_fd, args.mac) {
+                        (Some(tap), Some(mac)) => DeviceKind::Net { tap, mac },
+                        _ => return Err("a virtio-net device needs --tap-fd and --mac".into()),
+                    },
                 },
                 misbehave: args.misbehave,
                 probe: args.probe,
@@ -334,6 +354,7 @@ impl RunArgs {
             serial: self.serial,
             boot_protocol: self.boot_protocol,
             disks: self.disk,
+            nets: self.net,
             rng: self.rng,
             api_socket: self.api_socket,
             stats_file: self.stats_file,
@@ -458,6 +479,30 @@ fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path, readonly, direct })
 }
 
+fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let (mut tap, mut mac) = (None, None);
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < libc::IFNAMSIZ && !name.contains('/') => {
+                tap = Some(name.to_string())
+            }
+            Some(("tap", name)) => return Err(format!("`{name}` is not an interface name (1 to 15 characters)")),
+            Some(("mac", text)) => {
+                let parsed = crate::devices::net::parse_mac(text)
+                    .ok_or_else(|| format!("`{text}` is not a MAC address (xx:xx:xx:xx:xx:xx)"))?;
+                if parsed[0] & 1 != 0 {
+                    return Err(format!("`{text}` is a multicast address; a NIC needs a unicast one"));
+                }
+                mac = Some(parsed);
+            }
+            _ => return Err(format!("`{part}` is not tap=NAME or mac=MAC")),
+        }
+    }
+    let tap = tap.ok_or("a network device needs tap=NAME")?;
+    let mac = mac.unwrap_or_else(|| crate::devices::net::default_mac(&tap));
+    Ok(NetConfig { tap, mac })
+}
+
 fn parse_region(text: &str) -> Result<SharedRegion, String> {
     let parts: Vec<u64> =
         text.split(':').map(|p| p.parse::<u64>()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
@@ -535,4 +580,8 @@ mod tests {
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());
     }
+}
+
+fn parse_mac_arg(text: &str) -> Result<[u8; 6], String> {
+    crate::devices::net::parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"))
 }

@@ -33,7 +33,9 @@
 //!   an outstanding grant: an unknown or completed grant, a buffer index or
 //!   range past the buffer, the wrong direction, an address-style call, or a
 //!   completion for a grant it does not hold. A grant is revoked the moment
-//!   its completion arrives.
+//!   its completion arrives. A device may also hold a request past its
+//!   batch and complete it later with [`GuestMemory::complete`]: a network
+//!   device's receive buffers wait there for frames.
 //! * **DMA style** (`rpc-dma` mode, the 2011 "Secure KVM" design). The device
 //!   walks its own ring and reads and writes guest-physical ranges with
 //!   [`GuestMemory::read`] and [`GuestMemory::write`], each checked only
@@ -46,7 +48,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -218,6 +220,9 @@ pub struct PostedRequest {
     pub readable: ByteBuf,
     /// Some buffer is not guest RAM: the device answers with its error status.
     pub faulty: bool,
+    /// The virtqueue the chain came from (a network device's receive or
+    /// transmit queue).
+    pub queue: u16,
 }
 
 /// Bytes for one device-writable buffer of a grant, at `offset` into it.
@@ -268,6 +273,9 @@ pub trait GuestMemory {
     /// Request level: writes into device-writable granted buffers; all are
     /// checked before any is written.
     async fn write_granted(writes: Vec<GrantWrite>) -> Result<(), MemoryError>;
+    /// Request level: completes requests held past their batch (each grant
+    /// once, checked as a batch reply's completions are).
+    async fn complete(completions: Vec<CompletedRequest>) -> Result<(), MemoryError>;
 }
 
 /// One virtqueue as the driver set it up.
@@ -326,6 +334,30 @@ pub struct DeviceCounters {
     /// (Absent from results files written before it existed.)
     #[serde(default)]
     pub zero_copy_requests: u64,
+    /// A network device's traffic; None for the other kinds.
+    #[serde(default)]
+    pub net: Option<NetCounters>,
+}
+
+/// What a network device moved, and what it dropped, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    /// Frames (and their bytes, headers excluded) from the guest to the tap.
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames (and bytes) from the tap to the guest.
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Guest frames dropped: shorter than the virtio-net header, or no frame after it.
+    pub tx_dropped_malformed: u64,
+    /// Guest frames dropped: longer than the largest frame a tap takes.
+    pub tx_dropped_oversized: u64,
+    /// Guest frames the tap refused (for instance, a bad offload header).
+    pub tx_dropped_refused: u64,
+    /// Host frames dropped: larger than every receive buffer the guest posted.
+    pub rx_dropped_too_big: u64,
+    /// Receive buffers given back unused: too small for the header, or not RAM.
+    pub rx_bad_buffers: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! How a device reaches guest memory: an async trait with one implementation
 //! per memory mode. Devices never see more than this.
-use rpc_schema::{GrantRange, GrantWrite, GuestMemoryClient, MemoryError, Segment, WriteSegment};
+use rpc_schema::{CompletedRequest, GrantRange, GrantWrite, GuestMemoryClient, MemoryError, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -28,6 +28,10 @@ pub trait DeviceMemory: Send + Sync + 'static {
     fn read_granted(&self, ranges: Vec<GrantRange>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
     /// Writes into granted buffers.
     fn write_granted(&self, writes: Vec<GrantWrite>) -> impl Future<Output = Result<(), AccessError>> + Send;
+    /// Completes granted requests held past their batch (`rpc` only).
+    fn complete(&self, _completions: Vec<CompletedRequest>) -> impl Future<Output = Result<(), AccessError>> + Send {
+        async { Err(AccessError::Transport("only a request-level device holds requests".into())) }
+    }
     /// Guest RAM as this process maps it, for zero-copy transfers: only in
     /// `shared` and `inprocess`. The snapshot keeps the map it names mapped.
     fn mapped(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
@@ -76,6 +80,11 @@ impl DeviceMemory for RpcMemory {
     async fn write_granted(&self, writes: Vec<GrantWrite>) -> Result<(), AccessError> {
         let _turn = self.turn().await?;
         rpc_reply(self.client.write_granted(context::current(), writes).await)
+    }
+
+    async fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), AccessError> {
+        let _turn = self.turn().await?;
+        rpc_reply(self.client.complete(context::current(), completions).await)
     }
 }
 
@@ -208,6 +217,14 @@ impl<M: DeviceMemory> DeviceMemory for Timed<M> {
         let started = Instant::now();
         let bytes = writes.iter().map(|w| w.write.data.len() as u64).sum();
         let result = self.inner.write_granted(writes).await;
+        self.record(started, 0, bytes);
+        result
+    }
+
+    async fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), AccessError> {
+        let started = Instant::now();
+        let bytes = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
+        let result = self.inner.complete(completions).await;
         self.record(started, 0, bytes);
         result
     }

@@ -11,6 +11,7 @@ mod in_flight;
 mod io_threads;
 pub mod mem;
 pub mod memory;
+pub mod net;
 mod posted;
 pub mod process;
 pub mod request;
@@ -37,6 +38,7 @@ pub enum Backend {
     Block(blk::BlockDevice),
     Rng(rng::RngDevice),
     Mem(mem::MemDevice),
+    Net(net::NetDevice),
 }
 
 impl Backend {
@@ -45,6 +47,7 @@ impl Backend {
             Backend::Block(blk) => blk.info(),
             Backend::Rng(rng) => rng.info(),
             Backend::Mem(mem) => mem.info(),
+            Backend::Net(net) => net.info(),
         }
     }
 
@@ -54,6 +57,7 @@ impl Backend {
             Backend::Block(_) => blk::BlockDevice::wanted(readable_len, writable_len),
             Backend::Rng(_) => 0,
             Backend::Mem(_) => readable_len.min(mem::REQUEST_SIZE),
+            Backend::Net(_) => net::NetDevice::wanted(readable_len),
         }
     }
 
@@ -61,7 +65,7 @@ impl Backend {
     pub fn refuse(&self, writable_len: u64) -> Reply {
         match self {
             Backend::Block(_) => blk::BlockDevice::refuse(writable_len),
-            Backend::Rng(_) | Backend::Mem(_) => Reply { failed: true, ..Reply::default() },
+            Backend::Rng(_) | Backend::Mem(_) | Backend::Net(_) => Reply { failed: true, ..Reply::default() },
         }
     }
 
@@ -75,7 +79,7 @@ impl Backend {
     pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
         match self {
             Backend::Block(blk) => blk.start_io_threads(name, sandboxed),
-            Backend::Rng(_) | Backend::Mem(_) => Ok(()),
+            Backend::Rng(_) | Backend::Mem(_) | Backend::Net(_) => Ok(()),
         }
     }
 
@@ -86,6 +90,8 @@ impl Backend {
             Backend::Block(blk) => Ok(blk.serve(requests)),
             Backend::Rng(rng) => Ok(rng.serve(requests)),
             Backend::Mem(device) => device.serve(requests).await,
+            // The transmit queue's requests; receive buffers are held instead.
+            Backend::Net(net) => Ok(net.transmit(requests)),
         }
     }
 }

@@ -77,7 +77,7 @@ async fn request<M: DeviceMemory>(mem: &M, backend: &Backend, posted: &PostedReq
 }
 
 /// A reply's writes as pieces of the chain's writable buffers.
-fn buffer_writes(buffers: &[PostedBuffer], reply: &Reply) -> Vec<BufferWrite> {
+pub(super) fn buffer_writes(buffers: &[PostedBuffer], reply: &Reply) -> Vec<BufferWrite> {
     let mut out = Vec::new();
     for (start, bytes) in &reply.writes {
         let mut from = 0usize;

@@ -105,6 +105,11 @@ pub enum DeviceKind {
     Mem {
         hotplug: RawFd,
     },
+    /// virtio-net, with the tap the VMM opened.
+    Net {
+        tap: RawFd,
+        mac: [u8; 6],
+    },
 }
 
 /// The channel on a socket descriptor the VMM handed over.
@@ -238,6 +243,7 @@ impl DeviceProcess {
         match self.kind {
             DeviceKind::Block { disk, .. } => fds.push(disk),
             DeviceKind::Mem { hotplug } => fds.push(hotplug),
+            DeviceKind::Net { tap, .. } => fds.push(tap),
             DeviceKind::Rng => {}
         }
         fds.sort_unstable();
@@ -258,7 +264,9 @@ impl DeviceProcess {
         };
         let (filter, max_file_size) = match self.kind {
             DeviceKind::Block { disk, .. } => (sandbox::device_filter(sandbox::DeviceFilter::Block)?, file_size(disk)?),
-            DeviceKind::Rng | DeviceKind::Mem { .. } => (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, 0),
+            DeviceKind::Rng | DeviceKind::Mem { .. } | DeviceKind::Net { .. } => {
+                (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, 0)
+            }
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -288,6 +296,11 @@ impl DeviceProcess {
                     // SAFETY: the VMM handed us this descriptor to own.
                     let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(hotplug) };
                     Backend::Mem(MemDevice::connect(socket).await?)
+                }
+                DeviceKind::Net { tap, mac } => {
+                    // SAFETY: the VMM handed us this descriptor to own.
+                    let tap = unsafe { File::from_raw_fd(tap) };
+                    Backend::Net(super::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
                 }
             };
             let hotplug = match &backend {

@@ -4,7 +4,9 @@
 use super::features;
 use super::in_flight::InFlight;
 use super::memory::{DeviceMemory, Timed};
-use super::virtqueue::{validate, QueueError, SplitQueue};
+use super::net::{Held, RX_QUEUE};
+use super::request::Request;
+use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{posted, ring, Backend};
 use futures::StreamExt;
 use rpc_schema::{
@@ -12,6 +14,7 @@ use rpc_schema::{
     DeviceInfo, DeviceState, PostedRequest, QueueConfig, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::{ClientMessage, Response, Transport};
@@ -22,8 +25,14 @@ use vmm_sys_util::eventfd::EventFd;
 struct Core<M> {
     mem: Timed<M>,
     backend: Backend,
-    /// Ring-walking modes: the queue this device walks, once active.
-    queue: Option<SplitQueue>,
+    /// Ring-walking modes: the queues this device walks, once active (empty before).
+    queues: Vec<SplitQueue>,
+    /// A network device's receive buffers, held until frames come: chains
+    /// it popped (ring-walking modes) or requests posted to it (`rpc`).
+    rx_chains: VecDeque<Held<Chain>>,
+    rx_posted: VecDeque<Held<PostedRequest>>,
+    /// Request level: each queue's size (the device never learns where the rings are).
+    queue_sizes: Vec<u16>,
     /// Request level: the VMM may post requests (activated, not reset).
     posting: bool,
     features: u64,
@@ -53,7 +62,34 @@ impl<M: DeviceMemory> Core<M> {
     fn counters(&self) -> DeviceCounters {
         let mut counters = self.counters.clone();
         self.mem.report(&mut counters);
+        if let Backend::Net(net) = &self.backend {
+            counters.net = Some(net.counters.clone());
+        }
         counters
+    }
+
+    /// Features negotiated: what device logic needs to know of them.
+    fn set_features(&mut self, features: u64) {
+        self.features = features;
+        if let Backend::Net(net) = &mut self.backend {
+            net.mergeable = features & super::net::F_MRG_RXBUF != 0;
+        }
+    }
+
+    /// Forgets receive buffers held and a frame waiting for them.
+    fn release_held(&mut self) -> usize {
+        if let Backend::Net(net) = &mut self.backend {
+            net.drop_pending();
+        }
+        self.rx_posted.clear();
+        let held = self.rx_chains.len();
+        self.rx_chains.clear();
+        held
+    }
+
+    /// A network device holds receive buffers a frame could go to.
+    fn wants_frames(&self) -> bool {
+        !self.rx_chains.is_empty() || !self.rx_posted.is_empty()
     }
 
     async fn run_hook(&mut self) {
@@ -65,7 +101,10 @@ impl<M: DeviceMemory> Core<M> {
     /// Serves one batch of requests; false when the driver had made none.
     async fn service(&mut self) -> Result<bool, QueueError> {
         let started = std::time::Instant::now();
-        let result = self.serve_batch().await;
+        let result = match self.backend {
+            Backend::Net(_) => self.serve_net().await,
+            _ => self.serve_batch().await,
+        };
         // Transfers that ended meanwhile complete now, not after the queue empties.
         let ended = self.complete_ended(false).await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
@@ -73,8 +112,8 @@ impl<M: DeviceMemory> Core<M> {
     }
 
     async fn serve_batch(&mut self) -> Result<bool, QueueError> {
-        let Core { mem, backend, queue, irq, counters, in_flight, io_done, .. } = self;
-        let Some(queue) = queue.as_mut() else { return Ok(false) };
+        let Core { mem, backend, queues, irq, counters, in_flight, io_done, .. } = self;
+        let Some(queue) = queues.first_mut() else { return Ok(false) };
         let (chains, mut prefetched) = queue.pop_all(mem).await?;
         if chains.is_empty() {
             return Ok(false);
@@ -102,16 +141,78 @@ impl<M: DeviceMemory> Core<M> {
     /// Completes the transfers in flight that have ended (all of them, and
     /// waiting for those still running, with `wait`).
     async fn complete_ended(&mut self, wait: bool) -> Result<(), QueueError> {
-        let Core { mem, queue, irq, counters, in_flight, .. } = self;
+        let Core { mem, queues, irq, counters, in_flight, .. } = self;
         let Some(io) = in_flight.as_mut() else { return Ok(()) };
         let ended = if wait { io.drain() } else { io.reap() };
-        let Some(queue) = queue.as_mut() else { return Ok(()) };
+        let Some(queue) = queues.first_mut() else { return Ok(()) };
         if complete(mem, queue, counters, &ended).await? {
             if let Some(irq) = irq {
                 let _ = irq.write(1);
             }
         }
         Ok(())
+    }
+
+    /// A network device, ring-walking modes: sends what the driver queued
+    /// to transmit, takes its new receive buffers, and fills them with
+    /// frames from the tap. False when nothing moved.
+    async fn serve_net(&mut self) -> Result<bool, QueueError> {
+        let Core { mem, backend, queues, irq, counters, rx_chains, .. } = self;
+        let [rx, tx] = queues.as_mut_slice() else { return Ok(false) };
+        let mut moved = false;
+        let (chains, mut prefetched) = tx.pop_all(mem).await?;
+        if !chains.is_empty() {
+            let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
+            let replies = backend.serve(&requests).await?;
+            counters.errors += ring::deliver(mem, tx, backend, &chains, &requests, replies).await?;
+            counters.requests += chains.len() as u64;
+            moved = true;
+        }
+        loop {
+            let (chains, _) = rx.pop_all(mem).await?;
+            if chains.is_empty() {
+                break;
+            }
+            rx_chains.extend(chains.into_iter().map(|chain| {
+                let capacity = chain.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
+                Held { buffer: chain, capacity }
+            }));
+        }
+        let Backend::Net(net) = backend else { return Ok(false) };
+        let ring_full = rx_chains.len() >= rx.state().config.size as usize;
+        let filled = net.receive(rx_chains, ring_full, u64::MAX);
+        if !filled.is_empty() {
+            let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
+            let requests: Vec<Request> =
+                chains.iter().map(|c| Request { readable_len: 0, writable_len: c.bytes(), readable: None }).collect();
+            counters.errors += ring::deliver(mem, rx, backend, &chains, &requests, replies).await?;
+            counters.requests += chains.len() as u64;
+            moved = true;
+        }
+        if moved {
+            if let Some(irq) = irq {
+                let _ = irq.write(1);
+            }
+        }
+        Ok(moved)
+    }
+
+    /// A network device, request level: fills held receive buffers with
+    /// frames from the tap; their completions, within one reply's inline limit.
+    fn receive_posted(&mut self, budget: u64) -> Vec<CompletedRequest> {
+        let Backend::Net(net) = &mut self.backend else { return Vec::new() };
+        let size = self.queue_sizes.get(RX_QUEUE as usize).copied().unwrap_or(u16::MAX);
+        let ring_full = self.rx_posted.len() >= size as usize;
+        let filled = net.receive(&mut self.rx_posted, ring_full, budget);
+        self.counters.requests += filled.len() as u64;
+        filled
+            .into_iter()
+            .map(|(posted, reply)| CompletedRequest {
+                grant: posted.grant,
+                used_len: reply.used_len,
+                writes: posted::buffer_writes(&posted.buffers, &reply),
+            })
+            .collect()
     }
 
     /// Request level: serves a batch the VMM posted.
@@ -121,11 +222,31 @@ impl<M: DeviceMemory> Core<M> {
         }
         self.run_hook().await;
         let started = std::time::Instant::now();
-        let count = batch.len() as u64;
         let seen = self.tamper.is_some().then(|| batch.clone());
+        // A network device holds its receive buffers for frames to come.
+        let (held, batch): (Vec<_>, Vec<_>) = match self.backend {
+            Backend::Net(_) => batch.into_iter().partition(|p| p.queue == RX_QUEUE),
+            _ => (Vec::new(), batch),
+        };
+        let mut given_back = Vec::new();
+        for posted in held {
+            let capacity = posted.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
+            if posted.faulty {
+                given_back.push(CompletedRequest { grant: posted.grant, used_len: 0, writes: Vec::new() });
+                if let Backend::Net(net) = &mut self.backend {
+                    net.counters.rx_bad_buffers += 1;
+                }
+            } else {
+                self.rx_posted.push_back(Held { buffer: posted, capacity });
+            }
+        }
+        let count = batch.len() as u64 + given_back.len() as u64;
         let result = posted::serve(&self.mem, &mut self.backend, batch).await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
         let (mut completions, failed) = result.map_err(|e| DeviceError::Failed(e.to_string()))?;
+        completions.extend(given_back);
+        let inline: u64 = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
+        completions.extend(self.receive_posted(rpc_schema::MAX_BATCH_INLINE.saturating_sub(inline)));
         self.counters.requests += count;
         self.counters.errors += failed;
         if let (Some(tamper), Some(batch)) = (self.tamper.as_mut(), seen) {
@@ -213,16 +334,26 @@ impl<M> Clone for Control<M> {
 }
 
 impl<M: DeviceMemory> Control<M> {
-    fn queues(&self, features: u64, states: &[QueueConfig]) -> Result<SplitQueue, DeviceError> {
-        let [config] = states else {
-            return Err(DeviceError::BadQueue(format!("{} queues, the device has 1", states.len())));
-        };
-        validate(config, self.info.max_queue_size).map_err(DeviceError::BadQueue)?;
-        Ok(SplitQueue::new(
-            *config,
-            features & features::RING_EVENT_IDX != 0,
-            features & features::RING_INDIRECT_DESC != 0,
-        ))
+    fn queues(&self, features: u64, configs: &[QueueConfig]) -> Result<Vec<SplitQueue>, DeviceError> {
+        self.check_count(configs.len())?;
+        configs
+            .iter()
+            .map(|config| {
+                validate(config, self.info.max_queue_size).map_err(DeviceError::BadQueue)?;
+                Ok(SplitQueue::new(
+                    *config,
+                    features & features::RING_EVENT_IDX != 0,
+                    features & features::RING_INDIRECT_DESC != 0,
+                ))
+            })
+            .collect()
+    }
+
+    fn check_count(&self, count: usize) -> Result<(), DeviceError> {
+        if count != self.info.queue_count as usize {
+            return Err(DeviceError::BadQueue(format!("{count} queues, the device has {}", self.info.queue_count)));
+        }
+        Ok(())
     }
 }
 
@@ -245,19 +376,21 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         }
         let features = features & self.info.features;
         if self.request_level {
-            // The VMM walks the ring: the device never learns where it is.
-            if !queues.is_empty() {
+            // The VMM walks the rings: the device learns their sizes, never where they are.
+            self.check_count(queues.len())?;
+            if queues.iter().any(|q| q.desc != 0 || q.avail != 0 || q.used != 0) {
                 return Err(DeviceError::BadQueue("a request-level device takes no queue addresses".into()));
             }
             let mut core = self.core.lock().await;
-            core.features = features;
+            core.set_features(features);
+            core.queue_sizes = queues.iter().map(|q| q.size).collect();
             core.posting = true;
             return Ok(());
         }
-        let queue = self.queues(features, &queues)?;
+        let queues = self.queues(features, &queues)?;
         let mut core = self.core.lock().await;
-        core.features = features;
-        core.queue = Some(queue);
+        core.set_features(features);
+        core.queues = queues;
         self.kick.notify_one();
         Ok(())
     }
@@ -273,9 +406,10 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         if let Some(io) = core.in_flight.as_mut() {
             io.drain();
         }
-        core.queue = None;
+        core.queues.clear();
+        core.release_held();
         core.posting = false;
-        core.features = 0;
+        core.set_features(0);
         Ok(())
     }
 
@@ -285,26 +419,38 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         // Transfers in flight end and complete first: the state includes them.
         core.complete_ended(true).await.map_err(|e| DeviceError::Failed(e.to_string()))?;
-        let queue = core.queue.take().ok_or(DeviceError::NotActive)?;
+        if core.queues.is_empty() {
+            return Err(DeviceError::NotActive);
+        }
         let counters = core.counters();
-        Ok(DeviceState { features: core.features, queues: vec![queue.state()], counters })
+        let mut states: Vec<_> = std::mem::take(&mut core.queues).iter().map(SplitQueue::state).collect();
+        // Receive buffers held here go back to the ring: the next process takes them again.
+        let held = core.release_held() as u16;
+        if let Some(rx) = states.get_mut(RX_QUEUE as usize).filter(|_| held > 0) {
+            rx.next_avail = rx.next_avail.wrapping_sub(held);
+        }
+        Ok(DeviceState { features: core.features, queues: states, counters })
     }
 
     async fn restore(self, _: tarpc::context::Context, state: DeviceState) -> Result<(), DeviceError> {
         let features = state.features & self.info.features;
-        let [saved] = state.queues.as_slice() else {
-            return Err(DeviceError::BadQueue("a saved state must hold exactly one queue".into()));
-        };
-        validate(&saved.config, self.info.max_queue_size).map_err(DeviceError::BadQueue)?;
-        let queue = SplitQueue::restore(
-            saved,
-            features & features::RING_EVENT_IDX != 0,
-            features & features::RING_INDIRECT_DESC != 0,
-        );
+        self.check_count(state.queues.len())?;
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for saved in &state.queues {
+            validate(&saved.config, self.info.max_queue_size).map_err(DeviceError::BadQueue)?;
+            queues.push(SplitQueue::restore(
+                saved,
+                features & features::RING_EVENT_IDX != 0,
+                features & features::RING_INDIRECT_DESC != 0,
+            ));
+        }
         let mut core = self.core.lock().await;
-        core.features = features;
-        core.queue = Some(queue);
+        core.set_features(features);
+        core.queues = queues;
         core.mem.resume_from(&state.counters);
+        if let (Backend::Net(net), Some(carried)) = (&mut core.backend, &state.counters.net) {
+            net.counters = carried.clone();
+        }
         core.counters = state.counters;
         self.kick.notify_one();
         Ok(())
@@ -319,7 +465,10 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         _: tarpc::context::Context,
         batch: Vec<PostedRequest>,
     ) -> Result<Vec<CompletedRequest>, DeviceError> {
-        self.core.lock().await.serve_posted(batch).await
+        let completions = self.core.lock().await.serve_posted(batch).await;
+        // A network device may hold new receive buffers: its receive loop looks again.
+        self.kick.notify_one();
+        completions
     }
 }
 
@@ -347,7 +496,7 @@ pub type OnNotify = Box<dyn FnMut() -> Option<Hook> + Send>;
 /// breaks (Err with the reason). Must run on a tokio runtime.
 pub async fn serve<M, T>(
     mem: M,
-    backend: Backend,
+    mut backend: Backend,
     control: T,
     doorbell: Doorbell,
     hooks: TestHooks,
@@ -362,10 +511,17 @@ where
         Doorbell::Requests => (None, None),
     };
     let io_done = Arc::new(Notify::new());
+    let tap = match &mut backend {
+        Backend::Net(net) => net.take_watcher(),
+        _ => None,
+    };
     let core = Arc::new(Mutex::new(Core {
         mem: Timed::new(mem),
         backend,
-        queue: None,
+        queues: Vec::new(),
+        rx_chains: VecDeque::new(),
+        rx_posted: VecDeque::new(),
+        queue_sizes: Vec::new(),
         posting: false,
         features: 0,
         irq,
@@ -386,15 +542,51 @@ where
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
         tokio::spawn(response);
     });
+    let tap = match tap {
+        // SAFETY: the AsyncFd owns this descriptor of the tap and closes it only when dropped.
+        Some(file) => Some(unsafe { AsyncFd::register(file) }.map_err(|e| format!("cannot watch the tap: {e}"))?),
+        None => None,
+    };
     let Some(notify) = notify else {
-        control_done.await;
-        return Ok(());
+        let Some(tap) = tap else {
+            control_done.await;
+            return Ok(());
+        };
+        // Request level: frames from the tap complete held receive requests.
+        let receive_loop = async {
+            loop {
+                if core.lock().await.wants_frames() {
+                    tokio::select! {
+                        guard = tap.readable() => guard.map_err(|e| format!("tap: {e}"))?.clear_ready(),
+                        _ = kick.notified() => {}
+                    }
+                } else {
+                    kick.notified().await;
+                }
+                let mut core = core.lock().await;
+                loop {
+                    let completions = core.receive_posted(rpc_schema::MAX_BATCH_INLINE);
+                    if completions.is_empty() {
+                        break;
+                    }
+                    core.mem.complete(completions).await.map_err(|e| format!("completing received frames: {e}"))?;
+                }
+            }
+        };
+        return tokio::select! {
+            _ = control_done => Ok(()),
+            result = receive_loop => result,
+        };
     };
     // SAFETY: the eventfd is owned by the AsyncFd from here on and closed only with it.
     let notify = unsafe { AsyncFd::register(notify) }.map_err(|e| format!("cannot watch the queue notifier: {e}"))?;
     let queue_loop = async {
         loop {
+            let wants_frames = tap.is_some() && core.lock().await.wants_frames();
             tokio::select! {
+                guard = async { tap.as_ref().unwrap().readable().await }, if wants_frames => {
+                    guard.map_err(|e| format!("tap: {e}"))?.clear_ready();
+                }
                 guard = notify.readable() => {
                     let mut guard = guard.map_err(|e| format!("queue notifier failed: {e}"))?;
                     let _ = guard.get_inner().read();

@@ -13,6 +13,7 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub boot_protocol: BootProtocol,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub memory_mode: MemoryMode,
     /// Where to serve the control API, if anywhere.
@@ -40,6 +41,13 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+}
+
+/// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
 }
 
 /// How device code reaches guest memory.

@@ -150,3 +150,55 @@ mod tests {
         assert_eq!(read_image("initrd", &path, 64 << 20).unwrap().len(), 64 << 20);
     }
 }
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Attaches to the existing tap `name` with virtio-net headers of
+/// `header` bytes and no offloads. A name that is not a tap, or a tap
+/// another process holds, is a clear error (attaching never creates one).
+pub fn open_tap(name: &str, header: usize) -> Result<File> {
+    let fail = |reason: String| Error::Device(format!("--net tap={name}: {reason}"));
+    let sys = Path::new("/sys/class/net").join(name);
+    if !sys.exists() {
+        return Err(fail("no such network interface (create it first: ip tuntap add NAME mode tap)".into()));
+    }
+    let flags = std::fs::read_to_string(sys.join("tun_flags")).map_err(|_| fail("not a tap device".into()))?;
+    let flags = i64::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+    if flags & IFF_TAP as i64 == 0 {
+        return Err(fail("a tun (layer 3) device, not a tap".into()));
+    }
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| fail(format!("cannot open /dev/net/tun: {e}")))?;
+    // struct ifreq: the name, then the flags.
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF reads (and may update) the ifreq we pass, of the size it expects.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(fail(match e.raw_os_error() {
+            Some(libc::EBUSY) => "the tap is in use by another process".into(),
+            Some(libc::EINVAL) => format!("cannot attach ({e}); was it created with multi_queue?"),
+            _ => format!("cannot attach: {e}"),
+        }));
+    }
+    let size = header as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int; TUNSETOFFLOAD takes its value.
+    let sized = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &size as *const libc::c_int) };
+    // SAFETY: as above.
+    let plain = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) };
+    if sized != 0 || plain != 0 {
+        return Err(fail(format!("cannot set up headers: {}", std::io::Error::last_os_error())));
+    }
+    Ok(tun)
+}

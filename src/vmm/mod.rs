@@ -20,7 +20,9 @@ mod vcpu;
 pub mod virtio;
 mod vm;
 
-pub use config::{BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, SerialOutput, VmConfig};
+pub use config::{
+    BootProtocol, DiskConfig, HotplugConfig, KernelSource, MemoryMode, NetConfig, SerialOutput, VmConfig,
+};
 pub use error::Error;
 pub use exit::VmExit;
 pub use hotplug::MAX_BLOCKS as MAX_HOTPLUG_BLOCKS;
@@ -60,7 +62,7 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         std::thread::spawn(move || vcpu::supported_cpuid(&kvm))
     };
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let has_devices = !config.disks.is_empty() || config.rng || config.hotplug.is_some();
+    let has_devices = !config.disks.is_empty() || !config.nets.is_empty() || config.rng || config.hotplug.is_some();
     let shareable = config.memory_mode == MemoryMode::Shared && has_devices;
     let ram = memory::GuestRam::new(config.memory_bytes, shareable)?;
     let vm = Arc::new(vm::create(&kvm, &ram)?);

@@ -19,6 +19,8 @@ pub struct GrantedBuffer {
 /// A posted chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
+    /// The virtqueue the chain came from.
+    pub queue: u16,
     pub head: u16,
     pub buffers: Vec<GrantedBuffer>,
 }
@@ -71,7 +73,11 @@ impl GrantTable {
 
     /// Revokes a grant as its completion arrives.
     pub fn complete(&mut self, id: u64) -> Result<Grant, MemoryError> {
-        self.outstanding.remove(&id).ok_or(MemoryError::UnknownGrant(id))
+        match self.outstanding.remove(&id) {
+            Some(grant) => Ok(grant),
+            None if self.reset.contains(&id) => Err(MemoryError::GrantReset(id)),
+            None => Err(MemoryError::UnknownGrant(id)),
+        }
     }
 
     /// Revokes every grant (a reset), returning them by id.
@@ -98,6 +104,7 @@ mod tests {
 
     fn chain() -> Grant {
         Grant {
+            queue: 0,
             head: 3,
             buffers: vec![
                 GrantedBuffer { addr: 0x1000, len: 16, writable: false },

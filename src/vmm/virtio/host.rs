@@ -236,6 +236,7 @@ fn process_gone(pid: u32) -> bool {
 pub struct Posting {
     pub memory: GuestMemoryAtomic<GuestMemoryMmap>,
     pub max_queue_size: u16,
+    pub queue_count: u16,
     /// The active queue, from DRIVER_OK until a reset.
     pub queue: Option<RequestQueue>,
 }
@@ -351,11 +352,16 @@ impl DeviceHost {
             return self.call(|c, ctx| async move { c.activate(ctx, features, queues).await });
         }
         // Request level: the device learns the features, never the rings.
-        let [config] = queues.as_slice() else {
-            return Err(format!("{} queues set up, the device has 1", queues.len()));
-        };
+        let posting = self.posting.as_ref().ok_or("not a request-level device")?;
+        if queues.len() != posting.queue_count as usize {
+            return Err(format!("{} queues set up, the device has {}", queues.len(), posting.queue_count));
+        }
+        // Each queue's size, and nowhere it lives.
+        let sizes: Vec<QueueConfig> =
+            queues.iter().map(|q| QueueConfig { index: q.index, size: q.size, desc: 0, avail: 0, used: 0 }).collect();
         let restarts = self.health.restarts.load(Ordering::SeqCst);
-        if let Err(first) = self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await }) {
+        let again = sizes.clone();
+        if let Err(first) = self.call(|c, ctx| async move { c.activate(ctx, features, sizes).await }) {
             // The process died under the call: its supervisor starts another,
             // which is activated instead (the driver never knows).
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -369,7 +375,7 @@ impl DeviceHost {
             if self.health.restarts.load(Ordering::SeqCst) == restarts {
                 return Err(first);
             }
-            self.call(|c, ctx| async move { c.activate(ctx, features, Vec::new()).await })?;
+            self.call(|c, ctx| async move { c.activate(ctx, features, again).await })?;
         }
         let context = QueueContext {
             name: self.name.clone(),
@@ -382,9 +388,12 @@ impl DeviceHost {
         };
         let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
         let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;
-        let queue = RequestQueue::start(&self.runtime, context, *config, posting.max_queue_size, event_idx)?;
+        let queue = RequestQueue::start(&self.runtime, context, &queues, posting.max_queue_size, event_idx)?;
         self.lifeline.features.store(features, Ordering::SeqCst);
         *lock(&self.lifeline.engine) = Some(queue.engine());
+        if let Some(access) = &self.access {
+            *lock(&access.engine) = Some(Arc::downgrade(&queue.engine()));
+        }
         posting.queue = Some(queue);
         Ok(())
     }

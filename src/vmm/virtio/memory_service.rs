@@ -9,7 +9,8 @@ pub use super::host::DeviceHealth;
 use crate::guest_access;
 use futures::StreamExt;
 use rpc_schema::{
-    GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS, PROTOCOL_VERSION,
+    CompletedRequest, GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS,
+    PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,9 @@ pub struct DeviceAccess {
     pub service_ns: AtomicU64,
     /// Request level: batches posted to the device.
     pub batches: AtomicU64,
+    /// Request level: the engine that completes requests the device held
+    /// past their batch, while its queues are active.
+    pub engine: Mutex<Option<std::sync::Weak<super::requests::Engine>>>,
     /// Which process may use the service: a channel opened for an earlier
     /// process of the device (one that failed or died) is refused.
     generation: AtomicU64,
@@ -187,6 +191,17 @@ impl GuestMemory for MemoryServer {
         let bytes = writes.iter().map(|w| w.write.data.len() as u64).sum();
         self.account(result, bytes)
     }
+
+    async fn complete(self, _: tarpc::context::Context, completions: Vec<CompletedRequest>) -> Result<(), MemoryError> {
+        self.admit(true)?;
+        let engine = super::super::lock(&self.access.engine).as_ref().and_then(std::sync::Weak::upgrade);
+        // No active queues: the driver reset the device, and took the grants back.
+        let Some(engine) = engine else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let result = engine.complete_held(completions);
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result.map_err(|_| MemoryError::Revoked)
+    }
 }
 
 /// Serves one device's memory channel on the VMM's RPC runtime until it closes.
@@ -268,7 +283,7 @@ mod tests {
         serve(runtime.handle(), vmm_end, memory.clone(), health.clone()).unwrap();
         let readable = GrantedBuffer { addr: 0x100, len: 16, writable: false };
         let writable = GrantedBuffer { addr: 0x20000, len: 8, writable: true };
-        let id = lock(&access.grants).issue(Grant { head: 0, buffers: vec![readable, writable] });
+        let id = lock(&access.grants).issue(Grant { queue: 0, head: 0, buffers: vec![readable, writable] });
         runtime.block_on(async {
             let client = GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn();
             let ctx = tarpc::context::current;

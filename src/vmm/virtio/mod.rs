@@ -10,7 +10,7 @@ mod requests;
 mod spawn;
 mod supervisor;
 
-use super::config::{DiskConfig, MemoryMode, VmConfig};
+use super::config::{DiskConfig, MemoryMode, NetConfig, VmConfig};
 use super::hotplug::{self, DeviceHooks, HotplugRegion};
 use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
 use super::lock;
@@ -240,6 +240,7 @@ struct Launcher<'a> {
 pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDevice>> {
     refuse_repeated_disks(&config.disks)?;
     let mut specs: Vec<DeviceSpec> = config.disks.iter().map(DeviceSpec::Block).collect();
+    specs.extend(config.nets.iter().map(DeviceSpec::Net));
     if config.rng {
         specs.push(DeviceSpec::Rng);
     }
@@ -252,7 +253,7 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
             specs.len()
         )));
     }
-    let mut blocks = 0;
+    let (mut blocks, mut nets) = (0, 0);
     let supervisor = match config.memory_mode {
         MemoryMode::Rpc => Some(supervisor::Supervisor::start()?),
         _ => None,
@@ -266,6 +267,10 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
                 DeviceSpec::Block(_) => {
                     blocks += 1;
                     format!("blk{}", blocks - 1)
+                }
+                DeviceSpec::Net(_) => {
+                    nets += 1;
+                    format!("net{}", nets - 1)
                 }
                 DeviceSpec::Rng => "rng0".to_string(),
                 DeviceSpec::Mem(_) => "mem0".to_string(),
@@ -324,6 +329,7 @@ impl DiskLock {
 #[derive(Clone)]
 enum DeviceSpec<'a> {
     Block(&'a DiskConfig),
+    Net(&'a NetConfig),
     Rng,
     Mem(Arc<HotplugRegion>),
 }
@@ -350,6 +356,10 @@ fn launch_device(
             let file = super::host_files::open_disk(&disk.path, disk.readonly, disk.direct)?;
             disk_lock = Some(DiskLock::take(&file, disk)?);
             ProcessKind::Block { disk: file, readonly: disk.readonly }
+        }
+        DeviceSpec::Net(net) => {
+            let tap = super::host_files::open_tap(&net.tap, crate::devices::net::HEADER)?;
+            ProcessKind::Net { tap, mac: net.mac }
         }
         DeviceSpec::Rng => ProcessKind::Rng,
         DeviceSpec::Mem(region) => {
@@ -406,7 +416,12 @@ fn launch_device(
     host.access = access;
     host.respawn = respawn;
     if request_level {
-        host.posting = Some(host::Posting { memory: ram.atomic(), max_queue_size: info.max_queue_size, queue: None });
+        host.posting = Some(host::Posting {
+            memory: ram.atomic(),
+            max_queue_size: info.max_queue_size,
+            queue_count: info.queue_count,
+            queue: None,
+        });
     }
     if !is_mem {
         host.starter = Some(starter.clone());
@@ -489,6 +504,9 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                     }
                     ProcessKind::Rng => Backend::Rng(RngDevice),
                     ProcessKind::Mem { hotplug } => Backend::Mem(MemDevice::connect(hotplug).await?),
+                    ProcessKind::Net { tap, mac } => {
+                        Backend::Net(crate::devices::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
+                    }
                 };
                 backend.start_io_threads(&name, false).map_err(|e| format!("I/O threads: {e}"))?;
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;

@@ -1,7 +1,8 @@
 //! The VMM's side of the request-level protocol (`rpc` mode): it owns the
-//! queue's notifier, walks the ring with `virtio-queue` over its own mapping
-//! of guest RAM, records a grant per chain, posts batches to the device and
-//! applies the completions that come back: each write checked against its
+//! device's notifier, walks its rings with `virtio-queue` over its own
+//! mapping of guest RAM, records a grant per chain, posts batches to the
+//! device and applies the completions that come back (in a batch's reply,
+//! or later for requests the device held): each write checked against its
 //! grant, then the used ring, then the interrupt (honouring event-idx).
 //!
 //! Everything here runs on the VMM's RPC thread and never waits for a vCPU
@@ -29,8 +30,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// How long a device may take over one batch before it counts as hung.
 const BATCH_DEADLINE: Duration = rpc_schema::MAX_DEADLINE;
 
-/// One active queue of a request-level device; dropping it stops the work
-/// and revokes every outstanding grant.
+/// The active queues of a request-level device; dropping them stops the
+/// work and revokes every outstanding grant.
 pub struct RequestQueue {
     engine: Arc<Engine>,
     task: tokio::task::JoinHandle<()>,
@@ -49,7 +50,9 @@ pub struct QueueContext {
 
 pub struct Engine {
     context: QueueContext,
-    queue: Mutex<Queue>,
+    /// The device's queues, by index; one lock for all (completions for
+    /// several queues come in one reply).
+    queues: Mutex<Vec<Queue>>,
     /// Reset or stopped: replies still on their way are dropped.
     stopped: AtomicBool,
     /// The device process requests go to, and which one it is: a restart
@@ -66,29 +69,40 @@ struct Connection {
 }
 
 impl RequestQueue {
-    /// Checks the driver's queue and starts serving it on `runtime`.
+    /// Checks the driver's queues and starts serving them on `runtime`.
     pub fn start(
         runtime: &tokio::runtime::Handle,
         context: QueueContext,
-        config: QueueConfig,
+        configs: &[QueueConfig],
         max_size: u16,
         event_idx: bool,
     ) -> Result<Self, String> {
-        let mut queue = Queue::new(max_size).map_err(|e| e.to_string())?;
-        queue.try_set_size(config.size).map_err(|e| format!("queue size {}: {e}", config.size))?;
-        queue.try_set_desc_table_address(GuestAddress(config.desc)).map_err(|e| format!("descriptor table: {e}"))?;
-        queue.try_set_avail_ring_address(GuestAddress(config.avail)).map_err(|e| format!("avail ring: {e}"))?;
-        queue.try_set_used_ring_address(GuestAddress(config.used)).map_err(|e| format!("used ring: {e}"))?;
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        if !queue.is_valid(&*context.memory.memory()) {
-            return Err("the queue's rings are not in guest RAM".into());
+        let mut queues = Vec::with_capacity(configs.len());
+        for config in configs {
+            let i = config.index;
+            let mut queue = Queue::new(max_size).map_err(|e| e.to_string())?;
+            queue.try_set_size(config.size).map_err(|e| format!("queue {i} size {}: {e}", config.size))?;
+            queue
+                .try_set_desc_table_address(GuestAddress(config.desc))
+                .map_err(|e| format!("queue {i} descriptor table: {e}"))?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(config.avail))
+                .map_err(|e| format!("queue {i} avail ring: {e}"))?;
+            queue
+                .try_set_used_ring_address(GuestAddress(config.used))
+                .map_err(|e| format!("queue {i} used ring: {e}"))?;
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&*context.memory.memory()) {
+                return Err(format!("queue {i}'s rings are not in guest RAM"));
+            }
+            queues.push(queue);
         }
         let notify = context.notify.try_clone().map_err(|e| e.to_string())?;
         let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None };
         let engine = Arc::new(Engine {
             context,
-            queue: Mutex::new(queue),
+            queues: Mutex::new(queues),
             stopped: AtomicBool::new(false),
             connection: Mutex::new(connection),
         });
@@ -158,33 +172,38 @@ impl Engine {
         }
     }
 
-    /// Takes available chains into a batch within the batch limits, each
-    /// checked and granted; empty when there are none (notifications are
-    /// then re-enabled, and a chain that raced in is taken after all).
+    /// Takes available chains of every queue into a batch within the batch
+    /// limits, each checked and granted; empty when there are none
+    /// (notifications are then re-enabled, and a chain that raced in is
+    /// taken after all).
     fn pop_batch(&self) -> Result<Vec<PostedRequest>, String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
-        let mut queue = lock(&self.queue);
+        let mut queues = lock(&self.queues);
         let mut grants = lock(&self.context.access.grants);
         let mut batch = Batcher::default();
-        loop {
-            let mut chains = queue.iter(mem).map_err(broken)?;
-            let Some(chain) = chains.next() else {
-                if !batch.is_empty() || !queue.enable_notification(mem).map_err(broken)? {
+        for (index, queue) in queues.iter_mut().enumerate() {
+            loop {
+                let mut chains = queue.iter(mem).map_err(broken)?;
+                let Some(chain) = chains.next() else {
+                    if !batch.is_empty() || !queue.enable_notification(mem).map_err(broken)? {
+                        break;
+                    }
+                    continue;
+                };
+                let head = chain.head_index();
+                let granted = collect(chain, head)?;
+                if batch.full_for(&granted) {
+                    chains.go_to_previous_position();
                     return Ok(batch.take());
                 }
-                continue;
-            };
-            let head = chain.head_index();
-            let granted = collect(chain, head)?;
-            if batch.full_for(&granted) {
-                chains.go_to_previous_position();
-                return Ok(batch.take());
+                let queue = index as u16;
+                let grant = grants.issue(Grant { queue, head, buffers: granted.clone() });
+                let inline = batch.push(grant, queue, &granted, mem).map_err(broken)?;
+                self.context.access.bytes.fetch_add(inline, Ordering::Relaxed);
             }
-            let grant = grants.issue(Grant { head, buffers: granted.clone() });
-            let inline = batch.push(grant, &granted, mem).map_err(broken)?;
-            self.context.access.bytes.fetch_add(inline, Ordering::Relaxed);
         }
+        Ok(batch.take())
     }
 
     /// Posts a batch to the current process, unless a restart is under
@@ -243,6 +262,25 @@ impl Engine {
         }
     }
 
+    /// Each queue's size, and nowhere it lives: what a request-level device
+    /// is activated with.
+    pub fn queue_sizes(&self) -> Vec<QueueConfig> {
+        lock(&self.queues)
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueConfig { index: i as u16, size: q.size(), desc: 0, avail: 0, used: 0 })
+            .collect()
+    }
+
+    /// Completions for requests the device held past their batch: applied
+    /// as a batch reply's are; a device that breaks the protocol fails.
+    pub fn complete_held(&self, completions: Vec<CompletedRequest>) -> Result<(), String> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.complete(completions).inspect_err(|reason| self.fail(reason.clone()))
+    }
+
     /// A restart begins: nothing more goes to the old process, and what it
     /// still answers is dropped. `since`: when its death was seen.
     pub fn disconnect(&self, since: Instant) {
@@ -265,7 +303,7 @@ impl Engine {
             if batch.full_for(&chain.buffers) {
                 self.send(batch.take());
             }
-            batch.push(grant, &chain.buffers, mem).map_err(broken)?;
+            batch.push(grant, chain.queue, &chain.buffers, mem).map_err(broken)?;
         }
         if !batch.is_empty() {
             self.send(batch.take());
@@ -280,12 +318,18 @@ impl Engine {
     fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
-        let mut queue = lock(&self.queue);
+        let mut queues = lock(&self.queues);
+        let mut touched = vec![false; queues.len()];
         let mut moved = 0u64;
         for completion in completions {
             let protocol = |e: rpc_schema::MemoryError| format!("it broke the grant protocol: {e}");
             let id = completion.grant;
-            let grant = lock(&self.context.access.grants).complete(id).map_err(protocol)?;
+            let grant = match lock(&self.context.access.grants).complete(id) {
+                Ok(grant) => grant,
+                // Taken back by a reset while the device held it: not its fault.
+                Err(rpc_schema::MemoryError::GrantReset(_)) => continue,
+                Err(e) => return Err(protocol(e)),
+            };
             if completion.used_len as u64 > grant.writable_len() {
                 return Err(format!("it completed grant {id} with {} bytes used of {}", completion.used_len, {
                     grant.writable_len()
@@ -302,10 +346,16 @@ impl Engine {
                     moved += data.len() as u64;
                 }
             }
+            let queue = queues.get_mut(grant.queue as usize).ok_or("a grant names no queue")?;
             queue.add_used(mem, grant.head, completion.used_len).map_err(broken)?;
+            touched[grant.queue as usize] = true;
         }
         self.context.access.bytes.fetch_add(moved, Ordering::Relaxed);
-        if queue.needs_notification(mem).map_err(broken)? {
+        let mut interrupt = false;
+        for (queue, _) in queues.iter_mut().zip(&touched).filter(|(_, t)| **t) {
+            interrupt |= queue.needs_notification(mem).map_err(broken)?;
+        }
+        if interrupt {
             let _ = self.context.irq.write(1);
         }
         Ok(())
@@ -334,8 +384,15 @@ impl Batcher {
     }
 
     /// Adds a granted chain; returns the bytes it carries inline.
-    fn push(&mut self, grant: u64, chain: &[GrantedBuffer], mem: &GuestMemoryMmap) -> Result<u64, GuestMemoryError> {
-        let request = posted(grant, chain, mem, MAX_BATCH_INLINE - self.inline)?;
+    fn push(
+        &mut self,
+        grant: u64,
+        queue: u16,
+        chain: &[GrantedBuffer],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, GuestMemoryError> {
+        let mut request = posted(grant, chain, mem, MAX_BATCH_INLINE - self.inline)?;
+        request.queue = queue;
         let inline = request.readable.len() as u64;
         self.buffers += chain.len();
         self.inline += inline;
@@ -376,7 +433,7 @@ fn posted(
         }
     }
     let buffers = chain.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
-    Ok(PostedRequest { grant, buffers, readable: ByteBuf::from(readable), faulty })
+    Ok(PostedRequest { grant, buffers, readable: ByteBuf::from(readable), faulty, queue: 0 })
 }
 
 /// A chain's buffers, or why the chain is broken. `virtio-queue` stops a

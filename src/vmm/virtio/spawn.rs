@@ -18,6 +18,7 @@ pub enum ProcessKind {
     Block { disk: File, readonly: bool },
     Rng,
     Mem { hotplug: UnixStream },
+    Net { tap: File, mac: [u8; 6] },
 }
 
 impl ProcessKind {
@@ -29,6 +30,7 @@ impl ProcessKind {
             }
             ProcessKind::Rng => ProcessKind::Rng,
             ProcessKind::Mem { hotplug } => ProcessKind::Mem { hotplug: hotplug.try_clone()? },
+            ProcessKind::Net { tap, mac } => ProcessKind::Net { tap: tap.try_clone()?, mac: *mac },
         })
     }
 }
@@ -74,6 +76,11 @@ impl ProcessRecipe {
             ProcessKind::Mem { hotplug } => {
                 child.arg("--kind=mem".into());
                 child.fd("--hotplug-fd", hotplug.as_raw_fd());
+            }
+            ProcessKind::Net { tap, mac } => {
+                child.arg("--kind=net".into());
+                child.fd("--tap-fd", tap.as_raw_fd());
+                child.arg(format!("--mac={}", crate::devices::net::format_mac(mac)));
             }
         }
         if let (Some(addr), ProcessKind::Block { .. }) = (self.probe, &self.kind) {

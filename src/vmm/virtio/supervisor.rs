@@ -80,9 +80,10 @@ impl Restartable {
         let client = control_client(&self.runtime, control).map_err(Retry::Later)?;
         let hello = self.runtime.block_on(client.hello(within(START_DEADLINE), PROTOCOL_VERSION));
         hello.map_err(|e| Retry::Later(format!("hello: {e}")))?.map_err(|e| Retry::Never(format!("hello: {e}")))?;
-        if engine.is_some() {
+        if let Some(engine) = &engine {
             let features = self.lifeline.features.load(Ordering::SeqCst);
-            let active = self.runtime.block_on(client.activate(within(START_DEADLINE), features, Vec::new()));
+            let sizes = engine.queue_sizes();
+            let active = self.runtime.block_on(client.activate(within(START_DEADLINE), features, sizes));
             active
                 .map_err(|e| Retry::Later(format!("activate: {e}")))?
                 .map_err(|e| Retry::Never(format!("activate: {e}")))?;

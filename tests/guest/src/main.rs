@@ -16,6 +16,7 @@ mod blk_scenarios;
 mod console;
 mod mem;
 mod mem_scenarios;
+mod net;
 mod platform;
 mod pvh;
 mod rng;

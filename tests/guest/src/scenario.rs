@@ -18,6 +18,8 @@
 //! * `scenario=mmio-probe`: write and read an unclaimed MMIO address.
 //!
 //! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
+//! * `scenario=net-ping`: ping the host over virtio-net, then answer its
+//!   pings and echo its UDP datagrams (see `net.rs`).
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-recover|blk-bench|blk-verify|driver-flood`: see
 //!   `blk_scenarios.rs`.
 //!
@@ -107,6 +109,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
             }
         }
         "rng" => check(crate::rng::run(info)),
+        "net-ping" => check(crate::net::run_ping(info)),
         "blk-readonly" => check(blk_scenarios::run_readonly(info)),
         "blk-zeroes" => check(blk_scenarios::run_zeroes(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),

@@ -1,0 +1,337 @@
+//! virtio-net (virtio 1.x, 5.1) on a host tap: one receive queue (0) and
+//! one transmit queue (1). The VMM opened the tap (IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR, 12-byte headers); this device only reads and writes it.
+//!
+//! Transmit: each chain is a virtio-net header and a frame. A chain that is
+//! too short, too long or carries offload requests the device never offered
+//! is dropped and counted; the tap gets a clean header, never the guest's.
+//! Receive: the driver's buffers are held here until a frame comes; with
+//! MRG_RXBUF a frame may fill several. A frame larger than every buffer the
+//! driver can post is dropped and counted, never truncated.
+use super::features;
+use super::request::{Reply, Request};
+use rpc_schema::{DeviceInfo, NetCounters};
+use serde_bytes::ByteBuf;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+pub const DEVICE_ID: u32 = 1;
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: u16 = 0;
+/// `struct virtio_net_hdr_v1`: what precedes every frame, both ways.
+pub const HEADER: usize = 12;
+/// The longest frame a tap takes or gives: 64 KiB of IP, Ethernet and VLAN headers.
+pub const MAX_FRAME: usize = 65_535 + 14 + 4;
+/// The shortest: an Ethernet header.
+const MIN_FRAME: usize = 14;
+
+pub const F_MAC: u64 = 1 << 5;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_STATUS: u64 = 1 << 16;
+const S_LINK_UP: u16 = 1;
+
+/// The device logic; the transport hands it transmit requests and, per mode,
+/// receive buffers to hold ([`Held`]).
+pub struct NetDevice {
+    tap: File,
+    watcher: Option<File>,
+    mac: [u8; 6],
+    pub counters: NetCounters,
+    /// Negotiated MRG_RXBUF: a frame may span several receive buffers.
+    pub mergeable: bool,
+    /// A frame read from the tap that waits for receive buffers (header included).
+    pending: Option<Vec<u8>>,
+    scratch: Vec<u8>,
+}
+
+/// A receive buffer the driver posted, held until a frame fills it.
+pub struct Held<T> {
+    pub buffer: T,
+    /// Device-writable bytes.
+    pub capacity: u64,
+}
+
+/// Where a frame goes: which held buffers (from the front), and how many of
+/// its bytes each takes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement {
+    Fits(Vec<u64>),
+    /// Not enough buffers yet: wait for the driver to post more.
+    Wait,
+    /// No buffers the driver could post would take it.
+    TooBig,
+}
+
+/// Where a frame of `len` bytes (header included) goes in buffers of these
+/// capacities. `ring_full`: the driver has posted all it can.
+pub fn place(len: u64, capacities: &[u64], mergeable: bool, ring_full: bool) -> Placement {
+    let Some(&first) = capacities.first() else { return Placement::Wait };
+    if !mergeable {
+        return if first >= len { Placement::Fits(vec![len]) } else { Placement::TooBig };
+    }
+    let mut lens = Vec::new();
+    let mut left = len;
+    for &capacity in capacities {
+        let take = capacity.min(left);
+        lens.push(take);
+        left -= take;
+        if left == 0 {
+            return Placement::Fits(lens);
+        }
+    }
+    if ring_full {
+        Placement::TooBig
+    } else {
+        Placement::Wait
+    }
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// A stable, locally administered unicast MAC for a tap: the same name gives
+/// the same address on every run.
+pub fn default_mac(tap: &str) -> [u8; 6] {
+    // FNV-1a: stable across Rust releases, unlike the std hasher.
+    let hash = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = hash.to_le_bytes();
+    [0x02, 0x53, 0x4b, h[0], h[1], h[2]]
+}
+
+impl NetDevice {
+    /// Takes the tap the VMM opened; makes it non-blocking for the event loop.
+    pub fn new(tap: File, mac: [u8; 6]) -> std::io::Result<Self> {
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let watcher = Some(tap.try_clone()?);
+        Ok(NetDevice {
+            watcher,
+            tap,
+            mac,
+            counters: NetCounters::default(),
+            mergeable: false,
+            pending: None,
+            scratch: vec![0; HEADER + MAX_FRAME],
+        })
+    }
+
+    /// A second descriptor of the tap, for the event loop to watch (made
+    /// here, before the sandbox forbids duplicating descriptors).
+    pub fn take_watcher(&mut self) -> Option<File> {
+        self.watcher.take()
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        let mut config = self.mac.to_vec();
+        config.extend_from_slice(&S_LINK_UP.to_le_bytes());
+        // max_virtqueue_pairs: one (read only with VIRTIO_NET_F_MQ, which is not offered).
+        config.extend_from_slice(&1u16.to_le_bytes());
+        DeviceInfo {
+            device_id: DEVICE_ID,
+            features: features::VERSION_1
+                | features::RING_EVENT_IDX
+                | features::RING_INDIRECT_DESC
+                | F_MAC
+                | F_STATUS
+                | F_MRG_RXBUF,
+            queue_count: 2,
+            max_queue_size: QUEUE_SIZE,
+            config: ByteBuf::from(config),
+        }
+    }
+
+    /// How many leading readable bytes a transmit request needs: all of
+    /// them, up to the longest frame (a longer one is dropped unread).
+    pub fn wanted(readable_len: u64) -> u64 {
+        if readable_len > (HEADER + MAX_FRAME) as u64 {
+            0
+        } else {
+            readable_len
+        }
+    }
+
+    /// Sends each transmit request's frame to the tap. Transmit buffers
+    /// are only read: every reply is empty.
+    pub fn transmit(&mut self, requests: &[Request]) -> Vec<Reply> {
+        requests.iter().map(|r| Reply { failed: !self.send(r), ..Reply::default() }).collect()
+    }
+
+    fn send(&mut self, request: &Request) -> bool {
+        let counters = &mut self.counters;
+        if request.readable_len > (HEADER + MAX_FRAME) as u64 {
+            counters.tx_dropped_oversized += 1;
+            return false;
+        }
+        let Some(bytes) = &request.readable else {
+            counters.tx_dropped_malformed += 1;
+            return false;
+        };
+        if bytes.len() < HEADER + MIN_FRAME || !plain_header(&bytes[..HEADER]) {
+            counters.tx_dropped_malformed += 1;
+            return false;
+        }
+        // The tap gets a header of our own: no offload the guest asks for.
+        let mut frame = bytes.clone();
+        frame[..HEADER].fill(0);
+        // SAFETY: writes our own buffer to the tap we own.
+        let written = unsafe { libc::write(self.tap.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len()) };
+        if written != frame.len() as isize {
+            counters.tx_dropped_refused += 1;
+            return false;
+        }
+        counters.tx_frames += 1;
+        counters.tx_bytes += (frame.len() - HEADER) as u64;
+        true
+    }
+
+    /// The next frame from the tap (header included), if one is waiting:
+    /// the one that waited for buffers, or a new one.
+    fn next_frame(&mut self) -> Option<Vec<u8>> {
+        if let Some(frame) = self.pending.take() {
+            return Some(frame);
+        }
+        loop {
+            let buf = &mut self.scratch;
+            // SAFETY: reads into our own buffer, within its length.
+            let got = unsafe { libc::read(self.tap.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if got < 0 {
+                return None;
+            }
+            let got = got as usize;
+            if got < HEADER + MIN_FRAME {
+                continue;
+            }
+            return Some(buf[..got].to_vec());
+        }
+    }
+
+    /// Fills held receive buffers with frames from the tap, front first,
+    /// while both last. Returns each filled buffer with its reply (the
+    /// header and frame at offset 0 of its writable bytes). Buffers too
+    /// small for a header come back unused. `ring_full`: the driver has
+    /// posted as many buffers as its queue holds. Stops before the frame
+    /// that would take the bytes delivered past `budget`.
+    pub fn receive<T>(&mut self, held: &mut VecDeque<Held<T>>, ring_full: bool, budget: u64) -> Vec<(T, Reply)> {
+        let mut done = Vec::new();
+        let mut delivered = 0u64;
+        loop {
+            while held.front().is_some_and(|h| (h.capacity as usize) < HEADER) {
+                self.counters.rx_bad_buffers += 1;
+                done.push((held.pop_front().unwrap().buffer, Reply::default()));
+            }
+            if held.is_empty() {
+                return done;
+            }
+            let Some(mut frame) = self.next_frame() else { return done };
+            if delivered + frame.len() as u64 > budget {
+                self.pending = Some(frame);
+                return done;
+            }
+            let capacities: Vec<u64> = held.iter().map(|h| h.capacity).collect();
+            let lens = match place(frame.len() as u64, &capacities, self.mergeable, ring_full) {
+                Placement::Fits(lens) => lens,
+                Placement::Wait => {
+                    self.pending = Some(frame);
+                    return done;
+                }
+                Placement::TooBig => {
+                    self.counters.rx_dropped_too_big += 1;
+                    continue;
+                }
+            };
+            // A header of our own: no offload state the driver did not ask for.
+            frame[..HEADER].fill(0);
+            frame[10..12].copy_from_slice(&(lens.len() as u16).to_le_bytes());
+            self.counters.rx_frames += 1;
+            self.counters.rx_bytes += (frame.len() - HEADER) as u64;
+            delivered += frame.len() as u64;
+            let mut at = 0usize;
+            for len in lens {
+                let piece = frame[at..at + len as usize].to_vec();
+                at += len as usize;
+                let buffer = held.pop_front().unwrap().buffer;
+                done.push((buffer, Reply { writes: vec![(0, piece)], used_len: len as u32, failed: false }));
+            }
+        }
+    }
+
+    /// Forgets a frame waiting for buffers (a reset or a save).
+    pub fn drop_pending(&mut self) {
+        self.pending = None;
+    }
+}
+
+/// A transmit header that asks for nothing: no checksum or segmentation
+/// offload (none is offered), so flags and GSO type are zero.
+fn plain_header(header: &[u8]) -> bool {
+    header[0] == 0 && header[1] == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_go_in_one_buffer_or_merge_across_several() {
+        assert_eq!(place(100, &[200], false, false), Placement::Fits(vec![100]));
+        assert_eq!(place(300, &[200, 200], false, false), Placement::TooBig);
+        assert_eq!(place(300, &[200, 200], true, false), Placement::Fits(vec![200, 100]));
+        assert_eq!(place(500, &[200, 200], true, false), Placement::Wait);
+        assert_eq!(place(500, &[200, 200], true, true), Placement::TooBig);
+        assert_eq!(place(10, &[], true, false), Placement::Wait);
+    }
+
+    #[test]
+    fn macs_parse_and_the_default_is_stable_and_local() {
+        assert_eq!(parse_mac("02:00:0a:ff:10:01"), Some([2, 0, 0xa, 0xff, 0x10, 1]));
+        for bad in ["02:00:0a:ff:10", "02:00:0a:ff:10:01:02", "02:00:0a:ff:10:1", "zz:00:0a:ff:10:01", ""] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        let mac = default_mac("tap0");
+        assert_eq!(mac, default_mac("tap0"));
+        assert_ne!(mac, default_mac("tap1"));
+        assert_eq!(mac[0] & 0b11, 0b10, "locally administered unicast");
+        assert_eq!(format_mac(&[2, 0, 0xa, 0xff, 0x10, 1]), "02:00:0a:ff:10:01");
+    }
+
+    #[test]
+    fn transmit_drops_what_is_malformed_and_counts_why() {
+        let (mine, _theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(mine));
+        let mut net = NetDevice::new(file, default_mac("t")).unwrap();
+        let request =
+            |bytes: Vec<u8>| Request { readable_len: bytes.len() as u64, writable_len: 0, readable: Some(bytes) };
+        let mut offload = vec![0u8; HEADER + 60];
+        offload[0] = 1; // NEEDS_CSUM, never offered
+        let replies = net.transmit(&[
+            request(vec![0; 5]),
+            request(vec![0; HEADER]),
+            request(offload),
+            request(vec![0; HEADER + 60]),
+            Request { readable_len: (HEADER + MAX_FRAME + 1) as u64, writable_len: 0, readable: None },
+        ]);
+        assert_eq!(replies.iter().map(|r| r.failed).collect::<Vec<_>>(), [true, true, true, false, true]);
+        assert_eq!((net.counters.tx_dropped_malformed, net.counters.tx_dropped_oversized), (3, 1));
+        assert_eq!((net.counters.tx_frames, net.counters.tx_bytes), (1, 60));
+    }
+}

@@ -1,0 +1,369 @@
+//! A polling virtio-net driver (virtio 1.x, 5.1), and just enough Ethernet,
+//! ARP, IPv4, ICMP and UDP to ping, answer pings and echo datagrams.
+use crate::blk::Arena;
+use crate::platform::{mmio_read32, rdtsc};
+use crate::virtio::{Device, Queue, DESC_F_WRITE, F_VERSION_1};
+
+pub const DEVICE_ID: u32 = 1;
+const F_MAC: u64 = 1 << 5;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+pub const QUEUE_SIZE: u16 = 64;
+/// `struct virtio_net_hdr_v1`.
+pub const HEADER: usize = 12;
+/// Each receive and transmit buffer: a header and a full-size frame.
+pub const BUFFER: u64 = 2048;
+pub const ETH_ARP: u16 = 0x0806;
+pub const ETH_IP: u16 = 0x0800;
+pub const UDP_ECHO_PORT: u16 = 7;
+
+pub struct Net {
+    pub device: Device,
+    rx: Queue,
+    tx: Queue,
+    rx_buffers: u64,
+    tx_buffers: u64,
+    /// Transmit slots in use, and the next to use.
+    tx_busy: u16,
+    tx_next: u16,
+    pub mac: [u8; 6],
+    pub mergeable: bool,
+}
+
+/// The first virtio-net device on the command line.
+pub fn find(cmdline: &str) -> Option<Device> {
+    crate::virtio::devices(cmdline).find(|d| d.is_virtio() && d.device_id() == DEVICE_ID)
+}
+
+impl Net {
+    /// Sets the device up with `rx_len`-byte receive buffers (the hostile
+    /// scenario posts tiny ones), all posted.
+    pub fn init(device: Device, arena: &mut Arena, rx_len: u32) -> Result<Net, &'static str> {
+        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | F_MRG_RXBUF)?;
+        if features & F_MAC == 0 {
+            return Err("the device has no MAC");
+        }
+        let (low, high) = (mmio_read32(device.base + 0x100), mmio_read32(device.base + 0x104));
+        let mac = [low as u8, (low >> 8) as u8, (low >> 16) as u8, (low >> 24) as u8, high as u8, (high >> 8) as u8];
+        let footprint = Queue::footprint(QUEUE_SIZE);
+        let rx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
+        let tx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
+        let rx_buffers = arena.take(BUFFER * QUEUE_SIZE as u64).ok_or("out of memory")?;
+        let tx_buffers = arena.take(BUFFER * QUEUE_SIZE as u64).ok_or("out of memory")?;
+        device.setup_queue(0, &rx)?;
+        device.setup_queue(1, &tx)?;
+        let mut net = Net {
+            device,
+            rx,
+            tx,
+            rx_buffers,
+            tx_buffers,
+            tx_busy: 0,
+            tx_next: 0,
+            mac,
+            mergeable: features & F_MRG_RXBUF != 0,
+        };
+        for slot in 0..QUEUE_SIZE {
+            net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, DESC_F_WRITE, 0);
+            net.rx.push(slot);
+        }
+        device.driver_ok();
+        device.notify(0);
+        Ok(net)
+    }
+
+    /// Posts receive slot `slot` again, as `len` bytes with `flags`.
+    pub fn repost(&mut self, slot: u16, len: u32, flags: u16) {
+        self.rx.set_desc(slot, self.rx_buffers + slot as u64 * BUFFER, len, flags, 0);
+        self.rx.push(slot);
+        self.device.notify(0);
+    }
+
+    /// The next frame received, copied into `out`; its length (0 for a
+    /// buffer the device gave back empty). The buffer is posted again.
+    pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
+        let (head, len) = self.rx.pop_used()?;
+        let slot = head % QUEUE_SIZE;
+        let len = (len as usize).min(BUFFER as usize);
+        let at = self.rx_buffers + slot as u64 * BUFFER;
+        let frame = len.saturating_sub(HEADER).min(out.len());
+        // SAFETY: our own receive buffer, `len` bytes of which the device wrote.
+        unsafe { core::ptr::copy_nonoverlapping((at + HEADER as u64) as *const u8, out.as_mut_ptr(), frame) };
+        self.repost(slot, BUFFER as u32, DESC_F_WRITE);
+        Some(frame)
+    }
+
+    /// Queues `frame` for transmission, waiting for a free slot if need be.
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), &'static str> {
+        self.send_raw(&[0u8; HEADER], frame)
+    }
+
+    /// Queues `header` then `frame` as one buffer (the hostile scenario
+    /// sends headers of its own).
+    pub fn send_raw(&mut self, header: &[u8], frame: &[u8]) -> Result<(), &'static str> {
+        let len = header.len() + frame.len();
+        if len as u64 > BUFFER {
+            return Err("frame too long for a transmit buffer");
+        }
+        self.reclaim();
+        let start = rdtsc();
+        while self.tx_busy == QUEUE_SIZE {
+            self.reclaim();
+            if rdtsc() - start > 1 << 34 {
+                return Err("the device never finished transmitting");
+            }
+        }
+        let slot = self.tx_next % QUEUE_SIZE;
+        self.tx_next = self.tx_next.wrapping_add(1);
+        let at = self.tx_buffers + slot as u64 * BUFFER;
+        // SAFETY: our own transmit buffer, BUFFER bytes long.
+        unsafe {
+            core::ptr::copy_nonoverlapping(header.as_ptr(), at as *mut u8, header.len());
+            core::ptr::copy_nonoverlapping(frame.as_ptr(), (at + header.len() as u64) as *mut u8, frame.len());
+        }
+        self.tx.set_desc(slot, at, len as u32, 0, 0);
+        self.tx.push(slot);
+        self.tx_busy += 1;
+        self.device.notify(1);
+        Ok(())
+    }
+
+    fn reclaim(&mut self) {
+        while self.tx.pop_used().is_some() {
+            self.tx_busy -= 1;
+        }
+    }
+}
+
+/// Our end of the link: addresses, and the peer's MAC once ARP found it.
+pub struct Stack {
+    pub ip: [u8; 4],
+    pub peer_ip: [u8; 4],
+    pub peer_mac: Option<[u8; 6]>,
+    /// Echo replies received, by sequence number bit.
+    pub replies: u64,
+    pub pings_answered: u64,
+    pub udp_echoed: u64,
+}
+
+pub fn parse_ip(text: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in ip.iter_mut() {
+        *byte = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The Internet checksum of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for pair in data.chunks(2) {
+        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet header into `out`; returns its length.
+fn ethernet(out: &mut [u8], to: [u8; 6], from: [u8; 6], kind: u16) -> usize {
+    out[..6].copy_from_slice(&to);
+    out[6..12].copy_from_slice(&from);
+    out[12..14].copy_from_slice(&kind.to_be_bytes());
+    14
+}
+
+/// An IPv4 header (20 bytes) at `out[14..]` for a payload of `len` bytes.
+fn ipv4(out: &mut [u8], from: [u8; 4], to: [u8; 4], proto: u8, len: usize) {
+    let ip = &mut out[14..34];
+    ip.fill(0);
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&from);
+    ip[16..20].copy_from_slice(&to);
+    let sum = checksum(ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+impl Stack {
+    pub fn arp_request(&self, net: &mut Net) -> Result<(), &'static str> {
+        let mut f = [0u8; 42];
+        ethernet(&mut f, [0xff; 6], net.mac, ETH_ARP);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f[22..28].copy_from_slice(&net.mac);
+        f[28..32].copy_from_slice(&self.ip);
+        f[38..42].copy_from_slice(&self.peer_ip);
+        net.send(&f)
+    }
+
+    /// An ICMP echo request to the peer with `payload` bytes.
+    pub fn ping(&self, net: &mut Net, seq: u16, payload: usize) -> Result<(), &'static str> {
+        let to = self.peer_mac.ok_or("the peer's MAC is unknown")?;
+        let mut f = [0u8; 1514];
+        let len = 8 + payload;
+        ethernet(&mut f, to, net.mac, ETH_IP);
+        ipv4(&mut f, self.ip, self.peer_ip, 1, len);
+        let icmp = &mut f[34..34 + len];
+        icmp[0] = 8;
+        icmp[4..6].copy_from_slice(&0x5b5bu16.to_be_bytes());
+        icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+        for (i, b) in icmp[8..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let sum = checksum(icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        net.send(&f[..34 + len])
+    }
+
+    /// Handles one received frame: answers ARP for our address, echo
+    /// requests, and UDP datagrams to the echo port; notes ARP and echo
+    /// replies from the peer. Anything else is ignored.
+    pub fn handle(&mut self, net: &mut Net, frame: &[u8]) -> Result<(), &'static str> {
+        if frame.len() < 14 {
+            return Ok(());
+        }
+        let src_mac: [u8; 6] = frame[6..12].try_into().unwrap();
+        match be16(frame, 12) {
+            ETH_ARP if frame.len() >= 42 && frame[28..32] != [0; 4] => {
+                let op = be16(frame, 20);
+                let sender_ip: [u8; 4] = frame[28..32].try_into().unwrap();
+                if sender_ip == self.peer_ip {
+                    self.peer_mac = Some(frame[22..28].try_into().unwrap());
+                }
+                if op == 1 && frame[38..42] == self.ip {
+                    let mut f = [0u8; 42];
+                    ethernet(&mut f, src_mac, net.mac, ETH_ARP);
+                    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+                    f[22..28].copy_from_slice(&net.mac);
+                    f[28..32].copy_from_slice(&self.ip);
+                    f[32..42].copy_from_slice(&frame[22..32]);
+                    net.send(&f)?;
+                }
+            }
+            ETH_IP if frame.len() >= 34 && frame[14] == 0x45 && frame[30..34] == self.ip => {
+                let total = (be16(frame, 16) as usize).min(frame.len() - 14);
+                if total < 20 {
+                    return Ok(());
+                }
+                let src_ip: [u8; 4] = frame[26..30].try_into().unwrap();
+                let payload = &frame[34..14 + total];
+                match frame[23] {
+                    1 if payload.len() >= 8 && payload[0] == 8 => {
+                        let mut f = [0u8; 1514];
+                        ethernet(&mut f, src_mac, net.mac, ETH_IP);
+                        ipv4(&mut f, self.ip, src_ip, 1, payload.len());
+                        let icmp = &mut f[34..34 + payload.len()];
+                        icmp.copy_from_slice(payload);
+                        icmp[0] = 0;
+                        icmp[2..4].fill(0);
+                        let sum = checksum(icmp);
+                        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+                        net.send(&f[..34 + payload.len()])?;
+                        self.pings_answered += 1;
+                    }
+                    1 if payload.len() >= 8 && payload[0] == 0 && src_ip == self.peer_ip => {
+                        let seq = be16(payload, 6);
+                        self.replies |= 1u64 << (seq % 64);
+                    }
+                    17 if payload.len() >= 8 && be16(payload, 2) == UDP_ECHO_PORT => {
+                        let data = &payload[8..(be16(payload, 4) as usize).clamp(8, payload.len())];
+                        let mut f = [0u8; 1514];
+                        let len = 8 + data.len();
+                        ethernet(&mut f, src_mac, net.mac, ETH_IP);
+                        ipv4(&mut f, self.ip, src_ip, 17, len);
+                        let udp = &mut f[34..34 + len];
+                        udp[0..2].copy_from_slice(&UDP_ECHO_PORT.to_be_bytes());
+                        udp[2..4].copy_from_slice(&payload[0..2]);
+                        udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+                        // A zero UDP checksum: none (allowed in IPv4).
+                        udp[8..].copy_from_slice(data);
+                        net.send(&f[..34 + len])?;
+                        self.udp_echoed += 1;
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// `net-ping`: resolve the peer (`peer=`, default 10.0.0.1) by ARP, ping it
+/// `pings=N` times (default 5), then answer ARP, pings and UDP echo (port 7)
+/// from the host forever, printing a count line every 2^33 TSC ticks.
+/// Our address is `ip=` (default 10.0.0.2).
+pub fn run_ping(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
+    let cmdline = info.cmdline();
+    let param = |key, default| crate::scenario::param(cmdline, key).and_then(parse_ip).unwrap_or(default);
+    let pings: u16 = crate::scenario::param(cmdline, "pings").and_then(|n| n.parse().ok()).unwrap_or(5).min(64);
+    let mut arena = crate::blk_scenarios::arena(info).ok_or("not enough RAM")?;
+    let mut net = Net::init(find(cmdline).ok_or("no virtio-net device")?, &mut arena, BUFFER as u32)?;
+    let mut stack = Stack {
+        ip: param("ip", [10, 0, 0, 2]),
+        peer_ip: param("peer", [10, 0, 0, 1]),
+        peer_mac: None,
+        replies: 0,
+        pings_answered: 0,
+        udp_echoed: 0,
+    };
+    crate::println!(
+        "net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} mergeable {}",
+        net.mac[0],
+        net.mac[1],
+        net.mac[2],
+        net.mac[3],
+        net.mac[4],
+        net.mac[5],
+        net.mergeable
+    );
+    let mut frame = [0u8; BUFFER as usize];
+    let mut poll = |net: &mut Net, stack: &mut Stack| -> Result<(), &'static str> {
+        while let Some(len) = net.recv(&mut frame) {
+            stack.handle(net, &frame[..len])?;
+        }
+        Ok(())
+    };
+    // Resolve the peer, asking again every 2^28 ticks.
+    let start = rdtsc();
+    while stack.peer_mac.is_none() {
+        stack.arp_request(&mut net)?;
+        let asked = rdtsc();
+        while stack.peer_mac.is_none() && rdtsc() - asked < 1 << 28 {
+            poll(&mut net, &mut stack)?;
+        }
+        if rdtsc() - start > 1 << 36 {
+            return Err("the peer never answered ARP");
+        }
+    }
+    crate::println!("net: peer found");
+    for seq in 0..pings {
+        stack.ping(&mut net, seq, 56)?;
+        let sent = rdtsc();
+        while stack.replies & (1 << seq) == 0 {
+            poll(&mut net, &mut stack)?;
+            if rdtsc() - sent > 1 << 34 {
+                return Err("no echo reply from the peer");
+            }
+        }
+        crate::println!("net: reply seq={}", seq);
+    }
+    crate::println!("net-ping: {}/{} replies", stack.replies.count_ones(), pings);
+    crate::println!("net: serving");
+    let mut last = rdtsc();
+    loop {
+        poll(&mut net, &mut stack)?;
+        if rdtsc() - last > 1 << 33 {
+            last = rdtsc();
+            crate::println!("net: answered {} pings, echoed {} datagrams", stack.pings_answered, stack.udp_echoed);
+        }
+    }
+}
