@@ -14,6 +14,9 @@ command -v iasl >/dev/null || need_packages+=(acpica-tools)  # tests check our A
 command -v qemu-system-x86_64 >/dev/null || need_packages+=(qemu-system-x86)
 # The study's host-disk group sets skvm beside the host's own fio on the same file.
 command -v fio >/dev/null || need_packages+=(fio)
+# The virtio-net tests: a network namespace and a tap (iproute2), pings both ways.
+ip -V 2>/dev/null | grep -q iproute2 || need_packages+=(iproute2)
+[[ -x /usr/bin/ping ]] || need_packages+=(iputils-ping)
 if ((${#need_packages[@]})); then
     log "installing ${need_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -524,6 +524,10 @@ fn parse_serial(text: &str) -> Result<SerialOutput, String> {
     }
 }
 
+fn parse_mac_arg(text: &str) -> Result<[u8; 6], String> {
+    crate::devices::net::parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,8 +584,4 @@ mod tests {
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());
     }
-}
-
-fn parse_mac_arg(text: &str) -> Result<[u8; 6], String> {
-    crate::devices::net::parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"))
 }

@@ -110,47 +110,6 @@ pub fn check_output(path: &Path) -> std::io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn temp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("skvm-host-files-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
-    }
-
-    fn fifo(name: &str) -> std::path::PathBuf {
-        let path = temp(name);
-        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo with a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        path
-    }
-
-    #[test]
-    fn the_wrong_kind_of_file_is_an_error_not_a_hang() {
-        let pipe = fifo("pipe");
-        let err = |e: Error| e.to_string();
-        assert!(err(open_disk(&pipe, true, false).unwrap_err()).contains("a FIFO"));
-        assert!(err(read_image("initrd", &pipe, 1 << 20).unwrap_err()).contains("a FIFO"));
-        assert!(create_output(&pipe).unwrap_err().to_string().contains("nobody reads"));
-        assert!(err(read_image("kernel", Path::new("/dev/zero"), 1 << 20).unwrap_err()).contains("character device"));
-        assert!(err(open_disk(&std::env::temp_dir(), true, false).unwrap_err()).contains("a directory"));
-        assert!(check_output(Path::new("/dev/null")).is_err());
-    }
-
-    #[test]
-    fn an_image_larger_than_the_limit_is_refused_unread() {
-        let path = temp("big");
-        let file = File::create(&path).unwrap();
-        file.set_len(64 << 20).unwrap();
-        let e = read_image("initrd", &path, 8 << 20).unwrap_err().to_string();
-        assert!(e.contains("64 MiB, more than the 8 MiB"), "{e}");
-        assert_eq!(read_image("initrd", &path, 64 << 20).unwrap().len(), 64 << 20);
-    }
-}
-
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
@@ -201,4 +160,45 @@ pub fn open_tap(name: &str, header: usize) -> Result<File> {
         return Err(fail(format!("cannot set up headers: {}", std::io::Error::last_os_error())));
     }
     Ok(tun)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("skvm-host-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn fifo(name: &str) -> std::path::PathBuf {
+        let path = temp(name);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        path
+    }
+
+    #[test]
+    fn the_wrong_kind_of_file_is_an_error_not_a_hang() {
+        let pipe = fifo("pipe");
+        let err = |e: Error| e.to_string();
+        assert!(err(open_disk(&pipe, true, false).unwrap_err()).contains("a FIFO"));
+        assert!(err(read_image("initrd", &pipe, 1 << 20).unwrap_err()).contains("a FIFO"));
+        assert!(create_output(&pipe).unwrap_err().to_string().contains("nobody reads"));
+        assert!(err(read_image("kernel", Path::new("/dev/zero"), 1 << 20).unwrap_err()).contains("character device"));
+        assert!(err(open_disk(&std::env::temp_dir(), true, false).unwrap_err()).contains("a directory"));
+        assert!(check_output(Path::new("/dev/null")).is_err());
+    }
+
+    #[test]
+    fn an_image_larger_than_the_limit_is_refused_unread() {
+        let path = temp("big");
+        let file = File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        let e = read_image("initrd", &path, 8 << 20).unwrap_err().to_string();
+        assert!(e.contains("64 MiB, more than the 8 MiB"), "{e}");
+        assert_eq!(read_image("initrd", &path, 64 << 20).unwrap().len(), 64 << 20);
+    }
 }

@@ -178,6 +178,11 @@ impl LiveVm {
     /// Starts `skvm run ARGS` with an API socket; returns once the API answers
     /// a request (skvm listens early, but serves only once its devices run).
     pub fn start(name: &str, args: &[&str]) -> LiveVm {
+        Self::start_in(None, name, args)
+    }
+
+    /// Starts skvm inside network namespace `netns` (`ip netns exec`), or here.
+    pub fn start_in(netns: Option<&str>, name: &str, args: &[&str]) -> LiveVm {
         let socket = temp_path(&format!("{name}.sock"));
         let console = temp_path(&format!("{name}.console"));
         let stderr = temp_path(&format!("{name}.stderr"));
@@ -187,8 +192,15 @@ impl LiveVm {
         let mut all = vec!["run", "--api-socket", socket.to_str().unwrap(), "--serial", &serial];
         all.extend_from_slice(args);
         let err_file = std::fs::File::create(&stderr).unwrap();
-        let child =
-            Command::new(SKVM).args(&all).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file).spawn().unwrap();
+        let mut command = match netns {
+            Some(ns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", ns, SKVM]);
+                ip
+            }
+            None => Command::new(SKVM),
+        };
+        let child = command.args(&all).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file).spawn().unwrap();
         let mut vm = LiveVm { child, socket, console, stderr };
         for _ in 0..500 {
             if vm.try_api("GET", "/vm", "").is_ok() {

@@ -1,0 +1,208 @@
+//! virtio-net on a host tap, in every memory mode. Each test makes its own
+//! network namespace with a tap in it (10.0.0.1 on the host side), runs
+//! skvm there and talks to the test guest (10.0.0.2): nothing leaves the
+//! namespace.
+mod common;
+
+use common::{run, LiveVm};
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
+const GUEST: &str = "10.0.0.2";
+const LONG: Duration = Duration::from_secs(60);
+
+/// A network namespace holding tap0 (up, 10.0.0.1/24); deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    /// None (with the reason printed) where this host cannot make one.
+    fn new(name: &str) -> Option<Netns> {
+        let missing = ["/dev/net/tun", "/usr/bin/ping"].into_iter().find(|p| !std::path::Path::new(p).exists());
+        if let Some(path) = missing {
+            eprintln!("SKIPPED: {path} is missing (scripts/setup.sh installs what the net tests need)");
+            return None;
+        }
+        let iproute2 = Command::new("ip").arg("-V").output().is_ok_and(|o| o.stdout.starts_with(b"ip utility"));
+        if !iproute2 {
+            eprintln!("SKIPPED: `ip` is not iproute2's (no network namespaces); scripts/setup.sh installs it");
+            return None;
+        }
+        let ns = Netns(format!("skvm-{}-{name}", std::process::id()));
+        let steps: [&[&str]; 6] = [
+            &["netns", "add", &ns.0],
+            // No IPv6 chatter (router solicitations) in the frame counts.
+            &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+            &["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+            &["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"],
+            &["-n", &ns.0, "link", "set", "tap0", "up"],
+            &["-n", &ns.0, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            let status = Command::new("ip").args(step).status().expect("running ip");
+            assert!(status.success(), "ip {step:?} failed");
+        }
+        Some(ns)
+    }
+
+    fn exec(&self, command: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.0]).args(command).output().unwrap()
+    }
+
+    /// Runs `work` on a thread that has entered the namespace (a network
+    /// namespace belongs to a thread, not the process).
+    fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a descriptor we hold, for this thread only.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            work()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn net_counters(vm: &LiveVm) -> serde_json::Value {
+    let (_, info) = vm.api("GET", "/vm", "");
+    let devices = info["devices"].as_array().unwrap();
+    let net = devices.iter().find(|d| d["name"] == "net0").unwrap_or_else(|| panic!("no net0: {info}"));
+    net["counters"]["net"].clone()
+}
+
+fn counter(counters: &serde_json::Value, key: &str) -> u64 {
+    counters[key].as_u64().unwrap_or_else(|| panic!("no {key} in {counters}"))
+}
+
+/// Boots the guest's `net-ping` in `mode` inside `ns`; returns once it has
+/// pinged the host 5 times and serves.
+fn ping_guest(ns: &Netns, mode: &str) -> LiveVm {
+    let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", "scenario=net-ping pings=5"];
+    let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
+    let console = vm.wait_console("net: serving", LONG);
+    assert!(console.contains("net-ping: 5/5 replies"), "{console}");
+    vm
+}
+
+#[test]
+fn guest_and_host_ping_each_other_in_every_memory_mode() {
+    for mode in MODES {
+        let Some(ns) = Netns::new(&format!("ping-{mode}")) else { return };
+        let vm = ping_guest(&ns, mode);
+        let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
+        let text = String::from_utf8_lossy(&ping.stdout);
+        assert!(ping.status.success(), "{mode}: host ping failed: {text}\n{}", vm.console());
+        assert!(text.contains("5 received"), "{mode}: {text}");
+        let counters = net_counters(&vm);
+        // ARP both ways, 5 pings each way: at least 6 frames each way.
+        assert!(counter(&counters, "tx_frames") >= 11 && counter(&counters, "rx_frames") >= 11, "{mode}: {counters}");
+        for drop in ["tx_dropped_malformed", "tx_dropped_oversized", "tx_dropped_refused", "rx_dropped_too_big"] {
+            assert_eq!(counter(&counters, drop), 0, "{mode}: {counters}");
+        }
+        assert_eq!(vm.shutdown(), Some(0), "{mode}");
+    }
+}
+
+/// 10,000 datagrams of random sizes (1 to 1472 bytes) to the guest's UDP
+/// echo port, one at a time: every payload comes back intact, and the
+/// device counted every frame.
+#[test]
+fn udp_echo_of_10000_datagrams_keeps_every_byte_in_every_memory_mode() {
+    for mode in MODES {
+        let Some(ns) = Netns::new(&format!("udp-{mode}")) else { return };
+        let vm = ping_guest(&ns, mode);
+        let before = net_counters(&vm);
+        let sent_bytes = ns.within(|| {
+            let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            socket.connect((GUEST, 7)).unwrap();
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let (mut reply, mut bytes) = ([0u8; 2048], 0u64);
+            let started = Instant::now();
+            for i in 0..10_000u32 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let len = 1 + (seed % 1472) as usize;
+                let payload: Vec<u8> = (0..len).map(|j| (seed >> (j % 56)) as u8 ^ j as u8).collect();
+                socket.send(&payload).unwrap();
+                let got = socket.recv(&mut reply).unwrap_or_else(|e| panic!("datagram {i} ({len} bytes): {e}"));
+                assert_eq!(&reply[..got], &payload[..], "datagram {i} came back changed");
+                bytes += (14 + 20 + 8 + len) as u64;
+            }
+            eprintln!("10,000 UDP echoes in {:?}", started.elapsed());
+            bytes
+        });
+        let after = net_counters(&vm);
+        let delta = |key| counter(&after, key) - counter(&before, key);
+        // Every datagram went in and came back out; ARP may add a frame or two.
+        assert!((10_000..10_008).contains(&delta("rx_frames")), "{mode}: {before} -> {after}");
+        assert!((10_000..10_004).contains(&delta("tx_frames")), "{mode}: {before} -> {after}");
+        assert!(delta("rx_bytes") >= sent_bytes && delta("tx_bytes") >= sent_bytes, "{mode}: {after}");
+        assert_eq!(vm.shutdown(), Some(0), "{mode}");
+    }
+}
+
+#[test]
+fn the_net_device_is_confined_and_maps_no_guest_memory_in_rpc_mode() {
+    let Some(ns) = Netns::new("confined") else { return };
+    let vm = ping_guest(&ns, "rpc");
+    let (_, info) = vm.api("GET", "/vm", "");
+    let pid = info["devices"][0]["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).map(|v| v.trim().to_string()).unwrap()
+    };
+    assert_eq!(field("Name"), "skvm-net0");
+    assert_eq!(field("Seccomp"), "2");
+    assert_eq!(field("CapEff"), "0000000000000000");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("skvm-guest-ram"), "the net device maps guest RAM:\n{maps}");
+    let own = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let theirs = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(own, theirs, "the net device shares a network namespace");
+    // The one network descriptor it holds is the tap.
+    let tun = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "/dev/net/tun"))
+        .count();
+    assert!((1..=2).contains(&tun), "{tun} tun descriptors");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
+#[test]
+fn bad_net_flags_and_missing_taps_are_clear_errors() {
+    for (flag, why) in [
+        ("tap=tap0,mac=zz:00:00:00:00:01", "not a MAC address"),
+        ("tap=tap0,mac=01:00:00:00:00:01", "multicast"),
+        ("mac=02:00:00:00:00:01", "needs tap=NAME"),
+        ("tap=a-name-far-too-long-for-linux", "interface name"),
+        ("tap=tap0,speed=10G", "not tap=NAME or mac=MAC"),
+    ] {
+        let outcome = run(&["run", "--net", flag]);
+        outcome.assert_clean_error();
+        assert_eq!(outcome.code(), Some(2), "{flag}: {}", outcome.stderr);
+        assert!(outcome.stderr.contains(why), "{flag}: {}", outcome.stderr);
+    }
+    let outcome = run(&["run", "--net", "tap=skvm-no-tap"]);
+    outcome.assert_clean_error();
+    assert_eq!(outcome.code(), Some(1), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("no such network interface"), "{}", outcome.stderr);
+    assert!(!std::path::Path::new("/sys/class/net/skvm-no-tap").exists(), "skvm created the tap");
+    let Some(ns) = Netns::new("busy") else { return };
+    let _first = ping_guest(&ns, "rpc");
+    let second = ns.exec(&[common::SKVM, "run", "--net", "tap=tap0"]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}
