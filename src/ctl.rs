@@ -79,12 +79,25 @@ fn print_info(info: &Value) {
             Some(batches) => format!(", {batches} batches posted, {} requests held", d["grants_outstanding"]),
             None => String::new(),
         };
+        let traffic = match (d["mac"].as_str(), &d["counters"]["net"]) {
+            (Some(mac), net) if net.is_object() => format!(
+                ", MAC {mac}, {} frames out, {} in, {} dropped",
+                net["tx_frames"],
+                net["rx_frames"],
+                ["tx_dropped_malformed", "tx_dropped_oversized", "tx_dropped_refused", "rx_dropped_too_big"]
+                    .iter()
+                    .map(|k| net[*k].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            ),
+            (Some(mac), _) => format!(", MAC {mac}"),
+            _ => String::new(),
+        };
         let restarts = match (d["restarts"].as_u64(), d["last_failure"].as_str()) {
             (Some(n), Some(why)) if n > 0 => format!(", restarted {n} times (last: {why})"),
             _ => String::new(),
         };
         println!(
-            "device {:<5} {:<6} {pid}, {health}{requests}{counters}{posted}{restarts}",
+            "device {:<5} {:<6} {pid}, {health}{traffic}{requests}{counters}{posted}{restarts}",
             d["name"].as_str().unwrap_or("?"),
             d["kind"].as_str().unwrap_or("?")
         );

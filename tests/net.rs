@@ -158,6 +158,12 @@ fn the_net_device_is_confined_and_maps_no_guest_memory_in_rpc_mode() {
     let vm = ping_guest(&ns, "rpc");
     let (_, info) = vm.api("GET", "/vm", "");
     let pid = info["devices"][0]["pid"].as_u64().unwrap();
+    // The MAC skvm made up for the tap is the one the guest reads, and `skvm ctl info` shows it.
+    let mac = info["devices"][0]["mac"].as_str().unwrap().to_string();
+    assert!(vm.console().contains(&format!("net: mac {mac} ")), "{mac}: {}", vm.console());
+    let socket = vm.socket.to_str().unwrap().to_string();
+    let ctl = common::run(&["ctl", "--api-socket", &socket, "info"]);
+    assert!(ctl.stdout.contains(&format!("MAC {mac}")), "{}", ctl.stdout);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |key: &str| {
         status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).map(|v| v.trim().to_string()).unwrap()

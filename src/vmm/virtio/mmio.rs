@@ -104,6 +104,12 @@ impl MmioTransport {
         self.info.device_id
     }
 
+    /// A network device's MAC address: the first bytes of its config space.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        let is_net = self.info.device_id == crate::devices::net::DEVICE_ID;
+        is_net.then(|| self.info.config.get(..6)?.try_into().ok()).flatten()
+    }
+
     pub fn host(&self) -> &DeviceHost {
         &self.host
     }

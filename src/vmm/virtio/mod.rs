@@ -57,6 +57,8 @@ pub struct VirtioDevice {
 pub struct DeviceStatus {
     pub name: String,
     pub kind: &'static str,
+    /// A network device's MAC address.
+    pub mac: Option<String>,
     pub pid: Option<u32>,
     pub healthy: bool,
     pub failure: Option<String>,
@@ -101,8 +103,10 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                         crate::devices::blk::DEVICE_ID => "block",
                         crate::devices::rng::DEVICE_ID => "rng",
                         crate::devices::mem::DEVICE_ID => "mem",
+                        crate::devices::net::DEVICE_ID => "net",
                         _ => "other",
                     },
+                    mac: transport.mac().map(|mac| crate::devices::net::format_mac(&mac)),
                     pid: host.pid.and(host.health.pid()),
                     healthy: !host.health.failed.load(Relaxed),
                     failure: lock(&host.health.reason).clone(),
