@@ -161,6 +161,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     pub net: Vec<NetConfig>,
 
+    /// A virtio-console device (the guest's hvc0), sandboxed like the others: `stdio` (its
+    /// output on stdout; stdin, when a terminal, pipe or socket, is its input, and COM1 then
+    /// reads none), `file:PATH` (output only; created or truncated) or `none`.
+    #[arg(long, value_name = "stdio|file:PATH|none", value_parser = parse_serial)]
+    pub console: Option<SerialOutput>,
+
     /// How devices reach guest memory. `rpc`: a sandboxed process that never maps guest RAM;
     /// the VMM walks its queue and hands it only the buffers the guest posted, by grant.
     /// `rpc-dma`: a sandboxed process that walks its own queue and asks the VMM to read or
@@ -243,6 +249,11 @@ pub struct DeviceArgs {
     /// A network device's MAC address.
     #[arg(long, required_if_eq("kind", "net"), value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
+    /// A console's output and input, opened by the VMM.
+    #[arg(long, required_if_eq("kind", "console"), value_parser = inherited_fd)]
+    output_fd: Option<i32>,
+    #[arg(long, value_parser = inherited_fd)]
+    input_fd: Option<i32>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -251,6 +262,7 @@ pub enum DeviceKindArg {
     Rng,
     Mem,
     Net,
+    Console,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -319,6 +331,10 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                         (Some(tap), Some(mac)) => DeviceKind::Net { tap, mac },
                         _ => return Err("a virtio-net device needs --tap-fd and --mac".into()),
                     },
+                    (DeviceKindArg::Console, _) => match args.output_fd {
+                        Some(output) => DeviceKind::Console { output, input: args.input_fd },
+                        None => return Err("a virtio-console device needs --output-fd".into()),
+                    },
                 },
                 misbehave: args.misbehave,
                 probe: args.probe,
@@ -355,6 +371,7 @@ impl RunArgs {
             boot_protocol: self.boot_protocol,
             disks: self.disk,
             nets: self.net,
+            console: self.console.filter(|c| *c != SerialOutput::None),
             rng: self.rng,
             api_socket: self.api_socket,
             stats_file: self.stats_file,

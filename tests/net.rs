@@ -212,3 +212,46 @@ fn bad_net_flags_and_missing_taps_are_clear_errors() {
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another process"), "{stderr}");
 }
+
+/// The guest's `net-hostile`: malformed transmit chains, receive buffers
+/// posted read-only or too small for a header, then small buffers frames
+/// must span. Every case is dropped or given back and counted, the VMM and
+/// the device stay up, and the device works afterwards. With `merge=0` (no
+/// MRG_RXBUF) a frame larger than a buffer is dropped and counted.
+#[test]
+fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
+    for mode in MODES {
+        for merge in ["1", "0"] {
+            let Some(ns) = Netns::new(&format!("hostile-{mode}-{merge}")) else { return };
+            let cmdline = format!("scenario=net-hostile merge={merge}");
+            let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", &cmdline];
+            let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
+            let console = vm.wait_console("net: serving", LONG);
+            assert_eq!(console.matches(": completed").count(), 7, "{mode}: {console}");
+            assert!(console.contains("net-hostile: 0 transmit cases left stuck"), "{mode}: {console}");
+            assert!(console.contains("net-hostile: 128 unusable receive buffers came back unused"), "{console}");
+            assert!(console.contains("small receive buffers ok"), "{mode}: {console}");
+            let counters = net_counters(&vm);
+            assert_eq!(counter(&counters, "tx_dropped_malformed"), 6, "{mode}: {counters}");
+            assert_eq!(counter(&counters, "tx_dropped_oversized"), 1, "{mode}: {counters}");
+            assert_eq!(counter(&counters, "rx_bad_buffers"), 128, "{mode}: {counters}");
+            if merge == "0" {
+                // 1,400 bytes of UDP cannot fit a 128-byte buffer: dropped, not truncated.
+                ns.within(|| {
+                    let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
+                    socket.send_to(&[0x5a; 1400], (GUEST, 9)).unwrap();
+                });
+                let deadline = Instant::now() + LONG;
+                while counter(&net_counters(&vm), "rx_dropped_too_big") == 0 {
+                    assert!(Instant::now() < deadline, "{mode}: the big frame was not dropped");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let ping = ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST]);
+            assert!(ping.status.success(), "{mode} merge={merge}: {}", String::from_utf8_lossy(&ping.stdout));
+            let (_, info) = vm.api("GET", "/vm", "");
+            assert_eq!(info["devices"][0]["healthy"], true, "{mode}: {info}");
+            assert_eq!(vm.shutdown(), Some(0), "{mode}");
+        }
+    }
+}

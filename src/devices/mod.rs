@@ -6,6 +6,7 @@
 //! [`memory::DeviceMemory`] (the other modes, [`ring`]).
 pub mod aligned;
 pub mod blk;
+pub mod console;
 mod hostile;
 mod in_flight;
 mod io_threads;
@@ -39,6 +40,7 @@ pub enum Backend {
     Rng(rng::RngDevice),
     Mem(mem::MemDevice),
     Net(net::NetDevice),
+    Console(console::ConsoleDevice),
 }
 
 impl Backend {
@@ -48,6 +50,7 @@ impl Backend {
             Backend::Rng(rng) => rng.info(),
             Backend::Mem(mem) => mem.info(),
             Backend::Net(net) => net.info(),
+            Backend::Console(console) => console.info(),
         }
     }
 
@@ -58,6 +61,7 @@ impl Backend {
             Backend::Rng(_) => 0,
             Backend::Mem(_) => readable_len.min(mem::REQUEST_SIZE),
             Backend::Net(_) => net::NetDevice::wanted(readable_len),
+            Backend::Console(_) => console::ConsoleDevice::wanted(readable_len),
         }
     }
 
@@ -65,7 +69,7 @@ impl Backend {
     pub fn refuse(&self, writable_len: u64) -> Reply {
         match self {
             Backend::Block(_) => blk::BlockDevice::refuse(writable_len),
-            Backend::Rng(_) | Backend::Mem(_) | Backend::Net(_) => Reply { failed: true, ..Reply::default() },
+            _ => Reply { failed: true, ..Reply::default() },
         }
     }
 
@@ -79,7 +83,7 @@ impl Backend {
     pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
         match self {
             Backend::Block(blk) => blk.start_io_threads(name, sandboxed),
-            Backend::Rng(_) | Backend::Mem(_) | Backend::Net(_) => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -92,6 +96,46 @@ impl Backend {
             Backend::Mem(device) => device.serve(requests).await,
             // The transmit queue's requests; receive buffers are held instead.
             Backend::Net(net) => Ok(net.transmit(requests)),
+            Backend::Console(console) => Ok(console.transmit(requests)),
+        }
+    }
+
+    /// A device with a receive queue (0) whose buffers it holds until input
+    /// comes, and a transmit queue (1): virtio-net and virtio-console.
+    pub fn holds_receive_buffers(&self) -> bool {
+        matches!(self, Backend::Net(_) | Backend::Console(_))
+    }
+
+    /// The descriptor whose readiness means input for the receive queue.
+    pub fn take_watcher(&mut self) -> Option<std::fs::File> {
+        match self {
+            Backend::Net(net) => net.take_watcher(),
+            Backend::Console(console) => console.take_watcher(),
+            _ => None,
+        }
+    }
+
+    /// More input may come (a console's input has not ended).
+    pub fn input_open(&self) -> bool {
+        match self {
+            Backend::Console(console) => console.input_open(),
+            _ => true,
+        }
+    }
+
+    /// Fills held receive buffers with the input waiting, front first;
+    /// each filled (or given back) buffer with its reply. `ring_full`: the
+    /// driver has posted all it can; `budget`: most bytes to deliver.
+    pub fn receive<T>(
+        &mut self,
+        held: &mut std::collections::VecDeque<net::Held<T>>,
+        ring_full: bool,
+        budget: u64,
+    ) -> Vec<(T, Reply)> {
+        match self {
+            Backend::Net(net) => net.receive(held, ring_full, budget),
+            Backend::Console(console) => console.receive(held, budget),
+            _ => Vec::new(),
         }
     }
 }

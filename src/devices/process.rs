@@ -110,6 +110,11 @@ pub enum DeviceKind {
         tap: RawFd,
         mac: [u8; 6],
     },
+    /// virtio-console, with the output and input the VMM opened.
+    Console {
+        output: RawFd,
+        input: Option<RawFd>,
+    },
 }
 
 /// The channel on a socket descriptor the VMM handed over.
@@ -244,6 +249,7 @@ impl DeviceProcess {
             DeviceKind::Block { disk, .. } => fds.push(disk),
             DeviceKind::Mem { hotplug } => fds.push(hotplug),
             DeviceKind::Net { tap, .. } => fds.push(tap),
+            DeviceKind::Console { output, input } => fds.extend(std::iter::once(output).chain(input)),
             DeviceKind::Rng => {}
         }
         fds.sort_unstable();
@@ -264,6 +270,9 @@ impl DeviceProcess {
         };
         let (filter, max_file_size) = match self.kind {
             DeviceKind::Block { disk, .. } => (sandbox::device_filter(sandbox::DeviceFilter::Block)?, file_size(disk)?),
+            // A console's output may be a file, which grows as the guest writes
+            // (as the serial console's does); no other file is open to grow.
+            DeviceKind::Console { .. } => (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, libc::RLIM_INFINITY),
             DeviceKind::Rng | DeviceKind::Mem { .. } | DeviceKind::Net { .. } => {
                 (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, 0)
             }
@@ -301,6 +310,13 @@ impl DeviceProcess {
                     // SAFETY: the VMM handed us this descriptor to own.
                     let tap = unsafe { File::from_raw_fd(tap) };
                     Backend::Net(super::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
+                }
+                DeviceKind::Console { output, input } => {
+                    // SAFETY: descriptors the VMM handed us to own.
+                    let (output, input) = unsafe { (File::from_raw_fd(output), input.map(|fd| File::from_raw_fd(fd))) };
+                    Backend::Console(
+                        super::console::ConsoleDevice::new(output, input).map_err(|e| format!("console: {e}"))?,
+                    )
                 }
             };
             let hotplug = match &backend {

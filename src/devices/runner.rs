@@ -87,9 +87,9 @@ impl<M: DeviceMemory> Core<M> {
         held
     }
 
-    /// A network device holds receive buffers a frame could go to.
+    /// The device holds receive buffers that input could go to.
     fn wants_frames(&self) -> bool {
-        !self.rx_chains.is_empty() || !self.rx_posted.is_empty()
+        (!self.rx_chains.is_empty() || !self.rx_posted.is_empty()) && self.backend.input_open()
     }
 
     async fn run_hook(&mut self) {
@@ -101,9 +101,9 @@ impl<M: DeviceMemory> Core<M> {
     /// Serves one batch of requests; false when the driver had made none.
     async fn service(&mut self) -> Result<bool, QueueError> {
         let started = std::time::Instant::now();
-        let result = match self.backend {
-            Backend::Net(_) => self.serve_net().await,
-            _ => self.serve_batch().await,
+        let result = match self.backend.holds_receive_buffers() {
+            true => self.serve_rx_tx().await,
+            false => self.serve_batch().await,
         };
         // Transfers that ended meanwhile complete now, not after the queue empties.
         let ended = self.complete_ended(false).await;
@@ -153,10 +153,10 @@ impl<M: DeviceMemory> Core<M> {
         Ok(())
     }
 
-    /// A network device, ring-walking modes: sends what the driver queued
-    /// to transmit, takes its new receive buffers, and fills them with
-    /// frames from the tap. False when nothing moved.
-    async fn serve_net(&mut self) -> Result<bool, QueueError> {
+    /// A network or console device, ring-walking modes: sends what the
+    /// driver queued to transmit, takes its new receive buffers, and fills
+    /// them with input (frames from the tap). False when nothing moved.
+    async fn serve_rx_tx(&mut self) -> Result<bool, QueueError> {
         let Core { mem, backend, queues, irq, counters, rx_chains, .. } = self;
         let [rx, tx] = queues.as_mut_slice() else { return Ok(false) };
         let mut moved = false;
@@ -178,9 +178,8 @@ impl<M: DeviceMemory> Core<M> {
                 Held { buffer: chain, capacity }
             }));
         }
-        let Backend::Net(net) = backend else { return Ok(false) };
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
-        let filled = net.receive(rx_chains, ring_full, u64::MAX);
+        let filled = backend.receive(rx_chains, ring_full, u64::MAX);
         if !filled.is_empty() {
             let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
             let requests: Vec<Request> =
@@ -197,13 +196,12 @@ impl<M: DeviceMemory> Core<M> {
         Ok(moved)
     }
 
-    /// A network device, request level: fills held receive buffers with
-    /// frames from the tap; their completions, within one reply's inline limit.
+    /// Request level: fills held receive buffers with input (frames from
+    /// the tap); their completions, within one reply's inline limit.
     fn receive_posted(&mut self, budget: u64) -> Vec<CompletedRequest> {
-        let Backend::Net(net) = &mut self.backend else { return Vec::new() };
         let size = self.queue_sizes.get(RX_QUEUE as usize).copied().unwrap_or(u16::MAX);
         let ring_full = self.rx_posted.len() >= size as usize;
-        let filled = net.receive(&mut self.rx_posted, ring_full, budget);
+        let filled = self.backend.receive(&mut self.rx_posted, ring_full, budget);
         self.counters.requests += filled.len() as u64;
         filled
             .into_iter()
@@ -223,10 +221,10 @@ impl<M: DeviceMemory> Core<M> {
         self.run_hook().await;
         let started = std::time::Instant::now();
         let seen = self.tamper.is_some().then(|| batch.clone());
-        // A network device holds its receive buffers for frames to come.
-        let (held, batch): (Vec<_>, Vec<_>) = match self.backend {
-            Backend::Net(_) => batch.into_iter().partition(|p| p.queue == RX_QUEUE),
-            _ => (Vec::new(), batch),
+        // A network or console device holds its receive buffers for input to come.
+        let (held, batch): (Vec<_>, Vec<_>) = match self.backend.holds_receive_buffers() {
+            true => batch.into_iter().partition(|p| p.queue == RX_QUEUE),
+            false => (Vec::new(), batch),
         };
         let mut given_back = Vec::new();
         for posted in held {
@@ -511,10 +509,7 @@ where
         Doorbell::Requests => (None, None),
     };
     let io_done = Arc::new(Notify::new());
-    let tap = match &mut backend {
-        Backend::Net(net) => net.take_watcher(),
-        _ => None,
-    };
+    let input = backend.take_watcher();
     let core = Arc::new(Mutex::new(Core {
         mem: Timed::new(mem),
         backend,
@@ -542,22 +537,22 @@ where
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {
         tokio::spawn(response);
     });
-    let tap = match tap {
-        // SAFETY: the AsyncFd owns this descriptor of the tap and closes it only when dropped.
-        Some(file) => Some(unsafe { AsyncFd::register(file) }.map_err(|e| format!("cannot watch the tap: {e}"))?),
+    let input = match input {
+        // SAFETY: the AsyncFd owns this descriptor of the input and closes it only when dropped.
+        Some(file) => Some(unsafe { AsyncFd::register(file) }.map_err(|e| format!("cannot watch the input: {e}"))?),
         None => None,
     };
     let Some(notify) = notify else {
-        let Some(tap) = tap else {
+        let Some(input) = input else {
             control_done.await;
             return Ok(());
         };
-        // Request level: frames from the tap complete held receive requests.
+        // Request level: input (frames from the tap) completes held receive requests.
         let receive_loop = async {
             loop {
                 if core.lock().await.wants_frames() {
                     tokio::select! {
-                        guard = tap.readable() => guard.map_err(|e| format!("tap: {e}"))?.clear_ready(),
+                        guard = input.readable() => guard.map_err(|e| format!("input: {e}"))?.clear_ready(),
                         _ = kick.notified() => {}
                     }
                 } else {
@@ -582,10 +577,10 @@ where
     let notify = unsafe { AsyncFd::register(notify) }.map_err(|e| format!("cannot watch the queue notifier: {e}"))?;
     let queue_loop = async {
         loop {
-            let wants_frames = tap.is_some() && core.lock().await.wants_frames();
+            let wants_frames = input.is_some() && core.lock().await.wants_frames();
             tokio::select! {
-                guard = async { tap.as_ref().unwrap().readable().await }, if wants_frames => {
-                    guard.map_err(|e| format!("tap: {e}"))?.clear_ready();
+                guard = async { input.as_ref().unwrap().readable().await }, if wants_frames => {
+                    guard.map_err(|e| format!("input: {e}"))?.clear_ready();
                 }
                 guard = notify.readable() => {
                     let mut guard = guard.map_err(|e| format!("queue notifier failed: {e}"))?;

@@ -14,6 +14,8 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocol,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// A virtio-console device (the guest's hvc0) and where it goes.
+    pub console: Option<SerialOutput>,
     pub rng: bool,
     pub memory_mode: MemoryMode,
     /// Where to serve the control API, if anywhere.
@@ -72,7 +74,7 @@ pub enum KernelSource {
     Embedded(&'static [u8]),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOutput {
     Stdio,
     File(PathBuf),

@@ -162,6 +162,31 @@ pub fn open_tap(name: &str, header: usize) -> Result<File> {
     Ok(tun)
 }
 
+/// A console's output and input: stdout and (when it is a terminal, pipe
+/// or socket, which an event loop can wait on) stdin, opened afresh so the
+/// device's non-blocking reads leave skvm's own stdin alone; or an output
+/// file and no input.
+pub fn open_console(output: &super::SerialOutput) -> Result<(File, Option<File>)> {
+    use std::os::fd::AsFd;
+    match output {
+        super::SerialOutput::File(path) => {
+            let file = create_output(path)
+                .map_err(|e| Error::Device(format!("--console file:{}: cannot create it: {e}", path.display())))?;
+            Ok((file, None))
+        }
+        _ => {
+            let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+            let waitable = std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| {
+                let t = m.file_type();
+                let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+                t.is_fifo() || t.is_socket() || (t.is_char_device() && terminal)
+            });
+            let input = if waitable { Some(File::open("/proc/self/fd/0")?) } else { None };
+            Ok((File::from(stdout), input))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,7 +62,11 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         std::thread::spawn(move || vcpu::supported_cpuid(&kvm))
     };
     vm::check_capabilities(&kvm, config.vcpus)?;
-    let has_devices = !config.disks.is_empty() || !config.nets.is_empty() || config.rng || config.hotplug.is_some();
+    let has_devices = !config.disks.is_empty()
+        || !config.nets.is_empty()
+        || config.console.is_some()
+        || config.rng
+        || config.hotplug.is_some();
     let shareable = config.memory_mode == MemoryMode::Shared && has_devices;
     let ram = memory::GuestRam::new(config.memory_bytes, shareable)?;
     let vm = Arc::new(vm::create(&kvm, &ram)?);
@@ -114,7 +118,10 @@ pub fn run(config: VmConfig) -> Result<VmExit> {
         api::serve(socket, api)?;
     }
     signals::watch(control.clone())?;
-    legacy.forward_stdin_if_terminal();
+    // A console on stdio reads stdin itself.
+    if config.console != Some(SerialOutput::Stdio) {
+        legacy.forward_stdin_if_terminal();
+    }
     let exit = control.wait();
     report(&io, &control, hotplug.as_deref(), config.stats_file.as_deref());
     virtio::stop_all(&io.virtio);

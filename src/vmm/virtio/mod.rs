@@ -10,7 +10,7 @@ mod requests;
 mod spawn;
 mod supervisor;
 
-use super::config::{DiskConfig, MemoryMode, NetConfig, VmConfig};
+use super::config::{DiskConfig, MemoryMode, NetConfig, SerialOutput, VmConfig};
 use super::hotplug::{self, DeviceHooks, HotplugRegion};
 use super::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSI_BASE, VIRTIO_MMIO_START};
 use super::lock;
@@ -245,6 +245,7 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
     refuse_repeated_disks(&config.disks)?;
     let mut specs: Vec<DeviceSpec> = config.disks.iter().map(DeviceSpec::Block).collect();
     specs.extend(config.nets.iter().map(DeviceSpec::Net));
+    specs.extend(config.console.iter().map(DeviceSpec::Console));
     if config.rng {
         specs.push(DeviceSpec::Rng);
     }
@@ -276,6 +277,7 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
                     nets += 1;
                     format!("net{}", nets - 1)
                 }
+                DeviceSpec::Console(_) => "console0".to_string(),
                 DeviceSpec::Rng => "rng0".to_string(),
                 DeviceSpec::Mem(_) => "mem0".to_string(),
             };
@@ -334,6 +336,7 @@ impl DiskLock {
 enum DeviceSpec<'a> {
     Block(&'a DiskConfig),
     Net(&'a NetConfig),
+    Console(&'a SerialOutput),
     Rng,
     Mem(Arc<HotplugRegion>),
 }
@@ -364,6 +367,10 @@ fn launch_device(
         DeviceSpec::Net(net) => {
             let tap = super::host_files::open_tap(&net.tap, crate::devices::net::HEADER)?;
             ProcessKind::Net { tap, mac: net.mac }
+        }
+        DeviceSpec::Console(output) => {
+            let (output, input) = super::host_files::open_console(output)?;
+            ProcessKind::Console { output, input }
         }
         DeviceSpec::Rng => ProcessKind::Rng,
         DeviceSpec::Mem(region) => {
@@ -511,6 +518,10 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                     ProcessKind::Net { tap, mac } => {
                         Backend::Net(crate::devices::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
                     }
+                    ProcessKind::Console { output, input } => Backend::Console(
+                        crate::devices::console::ConsoleDevice::new(output, input)
+                            .map_err(|e| format!("console: {e}"))?,
+                    ),
                 };
                 backend.start_io_threads(&name, false).map_err(|e| format!("I/O threads: {e}"))?;
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;

@@ -19,6 +19,7 @@ pub enum ProcessKind {
     Rng,
     Mem { hotplug: UnixStream },
     Net { tap: File, mac: [u8; 6] },
+    Console { output: File, input: Option<File> },
 }
 
 impl ProcessKind {
@@ -31,6 +32,10 @@ impl ProcessKind {
             ProcessKind::Rng => ProcessKind::Rng,
             ProcessKind::Mem { hotplug } => ProcessKind::Mem { hotplug: hotplug.try_clone()? },
             ProcessKind::Net { tap, mac } => ProcessKind::Net { tap: tap.try_clone()?, mac: *mac },
+            ProcessKind::Console { output, input } => ProcessKind::Console {
+                output: output.try_clone()?,
+                input: input.as_ref().map(File::try_clone).transpose()?,
+            },
         })
     }
 }
@@ -81,6 +86,13 @@ impl ProcessRecipe {
                 child.arg("--kind=net".into());
                 child.fd("--tap-fd", tap.as_raw_fd());
                 child.arg(format!("--mac={}", crate::devices::net::format_mac(mac)));
+            }
+            ProcessKind::Console { output, input } => {
+                child.arg("--kind=console".into());
+                child.fd("--output-fd", output.as_raw_fd());
+                if let Some(input) = input {
+                    child.fd("--input-fd", input.as_raw_fd());
+                }
             }
         }
         if let (Some(addr), ProcessKind::Block { .. }) = (self.probe, &self.kind) {

@@ -21,6 +21,7 @@ mod platform;
 mod pvh;
 mod rng;
 mod scenario;
+mod vconsole;
 mod virtio;
 mod virtio_mem;
 

@@ -16,6 +16,13 @@ pub const BUFFER: u64 = 2048;
 pub const ETH_ARP: u16 = 0x0806;
 pub const ETH_IP: u16 = 0x0800;
 pub const UDP_ECHO_PORT: u16 = 7;
+/// Datagrams here are counted and dropped; every 64th is acknowledged with
+/// the count so far (the host's benchmark paces itself by the acks).
+pub const UDP_SINK_PORT: u16 = 9;
+/// A datagram here (count: u32, size: u16, little-endian) makes the guest
+/// send `count` datagrams of `size` bytes back to its sender, the last
+/// one's first byte 0xff.
+pub const UDP_BLAST_PORT: u16 = 10;
 
 pub struct Net {
     pub device: Device,
@@ -28,6 +35,12 @@ pub struct Net {
     tx_next: u16,
     pub mac: [u8; 6],
     pub mergeable: bool,
+    /// How receive buffers are posted: length and descriptor flags (the
+    /// hostile scenario posts tiny and read-only ones).
+    pub rx_len: u32,
+    pub rx_flags: u16,
+    /// Receive buffers the device gave back empty.
+    pub rx_empty: u64,
 }
 
 /// The first virtio-net device on the command line.
@@ -36,10 +49,17 @@ pub fn find(cmdline: &str) -> Option<Device> {
 }
 
 impl Net {
-    /// Sets the device up with `rx_len`-byte receive buffers (the hostile
-    /// scenario posts tiny ones), all posted.
-    pub fn init(device: Device, arena: &mut Arena, rx_len: u32) -> Result<Net, &'static str> {
-        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | F_MRG_RXBUF)?;
+    /// Sets the device up with every receive buffer posted as `rx_len`
+    /// bytes with `rx_flags` (the hostile scenario posts tiny and read-only ones).
+    pub fn init(
+        device: Device,
+        arena: &mut Arena,
+        rx_len: u32,
+        rx_flags: u16,
+        merge: bool,
+    ) -> Result<Net, &'static str> {
+        let merge = if merge { F_MRG_RXBUF } else { 0 };
+        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | merge)?;
         if features & F_MAC == 0 {
             return Err("the device has no MAC");
         }
@@ -62,9 +82,12 @@ impl Net {
             tx_next: 0,
             mac,
             mergeable: features & F_MRG_RXBUF != 0,
+            rx_len,
+            rx_flags,
+            rx_empty: 0,
         };
         for slot in 0..QUEUE_SIZE {
-            net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, DESC_F_WRITE, 0);
+            net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, rx_flags, 0);
             net.rx.push(slot);
         }
         device.driver_ok();
@@ -72,25 +95,83 @@ impl Net {
         Ok(net)
     }
 
-    /// Posts receive slot `slot` again, as `len` bytes with `flags`.
-    pub fn repost(&mut self, slot: u16, len: u32, flags: u16) {
-        self.rx.set_desc(slot, self.rx_buffers + slot as u64 * BUFFER, len, flags, 0);
+    /// Posts receive slot `slot` again, as the current `rx_len` and `rx_flags` say.
+    fn repost(&mut self, slot: u16) {
+        self.rx.set_desc(slot, self.rx_buffers + slot as u64 * BUFFER, self.rx_len, self.rx_flags, 0);
         self.rx.push(slot);
-        self.device.notify(0);
     }
 
-    /// The next frame received, copied into `out`; its length (0 for a
-    /// buffer the device gave back empty). The buffer is posted again.
+    /// The next frame received, reassembled into `out` from as many buffers
+    /// as its header's `num_buffers` says; its length (0 for a buffer the
+    /// device gave back empty). The buffers are posted again.
     pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
         let (head, len) = self.rx.pop_used()?;
-        let slot = head % QUEUE_SIZE;
-        let len = (len as usize).min(BUFFER as usize);
-        let at = self.rx_buffers + slot as u64 * BUFFER;
-        let frame = len.saturating_sub(HEADER).min(out.len());
-        // SAFETY: our own receive buffer, `len` bytes of which the device wrote.
-        unsafe { core::ptr::copy_nonoverlapping((at + HEADER as u64) as *const u8, out.as_mut_ptr(), frame) };
-        self.repost(slot, BUFFER as u32, DESC_F_WRITE);
-        Some(frame)
+        let mut slot = head % QUEUE_SIZE;
+        let mut at = self.rx_buffers + slot as u64 * BUFFER;
+        let mut len = (len as usize).min(BUFFER as usize);
+        if len < HEADER {
+            self.rx_empty += 1;
+            self.repost(slot);
+            self.device.notify(0);
+            return Some(0);
+        }
+        // SAFETY: our own receive buffer, which the device wrote a header into.
+        let buffers = unsafe { core::ptr::read_volatile((at + 10) as *const u16) }.max(1);
+        let (mut skip, mut filled) = (HEADER, 0usize);
+        for i in 0..buffers {
+            if i > 0 {
+                let start = rdtsc();
+                let (next, next_len) = loop {
+                    if let Some(done) = self.rx.pop_used() {
+                        break done;
+                    }
+                    if rdtsc() - start > 1 << 32 {
+                        return Some(filled);
+                    }
+                };
+                slot = next % QUEUE_SIZE;
+                at = self.rx_buffers + slot as u64 * BUFFER;
+                len = (next_len as usize).min(BUFFER as usize);
+                skip = 0;
+            }
+            let take = len.saturating_sub(skip).min(out.len() - filled);
+            // SAFETY: our own receive buffer, `len` bytes of which the device wrote.
+            unsafe {
+                core::ptr::copy_nonoverlapping((at + skip as u64) as *const u8, out[filled..].as_mut_ptr(), take)
+            };
+            filled += take;
+            self.repost(slot);
+        }
+        self.device.notify(0);
+        Some(filled)
+    }
+
+    /// Queues one transmit chain of hand-made descriptors (address, length)
+    /// and waits for the device to complete it; false if it never does.
+    pub fn send_chain(&mut self, descs: &[(u64, u32)]) -> bool {
+        while self.tx_busy > 0 {
+            self.reclaim();
+        }
+        let base = QUEUE_SIZE - descs.len() as u16;
+        for (i, &(addr, len)) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let (flags, next) = if last { (0, 0) } else { (crate::virtio::DESC_F_NEXT, base + i as u16 + 1) };
+            self.tx.set_desc(base + i as u16, addr, len, flags, next);
+        }
+        self.tx.push(base);
+        self.device.notify(1);
+        let start = rdtsc();
+        while self.tx.pop_used().is_none() {
+            if rdtsc() - start > 1 << 34 {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A transmit buffer of ours (slot 0), for hand-made chains.
+    pub fn tx_buffer(&self) -> u64 {
+        self.tx_buffers
     }
 
     /// Queues `frame` for transmission, waiting for a free slot if need be.
@@ -144,6 +225,7 @@ pub struct Stack {
     pub replies: u64,
     pub pings_answered: u64,
     pub udp_echoed: u64,
+    pub sunk: u64,
 }
 
 pub fn parse_ip(text: &str) -> Option<[u8; 4]> {
@@ -191,6 +273,31 @@ fn ipv4(out: &mut [u8], from: [u8; 4], to: [u8; 4], proto: u8, len: usize) {
     ip[16..20].copy_from_slice(&to);
     let sum = checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// A UDP datagram carrying `data` (at most 1472 bytes) in answer to the
+/// datagram whose UDP header starts `request`: from the port it was sent
+/// to, back to the port it came from. Built in `out`; the frame is returned.
+fn udp<'a>(
+    out: &'a mut [u8; 1514],
+    mac: [u8; 6],
+    to_mac: [u8; 6],
+    ip: [u8; 4],
+    to_ip: [u8; 4],
+    request: &[u8],
+    data: &[u8],
+) -> &'a [u8] {
+    let len = 8 + data.len();
+    ethernet(out, to_mac, mac, ETH_IP);
+    ipv4(out, ip, to_ip, 17, len);
+    let header = &mut out[34..42];
+    header[0..2].copy_from_slice(&request[2..4]);
+    header[2..4].copy_from_slice(&request[0..2]);
+    header[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    // A zero UDP checksum: none (allowed in IPv4).
+    header[6..8].fill(0);
+    out[42..42 + data.len()].copy_from_slice(data);
+    &out[..34 + len]
 }
 
 impl Stack {
@@ -273,20 +380,34 @@ impl Stack {
                         let seq = be16(payload, 6);
                         self.replies |= 1u64 << (seq % 64);
                     }
+                    17 if payload.len() >= 8 && be16(payload, 2) == UDP_SINK_PORT => {
+                        self.sunk += 1;
+                        if self.sunk.is_multiple_of(64) {
+                            let mut f = [0u8; 1514];
+                            let reply =
+                                udp(&mut f, net.mac, src_mac, self.ip, src_ip, payload, &self.sunk.to_le_bytes());
+                            net.send(reply)?;
+                        }
+                    }
+                    17 if payload.len() >= 14 && be16(payload, 2) == UDP_BLAST_PORT => {
+                        let count = u32::from_le_bytes(payload[8..12].try_into().unwrap());
+                        let size = (u16::from_le_bytes([payload[12], payload[13]]) as usize).clamp(1, 1472);
+                        let mut data = [0u8; 1472];
+                        let mut f = [0u8; 1514];
+                        for i in 0..count {
+                            data[0] = if i + 1 == count { 0xff } else { 0 };
+                            let reply = udp(&mut f, net.mac, src_mac, self.ip, src_ip, payload, &data[..size]);
+                            net.send(reply)?;
+                        }
+                    }
                     17 if payload.len() >= 8 && be16(payload, 2) == UDP_ECHO_PORT => {
                         let data = &payload[8..(be16(payload, 4) as usize).clamp(8, payload.len())];
-                        let mut f = [0u8; 1514];
-                        let len = 8 + data.len();
-                        ethernet(&mut f, src_mac, net.mac, ETH_IP);
-                        ipv4(&mut f, self.ip, src_ip, 17, len);
-                        let udp = &mut f[34..34 + len];
-                        udp[0..2].copy_from_slice(&UDP_ECHO_PORT.to_be_bytes());
-                        udp[2..4].copy_from_slice(&payload[0..2]);
-                        udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
-                        // A zero UDP checksum: none (allowed in IPv4).
-                        udp[8..].copy_from_slice(data);
-                        net.send(&f[..34 + len])?;
-                        self.udp_echoed += 1;
+                        if data.len() <= 1472 {
+                            let mut f = [0u8; 1514];
+                            let reply = udp(&mut f, net.mac, src_mac, self.ip, src_ip, payload, data);
+                            net.send(reply)?;
+                            self.udp_echoed += 1;
+                        }
                     }
                     _ => {}
                 }
@@ -297,73 +418,171 @@ impl Stack {
     }
 }
 
-/// `net-ping`: resolve the peer (`peer=`, default 10.0.0.1) by ARP, ping it
-/// `pings=N` times (default 5), then answer ARP, pings and UDP echo (port 7)
-/// from the host forever, printing a count line every 2^33 TSC ticks.
-/// Our address is `ip=` (default 10.0.0.2).
-pub fn run_ping(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
-    let cmdline = info.cmdline();
-    let param = |key, default| crate::scenario::param(cmdline, key).and_then(parse_ip).unwrap_or(default);
-    let pings: u16 = crate::scenario::param(cmdline, "pings").and_then(|n| n.parse().ok()).unwrap_or(5).min(64);
-    let mut arena = crate::blk_scenarios::arena(info).ok_or("not enough RAM")?;
-    let mut net = Net::init(find(cmdline).ok_or("no virtio-net device")?, &mut arena, BUFFER as u32)?;
-    let mut stack = Stack {
-        ip: param("ip", [10, 0, 0, 2]),
-        peer_ip: param("peer", [10, 0, 0, 1]),
-        peer_mac: None,
-        replies: 0,
-        pings_answered: 0,
-        udp_echoed: 0,
-    };
-    crate::println!(
-        "net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} mergeable {}",
-        net.mac[0],
-        net.mac[1],
-        net.mac[2],
-        net.mac[3],
-        net.mac[4],
-        net.mac[5],
-        net.mergeable
-    );
-    let mut frame = [0u8; BUFFER as usize];
-    let mut poll = |net: &mut Net, stack: &mut Stack| -> Result<(), &'static str> {
+impl Stack {
+    /// Our address from `ip=` (default 10.0.0.2), the peer's from `peer=` (default 10.0.0.1).
+    pub fn from_cmdline(cmdline: &str) -> Stack {
+        let param = |key, default| crate::scenario::param(cmdline, key).and_then(parse_ip).unwrap_or(default);
+        Stack {
+            ip: param("ip", [10, 0, 0, 2]),
+            peer_ip: param("peer", [10, 0, 0, 1]),
+            peer_mac: None,
+            replies: 0,
+            pings_answered: 0,
+            udp_echoed: 0,
+            sunk: 0,
+        }
+    }
+
+    /// Handles every frame waiting.
+    pub fn poll(&mut self, net: &mut Net) -> Result<(), &'static str> {
+        let mut frame = [0u8; BUFFER as usize];
         while let Some(len) = net.recv(&mut frame) {
-            stack.handle(net, &frame[..len])?;
+            self.handle(net, &frame[..len])?;
         }
         Ok(())
-    };
-    // Resolve the peer, asking again every 2^28 ticks.
-    let start = rdtsc();
-    while stack.peer_mac.is_none() {
-        stack.arp_request(&mut net)?;
-        let asked = rdtsc();
-        while stack.peer_mac.is_none() && rdtsc() - asked < 1 << 28 {
-            poll(&mut net, &mut stack)?;
-        }
-        if rdtsc() - start > 1 << 36 {
-            return Err("the peer never answered ARP");
-        }
     }
-    crate::println!("net: peer found");
-    for seq in 0..pings {
-        stack.ping(&mut net, seq, 56)?;
-        let sent = rdtsc();
-        while stack.replies & (1 << seq) == 0 {
-            poll(&mut net, &mut stack)?;
-            if rdtsc() - sent > 1 << 34 {
-                return Err("no echo reply from the peer");
+
+    /// Finds the peer's MAC by ARP, asking again every 2^28 ticks.
+    pub fn resolve(&mut self, net: &mut Net) -> Result<(), &'static str> {
+        let start = rdtsc();
+        while self.peer_mac.is_none() {
+            self.arp_request(net)?;
+            let asked = rdtsc();
+            while self.peer_mac.is_none() && rdtsc() - asked < 1 << 28 {
+                self.poll(net)?;
+            }
+            if rdtsc() - start > 1 << 36 {
+                return Err("the peer never answered ARP");
             }
         }
-        crate::println!("net: reply seq={}", seq);
+        Ok(())
     }
-    crate::println!("net-ping: {}/{} replies", stack.replies.count_ones(), pings);
-    crate::println!("net: serving");
-    let mut last = rdtsc();
-    loop {
-        poll(&mut net, &mut stack)?;
-        if rdtsc() - last > 1 << 33 {
-            last = rdtsc();
-            crate::println!("net: answered {} pings, echoed {} datagrams", stack.pings_answered, stack.udp_echoed);
+
+    /// Pings the peer `count` times, each waiting for its reply.
+    pub fn ping_peer(&mut self, net: &mut Net, count: u16) -> Result<(), &'static str> {
+        self.replies = 0;
+        for seq in 0..count.min(64) {
+            self.ping(net, seq, 56)?;
+            let sent = rdtsc();
+            while self.replies & (1 << seq) == 0 {
+                self.poll(net)?;
+                if rdtsc() - sent > 1 << 34 {
+                    return Err("no echo reply from the peer");
+                }
+            }
+            crate::println!("net: reply seq={}", seq);
+        }
+        Ok(())
+    }
+
+    /// Answers ARP, pings and UDP echo forever, printing a count line every 2^33 ticks.
+    pub fn serve(&mut self, net: &mut Net) -> Result<(), &'static str> {
+        crate::println!("net: serving");
+        let mut last = rdtsc();
+        loop {
+            self.poll(net)?;
+            if rdtsc() - last > 1 << 33 {
+                last = rdtsc();
+                crate::println!("net: answered {} pings, echoed {} datagrams", self.pings_answered, self.udp_echoed);
+            }
         }
     }
+}
+
+fn print_mac(net: &Net) {
+    let m = net.mac;
+    crate::println!(
+        "net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} mergeable {}",
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5],
+        net.mergeable
+    );
+}
+
+/// `net-ping`: resolve the peer by ARP, ping it `pings=N` times (default
+/// 5), then answer ARP, pings and UDP echo (port 7) from the host forever.
+pub fn run_ping(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
+    let cmdline = info.cmdline();
+    let pings: u16 = crate::scenario::param(cmdline, "pings").and_then(|n| n.parse().ok()).unwrap_or(5).min(64);
+    let mut arena = crate::blk_scenarios::arena(info).ok_or("not enough RAM")?;
+    let device = find(cmdline).ok_or("no virtio-net device")?;
+    let mut net = Net::init(device, &mut arena, BUFFER as u32, DESC_F_WRITE, true)?;
+    let mut stack = Stack::from_cmdline(cmdline);
+    print_mac(&net);
+    stack.resolve(&mut net)?;
+    crate::println!("net: peer found");
+    stack.ping_peer(&mut net, pings)?;
+    crate::println!("net-ping: {}/{} replies", stack.replies.count_ones(), pings);
+    stack.serve(&mut net)
+}
+
+/// `net-hostile [merge=0]`: transmit chains the device must drop (a short
+/// header, a header alone, a zero-length buffer, offloads never offered,
+/// an oversized frame, a buffer outside RAM), each of which must still
+/// complete; then receive buffers posted read-only and too small for a
+/// header, which must come back unused; then, with 64-byte buffers (128
+/// without `MRG_RXBUF` when `merge=0`), ARP and pings to the host, whose
+/// frames span several buffers. Then it serves, like `net-ping`.
+pub fn run_hostile(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
+    let cmdline = info.cmdline();
+    let merge = crate::scenario::param(cmdline, "merge") != Some("0");
+    let mut arena = crate::blk_scenarios::arena(info).ok_or("not enough RAM")?;
+    let big = arena.take(80 * 1024).ok_or("out of memory")?;
+    let device = find(cmdline).ok_or("no virtio-net device")?;
+    // Every receive buffer read-only to start with.
+    let mut net = Net::init(device, &mut arena, BUFFER as u32, 0, merge)?;
+    let mut stack = Stack::from_cmdline(cmdline);
+    print_mac(&net);
+    let buf = net.tx_buffer();
+    let (csum, gso) = (buf + 128, buf + 256);
+    // SAFETY: our own transmit buffers, zeroed and then given offload headers.
+    unsafe {
+        core::ptr::write_bytes(buf as *mut u8, 0, 512);
+        core::ptr::write_volatile(csum as *mut u8, 1); // NEEDS_CSUM
+        core::ptr::write_volatile((gso + 1) as *mut u8, 1); // GSO_TCPV4
+    }
+    let cases: [(&str, &[(u64, u32)]); 7] = [
+        ("short header", &[(buf, 5)]),
+        ("header alone", &[(buf, HEADER as u32)]),
+        ("zero-length buffer", &[(buf, 0)]),
+        ("checksum offload never offered", &[(csum, HEADER as u32 + 60)]),
+        ("segmentation offload never offered", &[(gso, HEADER as u32 + 60)]),
+        ("oversized frame", &[(buf, HEADER as u32), (big, 70_000)]),
+        ("buffer outside RAM", &[(buf, HEADER as u32), (0xff_0000_0000, 60)]),
+    ];
+    let mut stuck = 0;
+    for (name, descs) in cases {
+        let done = net.send_chain(descs);
+        stuck += u32::from(!done);
+        crate::println!("net-hostile: {}: {}", name, if done { "completed" } else { "NOT COMPLETED" });
+    }
+    // Read-only buffers come back unused; post them again 4 bytes long
+    // (no room for a header): those come back unused too.
+    for (len, round) in [(4u32, 1u64), (if merge { 64 } else { 128 }, 2)] {
+        net.rx_len = len;
+        net.rx_flags = DESC_F_WRITE;
+        let start = rdtsc();
+        while net.rx_empty < round * QUEUE_SIZE as u64 {
+            let mut frame = [0u8; 64];
+            net.recv(&mut frame);
+            if rdtsc() - start > 1 << 34 {
+                return Err("receive buffers the device cannot use did not come back");
+            }
+        }
+    }
+    crate::println!("net-hostile: {} unusable receive buffers came back unused", net.rx_empty);
+    // Small buffers: the host's frames span several (with MRG_RXBUF).
+    stack.resolve(&mut net)?;
+    stack.ping_peer(&mut net, 3)?;
+    crate::println!("net-hostile: small receive buffers ok (mergeable {})", net.mergeable);
+    net.rx_len = BUFFER as u32;
+    crate::println!("net-hostile: {} transmit cases left stuck", stuck);
+    if stuck != 0 {
+        return Err("a transmit chain never completed");
+    }
+    stack.serve(&mut net)
 }

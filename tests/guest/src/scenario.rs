@@ -20,6 +20,10 @@
 //! * `scenario=rng`: read the virtio-rng device (see `rng.rs`).
 //! * `scenario=net-ping`: ping the host over virtio-net, then answer its
 //!   pings and echo its UDP datagrams (see `net.rs`).
+//! * `scenario=console-echo`: greet on virtio-console's hvc0, then echo
+//!   each line the host sends, until `quit` (see `vconsole.rs`).
+//! * `scenario=net-hostile [merge=0]`: malformed transmit chains and
+//!   unusable receive buffers, then the same service (see `net.rs`).
 //! * `scenario=blk-pattern|blk-readonly|blk-hostile|blk-recover|blk-bench|blk-verify|driver-flood`: see
 //!   `blk_scenarios.rs`.
 //!
@@ -110,6 +114,8 @@ pub fn run(info: &pvh::StartInfo) -> ! {
         }
         "rng" => check(crate::rng::run(info)),
         "net-ping" => check(crate::net::run_ping(info)),
+        "net-hostile" => check(crate::net::run_hostile(info)),
+        "console-echo" => check(crate::vconsole::run_echo(info)),
         "blk-readonly" => check(blk_scenarios::run_readonly(info)),
         "blk-zeroes" => check(blk_scenarios::run_zeroes(info)),
         "blk-hostile" => check(blk_scenarios::run_hostile(info)),
