@@ -249,6 +249,9 @@ pub struct DeviceArgs {
     /// A network device's MAC address.
     #[arg(long, required_if_eq("kind", "net"), value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
+    /// The tap takes checksum and TSO offloads: offer them to the guest.
+    #[arg(long)]
+    offloads: bool,
     /// A console's output and input, opened by the VMM.
     #[arg(long, required_if_eq("kind", "console"), value_parser = inherited_fd)]
     output_fd: Option<i32>,
@@ -328,7 +331,7 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
                         None => return Err("a virtio-mem device needs --hotplug-fd".into()),
                     },
                     (DeviceKindArg::Net, _) => match (args.tap_fd, args.mac) {
-                        (Some(tap), Some(mac)) => DeviceKind::Net { tap, mac },
+                        (Some(tap), Some(mac)) => DeviceKind::Net { tap, mac, offloads: args.offloads },
                         _ => return Err("a virtio-net device needs --tap-fd and --mac".into()),
                     },
                     (DeviceKindArg::Console, _) => match args.output_fd {

@@ -255,3 +255,47 @@ fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
         }
     }
 }
+
+/// With checksum offload negotiated (the tap takes it), the guest's
+/// datagram with a partial checksum reaches a host socket, and the host's
+/// datagrams reach the guest with their checksum left partial (the header
+/// says where), in every memory mode.
+#[test]
+fn checksum_offload_works_both_ways_in_every_memory_mode() {
+    for mode in MODES {
+        let Some(ns) = Netns::new(&format!("csum-{mode}")) else { return };
+        let (bound, ready) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{}", ns.0);
+        let listener = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let netns = std::fs::File::open(path).unwrap();
+            // SAFETY: setns on a descriptor we hold, for this thread only.
+            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let socket = UdpSocket::bind("10.0.0.1:5555").unwrap();
+            socket.set_read_timeout(Some(LONG)).unwrap();
+            bound.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            let (len, from) = socket.recv_from(&mut buf).expect("no datagram from the guest");
+            (buf[..len].to_vec(), from)
+        });
+        ready.recv().unwrap();
+        let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", "scenario=net-ping pings=1 offload=1"];
+        let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
+        vm.wait_console("net: serving", LONG);
+        let (data, from) = listener.join().unwrap();
+        assert_eq!(data, b"checksum left to the host", "{mode}");
+        assert_eq!(from.to_string(), "10.0.0.2:4242", "{mode}");
+        ns.within(|| {
+            let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            socket.send_to(b"finish my checksum", (GUEST, 7)).unwrap();
+            let mut buf = [0u8; 64];
+            let len = socket.recv(&mut buf).expect("no echo");
+            assert_eq!(&buf[..len], b"finish my checksum");
+        });
+        vm.wait_console("net: partial checksum from the host (start 34, offset 6)", LONG);
+        let counters = net_counters(&vm);
+        assert_eq!(counter(&counters, "tx_dropped_malformed"), 0, "{mode}: {counters}");
+        assert_eq!(vm.shutdown(), Some(0), "{mode}");
+    }
+}

@@ -3,8 +3,11 @@
 //! IFF_VNET_HDR, 12-byte headers); this device only reads and writes it.
 //!
 //! Transmit: each chain is a virtio-net header and a frame. A chain that is
-//! too short, too long or carries offload requests the device never offered
-//! is dropped and counted; the tap gets a clean header, never the guest's.
+//! too short, too long or carries offload requests that were not negotiated
+//! (or do not fit its frame) is dropped and counted; the tap gets a header
+//! rebuilt from the checked fields, never the guest's bytes.
+//! Offloads (partial checksums and TSO, both ways) are offered only when
+//! the tap takes them; the VMM tells the tap what the driver accepted.
 //! Receive: the driver's buffers are held here until a frame comes; with
 //! MRG_RXBUF a frame may fill several. A frame larger than every buffer the
 //! driver can post is dropped and counted, never truncated.
@@ -26,10 +29,39 @@ pub const MAX_FRAME: usize = 65_535 + 14 + 4;
 /// The shortest: an Ethernet header.
 const MIN_FRAME: usize = 14;
 
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+pub const F_HOST_TSO4: u64 = 1 << 11;
+pub const F_HOST_TSO6: u64 = 1 << 12;
+/// The offloads offered when the tap takes them.
+pub const OFFLOADS: u64 = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
 pub const F_MAC: u64 = 1 << 5;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
 const S_LINK_UP: u16 = 1;
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const HDR_F_DATA_VALID: u8 = 2;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+
+/// The TUNSETOFFLOAD flags (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6) for what
+/// the driver accepted: the tap hands the guest only what it can take.
+pub fn tap_offload(features: u64) -> u32 {
+    let mut flags = 0;
+    if features & F_GUEST_CSUM != 0 {
+        flags |= 0x01;
+        if features & F_GUEST_TSO4 != 0 {
+            flags |= 0x02;
+        }
+        if features & F_GUEST_TSO6 != 0 {
+            flags |= 0x04;
+        }
+    }
+    flags
+}
 
 /// The device logic; the transport hands it transmit requests and, per mode,
 /// receive buffers to hold ([`Held`]).
@@ -38,8 +70,10 @@ pub struct NetDevice {
     watcher: Option<File>,
     mac: [u8; 6],
     pub counters: NetCounters,
-    /// Negotiated MRG_RXBUF: a frame may span several receive buffers.
-    pub mergeable: bool,
+    /// The tap takes offloads: offer them.
+    offloads: bool,
+    /// What the driver accepted.
+    negotiated: u64,
     /// A frame read from the tap that waits for receive buffers (header included).
     pending: Option<Vec<u8>>,
     scratch: Vec<u8>,
@@ -116,7 +150,7 @@ pub fn default_mac(tap: &str) -> [u8; 6] {
 
 impl NetDevice {
     /// Takes the tap the VMM opened; makes it non-blocking for the event loop.
-    pub fn new(tap: File, mac: [u8; 6]) -> std::io::Result<Self> {
+    pub fn new(tap: File, mac: [u8; 6], offloads: bool) -> std::io::Result<Self> {
         // SAFETY: fcntl on a descriptor we own.
         let flags = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_GETFL) };
         // SAFETY: as above.
@@ -129,7 +163,8 @@ impl NetDevice {
             tap,
             mac,
             counters: NetCounters::default(),
-            mergeable: false,
+            offloads,
+            negotiated: 0,
             pending: None,
             scratch: vec![0; HEADER + MAX_FRAME],
         })
@@ -153,11 +188,21 @@ impl NetDevice {
                 | features::RING_INDIRECT_DESC
                 | F_MAC
                 | F_STATUS
-                | F_MRG_RXBUF,
+                | F_MRG_RXBUF
+                | if self.offloads { OFFLOADS } else { 0 },
             queue_count: 2,
             max_queue_size: QUEUE_SIZE,
             config: ByteBuf::from(config),
         }
+    }
+
+    /// The features the driver accepted (none after a reset).
+    pub fn set_features(&mut self, features: u64) {
+        self.negotiated = features;
+    }
+
+    fn mergeable(&self) -> bool {
+        self.negotiated & F_MRG_RXBUF != 0
     }
 
     /// How many leading readable bytes a transmit request needs: all of
@@ -186,13 +231,17 @@ impl NetDevice {
             counters.tx_dropped_malformed += 1;
             return false;
         };
-        if bytes.len() < HEADER + MIN_FRAME || !plain_header(&bytes[..HEADER]) {
+        let header = match bytes.len() >= HEADER + MIN_FRAME {
+            true => transmit_header(&bytes[..HEADER], bytes.len() - HEADER, self.negotiated),
+            false => None,
+        };
+        let Some(header) = header else {
             counters.tx_dropped_malformed += 1;
             return false;
-        }
-        // The tap gets a header of our own: no offload the guest asks for.
+        };
+        // The tap gets a header rebuilt from the checked fields.
         let mut frame = bytes.clone();
-        frame[..HEADER].fill(0);
+        frame[..HEADER].copy_from_slice(&header);
         // SAFETY: writes our own buffer to the tap we own.
         let written = unsafe { libc::write(self.tap.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len()) };
         if written != frame.len() as isize {
@@ -248,7 +297,7 @@ impl NetDevice {
                 return done;
             }
             let capacities: Vec<u64> = held.iter().map(|h| h.capacity).collect();
-            let lens = match place(frame.len() as u64, &capacities, self.mergeable, ring_full) {
+            let lens = match place(frame.len() as u64, &capacities, self.mergeable(), ring_full) {
                 Placement::Fits(lens) => lens,
                 Placement::Wait => {
                     self.pending = Some(frame);
@@ -259,9 +308,9 @@ impl NetDevice {
                     continue;
                 }
             };
-            // A header of our own: no offload state the driver did not ask for.
-            frame[..HEADER].fill(0);
-            frame[10..12].copy_from_slice(&(lens.len() as u16).to_le_bytes());
+            // Only the offload state the driver accepted reaches it.
+            let header = receive_header(&frame[..HEADER], self.negotiated, lens.len() as u16);
+            frame[..HEADER].copy_from_slice(&header);
             self.counters.rx_frames += 1;
             self.counters.rx_bytes += (frame.len() - HEADER) as u64;
             delivered += frame.len() as u64;
@@ -281,10 +330,64 @@ impl NetDevice {
     }
 }
 
-/// A transmit header that asks for nothing: no checksum or segmentation
-/// offload (none is offered), so flags and GSO type are zero.
-fn plain_header(header: &[u8]) -> bool {
-    header[0] == 0 && header[1] == 0
+fn field(header: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([header[at], header[at + 1]])
+}
+
+/// The header the tap gets for a guest frame of `frame_len` bytes, or None
+/// when the guest's asks for what was not negotiated or does not fit the
+/// frame: a partial checksum needs CSUM and must lie inside the frame; TSO
+/// needs HOST_TSO4/6, a partial checksum, a segment size and headers
+/// inside the frame; no other flag or GSO type (ECN, UDP) is offered.
+fn transmit_header(header: &[u8], frame_len: usize, negotiated: u64) -> Option<[u8; HEADER]> {
+    let (flags, gso) = (header[0], header[1]);
+    let (hdr_len, gso_size, csum_start, csum_offset) =
+        (field(header, 2), field(header, 4), field(header, 6), field(header, 8));
+    let mut out = [0u8; HEADER];
+    match flags {
+        0 => {}
+        HDR_F_NEEDS_CSUM if negotiated & F_CSUM != 0 => {
+            if csum_start as usize + csum_offset as usize + 2 > frame_len {
+                return None;
+            }
+            out[0] = HDR_F_NEEDS_CSUM;
+            out[6..10].copy_from_slice(&header[6..10]);
+        }
+        _ => return None,
+    }
+    let allowed = match gso {
+        GSO_NONE => return Some(out),
+        GSO_TCPV4 => negotiated & F_HOST_TSO4 != 0,
+        GSO_TCPV6 => negotiated & F_HOST_TSO6 != 0,
+        _ => false,
+    };
+    if !allowed || flags != HDR_F_NEEDS_CSUM || gso_size == 0 || hdr_len as usize > frame_len {
+        return None;
+    }
+    out[1] = gso;
+    out[2..6].copy_from_slice(&header[2..6]);
+    Some(out)
+}
+
+/// The header the guest gets for a frame from the tap: checksum state only
+/// with GUEST_CSUM, segmentation only with GUEST_TSO4/6 (the tap was told
+/// the same), and the number of buffers the frame took.
+fn receive_header(header: &[u8], negotiated: u64, buffers: u16) -> [u8; HEADER] {
+    let mut out = [0u8; HEADER];
+    if negotiated & F_GUEST_CSUM != 0 {
+        out[0] = header[0] & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID);
+        out[6..10].copy_from_slice(&header[6..10]);
+        let tso = match header[1] {
+            GSO_TCPV4 => negotiated & F_GUEST_TSO4 != 0,
+            GSO_TCPV6 => negotiated & F_GUEST_TSO6 != 0,
+            _ => false,
+        };
+        if tso {
+            out[1..6].copy_from_slice(&header[1..6]);
+        }
+    }
+    out[10..12].copy_from_slice(&buffers.to_le_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -299,6 +402,51 @@ mod tests {
         assert_eq!(place(500, &[200, 200], true, false), Placement::Wait);
         assert_eq!(place(500, &[200, 200], true, true), Placement::TooBig);
         assert_eq!(place(10, &[], true, false), Placement::Wait);
+    }
+
+    fn header(flags: u8, gso: u8, hdr_len: u16, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; HEADER] {
+        let mut h = [0u8; HEADER];
+        (h[0], h[1]) = (flags, gso);
+        for (at, value) in [(2, hdr_len), (4, gso_size), (6, csum_start), (8, csum_offset)] {
+            h[at..at + 2].copy_from_slice(&value.to_le_bytes());
+        }
+        h[10] = 7; // num_buffers: never passed on
+        h
+    }
+
+    #[test]
+    fn transmit_headers_carry_only_negotiated_offloads_that_fit_the_frame() {
+        let csum = header(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 6);
+        assert_eq!(transmit_header(&csum, 100, 0), None, "CSUM not negotiated");
+        let sent = transmit_header(&csum, 100, F_CSUM).unwrap();
+        assert_eq!((sent[0], sent[6], sent[8], sent[10]), (HDR_F_NEEDS_CSUM, 34, 6, 0));
+        assert_eq!(transmit_header(&header(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 90, 9), 100, F_CSUM), None);
+        let tso = header(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16);
+        assert_eq!(transmit_header(&tso, 9000, F_CSUM), None, "HOST_TSO4 not negotiated");
+        assert!(transmit_header(&tso, 9000, F_CSUM | F_HOST_TSO4).is_some());
+        assert_eq!(transmit_header(&tso, 9000, F_CSUM | F_HOST_TSO6), None);
+        let no_size = header(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 0, 34, 16);
+        assert_eq!(transmit_header(&no_size, 9000, OFFLOADS), None);
+        let no_csum = header(0, GSO_TCPV4, 54, 1448, 0, 0);
+        assert_eq!(transmit_header(&no_csum, 9000, OFFLOADS), None);
+        let ecn = header(HDR_F_NEEDS_CSUM, GSO_TCPV4 | 0x80, 54, 1448, 34, 16);
+        assert_eq!(transmit_header(&ecn, 9000, OFFLOADS), None);
+        assert_eq!(transmit_header(&header(HDR_F_DATA_VALID, 0, 0, 0, 0, 0), 100, OFFLOADS), None);
+        assert_eq!(transmit_header(&header(0, 0, 9, 9, 9, 9), 100, 0), Some([0; HEADER]));
+    }
+
+    #[test]
+    fn receive_headers_pass_on_only_what_the_driver_accepted() {
+        let tso = header(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16);
+        let mut plain = [0u8; HEADER];
+        plain[10] = 1;
+        assert_eq!(receive_header(&tso, 0, 1), plain, "no offload state without GUEST_CSUM");
+        let csum_only = receive_header(&tso, F_GUEST_CSUM, 2);
+        assert_eq!((csum_only[0], csum_only[1], csum_only[6], csum_only[10]), (HDR_F_NEEDS_CSUM, 0, 34, 2));
+        let all = receive_header(&tso, F_GUEST_CSUM | F_GUEST_TSO4, 1);
+        assert_eq!((all[1], field(&all, 4)), (GSO_TCPV4, 1448));
+        assert_eq!(tap_offload(F_GUEST_TSO4), 0, "TSO without checksums is not offered to the tap");
+        assert_eq!(tap_offload(F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6), 0x07);
     }
 
     #[test]
@@ -318,7 +466,7 @@ mod tests {
     fn transmit_drops_what_is_malformed_and_counts_why() {
         let (mine, _theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let file = File::from(std::os::fd::OwnedFd::from(mine));
-        let mut net = NetDevice::new(file, default_mac("t")).unwrap();
+        let mut net = NetDevice::new(file, default_mac("t"), false).unwrap();
         let request =
             |bytes: Vec<u8>| Request { readable_len: bytes.len() as u64, writable_len: 0, readable: Some(bytes) };
         let mut offload = vec![0u8; HEADER + 60];

@@ -109,6 +109,7 @@ pub enum DeviceKind {
     Net {
         tap: RawFd,
         mac: [u8; 6],
+        offloads: bool,
     },
     /// virtio-console, with the output and input the VMM opened.
     Console {
@@ -306,10 +307,10 @@ impl DeviceProcess {
                     let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(hotplug) };
                     Backend::Mem(MemDevice::connect(socket).await?)
                 }
-                DeviceKind::Net { tap, mac } => {
+                DeviceKind::Net { tap, mac, offloads } => {
                     // SAFETY: the VMM handed us this descriptor to own.
                     let tap = unsafe { File::from_raw_fd(tap) };
-                    Backend::Net(super::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
+                    Backend::Net(super::net::NetDevice::new(tap, mac, offloads).map_err(|e| format!("tap: {e}"))?)
                 }
                 DeviceKind::Console { output, input } => {
                     // SAFETY: descriptors the VMM handed us to own.

@@ -72,7 +72,7 @@ impl<M: DeviceMemory> Core<M> {
     fn set_features(&mut self, features: u64) {
         self.features = features;
         if let Backend::Net(net) = &mut self.backend {
-            net.mergeable = features & super::net::F_MRG_RXBUF != 0;
+            net.set_features(features);
         }
     }
 

@@ -113,14 +113,19 @@ pub fn check_output(path: &Path) -> std::io::Result<()> {
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// TUNSETOFFLOAD flags: what the tap may hand the guest unfinished.
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// Attaches to the existing tap `name` with virtio-net headers of
-/// `header` bytes and no offloads. A name that is not a tap, or a tap
-/// another process holds, is a clear error (attaching never creates one).
-pub fn open_tap(name: &str, header: usize) -> Result<File> {
+/// `header` bytes and no offloads yet; also says whether the tap takes
+/// checksum and TSO offloads. A name that is not a tap, or a tap another
+/// process holds, is a clear error (attaching never creates one).
+pub fn open_tap(name: &str, header: usize) -> Result<(File, bool)> {
     let fail = |reason: String| Error::Device(format!("--net tap={name}: {reason}"));
     let sys = Path::new("/sys/class/net").join(name);
     if !sys.exists() {
@@ -152,14 +157,23 @@ pub fn open_tap(name: &str, header: usize) -> Result<File> {
         }));
     }
     let size = header as libc::c_int;
-    // SAFETY: TUNSETVNETHDRSZ reads one int; TUNSETOFFLOAD takes its value.
+    // SAFETY: TUNSETVNETHDRSZ reads one int.
     let sized = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &size as *const libc::c_int) };
-    // SAFETY: as above.
-    let plain = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) };
-    if sized != 0 || plain != 0 {
+    let offloads = set_tap_offload(&tun, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6).is_ok();
+    if sized != 0 || set_tap_offload(&tun, 0).is_err() {
         return Err(fail(format!("cannot set up headers: {}", std::io::Error::last_os_error())));
     }
-    Ok(tun)
+    Ok((tun, offloads))
+}
+
+/// Tells the tap which unfinished frames (partial checksums, TSO) the guest takes.
+pub fn set_tap_offload(tap: &File, flags: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    match unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// A console's output and input: stdout and (when it is a terminal, pipe

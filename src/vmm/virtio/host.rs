@@ -241,6 +241,9 @@ pub struct Posting {
     pub queue: Option<RequestQueue>,
 }
 
+/// Work the VMM does itself when the driver accepts these features.
+pub type OnActivate = Box<dyn Fn(u64) -> Result<(), String> + Send>;
+
 pub struct DeviceHost {
     pub name: String,
     pub pid: Option<u32>,
@@ -251,6 +254,9 @@ pub struct DeviceHost {
     pub lifeline: Arc<Lifeline>,
     /// Starts the device afresh: how a failed device comes back at a reset.
     pub starter: Option<super::Starter>,
+    /// What the VMM itself does when the driver accepts features (a network
+    /// device's tap learns which offloads the guest takes).
+    pub on_activate: Option<OnActivate>,
     runtime: tokio::runtime::Handle,
     notify: EventFd,
     /// The device's interrupt, for config-change interrupts the VMM raises.
@@ -304,6 +310,7 @@ impl DeviceHost {
             respawn: None,
             posting: None,
             starter: None,
+            on_activate: None,
             lifeline: Arc::new(Lifeline { control: Mutex::new(Some(client)), ..Default::default() }),
             runtime: runtime.clone(),
             notify,
@@ -347,6 +354,9 @@ impl DeviceHost {
     pub fn activate(&mut self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String> {
         if self.health.failed.load(Ordering::SeqCst) {
             return Err("the device has failed".into());
+        }
+        if let Some(hook) = &self.on_activate {
+            hook(features)?;
         }
         if self.posting.is_none() {
             return self.call(|c, ctx| async move { c.activate(ctx, features, queues).await });

@@ -358,6 +358,7 @@ fn launch_device(
     let LaunchContext { vm, ram, runtime, .. } = *context;
     // The VMM opens the backend; the device only ever gets the descriptor.
     let mut disk_lock = None;
+    let mut on_activate: Option<host::OnActivate> = None;
     let kind = match &spec {
         DeviceSpec::Block(disk) => {
             let file = super::host_files::open_disk(&disk.path, disk.readonly, disk.direct)?;
@@ -365,8 +366,13 @@ fn launch_device(
             ProcessKind::Block { disk: file, readonly: disk.readonly }
         }
         DeviceSpec::Net(net) => {
-            let tap = super::host_files::open_tap(&net.tap, crate::devices::net::HEADER)?;
-            ProcessKind::Net { tap, mac: net.mac }
+            let (tap, offloads) = super::host_files::open_tap(&net.tap, crate::devices::net::HEADER)?;
+            let own = tap.try_clone()?;
+            on_activate = Some(Box::new(move |features| {
+                let flags = crate::devices::net::tap_offload(features);
+                super::host_files::set_tap_offload(&own, flags).map_err(|e| format!("tap offloads {flags:#x}: {e}"))
+            }));
+            ProcessKind::Net { tap, mac: net.mac, offloads }
         }
         DeviceSpec::Console(output) => {
             let (output, input) = super::host_files::open_console(output)?;
@@ -426,6 +432,7 @@ fn launch_device(
     host.health = health;
     host.access = access;
     host.respawn = respawn;
+    host.on_activate = on_activate;
     if request_level {
         host.posting = Some(host::Posting {
             memory: ram.atomic(),
@@ -515,9 +522,9 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                     }
                     ProcessKind::Rng => Backend::Rng(RngDevice),
                     ProcessKind::Mem { hotplug } => Backend::Mem(MemDevice::connect(hotplug).await?),
-                    ProcessKind::Net { tap, mac } => {
-                        Backend::Net(crate::devices::net::NetDevice::new(tap, mac).map_err(|e| format!("tap: {e}"))?)
-                    }
+                    ProcessKind::Net { tap, mac, offloads } => Backend::Net(
+                        crate::devices::net::NetDevice::new(tap, mac, offloads).map_err(|e| format!("tap: {e}"))?,
+                    ),
                     ProcessKind::Console { output, input } => Backend::Console(
                         crate::devices::console::ConsoleDevice::new(output, input)
                             .map_err(|e| format!("console: {e}"))?,

@@ -18,7 +18,7 @@ pub enum ProcessKind {
     Block { disk: File, readonly: bool },
     Rng,
     Mem { hotplug: UnixStream },
-    Net { tap: File, mac: [u8; 6] },
+    Net { tap: File, mac: [u8; 6], offloads: bool },
     Console { output: File, input: Option<File> },
 }
 
@@ -31,7 +31,9 @@ impl ProcessKind {
             }
             ProcessKind::Rng => ProcessKind::Rng,
             ProcessKind::Mem { hotplug } => ProcessKind::Mem { hotplug: hotplug.try_clone()? },
-            ProcessKind::Net { tap, mac } => ProcessKind::Net { tap: tap.try_clone()?, mac: *mac },
+            ProcessKind::Net { tap, mac, offloads } => {
+                ProcessKind::Net { tap: tap.try_clone()?, mac: *mac, offloads: *offloads }
+            }
             ProcessKind::Console { output, input } => ProcessKind::Console {
                 output: output.try_clone()?,
                 input: input.as_ref().map(File::try_clone).transpose()?,
@@ -82,10 +84,13 @@ impl ProcessRecipe {
                 child.arg("--kind=mem".into());
                 child.fd("--hotplug-fd", hotplug.as_raw_fd());
             }
-            ProcessKind::Net { tap, mac } => {
+            ProcessKind::Net { tap, mac, offloads } => {
                 child.arg("--kind=net".into());
                 child.fd("--tap-fd", tap.as_raw_fd());
                 child.arg(format!("--mac={}", crate::devices::net::format_mac(mac)));
+                if *offloads {
+                    child.arg("--offloads".into());
+                }
             }
             ProcessKind::Console { output, input } => {
                 child.arg("--kind=console".into());

@@ -7,6 +7,11 @@ use crate::virtio::{Device, Queue, DESC_F_WRITE, F_VERSION_1};
 pub const DEVICE_ID: u32 = 1;
 const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
+/// Checksum offload both ways: the device takes partial checksums, and
+/// hands the guest frames whose checksum the host left partial.
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+const HDR_F_NEEDS_CSUM: u8 = 1;
 const F_STATUS: u64 = 1 << 16;
 pub const QUEUE_SIZE: u16 = 64;
 /// `struct virtio_net_hdr_v1`.
@@ -41,6 +46,10 @@ pub struct Net {
     pub rx_flags: u16,
     /// Receive buffers the device gave back empty.
     pub rx_empty: u64,
+    /// The features negotiated.
+    pub features: u64,
+    /// The last frame's header: flags, csum_start, csum_offset.
+    pub rx_header: (u8, u16, u16),
 }
 
 /// The first virtio-net device on the command line.
@@ -57,9 +66,11 @@ impl Net {
         rx_len: u32,
         rx_flags: u16,
         merge: bool,
+        offload: bool,
     ) -> Result<Net, &'static str> {
         let merge = if merge { F_MRG_RXBUF } else { 0 };
-        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | merge)?;
+        let offload = if offload { F_CSUM | F_GUEST_CSUM } else { 0 };
+        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | merge | offload)?;
         if features & F_MAC == 0 {
             return Err("the device has no MAC");
         }
@@ -85,6 +96,8 @@ impl Net {
             rx_len,
             rx_flags,
             rx_empty: 0,
+            features,
+            rx_header: (0, 0, 0),
         };
         for slot in 0..QUEUE_SIZE {
             net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, rx_flags, 0);
@@ -117,6 +130,14 @@ impl Net {
         }
         // SAFETY: our own receive buffer, which the device wrote a header into.
         let buffers = unsafe { core::ptr::read_volatile((at + 10) as *const u16) }.max(1);
+        // SAFETY: as above.
+        self.rx_header = unsafe {
+            (
+                core::ptr::read_volatile(at as *const u8),
+                core::ptr::read_volatile((at + 6) as *const u16),
+                core::ptr::read_volatile((at + 8) as *const u16),
+            )
+        };
         let (mut skip, mut filled) = (HEADER, 0usize);
         for i in 0..buffers {
             if i > 0 {
@@ -226,6 +247,8 @@ pub struct Stack {
     pub pings_answered: u64,
     pub udp_echoed: u64,
     pub sunk: u64,
+    /// Frames the host left with a partial checksum (GUEST_CSUM).
+    pub partial: u64,
 }
 
 pub fn parse_ip(text: &str) -> Option<[u8; 4]> {
@@ -430,6 +453,7 @@ impl Stack {
             pings_answered: 0,
             udp_echoed: 0,
             sunk: 0,
+            partial: 0,
         }
     }
 
@@ -437,9 +461,44 @@ impl Stack {
     pub fn poll(&mut self, net: &mut Net) -> Result<(), &'static str> {
         let mut frame = [0u8; BUFFER as usize];
         while let Some(len) = net.recv(&mut frame) {
+            let (flags, start, offset) = net.rx_header;
+            if flags & HDR_F_NEEDS_CSUM != 0 {
+                self.partial += 1;
+                if self.partial == 1 {
+                    crate::println!("net: partial checksum from the host (start {}, offset {})", start, offset);
+                }
+            }
             self.handle(net, &frame[..len])?;
         }
         Ok(())
+    }
+
+    /// A UDP datagram to the peer's `port` whose checksum the device (the
+    /// host) finishes: the header says NEEDS_CSUM, the field holds the
+    /// pseudo-header sum.
+    pub fn send_partial(&self, net: &mut Net, port: u16, data: &[u8]) -> Result<(), &'static str> {
+        let to = self.peer_mac.ok_or("the peer's MAC is unknown")?;
+        let mut f = [0u8; 1514];
+        let len = 8 + data.len();
+        ethernet(&mut f, to, net.mac, ETH_IP);
+        ipv4(&mut f, self.ip, self.peer_ip, 17, len);
+        f[34..36].copy_from_slice(&4242u16.to_be_bytes());
+        f[36..38].copy_from_slice(&port.to_be_bytes());
+        f[38..40].copy_from_slice(&(len as u16).to_be_bytes());
+        f[42..42 + data.len()].copy_from_slice(data);
+        let mut pseudo = [0u8; 12];
+        pseudo[..4].copy_from_slice(&self.ip);
+        pseudo[4..8].copy_from_slice(&self.peer_ip);
+        pseudo[9] = 17;
+        pseudo[10..12].copy_from_slice(&(len as u16).to_be_bytes());
+        // The folded sum, not its complement: the device's side completes it.
+        let sum = !checksum(&pseudo);
+        f[40..42].copy_from_slice(&sum.to_be_bytes());
+        let mut header = [0u8; HEADER];
+        header[0] = HDR_F_NEEDS_CSUM;
+        header[6..8].copy_from_slice(&34u16.to_le_bytes());
+        header[8..10].copy_from_slice(&6u16.to_le_bytes());
+        net.send_raw(&header, &f[..34 + len])
     }
 
     /// Finds the peer's MAC by ARP, asking again every 2^28 ticks.
@@ -503,20 +562,31 @@ fn print_mac(net: &Net) {
     );
 }
 
-/// `net-ping`: resolve the peer by ARP, ping it `pings=N` times (default
-/// 5), then answer ARP, pings and UDP echo (port 7) from the host forever.
+/// `net-ping [offload=1]`: resolve the peer by ARP, ping it `pings=N` times
+/// (default 5), then answer ARP, pings and UDP echo (port 7) from the host
+/// forever. With `offload=1` it negotiates checksum offload both ways,
+/// sends the host one datagram (port 5555) whose checksum the host must
+/// finish, and reports the first partial checksum the host sends.
 pub fn run_ping(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
     let cmdline = info.cmdline();
     let pings: u16 = crate::scenario::param(cmdline, "pings").and_then(|n| n.parse().ok()).unwrap_or(5).min(64);
     let mut arena = crate::blk_scenarios::arena(info).ok_or("not enough RAM")?;
     let device = find(cmdline).ok_or("no virtio-net device")?;
-    let mut net = Net::init(device, &mut arena, BUFFER as u32, DESC_F_WRITE, true)?;
+    let offload = crate::scenario::param(cmdline, "offload") == Some("1");
+    let mut net = Net::init(device, &mut arena, BUFFER as u32, DESC_F_WRITE, true, offload)?;
     let mut stack = Stack::from_cmdline(cmdline);
     print_mac(&net);
     stack.resolve(&mut net)?;
     crate::println!("net: peer found");
     stack.ping_peer(&mut net, pings)?;
     crate::println!("net-ping: {}/{} replies", stack.replies.count_ones(), pings);
+    if offload {
+        if net.features & (F_CSUM | F_GUEST_CSUM) != F_CSUM | F_GUEST_CSUM {
+            return Err("the device offers no checksum offload");
+        }
+        stack.send_partial(&mut net, 5555, b"checksum left to the host")?;
+        crate::println!("net: sent a datagram with a partial checksum");
+    }
     stack.serve(&mut net)
 }
 
@@ -534,7 +604,7 @@ pub fn run_hostile(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
     let big = arena.take(80 * 1024).ok_or("out of memory")?;
     let device = find(cmdline).ok_or("no virtio-net device")?;
     // Every receive buffer read-only to start with.
-    let mut net = Net::init(device, &mut arena, BUFFER as u32, 0, merge)?;
+    let mut net = Net::init(device, &mut arena, BUFFER as u32, 0, merge, false)?;
     let mut stack = Stack::from_cmdline(cmdline);
     print_mac(&net);
     let buf = net.tx_buffer();
