@@ -3,21 +3,24 @@
 //! `net-ping`, which answers UDP on three ports (see tests/guest/src/net.rs):
 //!
 //! * round trip: 2,000 echoes (port 7) of 64-byte datagrams, one at a time;
-//! * host -> guest: 20,000 datagrams to the sink (port 9), at most 256
+//! * host -> guest: 20,480 datagrams to the sink (port 9), at most 256
 //!   beyond the guest's last acknowledgement (it acks every 64th);
-//! * guest -> host: the guest blasts 20,000 datagrams back (port 10).
+//! * guest -> host: the guest blasts 20,480 datagrams back (port 10).
 //!
 //! 64-byte datagrams give frames per second, 1,472-byte ones (a full
 //! 1,500-byte MTU) MiB/s. Run with `cargo bench --bench net` (as root, with
-//! iproute2); it prints medians of 3 runs per mode and each mode against
-//! `shared`.
+//! iproute2); it prints medians of 3 runs per mode and each against
+//! `shared`. QEMU (`qemu-system-x86_64` on PATH, microvm with
+//! virtio-net-device on the same tap, vhost off) runs beside skvm unless
+//! `-- --no-qemu`; Firecracker with `-- --firecracker PATH`.
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const REPEATS: usize = 3;
-const DATAGRAMS: u32 = 20_000;
+/// A multiple of 64, so the last datagram is acknowledged.
+const DATAGRAMS: u32 = 20_480;
 const ECHOES: usize = 2_000;
 const GUEST: &str = "10.0.0.2";
 const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
@@ -62,30 +65,91 @@ impl Drop for Netns {
     }
 }
 
-/// Boots the guest in `mode` and waits until it serves.
-fn start(ns: &Netns, mode: &str) -> Child {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_skvm"), "run", "--memory-mode", mode])
-        .args(["--net", "tap=tap0", "--cmdline", "scenario=net-ping pings=1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
+const CMDLINE: &str = "scenario=net-bench pings=1";
+
+/// Who runs the guest: skvm in one of its modes, or a peer VMM.
+enum System {
+    Skvm(&'static str),
+    Qemu { path: String, shim: Option<String> },
+    Firecracker { path: String },
+}
+
+impl System {
+    fn name(&self) -> String {
+        match self {
+            System::Skvm(mode) => mode.to_string(),
+            System::Qemu { .. } => "qemu".into(),
+            System::Firecracker { .. } => "firecracker".into(),
+        }
+    }
+
+    /// The command that boots the test guest (`guest`) on tap0 inside `ns`.
+    fn command(&self, ns: &Netns, guest: &str, scratch: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns.0]);
+        match self {
+            System::Skvm(mode) => {
+                command.args([env!("CARGO_BIN_EXE_skvm"), "run", "--memory-mode", mode]);
+                command.args(["--net", "tap=tap0", "--cmdline", CMDLINE]);
+            }
+            System::Qemu { path, shim } => {
+                if let Some(shim) = shim {
+                    command.args(["env", &format!("LD_PRELOAD={shim}")]);
+                }
+                // microvm's transports, listed for a PVH guest that reads them from its command line.
+                let mmio: String = (0..24)
+                    .map(|i| format!(" virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000u64 + i * 512, 5 + i))
+                    .collect();
+                command.args([path, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", "1"]);
+                command.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
+                command.args(["-kernel", guest, "-append", &format!("{CMDLINE}{mmio}")]);
+                command.args(["-global", "virtio-mmio.force-legacy=false"]);
+                command.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off"]);
+                command.args(["-device", "virtio-net-device,netdev=n0,mac=02:53:4b:00:00:01"]);
+            }
+            System::Firecracker { path } => {
+                let config = format!(
+                    r#"{{"boot-source":{{"kernel_image_path":"{guest}","boot_args":"{CMDLINE}"}},
+                    "drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},
+                    "network-interfaces":[{{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:53:4b:00:00:02"}}]}}"#
+                );
+                let file = format!("{scratch}/firecracker.json");
+                std::fs::write(&file, config).unwrap();
+                command.args([path, "--no-api", "--config-file", &file, "--level", "Error"]);
+            }
+        }
+        command
+    }
+}
+
+/// A running VMM, killed however the benchmark ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots the guest and waits until it serves.
+fn start(ns: &Netns, system: &System, guest: &str, scratch: &str) -> Running {
+    let mode = system.name();
+    let mut child = system.command(ns, guest, scratch).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut serving = false;
-    for line in stdout.lines().map_while(Result::ok) {
+    for line in lines.by_ref().map_while(Result::ok) {
         assert!(!line.starts_with("error:"), "{mode}: {line}");
         if line == "net: serving" {
             serving = true;
             break;
         }
     }
-    if !serving {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{mode}: the guest never served");
-    }
-    child
+    // Keep reading the console: a VMM whose serial output pipe closed may die of SIGPIPE.
+    std::thread::spawn(move || lines.for_each(drop));
+    let running = Running(child);
+    assert!(serving, "{mode}: the guest never served");
+    running
 }
 
 fn socket() -> UdpSocket {
@@ -109,10 +173,10 @@ fn round_trips() -> Vec<f64> {
     socket.connect((GUEST, 7)).unwrap();
     let mut buf = [0u8; 2048];
     let mut times: Vec<f64> = (0..ECHOES)
-        .map(|_| {
+        .map(|i| {
             let sent = Instant::now();
             socket.send(&[0x42; 64]).unwrap();
-            socket.recv(&mut buf).expect("an echo was lost");
+            socket.recv(&mut buf).unwrap_or_else(|e| panic!("echo {i} was lost: {e}"));
             sent.elapsed().as_secs_f64() * 1e6
         })
         .collect();
@@ -184,16 +248,13 @@ struct Figures {
 
 fn measure(ns: &Netns) -> Figures {
     ns.within(|| {
-        let rtt = round_trips();
         let mib = |rate: f64| rate * 1472.0 / (1 << 20) as f64;
-        Figures {
-            rtt_p50: rtt[rtt.len() / 2],
-            rtt_p99: rtt[rtt.len() * 99 / 100],
-            in_fps: to_guest(64),
-            in_mibs: mib(to_guest(1472)),
-            out_fps: from_guest(64),
-            out_mibs: mib(from_guest(1472)),
-        }
+        let rtt = round_trips();
+        let in_fps = to_guest(64);
+        let in_mibs = mib(to_guest(1472));
+        let out_fps = from_guest(64);
+        let out_mibs = mib(from_guest(1472));
+        Figures { rtt_p50: rtt[rtt.len() / 2], rtt_p99: rtt[rtt.len() * 99 / 100], in_fps, in_mibs, out_fps, out_mibs }
     })
 }
 
@@ -202,17 +263,56 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+fn on_path(program: &str) -> Option<String> {
+    let path = std::env::var("PATH").ok()?;
+    path.split(':').map(|dir| format!("{dir}/{program}")).find(|p| std::path::Path::new(p).is_file())
+}
+
+/// The LD_PRELOAD shim QEMU needs on PVM hosts (their KVM takes only 0 for MSR 0x10a).
+fn msr_shim(scratch: &str) -> Option<String> {
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return None;
+    }
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/kvm-msr-shim.c");
+    let library = format!("{scratch}/kvm-msr-shim.so");
+    let built = Command::new("cc").args(["-shared", "-fPIC", "-O2", "-o", &library, source, "-ldl"]).status();
+    built.is_ok_and(|s| s.success()).then_some(library)
+}
+
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
         return;
     }
+    let scratch = format!("/tmp/skvm-net-bench-{}", std::process::id());
+    std::fs::create_dir_all(&scratch).unwrap();
+    let guest = format!("{scratch}/guest.elf");
+    let exported = Command::new(env!("CARGO_BIN_EXE_skvm")).args(["export-test-guest", "--output", &guest]).status();
+    assert!(exported.unwrap().success(), "cannot export the test guest");
+    let mut systems: Vec<System> = MODES.into_iter().map(System::Skvm).collect();
+    if !args.iter().any(|a| a == "--no-qemu") {
+        match on_path("qemu-system-x86_64") {
+            Some(path) => systems.push(System::Qemu { path, shim: msr_shim(&scratch) }),
+            None => eprintln!("net bench: QEMU not run: qemu-system-x86_64 is not installed"),
+        }
+    }
+    if let Some(at) = args.iter().position(|a| a == "--firecracker") {
+        let path = args.get(at + 1).expect("--firecracker PATH").clone();
+        systems.push(System::Firecracker { path });
+    }
+    // `--only NAME`: just that mode or peer.
+    if let Some(at) = args.iter().position(|a| a == "--only") {
+        let only = args.get(at + 1).expect("--only NAME").clone();
+        systems.retain(|s| s.name() == only);
+    }
     let mut rows = Vec::new();
-    for mode in MODES {
-        let ns = Netns::new(mode);
-        let mut child = start(&ns, mode);
+    for system in &systems {
+        let mode = system.name();
+        eprintln!("net bench: {mode}...");
+        let ns = Netns::new(&mode);
+        let running = start(&ns, system, &guest, &scratch);
         let runs: Vec<Figures> = (0..REPEATS).map(|_| measure(&ns)).collect();
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(running);
         let pick = |f: fn(&Figures) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
         let figures = Figures {
             rtt_p50: pick(|f| f.rtt_p50),
@@ -225,6 +325,7 @@ fn main() {
         eprintln!("net bench: {mode} done");
         rows.push((mode, figures));
     }
+    let _ = std::fs::remove_dir_all(&scratch);
     println!("virtio-net, medians of {REPEATS} runs (UDP; 64-byte and 1472-byte datagrams)\n");
     println!("| mode | RTT p50 µs | RTT p99 µs | host->guest 64 B fps | host->guest 1472 B MiB/s | guest->host 64 B fps | guest->host 1472 B MiB/s |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
@@ -234,7 +335,7 @@ fn main() {
             f.rtt_p50, f.rtt_p99, f.in_fps, f.in_mibs, f.out_fps, f.out_mibs
         );
     }
-    let shared = rows.iter().find(|(m, _)| *m == "shared").map(|(_, f)| *f).unwrap();
+    let Some(shared) = rows.iter().find(|(m, _)| m == "shared").map(|(_, f)| *f) else { return };
     println!("\nAgainst `shared` (throughput: higher is better; RTT: lower is better)\n");
     println!("| mode | RTT p50 | host->guest 1472 B | guest->host 1472 B | host->guest 64 B | guest->host 64 B |");
     println!("| --- | --- | --- | --- | --- | --- |");

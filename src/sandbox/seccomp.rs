@@ -41,7 +41,8 @@ pub const DISK_SYSCALLS: &[(i64, &str)] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceFilter {
     Block,
-    /// virtio-rng and virtio-mem: no disk.
+    /// virtio-rng, virtio-mem, virtio-net and virtio-console: no disk (a
+    /// tap or a console is only read and written, with the common calls).
     NoDisk,
 }
 

@@ -104,6 +104,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                         crate::devices::rng::DEVICE_ID => "rng",
                         crate::devices::mem::DEVICE_ID => "mem",
                         crate::devices::net::DEVICE_ID => "net",
+                        crate::devices::console::DEVICE_ID => "console",
                         _ => "other",
                     },
                     mac: transport.mac().map(|mac| crate::devices::net::format_mac(&mac)),

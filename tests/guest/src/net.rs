@@ -22,7 +22,8 @@ pub const ETH_ARP: u16 = 0x0806;
 pub const ETH_IP: u16 = 0x0800;
 pub const UDP_ECHO_PORT: u16 = 7;
 /// Datagrams here are counted and dropped; every 64th is acknowledged with
-/// the count so far (the host's benchmark paces itself by the acks).
+/// the count so far from that sender (the host's benchmark paces itself by
+/// the acks; a new source port starts a new count).
 pub const UDP_SINK_PORT: u16 = 9;
 /// A datagram here (count: u32, size: u16, little-endian) makes the guest
 /// send `count` datagrams of `size` bytes back to its sender, the last
@@ -247,6 +248,7 @@ pub struct Stack {
     pub pings_answered: u64,
     pub udp_echoed: u64,
     pub sunk: u64,
+    sink_from: [u8; 6],
     /// Frames the host left with a partial checksum (GUEST_CSUM).
     pub partial: u64,
 }
@@ -404,6 +406,12 @@ impl Stack {
                         self.replies |= 1u64 << (seq % 64);
                     }
                     17 if payload.len() >= 8 && be16(payload, 2) == UDP_SINK_PORT => {
+                        let mut from = [0u8; 6];
+                        from[..4].copy_from_slice(&src_ip);
+                        from[4..].copy_from_slice(&payload[0..2]);
+                        if from != self.sink_from {
+                            (self.sink_from, self.sunk) = (from, 0);
+                        }
                         self.sunk += 1;
                         if self.sunk.is_multiple_of(64) {
                             let mut f = [0u8; 1514];
@@ -453,6 +461,7 @@ impl Stack {
             pings_answered: 0,
             udp_echoed: 0,
             sunk: 0,
+            sink_from: [0; 6],
             partial: 0,
         }
     }
