@@ -9,7 +9,7 @@
 //!
 //! 64-byte datagrams give frames per second, 1,472-byte ones (a full
 //! 1,500-byte MTU) MiB/s. Run with `cargo bench --bench net` (as root, with
-//! iproute2); it prints medians of 3 runs per mode and each against
+//! iproute2); it prints medians of 5 runs per mode and each against
 //! `shared`. QEMU (`qemu-system-x86_64` on PATH, microvm with
 //! virtio-net-device on the same tap, vhost off) runs beside skvm unless
 //! `-- --no-qemu`; Firecracker with `-- --firecracker PATH`.
@@ -18,7 +18,7 @@ use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const REPEATS: usize = 3;
+const REPEATS: usize = 5;
 /// A multiple of 64, so the last datagram is acknowledged.
 const DATAGRAMS: u32 = 20_480;
 const ECHOES: usize = 2_000;

@@ -168,16 +168,14 @@ impl<M: DeviceMemory> Core<M> {
             counters.requests += chains.len() as u64;
             moved = true;
         }
-        loop {
-            let (chains, _) = rx.pop_all(mem).await?;
-            if chains.is_empty() {
-                break;
-            }
-            rx_chains.extend(chains.into_iter().map(|chain| {
-                let capacity = chain.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
-                Held { buffer: chain, capacity }
-            }));
-        }
+        // One look at the receive ring per turn (a pop takes up to 16 MiB of
+        // buffers, more than a ring holds); what the driver adds later comes
+        // with its notification.
+        let (chains, _) = rx.pop_all(mem).await?;
+        rx_chains.extend(chains.into_iter().map(|chain| {
+            let capacity = chain.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
+            Held { buffer: chain, capacity }
+        }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
         let filled = backend.receive(rx_chains, ring_full, u64::MAX);
         if !filled.is_empty() {

@@ -51,6 +51,8 @@ pub struct Net {
     pub features: u64,
     /// The last frame's header: flags, csum_start, csum_offset.
     pub rx_header: (u8, u16, u16),
+    /// Receive buffers posted again since the last notification.
+    rx_unannounced: bool,
 }
 
 /// The first virtio-net device on the command line.
@@ -99,6 +101,7 @@ impl Net {
             rx_empty: 0,
             features,
             rx_header: (0, 0, 0),
+            rx_unannounced: false,
         };
         for slot in 0..QUEUE_SIZE {
             net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, rx_flags, 0);
@@ -126,7 +129,7 @@ impl Net {
         if len < HEADER {
             self.rx_empty += 1;
             self.repost(slot);
-            self.device.notify(0);
+            self.rx_unannounced = true;
             return Some(0);
         }
         // SAFETY: our own receive buffer, which the device wrote a header into.
@@ -164,8 +167,16 @@ impl Net {
             filled += take;
             self.repost(slot);
         }
-        self.device.notify(0);
+        self.rx_unannounced = true;
         Some(filled)
+    }
+
+    /// Tells the device about receive buffers posted again: once for all
+    /// that `recv` took since the last time.
+    pub fn announce_rx(&mut self) {
+        if core::mem::take(&mut self.rx_unannounced) {
+            self.device.notify(0);
+        }
     }
 
     /// Queues one transmit chain of hand-made descriptors (address, length)
@@ -470,6 +481,9 @@ impl Stack {
     pub fn poll(&mut self, net: &mut Net) -> Result<(), &'static str> {
         let mut frame = [0u8; BUFFER as usize];
         while let Some(len) = net.recv(&mut frame) {
+            if len == 0 {
+                continue;
+            }
             let (flags, start, offset) = net.rx_header;
             if flags & HDR_F_NEEDS_CSUM != 0 {
                 self.partial += 1;
@@ -479,6 +493,7 @@ impl Stack {
             }
             self.handle(net, &frame[..len])?;
         }
+        net.announce_rx();
         Ok(())
     }
 
@@ -648,6 +663,7 @@ pub fn run_hostile(info: &crate::pvh::StartInfo) -> Result<(), &'static str> {
         while net.rx_empty < round * QUEUE_SIZE as u64 {
             let mut frame = [0u8; 64];
             net.recv(&mut frame);
+            net.announce_rx();
             if rdtsc() - start > 1 << 34 {
                 return Err("receive buffers the device cannot use did not come back");
             }
