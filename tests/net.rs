@@ -299,3 +299,31 @@ fn checksum_offload_works_both_ways_in_every_memory_mode() {
         assert_eq!(vm.shutdown(), Some(0), "{mode}");
     }
 }
+
+/// In `rpc` mode a net device whose process dies is replaced, and the VMM
+/// posts the new one every receive buffer the old one held: the guest
+/// notices nothing, and pings still get through.
+#[test]
+fn a_killed_rpc_net_device_is_replaced_and_the_guest_keeps_its_network() {
+    let Some(ns) = Netns::new("restart") else { return };
+    let vm = ping_guest(&ns, "rpc");
+    let (_, info) = vm.api("GET", "/vm", "");
+    let pid = info["devices"][0]["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) on the device process this VM started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let (_, info) = vm.api("GET", "/vm", "");
+        let device = &info["devices"][0];
+        if device["restarts"].as_u64() == Some(1) && device["pid"].as_u64().is_some_and(|p| p as i32 != pid) {
+            assert_eq!(device["healthy"], true, "{info}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the net device was not replaced: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
+    assert!(ping.status.success(), "{}\n{}", String::from_utf8_lossy(&ping.stdout), vm.console());
+    assert!(!vm.console().contains("error:"), "{}", vm.console());
+    assert_eq!(vm.shutdown(), Some(0));
+}

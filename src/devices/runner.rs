@@ -88,7 +88,7 @@ impl<M: DeviceMemory> Core<M> {
     }
 
     /// The device holds receive buffers that input could go to.
-    fn wants_frames(&self) -> bool {
+    fn wants_input(&self) -> bool {
         (!self.rx_chains.is_empty() || !self.rx_posted.is_empty()) && self.backend.input_open()
     }
 
@@ -548,7 +548,7 @@ where
         // Request level: input (frames from the tap) completes held receive requests.
         let receive_loop = async {
             loop {
-                if core.lock().await.wants_frames() {
+                if core.lock().await.wants_input() {
                     tokio::select! {
                         guard = input.readable() => guard.map_err(|e| format!("input: {e}"))?.clear_ready(),
                         _ = kick.notified() => {}
@@ -575,9 +575,9 @@ where
     let notify = unsafe { AsyncFd::register(notify) }.map_err(|e| format!("cannot watch the queue notifier: {e}"))?;
     let queue_loop = async {
         loop {
-            let wants_frames = input.is_some() && core.lock().await.wants_frames();
+            let wants_input = input.is_some() && core.lock().await.wants_input();
             tokio::select! {
-                guard = async { input.as_ref().unwrap().readable().await }, if wants_frames => {
+                guard = async { input.as_ref().unwrap().readable().await }, if wants_input => {
                     guard.map_err(|e| format!("input: {e}"))?.clear_ready();
                 }
                 guard = notify.readable() => {
