@@ -33,6 +33,8 @@ const BENCH_HELP: &str = "\
 Examples:
   skvm bench --quick --out /tmp/study          a smoke run: one run per cell
   skvm bench --out study --peer firecracker=/usr/local/bin/firecracker
+  skvm bench --quick --peer firecracker=FC --peer vhost-user-blk=vhost_user_block
+                                               beside vhost-user-blk under Firecracker
   skvm bench --render study/results.json --out study    redraw the report and plots
 
 The report format is described in docs/study.md.";

@@ -191,3 +191,43 @@ fn the_published_report_renders_from_its_results_file() {
     let published = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert_eq!(std::fs::read_to_string(again.join("report.md")).unwrap(), published);
 }
+
+/// Given Firecracker and a vhost-user-blk backend (`SKVM_TEST_FIRECRACKER`,
+/// `SKVM_TEST_VHOST_USER_BLK`: paths, e.g. ../shared/peers/firecracker and
+/// ../shared/peers/vhost_user_block), the quick study has a
+/// firecracker+vhost-user-blk row for every disk workload, each a success,
+/// and a report section comparing `rpc` with it. Without them the test says
+/// so and checks nothing: CI never depends on a peer binary.
+#[test]
+fn quick_study_with_a_vhost_user_backend_adds_its_column() {
+    let (Ok(firecracker), Ok(backend)) =
+        (std::env::var("SKVM_TEST_FIRECRACKER"), std::env::var("SKVM_TEST_VHOST_USER_BLK"))
+    else {
+        eprintln!("SKIPPED: set SKVM_TEST_FIRECRACKER and SKVM_TEST_VHOST_USER_BLK to run the vhost-user column");
+        return;
+    };
+    let out = temp_path("study-vhost-user");
+    let fc = format!("firecracker={firecracker}");
+    let vub = format!("vhost-user-blk={backend}");
+    let args = ["bench", "--quick", "--no-qemu", "--peer", &fc, "--peer", &vub, "--out", out.to_str().unwrap()];
+    let outcome = wait_with_deadline(skvm(&args).spawn().unwrap(), Duration::from_secs(600));
+    assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = results["rows"].as_array().unwrap();
+    for vcpus in [1, 2] {
+        for workload in WORKLOADS.iter().filter(|w| **w != "idle") {
+            let row = rows
+                .iter()
+                .find(|r| {
+                    r["system"] == "firecracker+vhost-user-blk" && r["workload"] == *workload && r["vcpus"] == vcpus
+                })
+                .unwrap_or_else(|| panic!("no vhost-user row for {workload} {vcpus} vCPU"));
+            assert_eq!(row["ok"], true, "{row}");
+            assert!(row["host_cpu_seconds"].as_f64().unwrap() > 0.0, "{row}");
+        }
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## `rpc` against vhost-user-blk"), "{report}");
+    assert!(report.contains("--block-backend path=DISK,socket=SOCK,num_queues=1,queue_size=256"), "{report}");
+}

@@ -26,6 +26,8 @@ pub struct BenchArgs {
     pub out: PathBuf,
     /// Another VMM to run beside skvm's modes, as NAME=PATH: `firecracker=PATH` or
     /// `cloud-hypervisor=PATH`. QEMU is found on PATH by itself. Repeat for more.
+    /// `vhost-user-blk=PATH` (a vhost-user-blk backend, e.g. Cloud Hypervisor's
+    /// vhost_user_block) adds a Firecracker column whose disk that backend serves.
     #[arg(long, value_name = "NAME=PATH", value_parser = peers::parse_peer)]
     pub peer: Vec<peers::PeerSpec>,
     /// Do not look for QEMU.

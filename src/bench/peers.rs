@@ -1,7 +1,11 @@
 //! Other VMMs run beside skvm's modes on the same test guest: QEMU (found
 //! on PATH), and Firecracker or Cloud Hypervisor where the user points at
-//! them. skvm never builds or ships them; it records their versions, and
-//! says in the report when one could not run and why.
+//! them. Given a vhost-user-blk backend too (`vhost-user-blk=PATH`, e.g.
+//! Cloud Hypervisor's `vhost_user_block`), Firecracker also runs with its
+//! disk served by that backend: the out-of-process design as deployed,
+//! a separate process that maps all of guest RAM. skvm never builds or
+//! ships them; it records their versions, and says in the report when one
+//! could not run and why.
 use super::machine::Machine;
 use super::results::{PeerInfo, Row};
 use super::runner::{empty_row, failed, fill_guest, run_process, Cell, Scratch};
@@ -17,7 +21,12 @@ pub enum PeerKind {
     Qemu,
     Firecracker,
     CloudHypervisor,
+    /// Not a VMM: the backend Firecracker gets its disk from in a second column.
+    VhostUserBlk,
 }
+
+/// How the vhost-user-blk backend is started (the report quotes it).
+pub const VHOST_USER_OPTIONS: &str = "--block-backend path=DISK,socket=SOCK,num_queues=1,queue_size=256";
 
 #[derive(Debug, Clone)]
 pub struct PeerSpec {
@@ -31,7 +40,8 @@ pub fn parse_peer(text: &str) -> Result<PeerSpec, String> {
         "qemu" => PeerKind::Qemu,
         "firecracker" => PeerKind::Firecracker,
         "cloud-hypervisor" => PeerKind::CloudHypervisor,
-        _ => return Err(format!("unknown peer `{name}`: use qemu, firecracker or cloud-hypervisor")),
+        "vhost-user-blk" => PeerKind::VhostUserBlk,
+        _ => return Err(format!("unknown peer `{name}`: use qemu, firecracker, cloud-hypervisor or vhost-user-blk")),
     };
     Ok(PeerSpec { kind, path: PathBuf::from(path) })
 }
@@ -42,6 +52,8 @@ pub struct Peer {
     path: PathBuf,
     /// LD_PRELOAD library, when the host needs one.
     preload: Option<PathBuf>,
+    /// Firecracker's disk comes from this vhost-user-blk backend.
+    backend: Option<PathBuf>,
 }
 
 fn name(kind: PeerKind) -> &'static str {
@@ -49,6 +61,53 @@ fn name(kind: PeerKind) -> &'static str {
         PeerKind::Qemu => "qemu",
         PeerKind::Firecracker => "firecracker",
         PeerKind::CloudHypervisor => "cloud-hypervisor",
+        PeerKind::VhostUserBlk => "vhost-user-blk",
+    }
+}
+
+/// A vhost-user-blk backend serving the study's disk on `socket`, killed on drop.
+struct Backend {
+    child: std::process::Child,
+}
+
+impl Backend {
+    fn start(path: &Path, disk: &Path, socket: &Path) -> Result<Backend, String> {
+        let _ = std::fs::remove_file(socket);
+        let spec = format!("path={},socket={},num_queues=1,queue_size=256", disk.display(), socket.display());
+        let child = Command::new(path)
+            .args(["--block-backend", &spec])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", path.display()))?;
+        let mut backend = Backend { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            if std::time::Instant::now() > deadline || backend.child.try_wait().ok().flatten().is_some() {
+                return Err("the vhost-user-blk backend never opened its socket".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(backend)
+    }
+
+    /// CPU time the backend has used so far (user + system), from /proc.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        fields.get(10..12).map_or(0.0, |t| (t[0] + t[1]) as f64 / ticks)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -99,10 +158,15 @@ impl Peer {
                 }
             }
             PeerKind::Firecracker => {
-                let drives = if with_disk {
-                    serde_json::json!([{ "drive_id": "d", "path_on_host": disk, "is_root_device": false, "is_read_only": false }])
-                } else {
-                    serde_json::json!([])
+                let socket = scratch.dir.join("vhost-user-blk.sock").display().to_string();
+                let drives = match (with_disk, &self.backend) {
+                    (true, Some(_)) => {
+                        serde_json::json!([{ "drive_id": "vub", "is_root_device": false, "socket": socket }])
+                    }
+                    (true, None) => {
+                        serde_json::json!([{ "drive_id": "d", "path_on_host": disk, "is_root_device": false, "is_read_only": false }])
+                    }
+                    (false, _) => serde_json::json!([]),
                 };
                 let config = serde_json::json!({
                     "boot-source": { "kernel_image_path": guest, "boot_args": cmdline },
@@ -113,6 +177,7 @@ impl Peer {
                 let _ = std::fs::write(&path, config.to_string());
                 command.arg("--no-api").arg("--config-file").arg(path).args(["--level", "Error"]);
             }
+            PeerKind::VhostUserBlk => unreachable!("a backend is not run as a VMM"),
             PeerKind::CloudHypervisor => {
                 command.args(["--kernel", &guest, "--cmdline", cmdline, "--cpus", &format!("boot={vcpus}")]);
                 command.args(["--memory", "size=256M", "--serial", "tty", "--console", "off"]);
@@ -134,13 +199,25 @@ impl Peer {
                 "not run: Cloud Hypervisor offers virtio-pci only and the test guest drives virtio-mmio".into(),
             );
         }
+        if !cell.workload.is_disk() && self.backend.is_some() {
+            return failed(row, "not run: no disk in this workload (the firecracker column has it)".into());
+        }
+        let backend = match &self.backend {
+            Some(path) => match Backend::start(path, &scratch.disk, &scratch.dir.join("vhost-user-blk.sock")) {
+                Ok(backend) => Some(backend),
+                Err(e) => return failed(row, e),
+            },
+            None => None,
+        };
         let command = self.command(&cell.workload.cmdline(quick, machine.tsc_hz), cell.vcpus, scratch, true);
         let finished = match run_process(command) {
             Ok(f) => f,
             Err(e) => return failed(row, e),
         };
         row.wall_seconds = finished.wall.as_secs_f64();
-        row.host_cpu_seconds = Some(finished.cpu.as_secs_f64());
+        // The backend's CPU counts with the VMM's, as skvm's device processes do.
+        let backend_cpu = backend.as_ref().map_or(0.0, Backend::cpu_seconds);
+        row.host_cpu_seconds = Some(finished.cpu.as_secs_f64() + backend_cpu);
         if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
             let detail = finished.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             return failed(row, format!("{e} ({} exited {:?}: {detail})", self.name, finished.code));
@@ -194,20 +271,58 @@ pub fn prepare(args: &BenchArgs, scratch: &Scratch) -> Result<(Vec<Peer>, Vec<Pe
             }),
         }
     }
+    // A backend is a second Firecracker column, not a VMM of its own.
+    let backend = specs.iter().find(|s| s.kind == PeerKind::VhostUserBlk).map(|s| s.path.clone());
+    specs.retain(|s| s.kind != PeerKind::VhostUserBlk);
+    if let Some(path) = &backend {
+        match specs.iter().find(|s| s.kind == PeerKind::Firecracker) {
+            Some(fc) => specs.push(PeerSpec { kind: PeerKind::Firecracker, path: fc.path.clone() }),
+            None => infos.push(PeerInfo {
+                name: "firecracker+vhost-user-blk".into(),
+                path: Some(path.display().to_string()),
+                version: version(path),
+                status: "not run: vhost-user-blk=PATH needs firecracker=PATH too".into(),
+            }),
+        }
+    }
+    let mut firecrackers = 0;
     let mut peers = Vec::new();
     for spec in specs {
+        // The second Firecracker entry is the one whose disk the backend serves.
+        let with_backend = spec.kind == PeerKind::Firecracker && {
+            firecrackers += 1;
+            firecrackers == 2
+        };
+        let backend = backend.clone().filter(|_| with_backend);
         let mut info = PeerInfo {
-            name: name(spec.kind).into(),
+            name: match &backend {
+                Some(_) => "firecracker+vhost-user-blk".into(),
+                None => name(spec.kind).into(),
+            },
             path: Some(spec.path.display().to_string()),
             version: version(&spec.path),
             status: String::new(),
         };
+        if let Some(path) = &backend {
+            // The report names the backend, its version and how it was started.
+            let backend_version = version(path).unwrap_or_else(|| "version unknown".into());
+            info.version = Some(format!(
+                "{}; disk from {} ({backend_version}) {VHOST_USER_OPTIONS}",
+                info.version.as_deref().unwrap_or("version unknown"),
+                path.display()
+            ));
+            if !path.is_file() {
+                info.status = format!("not run: {} does not exist", path.display());
+                infos.push(info);
+                continue;
+            }
+        }
         if !spec.path.is_file() {
             info.status = format!("not run: {} does not exist", spec.path.display());
             infos.push(info);
             continue;
         }
-        let mut peer = Peer { name: info.name.clone(), kind: spec.kind, path: spec.path, preload: None };
+        let mut peer = Peer { name: info.name.clone(), kind: spec.kind, path: spec.path, preload: None, backend };
         eprintln!("skvm bench: trying {} ({})", peer.name, info.version.as_deref().unwrap_or("version unknown"));
         let mut result = peer.probe(scratch);
         if let Err(why) = &result {
