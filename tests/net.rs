@@ -86,8 +86,12 @@ fn counter(counters: &serde_json::Value, key: &str) -> u64 {
 /// Boots the guest's `net-ping` in `mode` inside `ns`; returns once it has
 /// pinged the host 5 times and serves.
 fn ping_guest(ns: &Netns, mode: &str) -> LiveVm {
+    ping_guest_with(ns, mode, &[])
+}
+
+fn ping_guest_with(ns: &Netns, mode: &str, extra: &[&str]) -> LiveVm {
     let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", "scenario=net-ping pings=5"];
-    let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
+    let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &[&args[..], extra].concat());
     let console = vm.wait_console("net: serving", LONG);
     assert!(console.contains("net-ping: 5/5 replies"), "{console}");
     vm
@@ -97,7 +101,8 @@ fn ping_guest(ns: &Netns, mode: &str) -> LiveVm {
 fn guest_and_host_ping_each_other_in_every_memory_mode() {
     for mode in MODES {
         let Some(ns) = Netns::new(&format!("ping-{mode}")) else { return };
-        let vm = ping_guest(&ns, mode);
+        let stats = common::temp_path(&format!("net-ping-{mode}.json"));
+        let vm = ping_guest_with(&ns, mode, &["--stats-file", stats.to_str().unwrap()]);
         let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
         let text = String::from_utf8_lossy(&ping.stdout);
         assert!(ping.status.success(), "{mode}: host ping failed: {text}\n{}", vm.console());
@@ -109,6 +114,17 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
             assert_eq!(counter(&counters, drop), 0, "{mode}: {counters}");
         }
         assert_eq!(vm.shutdown(), Some(0), "{mode}");
+        // The stats file written at the end holds the same counters and the MAC.
+        let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let device = &stats["devices"][0];
+        assert_eq!(
+            (device["kind"].as_str(), device["mac"].as_str().map(str::len)),
+            (Some("net"), Some(17)),
+            "{device}"
+        );
+        let last = &device["counters"]["net"];
+        assert!(counter(last, "rx_frames") >= counter(&counters, "rx_frames"), "{mode}: {last}");
+        assert!(counter(last, "tx_frames") >= counter(&counters, "tx_frames"), "{mode}: {last}");
     }
 }
 
