@@ -13,6 +13,10 @@
 //! `shared`. QEMU (`qemu-system-x86_64` on PATH, microvm with
 //! virtio-net-device on the same tap, vhost off) runs beside skvm unless
 //! `-- --no-qemu`; Firecracker with `-- --firecracker PATH`.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::Netns;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
@@ -24,46 +28,6 @@ const DATAGRAMS: u32 = 20_480;
 const ECHOES: usize = 2_000;
 const GUEST: &str = "10.0.0.2";
 const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
-
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let ns = Netns(format!("skvm-bench-{}-{name}", std::process::id()));
-        let steps: [&[&str]; 6] = [
-            &["netns", "add", &ns.0],
-            &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
-            &["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
-            &["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"],
-            &["-n", &ns.0, "link", "set", "tap0", "up"],
-            &["-n", &ns.0, "link", "set", "lo", "up"],
-        ];
-        for step in steps {
-            assert!(Command::new("ip").args(step).status().unwrap().success(), "ip {step:?}");
-        }
-        ns
-    }
-
-    /// Runs `work` on a thread inside the namespace.
-    fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a descriptor we hold, for this thread only.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            work()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 const CMDLINE: &str = "scenario=net-bench pings=1";
 
@@ -309,7 +273,7 @@ fn main() {
     for system in &systems {
         let mode = system.name();
         eprintln!("net bench: {mode}...");
-        let ns = Netns::new(&mode);
+        let ns = Netns::create(&mode);
         let running = start(&ns, system, &guest, &scratch);
         let runs: Vec<Figures> = (0..REPEATS).map(|_| measure(&ns)).collect();
         drop(running);

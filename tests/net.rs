@@ -4,72 +4,22 @@
 //! namespace.
 mod common;
 
-use common::{run, LiveVm};
+use common::{run, LiveVm, Netns};
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 const GUEST: &str = "10.0.0.2";
 const LONG: Duration = Duration::from_secs(60);
 
-/// A network namespace holding tap0 (up, 10.0.0.1/24); deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    /// None (with the reason printed) where this host cannot make one.
-    fn new(name: &str) -> Option<Netns> {
-        let missing = ["/dev/net/tun", "/usr/bin/ping"].into_iter().find(|p| !std::path::Path::new(p).exists());
-        if let Some(path) = missing {
-            eprintln!("SKIPPED: {path} is missing (scripts/setup.sh installs what the net tests need)");
-            return None;
-        }
-        let iproute2 = Command::new("ip").arg("-V").output().is_ok_and(|o| o.stdout.starts_with(b"ip utility"));
-        if !iproute2 {
-            eprintln!("SKIPPED: `ip` is not iproute2's (no network namespaces); scripts/setup.sh installs it");
-            return None;
-        }
-        let ns = Netns(format!("skvm-{}-{name}", std::process::id()));
-        let steps: [&[&str]; 6] = [
-            &["netns", "add", &ns.0],
-            // No IPv6 chatter (router solicitations) in the frame counts.
-            &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
-            &["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
-            &["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"],
-            &["-n", &ns.0, "link", "set", "tap0", "up"],
-            &["-n", &ns.0, "link", "set", "lo", "up"],
-        ];
-        for step in steps {
-            let status = Command::new("ip").args(step).status().expect("running ip");
-            assert!(status.success(), "ip {step:?} failed");
-        }
-        Some(ns)
+/// A namespace for one test, or None (with the reason printed) where this
+/// host cannot make one.
+fn netns(name: &str) -> Option<Netns> {
+    if let Some(why) = Netns::unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return None;
     }
-
-    fn exec(&self, command: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.0]).args(command).output().unwrap()
-    }
-
-    /// Runs `work` on a thread that has entered the namespace (a network
-    /// namespace belongs to a thread, not the process).
-    fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a descriptor we hold, for this thread only.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            work()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+    Some(Netns::create(name))
 }
 
 fn net_counters(vm: &LiveVm) -> serde_json::Value {
@@ -100,7 +50,7 @@ fn ping_guest_with(ns: &Netns, mode: &str, extra: &[&str]) -> LiveVm {
 #[test]
 fn guest_and_host_ping_each_other_in_every_memory_mode() {
     for mode in MODES {
-        let Some(ns) = Netns::new(&format!("ping-{mode}")) else { return };
+        let Some(ns) = netns(&format!("ping-{mode}")) else { return };
         let stats = common::temp_path(&format!("net-ping-{mode}.json"));
         let vm = ping_guest_with(&ns, mode, &["--stats-file", stats.to_str().unwrap()]);
         let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
@@ -134,7 +84,7 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
 #[test]
 fn udp_echo_of_10000_datagrams_keeps_every_byte_in_every_memory_mode() {
     for mode in MODES {
-        let Some(ns) = Netns::new(&format!("udp-{mode}")) else { return };
+        let Some(ns) = netns(&format!("udp-{mode}")) else { return };
         let vm = ping_guest(&ns, mode);
         let before = net_counters(&vm);
         let sent_bytes = ns.within(|| {
@@ -170,7 +120,7 @@ fn udp_echo_of_10000_datagrams_keeps_every_byte_in_every_memory_mode() {
 
 #[test]
 fn the_net_device_is_confined_and_maps_no_guest_memory_in_rpc_mode() {
-    let Some(ns) = Netns::new("confined") else { return };
+    let Some(ns) = netns("confined") else { return };
     let vm = ping_guest(&ns, "rpc");
     let (_, info) = vm.api("GET", "/vm", "");
     let pid = info["devices"][0]["pid"].as_u64().unwrap();
@@ -221,7 +171,7 @@ fn bad_net_flags_and_missing_taps_are_clear_errors() {
     assert_eq!(outcome.code(), Some(1), "{}", outcome.stderr);
     assert!(outcome.stderr.contains("no such network interface"), "{}", outcome.stderr);
     assert!(!std::path::Path::new("/sys/class/net/skvm-no-tap").exists(), "skvm created the tap");
-    let Some(ns) = Netns::new("busy") else { return };
+    let Some(ns) = netns("busy") else { return };
     let _first = ping_guest(&ns, "rpc");
     let second = ns.exec(&[common::SKVM, "run", "--net", "tap=tap0"]);
     let stderr = String::from_utf8_lossy(&second.stderr);
@@ -238,7 +188,7 @@ fn bad_net_flags_and_missing_taps_are_clear_errors() {
 fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
     for mode in MODES {
         for merge in ["1", "0"] {
-            let Some(ns) = Netns::new(&format!("hostile-{mode}-{merge}")) else { return };
+            let Some(ns) = netns(&format!("hostile-{mode}-{merge}")) else { return };
             let cmdline = format!("scenario=net-hostile merge={merge}");
             let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", &cmdline];
             let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
@@ -279,14 +229,9 @@ fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
 #[test]
 fn checksum_offload_works_both_ways_in_every_memory_mode() {
     for mode in MODES {
-        let Some(ns) = Netns::new(&format!("csum-{mode}")) else { return };
+        let Some(ns) = netns(&format!("csum-{mode}")) else { return };
         let (bound, ready) = std::sync::mpsc::channel();
-        let path = format!("/run/netns/{}", ns.0);
-        let listener = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let netns = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a descriptor we hold, for this thread only.
-            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let listener = ns.spawn_within(move || {
             let socket = UdpSocket::bind("10.0.0.1:5555").unwrap();
             socket.set_read_timeout(Some(LONG)).unwrap();
             bound.send(()).unwrap();
@@ -321,7 +266,7 @@ fn checksum_offload_works_both_ways_in_every_memory_mode() {
 /// notices nothing, and pings still get through.
 #[test]
 fn a_killed_rpc_net_device_is_replaced_and_the_guest_keeps_its_network() {
-    let Some(ns) = Netns::new("restart") else { return };
+    let Some(ns) = netns("restart") else { return };
     let vm = ping_guest(&ns, "rpc");
     let (_, info) = vm.api("GET", "/vm", "");
     let pid = info["devices"][0]["pid"].as_u64().unwrap() as i32;

@@ -5,7 +5,7 @@ use super::features;
 use super::in_flight::InFlight;
 use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE};
-use super::request::Request;
+use super::request::{stream_lengths, Request};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{posted, ring, Backend};
 use futures::StreamExt;
@@ -173,15 +173,17 @@ impl<M: DeviceMemory> Core<M> {
         // with its notification.
         let (chains, _) = rx.pop_all(mem).await?;
         rx_chains.extend(chains.into_iter().map(|chain| {
-            let capacity = chain.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
+            let (_, capacity) = stream_lengths(&ring::posted(&chain));
             Held { buffer: chain, capacity }
         }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
         let filled = backend.receive(rx_chains, ring_full, u64::MAX);
         if !filled.is_empty() {
             let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
-            let requests: Vec<Request> =
-                chains.iter().map(|c| Request { readable_len: 0, writable_len: c.bytes(), readable: None }).collect();
+            let requests: Vec<Request> = chains
+                .iter()
+                .map(|c| Request { readable_len: 0, writable_len: stream_lengths(&ring::posted(c)).1, readable: None })
+                .collect();
             counters.errors += ring::deliver(mem, rx, backend, &chains, &requests, replies).await?;
             counters.requests += chains.len() as u64;
             moved = true;
@@ -226,7 +228,7 @@ impl<M: DeviceMemory> Core<M> {
         };
         let mut given_back = Vec::new();
         for posted in held {
-            let capacity = posted.buffers.iter().filter(|b| b.writable).map(|b| b.len as u64).sum();
+            let (_, capacity) = stream_lengths(&posted.buffers);
             if posted.faulty {
                 given_back.push(CompletedRequest { grant: posted.grant, used_len: 0, writes: Vec::new() });
                 if let Backend::Net(net) = &mut self.backend {
