@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
-const PATTERN_BYTES: u64 = 1 << 20;
 
 fn disk(name: &str, size: u64) -> PathBuf {
     let path = temp_path(name);
@@ -28,19 +27,6 @@ fn guest_with_disk(mode: &str, path: &Path, disk_options: &str, extra: &[&str], 
     let mut args = vec!["--memory", "64M", "--memory-mode", mode, "--disk", &disk];
     args.extend_from_slice(extra);
     run_guest(&args, cmdline)
-}
-
-/// The byte the test guest's blk-pattern writes at `offset` of disk `index`.
-fn pattern_byte(index: u64, offset: u64, seed: u64) -> u8 {
-    (offset.wrapping_mul(31) ^ (offset >> 9) ^ seed ^ (index * 0x5a)) as u8
-}
-
-fn assert_pattern_on_disk(path: &Path, index: u64, seed: u64) {
-    let bytes = std::fs::read(path).unwrap();
-    for (offset, byte) in bytes[..PATTERN_BYTES as usize].iter().enumerate() {
-        assert_eq!(*byte, pattern_byte(index, offset as u64, seed), "{} byte {offset}", path.display());
-    }
-    assert!(bytes[PATTERN_BYTES as usize..].iter().all(|&b| b == 0), "bytes beyond the pattern changed");
 }
 
 /// Every mode moves the bytes right; where the device maps guest RAM

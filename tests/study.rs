@@ -192,42 +192,63 @@ fn the_published_report_renders_from_its_results_file() {
     assert_eq!(std::fs::read_to_string(again.join("report.md")).unwrap(), published);
 }
 
-/// Given Firecracker and a vhost-user-blk backend (`SKVM_TEST_FIRECRACKER`,
-/// `SKVM_TEST_VHOST_USER_BLK`: paths, e.g. ../shared/peers/firecracker and
-/// ../shared/peers/vhost_user_block), the quick study has a
-/// firecracker+vhost-user-blk row for every disk workload, each a success,
-/// and a report section comparing `rpc` with it. Without them the test says
-/// so and checks nothing: CI never depends on a peer binary.
+/// Given a vhost-user-blk backend (`SKVM_TEST_VHOST_USER_BLK`) and at least
+/// one VMM to put it under (`SKVM_TEST_FIRECRACKER`,
+/// `SKVM_TEST_CLOUD_HYPERVISOR`: paths, e.g. ../shared/peers/vhost_user_block
+/// and ../shared/peers/firecracker), the quick study has a
+/// VMM+vhost-user-blk row for every disk workload, each a success with its
+/// CPU counted, plus Cloud Hypervisor's own virtio-blk rows (over the test
+/// guest's virtio-pci), and a report section comparing skvm with them.
+/// Without them the test says so and checks nothing: CI never depends on a
+/// peer binary.
 #[test]
-fn quick_study_with_a_vhost_user_backend_adds_its_column() {
-    let (Ok(firecracker), Ok(backend)) =
-        (std::env::var("SKVM_TEST_FIRECRACKER"), std::env::var("SKVM_TEST_VHOST_USER_BLK"))
-    else {
-        eprintln!("SKIPPED: set SKVM_TEST_FIRECRACKER and SKVM_TEST_VHOST_USER_BLK to run the vhost-user column");
+fn quick_study_with_a_vhost_user_backend_adds_its_columns() {
+    let backend = std::env::var("SKVM_TEST_VHOST_USER_BLK").ok();
+    let vmms: Vec<(&str, String)> =
+        [("firecracker", "SKVM_TEST_FIRECRACKER"), ("cloud-hypervisor", "SKVM_TEST_CLOUD_HYPERVISOR")]
+            .into_iter()
+            .filter_map(|(name, var)| Some((name, std::env::var(var).ok()?)))
+            .collect();
+    let Some(backend) = backend.filter(|_| !vmms.is_empty()) else {
+        eprintln!(
+            "SKIPPED: set SKVM_TEST_VHOST_USER_BLK and SKVM_TEST_FIRECRACKER or SKVM_TEST_CLOUD_HYPERVISOR \
+             to run the vhost-user columns"
+        );
         return;
     };
     let out = temp_path("study-vhost-user");
-    let fc = format!("firecracker={firecracker}");
-    let vub = format!("vhost-user-blk={backend}");
-    let args = ["bench", "--quick", "--no-qemu", "--peer", &fc, "--peer", &vub, "--out", out.to_str().unwrap()];
-    let outcome = wait_with_deadline(skvm(&args).spawn().unwrap(), Duration::from_secs(600));
+    let mut args: Vec<String> =
+        ["bench", "--quick", "--no-qemu", "--out", out.to_str().unwrap()].map(String::from).into();
+    for (name, path) in &vmms {
+        args.extend(["--peer".into(), format!("{name}={path}")]);
+    }
+    args.extend(["--peer".into(), format!("vhost-user-blk={backend}")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let outcome = wait_with_deadline(skvm(&args).spawn().unwrap(), Duration::from_secs(900));
     assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let rows = results["rows"].as_array().unwrap();
-    for vcpus in [1, 2] {
-        for workload in WORKLOADS.iter().filter(|w| **w != "idle") {
-            let row = rows
-                .iter()
-                .find(|r| {
-                    r["system"] == "firecracker+vhost-user-blk" && r["workload"] == *workload && r["vcpus"] == vcpus
-                })
-                .unwrap_or_else(|| panic!("no vhost-user row for {workload} {vcpus} vCPU"));
-            assert_eq!(row["ok"], true, "{row}");
-            assert!(row["host_cpu_seconds"].as_f64().unwrap() > 0.0, "{row}");
+    let mut columns: Vec<String> = vmms.iter().map(|(name, _)| format!("{name}+vhost-user-blk")).collect();
+    if vmms.iter().any(|(name, _)| *name == "cloud-hypervisor") {
+        columns.push("cloud-hypervisor".into());
+    }
+    for column in &columns {
+        for vcpus in [1, 2] {
+            for workload in WORKLOADS.iter().filter(|w| **w != "idle") {
+                let row = rows
+                    .iter()
+                    .find(|r| r["system"] == column.as_str() && r["workload"] == *workload && r["vcpus"] == vcpus)
+                    .unwrap_or_else(|| panic!("no {column} row for {workload} {vcpus} vCPU"));
+                assert_eq!(row["ok"], true, "{row}");
+                assert!(row["host_cpu_seconds"].as_f64().unwrap() > 0.0, "{row}");
+            }
         }
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(report.contains("## `rpc` against vhost-user-blk"), "{report}");
+    assert!(report.contains("## skvm against vhost-user-blk"), "{report}");
     assert!(report.contains("--block-backend path=DISK,socket=SOCK,num_queues=1,queue_size=256"), "{report}");
+    for (name, _) in &vmms {
+        assert!(report.contains(&format!("| 4K randread QD32 | {name} | IOPS |")), "{report}");
+    }
 }

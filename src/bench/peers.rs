@@ -1,12 +1,14 @@
 //! Other VMMs run beside skvm's modes on the same test guest: QEMU (found
 //! on PATH), and Firecracker or Cloud Hypervisor where the user points at
 //! them. Given a vhost-user-blk backend too (`vhost-user-blk=PATH`, e.g.
-//! Cloud Hypervisor's `vhost_user_block`), Firecracker also runs with its
-//! disk served by that backend: the out-of-process design as deployed,
-//! a separate process that maps all of guest RAM. skvm never builds or
+//! Cloud Hypervisor's `vhost_user_block`), Firecracker and Cloud Hypervisor
+//! each also run with their disk served by that backend: the out-of-process
+//! design as deployed, a separate process that maps all of guest RAM.
+//! Cloud Hypervisor offers virtio-pci only, which the test guest drives too. skvm never builds or
 //! ships them; it records their versions, and says in the report when one
 //! could not run and why.
 use super::machine::Machine;
+use super::matrix::Workload;
 use super::results::{PeerInfo, Row};
 use super::runner::{empty_row, failed, fill_guest, run_process, Cell, Scratch};
 use super::BenchArgs;
@@ -111,7 +113,17 @@ impl Drop for Backend {
     }
 }
 
-fn on_path(program: &str) -> Option<PathBuf> {
+/// The VMMs that can take their disk from a vhost-user-blk backend.
+fn uses_vhost_user(kind: PeerKind) -> bool {
+    matches!(kind, PeerKind::Firecracker | PeerKind::CloudHypervisor)
+}
+
+/// The column of `kind` with its disk served by the vhost-user-blk backend.
+pub fn vhost_user_column(kind: PeerKind) -> String {
+    format!("{}+vhost-user-blk", name(kind))
+}
+
+pub fn on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|p| p.is_file())
 }
 
@@ -123,7 +135,7 @@ fn version(path: &Path) -> Option<String> {
 
 /// QEMU's microvm puts its virtio-mmio transports here; PVH guests do not
 /// get them on the command line, so list every slot (empty ones read as no device).
-fn qemu_mmio_devices() -> String {
+pub fn qemu_mmio_devices() -> String {
     (0..24).map(|i| format!(" virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000u64 + i * 512, 5 + i)).collect()
 }
 
@@ -180,28 +192,36 @@ impl Peer {
             PeerKind::VhostUserBlk => unreachable!("a backend is not run as a VMM"),
             PeerKind::CloudHypervisor => {
                 command.args(["--kernel", &guest, "--cmdline", cmdline, "--cpus", &format!("boot={vcpus}")]);
-                command.args(["--memory", "size=256M", "--serial", "tty", "--console", "off"]);
+                command.args(["--serial", "tty", "--console", "off"]);
+                // The test guest keeps up to 64 requests of 3 descriptors in a 256-entry queue.
+                let socket = scratch.dir.join("vhost-user-blk.sock").display().to_string();
+                match (with_disk, &self.backend) {
+                    (true, Some(_)) => {
+                        // A vhost-user backend maps guest RAM, so it must be shareable.
+                        command.args(["--memory", "size=256M,shared=on"]);
+                        command.args(["--disk", &format!("vhost_user=true,socket={socket},queue_size=256")]);
+                    }
+                    (true, None) => {
+                        command.args(["--memory", "size=256M"]);
+                        command.args(["--disk", &format!("path={disk},image_type=raw,queue_size=256")]);
+                    }
+                    (false, _) => {
+                        command.args(["--memory", "size=256M"]);
+                    }
+                }
             }
         }
         command
     }
 
-    /// Whether this peer can drive the test guest's disk at all.
-    fn has_mmio_disk(&self) -> bool {
-        self.kind != PeerKind::CloudHypervisor
+    /// A column whose disk comes from a backend runs only the disk workloads
+    /// (the VMM's own column has the rest).
+    pub fn runs(&self, workload: &Workload) -> bool {
+        workload.is_disk() || self.backend.is_none()
     }
 
     pub fn run(&self, cell: &Cell, scratch: &Scratch, machine: &Machine, quick: bool) -> Row {
         let mut row = empty_row(&self.name, &self.name, cell);
-        if cell.workload.is_disk() && !self.has_mmio_disk() {
-            return failed(
-                row,
-                "not run: Cloud Hypervisor offers virtio-pci only and the test guest drives virtio-mmio".into(),
-            );
-        }
-        if !cell.workload.is_disk() && self.backend.is_some() {
-            return failed(row, "not run: no disk in this workload (the firecracker column has it)".into());
-        }
         let backend = match &self.backend {
             Some(path) => match Backend::start(path, &scratch.disk, &scratch.dir.join("vhost-user-blk.sock")) {
                 Ok(backend) => Some(backend),
@@ -238,7 +258,7 @@ impl Peer {
 }
 
 /// Builds the MSR shim with the host's C compiler into `dir`.
-fn build_msr_shim(dir: &Path) -> Result<PathBuf, String> {
+pub fn build_msr_shim(dir: &Path) -> Result<PathBuf, String> {
     let source = dir.join("kvm-msr-shim.c");
     let library = dir.join("kvm-msr-shim.so");
     std::fs::write(&source, MSR_SHIM_SOURCE).map_err(|e| e.to_string())?;
@@ -271,32 +291,27 @@ pub fn prepare(args: &BenchArgs, scratch: &Scratch) -> Result<(Vec<Peer>, Vec<Pe
             }),
         }
     }
-    // A backend is a second Firecracker column, not a VMM of its own.
+    // A backend is a second column of each VMM that can use it, not a VMM of its own.
     let backend = specs.iter().find(|s| s.kind == PeerKind::VhostUserBlk).map(|s| s.path.clone());
     specs.retain(|s| s.kind != PeerKind::VhostUserBlk);
+    let mut columns: Vec<(PeerSpec, Option<PathBuf>)> = specs.iter().map(|s| (s.clone(), None)).collect();
     if let Some(path) = &backend {
-        match specs.iter().find(|s| s.kind == PeerKind::Firecracker) {
-            Some(fc) => specs.push(PeerSpec { kind: PeerKind::Firecracker, path: fc.path.clone() }),
-            None => infos.push(PeerInfo {
-                name: "firecracker+vhost-user-blk".into(),
+        let hosts: Vec<PeerSpec> = specs.iter().filter(|s| uses_vhost_user(s.kind)).cloned().collect();
+        if hosts.is_empty() {
+            infos.push(PeerInfo {
+                name: "vhost-user-blk".into(),
                 path: Some(path.display().to_string()),
                 version: version(path),
-                status: "not run: vhost-user-blk=PATH needs firecracker=PATH too".into(),
-            }),
+                status: "not run: vhost-user-blk=PATH needs firecracker=PATH or cloud-hypervisor=PATH too".into(),
+            });
         }
+        columns.extend(hosts.into_iter().map(|host| (host, Some(path.clone()))));
     }
-    let mut firecrackers = 0;
     let mut peers = Vec::new();
-    for spec in specs {
-        // The second Firecracker entry is the one whose disk the backend serves.
-        let with_backend = spec.kind == PeerKind::Firecracker && {
-            firecrackers += 1;
-            firecrackers == 2
-        };
-        let backend = backend.clone().filter(|_| with_backend);
+    for (spec, backend) in columns {
         let mut info = PeerInfo {
             name: match &backend {
-                Some(_) => "firecracker+vhost-user-blk".into(),
+                Some(_) => vhost_user_column(spec.kind),
                 None => name(spec.kind).into(),
             },
             path: Some(spec.path.display().to_string()),

@@ -180,44 +180,63 @@ fn cpu_table(results: &Results) -> String {
     out
 }
 
-/// The system column of Firecracker with a vhost-user-blk backend.
-pub const VHOST_USER_COLUMN: &str = "firecracker+vhost-user-blk";
+/// Columns whose disk a vhost-user-blk backend serves end with this.
+const VHOST_USER_SUFFIX: &str = "+vhost-user-blk";
 
-/// `rpc` against vhost-user-blk, per workload (1 vCPU): the cost of
-/// confining a device to the buffers posted to it, against the deployed
-/// out-of-process design whose backend maps all of guest RAM.
+/// The vhost-user-blk columns with at least one successful run.
+fn vhost_user_columns(results: &Results) -> Vec<String> {
+    let mut columns: Vec<String> = results
+        .rows
+        .iter()
+        .filter(|r| r.ok && r.system.ends_with(VHOST_USER_SUFFIX))
+        .map(|r| r.system.clone())
+        .collect();
+    columns.sort();
+    columns.dedup();
+    columns
+}
+
+/// skvm's modes against vhost-user-blk, per workload and VMM (1 vCPU): the
+/// cost of confining a device to the buffers posted to it, against the
+/// deployed out-of-process design whose backend maps all of guest RAM.
 fn vhost_user_table(results: &Results) -> String {
     let hz = results.machine.tsc_hz;
     let mut out = String::from(
-        "| workload | unit | rpc | vhost-user-blk | rpc / vhost-user | p50 rpc | p50 vhost-user | p99 rpc | p99 vhost-user | host CPU per request, rpc | host CPU per request, vhost-user |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | VMM | unit | vhost-user-blk | rpc | rpc / vhost-user | shared / vhost-user | inprocess / vhost-user | p50 rpc | p50 vhost-user | p99 rpc | p99 vhost-user | host CPU per request, rpc | host CPU per request, vhost-user |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let percentile = |column: &str, workload: &str, fraction| {
+        let hist = merged_histogram(results, column, workload, 1);
+        percentile_us(&hist, fraction, hz).map_or("-".into(), |v| format!("< {v:.0} µs"))
+    };
+    let cpu = |column: &str, workload: &str| {
+        let rows: Vec<&Row> = results.cell(column, workload, 1).filter(|r| r.ops > 0).collect();
+        per_request(&rows, |r| Some(r.host_cpu_seconds? * 1e6 / r.ops as f64))
+            .map_or("-".into(), |v| format!("{v:.1} µs"))
+    };
     for workload in WORKLOADS.iter().filter(|w| w.is_disk() && !w.on_host_disk() && ran(results, w)) {
         let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
-        let (rpc, vhost) = (value(results, "rpc", workload, 1), value(results, VHOST_USER_COLUMN, workload, 1));
-        let percentile = |column: &str, fraction| {
-            let hist = merged_histogram(results, column, workload.name, 1);
-            percentile_us(&hist, fraction, hz).map_or("-".into(), |v| format!("< {v:.0} µs"))
-        };
-        let cpu = |column: &str| {
-            let rows: Vec<&Row> = results.cell(column, workload.name, 1).filter(|r| r.ops > 0).collect();
-            per_request(&rows, |r| Some(r.host_cpu_seconds? * 1e6 / r.ops as f64))
-                .map_or("-".into(), |v| format!("{v:.1} µs"))
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {unit} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            workload.name,
-            figure(rpc),
-            figure(vhost),
-            ratio(rpc, vhost),
-            percentile("rpc", 0.5),
-            percentile(VHOST_USER_COLUMN, 0.5),
-            percentile("rpc", 0.99),
-            percentile(VHOST_USER_COLUMN, 0.99),
-            cpu("rpc"),
-            cpu(VHOST_USER_COLUMN)
-        );
+        let name = workload.name;
+        for column in vhost_user_columns(results) {
+            let vhost = value(results, &column, workload, 1);
+            let mode = |mode| value(results, mode, workload, 1);
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {unit} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                column.trim_end_matches(VHOST_USER_SUFFIX),
+                figure(vhost),
+                figure(mode("rpc")),
+                ratio(mode("rpc"), vhost),
+                ratio(mode("shared"), vhost),
+                ratio(mode("inprocess"), vhost),
+                percentile("rpc", name, 0.5),
+                percentile(&column, name, 0.5),
+                percentile("rpc", name, 0.99),
+                percentile(&column, name, 0.99),
+                cpu("rpc", name),
+                cpu(&column, name)
+            );
+        }
     }
     out
 }
@@ -363,13 +382,14 @@ pub fn markdown(results: &Results) -> String {
         let _ = write!(out, "\n## Disk throughput, {vcpus} vCPU{}\n\n", if vcpus == 1 { "" } else { "s" });
         out.push_str(&table(results, vcpus));
     }
-    if results.rows.iter().any(|r| r.system == VHOST_USER_COLUMN && r.ok) {
+    if !vhost_user_columns(results).is_empty() {
         out.push_str(
-            "\n## `rpc` against vhost-user-blk (1 vCPU)\n\n\
+            "\n## skvm against vhost-user-blk (1 vCPU)\n\n\
              vhost-user-blk is the out-of-process disk as deployed: a separate backend process that maps all of \
-             guest RAM (here Firecracker with the backend named in Peers). `rpc` confines its device to the \
-             buffers the guest posted. The ratio is what that confinement costs; host CPU counts the VMM and \
-             its device processes for skvm, Firecracker and the backend for vhost-user.\n\n",
+             guest RAM (here under each VMM named in Peers, with the backend named there). `rpc` confines its \
+             device to the buffers the guest posted; `shared` is the same design as vhost-user (a separate \
+             process that maps guest RAM). The rpc ratio is what that confinement costs; host CPU counts the \
+             VMM and its device processes for skvm, the VMM and the backend for vhost-user.\n\n",
         );
         out.push_str(&vhost_user_table(results));
     }

@@ -442,7 +442,8 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
                     // The group compares skvm with the host itself, not with other VMMs.
                     cells.push(Cell { system: System::Fio, workload, vcpus, repeat });
                 } else {
-                    cells.extend(peers.iter().map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
+                    let peers = peers.iter().filter(|p| p.runs(workload));
+                    cells.extend(peers.map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
                 }
             }
         }
@@ -486,7 +487,7 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
     })
 }
 
-fn today() -> String {
+pub fn today() -> String {
     Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")

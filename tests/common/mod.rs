@@ -400,67 +400,25 @@ pub fn threads_report(pid: u32) -> String {
     out
 }
 
-/// A network namespace holding `tap0` (up, 10.0.0.1/24, IPv6 off so no
-/// router solicitations reach the frame counts); deleted on drop. The net
-/// tests and `benches/net.rs` run skvm and peers inside one.
-pub struct Netns(pub String);
+/// A network namespace with a tap, shared with `skvm bench --net`.
+#[path = "../../src/bench/netns.rs"]
+mod netns;
+#[allow(unused_imports)] // only the net tests use it
+pub use netns::Netns;
 
-impl Netns {
-    /// Why this host cannot make one with a tap and ping it, if it cannot.
-    pub fn unavailable() -> Option<String> {
-        if let Some(path) = ["/dev/net/tun", "/usr/bin/ping"].into_iter().find(|p| !std::path::Path::new(p).exists()) {
-            return Some(format!("{path} is missing (scripts/setup.sh installs what the net tests need)"));
-        }
-        let iproute2 = Command::new("ip").arg("-V").output().is_ok_and(|o| o.stdout.starts_with(b"ip utility"));
-        (!iproute2).then(|| "`ip` is not iproute2's (no network namespaces); scripts/setup.sh installs it".into())
-    }
+/// Bytes the test guest's `blk-pattern` writes at the start of each disk.
+pub const PATTERN_BYTES: u64 = 1 << 20;
 
-    pub fn create(name: &str) -> Netns {
-        let ns = Netns(format!("skvm-{}-{name}", std::process::id()));
-        let steps: [&[&str]; 6] = [
-            &["netns", "add", &ns.0],
-            &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
-            &["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
-            &["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"],
-            &["-n", &ns.0, "link", "set", "tap0", "up"],
-            &["-n", &ns.0, "link", "set", "lo", "up"],
-        ];
-        for step in steps {
-            let status = Command::new("ip").args(step).status().expect("running ip");
-            assert!(status.success(), "ip {step:?} failed");
-        }
-        ns
-    }
-
-    /// Runs `command` inside the namespace and collects its output.
-    pub fn exec(&self, command: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.0]).args(command).output().unwrap()
-    }
-
-    /// Starts `work` on a thread that has entered the namespace (a network
-    /// namespace belongs to a thread, not the process).
-    pub fn spawn_within<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a descriptor we hold, for this thread only.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            work()
-        })
-    }
-
-    /// Runs `work` inside the namespace and returns what it returns.
-    pub fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn_within(work).join().unwrap()
-    }
+/// The byte the test guest's blk-pattern writes at `offset` of disk `index`.
+pub fn pattern_byte(index: u64, offset: u64, seed: u64) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 9) ^ seed ^ (index * 0x5a)) as u8
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+/// The disk file holds exactly `blk-pattern`'s bytes, and zeros after them.
+pub fn assert_pattern_on_disk(path: &std::path::Path, index: u64, seed: u64) {
+    let bytes = std::fs::read(path).unwrap();
+    for (offset, byte) in bytes[..PATTERN_BYTES as usize].iter().enumerate() {
+        assert_eq!(*byte, pattern_byte(index, offset as u64, seed), "{} byte {offset}", path.display());
     }
+    assert!(bytes[PATTERN_BYTES as usize..].iter().all(|&b| b == 0), "bytes beyond the pattern changed");
 }

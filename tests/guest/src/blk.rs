@@ -70,7 +70,7 @@ impl Blk {
         Ok(blk)
     }
 
-    fn init_features(device: Device, arena: &mut Arena, extra: u64) -> Result<Blk, &'static str> {
+    fn init_features(mut device: Device, arena: &mut Arena, extra: u64) -> Result<Blk, &'static str> {
         if !device.is_virtio() || device.device_id() != DEVICE_ID {
             return Err("not a virtio-blk device");
         }
@@ -82,7 +82,7 @@ impl Blk {
         device.setup_queue(0, &queue)?;
         let headers = arena.take(16 * SLOTS as u64 + SLOTS as u64).ok_or("out of memory")?;
         device.driver_ok();
-        let capacity = device.read(0x100) as u64 | (device.read(0x104) as u64) << 32;
+        let capacity = device.config_read64(0);
         let statuses = headers + 16 * SLOTS as u64;
         let status_at = core::array::from_fn(|slot| statuses + slot as u64);
         Ok(Blk { device, queue, headers, statuses, capacity, tables: None, status_at })

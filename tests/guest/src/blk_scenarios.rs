@@ -114,6 +114,7 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
     let disks = virtio::devices(info.cmdline()).filter(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID);
     for (disk, device) in disks.enumerate() {
         count += 1;
+        report_transport(disk, &device);
         let result = Blk::init(device, &mut arena).and_then(|mut blk| pattern(&mut blk, disk, &mut arena, seed));
         match result {
             Ok(()) => println!("blk{}: ok", disk),
@@ -133,13 +134,20 @@ pub fn run_pattern(info: &pvh::StartInfo, seed: u64) -> u8 {
     failed
 }
 
+/// Which transport disk `index` came over, and where its registers are.
+fn report_transport(index: usize, device: &virtio::Device) {
+    let (transport, registers) = device.transport();
+    println!("blk{} transport: {} registers at {:#x}", index, transport, registers);
+}
+
 pub fn first_disk(info: &pvh::StartInfo) -> Result<(Blk, Arena), &'static str> {
     let mut arena = arena(info).ok_or("not enough RAM")?;
     let index = crate::scenario::param(info.cmdline(), "disk").and_then(|n| n.parse().ok()).unwrap_or(0);
     let device = virtio::devices(info.cmdline())
         .filter(|d| d.is_virtio() && d.device_id() == crate::blk::DEVICE_ID)
         .nth(index)
-        .ok_or("no such virtio-blk device on the command line")?;
+        .ok_or("no such virtio-blk device")?;
+    report_transport(index, &device);
     Ok((Blk::init(device, &mut arena)?, arena))
 }
 
@@ -609,15 +617,9 @@ pub fn run_recover(info: &pvh::StartInfo) -> Result<(), &'static str> {
 }
 
 /// Sets the device up with its rings in the MMIO hole (not RAM) and says DRIVER_OK.
-fn activate_outside_ram(device: crate::virtio::Device) -> Result<(), &'static str> {
+fn activate_outside_ram(mut device: crate::virtio::Device) -> Result<(), &'static str> {
     device.negotiate(crate::virtio::F_VERSION_1)?;
-    device.write(0x030, 0);
-    device.write(0x038, 16);
-    for offset in [0x080, 0x090, 0x0a0] {
-        device.write(offset, 0xd800_0000);
-        device.write(offset + 4, 0);
-    }
-    device.write(0x044, 1);
+    device.activate_queue(0, 16, [0xd800_0000; 3])?;
     device.driver_ok();
     Ok(())
 }
@@ -627,11 +629,10 @@ pub fn run_driver_flood(info: &pvh::StartInfo, rounds: u32) -> Result<(), &'stat
     let (blk, _) = first_disk(info)?;
     let device = blk.device;
     for _ in 0..rounds {
-        device.write(0x070, 0);
-        device.write(0x070, 1 | 2);
-        device.write(0x024, 1);
-        device.write(0x020, 0xffff_ffff);
-        device.write(0x070, 1 | 2 | 8);
+        device.set_status(0);
+        device.set_status(1 | 2);
+        device.set_driver_features(0xffff_ffff << 32);
+        device.set_status(1 | 2 | 8);
     }
     for _ in 0..rounds {
         activate_outside_ram(device)?;

@@ -211,6 +211,7 @@ start_info_ptr:
 /* Identity map of the low 4 GiB with 2 MiB pages, user-accessible so that
  * ring 3 reaches RAM, the start info, ACPI tables and device MMIO. */
 .section .boot.pagetables, "aw"
+.globl pml4
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0

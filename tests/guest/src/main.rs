@@ -17,6 +17,8 @@ mod console;
 mod mem;
 mod mem_scenarios;
 mod net;
+mod paging;
+mod pci;
 mod platform;
 mod pvh;
 mod rng;

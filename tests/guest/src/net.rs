@@ -1,7 +1,7 @@
 //! A polling virtio-net driver (virtio 1.x, 5.1), and just enough Ethernet,
 //! ARP, IPv4, ICMP and UDP to ping, answer pings and echo datagrams.
 use crate::blk::Arena;
-use crate::platform::{mmio_read32, rdtsc};
+use crate::platform::rdtsc;
 use crate::virtio::{Device, Queue, DESC_F_WRITE, F_VERSION_1};
 
 pub const DEVICE_ID: u32 = 1;
@@ -64,7 +64,7 @@ impl Net {
     /// Sets the device up with every receive buffer posted as `rx_len`
     /// bytes with `rx_flags` (the hostile scenario posts tiny and read-only ones).
     pub fn init(
-        device: Device,
+        mut device: Device,
         arena: &mut Arena,
         rx_len: u32,
         rx_flags: u16,
@@ -77,7 +77,7 @@ impl Net {
         if features & F_MAC == 0 {
             return Err("the device has no MAC");
         }
-        let (low, high) = (mmio_read32(device.base + 0x100), mmio_read32(device.base + 0x104));
+        let (low, high) = (device.config_read32(0), device.config_read32(4));
         let mac = [low as u8, (low >> 8) as u8, (low >> 16) as u8, (low >> 24) as u8, high as u8, (high >> 8) as u8];
         let footprint = Queue::footprint(QUEUE_SIZE);
         let rx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);

@@ -25,8 +25,41 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as above.
+    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+pub fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: the address is mapped (see `mmio_read32`); a device or the VMM answers.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+pub fn mmio_write8(addr: u64, value: u8) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+}
+
+pub fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+pub fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
+}
+
 pub fn mmio_read32(addr: u64) -> u32 {
-    // SAFETY: the low 4 GiB are identity mapped; a device or skvm answers.
+    // SAFETY: the low 4 GiB are identity mapped, and `paging::map` maps
+    // device windows above; a device or the VMM answers.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 

@@ -5,12 +5,13 @@ use crate::virtio::{self, Queue, DESC_F_WRITE, F_VERSION_1};
 use crate::{blk_scenarios, println, pvh};
 
 const DEVICE_ID: u32 = 4;
-const QUEUE_SIZE: u16 = 16;
+/// QEMU's virtio-rng offers 8 entries; two are used.
+const QUEUE_SIZE: u16 = 8;
 const READ_BYTES: u32 = 4096;
 
 pub fn run(info: &pvh::StartInfo) -> Result<(), &'static str> {
     let mut arena: Arena = blk_scenarios::arena(info).ok_or("not enough RAM")?;
-    let device = virtio::devices(info.cmdline())
+    let mut device = virtio::devices(info.cmdline())
         .find(|d| d.is_virtio() && d.device_id() == DEVICE_ID)
         .ok_or("no virtio-rng device")?;
     device.negotiate(F_VERSION_1)?;

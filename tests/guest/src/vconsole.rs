@@ -17,7 +17,7 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn init(device: Device, arena: &mut Arena) -> Result<Console, &'static str> {
+    pub fn init(mut device: Device, arena: &mut Arena) -> Result<Console, &'static str> {
         device.negotiate(F_VERSION_1)?;
         let footprint = Queue::footprint(QUEUE_SIZE);
         let rx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);

@@ -1,5 +1,7 @@
-//! A polling virtio-mmio (version 2) driver with split queues, in ring 3.
-use crate::platform::{mmio_read32, mmio_write32, rdtsc};
+//! A polling virtio driver core with split queues, in ring 3, over
+//! virtio-mmio (version 2) or modern virtio-pci: whichever the VMM offers.
+use crate::pci::VirtioWindows;
+use crate::platform::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8, rdtsc};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
 
@@ -17,88 +19,228 @@ pub const DESC_F_WRITE: u16 = 2;
 /// Polls give up after this many TSC ticks (a few seconds on any host).
 const TIMEOUT_TICKS: u64 = 1 << 34;
 
-/// One virtio-mmio device found on the command line.
+/// Queues a driver here sets up per device, at most.
+const MAX_QUEUES: usize = 4;
+
+/// Where a device's registers are: a virtio-mmio window (version 2), or
+/// the windows a modern virtio-pci device's capabilities describe.
 #[derive(Clone, Copy)]
-pub struct Device {
-    pub base: u64,
+enum Transport {
+    Mmio { base: u64 },
+    Pci(VirtioWindows),
 }
 
-/// `virtio_mmio.device=<size>@<base>:<irq>` entries of the command line.
+/// One virtio device, on either transport.
+#[derive(Clone, Copy)]
+pub struct Device {
+    transport: Transport,
+    /// PCI: each queue's notify address, found when it is set up.
+    notify_at: [u64; MAX_QUEUES],
+}
+
+/// Every virtio device the VMM offers: `virtio_mmio.device=<size>@<base>:<irq>`
+/// entries of the command line, then virtio-pci devices on PCI bus 0.
 pub fn devices(cmdline: &str) -> impl Iterator<Item = Device> + '_ {
+    let pci = crate::pci::virtio_devices().map(|windows| Device::new(Transport::Pci(windows)));
+    mmio_windows(cmdline).map(|base| Device::new(Transport::Mmio { base })).chain(pci)
+}
+
+/// The base addresses of the command line's virtio-mmio windows.
+pub fn mmio_windows(cmdline: &str) -> impl Iterator<Item = u64> + '_ {
     cmdline.split_ascii_whitespace().filter_map(|word| {
         let spec = word.strip_prefix("virtio_mmio.device=")?;
         let (_, rest) = spec.split_once('@')?;
         let base = rest.split(':').next()?.strip_prefix("0x")?;
-        Some(Device { base: u64::from_str_radix(base, 16).ok()? })
+        u64::from_str_radix(base, 16).ok()
     })
 }
 
+// virtio-mmio registers (4.2.2).
+const MMIO_DEVICE_ID: u64 = 0x008;
+const MMIO_DEVICE_FEATURES: u64 = 0x010;
+const MMIO_DEVICE_FEATURES_SEL: u64 = 0x014;
+const MMIO_DRIVER_FEATURES: u64 = 0x020;
+const MMIO_DRIVER_FEATURES_SEL: u64 = 0x024;
+const MMIO_QUEUE_SEL: u64 = 0x030;
+const MMIO_QUEUE_NUM_MAX: u64 = 0x034;
+const MMIO_QUEUE_NUM: u64 = 0x038;
+const MMIO_QUEUE_READY: u64 = 0x044;
+const MMIO_QUEUE_NOTIFY: u64 = 0x050;
+const MMIO_STATUS: u64 = 0x070;
+const MMIO_QUEUE_RINGS: [u64; 3] = [0x080, 0x090, 0x0a0];
+const MMIO_CONFIG: u64 = 0x100;
+
+// virtio-pci common configuration (4.1.4.3).
+const PCI_DEVICE_FEATURE_SELECT: u64 = 0x00;
+const PCI_DEVICE_FEATURE: u64 = 0x04;
+const PCI_DRIVER_FEATURE_SELECT: u64 = 0x08;
+const PCI_DRIVER_FEATURE: u64 = 0x0c;
+const PCI_DEVICE_STATUS: u64 = 0x14;
+const PCI_QUEUE_SELECT: u64 = 0x16;
+const PCI_QUEUE_SIZE: u64 = 0x18;
+const PCI_QUEUE_MSIX_VECTOR: u64 = 0x1a;
+const PCI_QUEUE_ENABLE: u64 = 0x1c;
+const PCI_QUEUE_NOTIFY_OFF: u64 = 0x1e;
+const PCI_QUEUE_RINGS: [u64; 3] = [0x20, 0x28, 0x30];
+/// We poll: no MSI-X vector for any queue.
+const PCI_NO_VECTOR: u16 = 0xffff;
+
 impl Device {
-    pub fn read(&self, offset: u64) -> u32 {
-        mmio_read32(self.base + offset)
+    fn new(transport: Transport) -> Device {
+        Device { transport, notify_at: [0; MAX_QUEUES] }
     }
 
-    pub fn write(&self, offset: u64, value: u32) {
-        mmio_write32(self.base + offset, value)
+    /// The transport's name and where its registers start, for reports.
+    pub fn transport(&self) -> (&'static str, u64) {
+        match self.transport {
+            Transport::Mmio { base } => ("mmio", base),
+            Transport::Pci(windows) => ("pci", windows.common),
+        }
     }
 
     pub fn is_virtio(&self) -> bool {
-        self.read(0x000) == MAGIC && self.read(0x004) == 2
+        match self.transport {
+            Transport::Mmio { base } => mmio_read32(base) == MAGIC && mmio_read32(base + 0x004) == 2,
+            Transport::Pci(_) => true,
+        }
     }
 
     pub fn device_id(&self) -> u32 {
-        self.read(0x008)
+        match self.transport {
+            Transport::Mmio { base } => mmio_read32(base + MMIO_DEVICE_ID),
+            Transport::Pci(windows) => windows.device_id,
+        }
     }
 
     pub fn status(&self) -> u32 {
-        self.read(0x070)
+        match self.transport {
+            Transport::Mmio { base } => mmio_read32(base + MMIO_STATUS),
+            Transport::Pci(w) => mmio_read8(w.common + PCI_DEVICE_STATUS) as u32,
+        }
+    }
+
+    pub fn set_status(&self, status: u32) {
+        match self.transport {
+            Transport::Mmio { base } => mmio_write32(base + MMIO_STATUS, status),
+            Transport::Pci(w) => mmio_write8(w.common + PCI_DEVICE_STATUS, status as u8),
+        }
+    }
+
+    /// Word `select` (0: features 0-31, 1: 32-63) of what the device offers.
+    fn device_features_word(&self, select: u32) -> u32 {
+        match self.transport {
+            Transport::Mmio { base } => {
+                mmio_write32(base + MMIO_DEVICE_FEATURES_SEL, select);
+                mmio_read32(base + MMIO_DEVICE_FEATURES)
+            }
+            Transport::Pci(w) => {
+                mmio_write32(w.common + PCI_DEVICE_FEATURE_SELECT, select);
+                mmio_read32(w.common + PCI_DEVICE_FEATURE)
+            }
+        }
     }
 
     pub fn features(&self) -> u64 {
-        self.write(0x014, 0);
-        let low = self.read(0x010) as u64;
-        self.write(0x014, 1);
-        low | (self.read(0x010) as u64) << 32
+        self.device_features_word(0) as u64 | (self.device_features_word(1) as u64) << 32
+    }
+
+    /// Writes the driver's feature bits (any bits: hostile tests write all).
+    pub fn set_driver_features(&self, features: u64) {
+        for (select, word) in [(0u32, features as u32), (1, (features >> 32) as u32)] {
+            match self.transport {
+                Transport::Mmio { base } => {
+                    mmio_write32(base + MMIO_DRIVER_FEATURES_SEL, select);
+                    mmio_write32(base + MMIO_DRIVER_FEATURES, word);
+                }
+                Transport::Pci(w) => {
+                    mmio_write32(w.common + PCI_DRIVER_FEATURE_SELECT, select);
+                    mmio_write32(w.common + PCI_DRIVER_FEATURE, word);
+                }
+            }
+        }
     }
 
     /// Resets and negotiates `wanted & offered`; Err when the device refuses.
     pub fn negotiate(&self, wanted: u64) -> Result<u64, &'static str> {
-        self.write(0x070, 0);
-        self.write(0x070, STATUS_ACKNOWLEDGE);
-        self.write(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.set_status(0);
+        self.set_status(STATUS_ACKNOWLEDGE);
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         let features = self.features() & wanted;
-        self.write(0x024, 0);
-        self.write(0x020, features as u32);
-        self.write(0x024, 1);
-        self.write(0x020, (features >> 32) as u32);
-        self.write(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        self.set_driver_features(features);
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         if self.status() & STATUS_FEATURES_OK == 0 {
             return Err("device refused our features");
         }
         Ok(features)
     }
 
-    pub fn setup_queue(&self, index: u32, queue: &Queue) -> Result<(), &'static str> {
-        self.write(0x030, index);
-        if (self.read(0x034) as u16) < queue.size {
-            return Err("queue too small");
+    pub fn setup_queue(&mut self, index: u32, queue: &Queue) -> Result<(), &'static str> {
+        self.activate_queue(index, queue.size, [queue.desc, queue.avail, queue.used])
+    }
+
+    /// Gives queue `index` its size and ring addresses, and enables it.
+    pub fn activate_queue(&mut self, index: u32, size: u16, rings: [u64; 3]) -> Result<(), &'static str> {
+        match self.transport {
+            Transport::Mmio { base } => {
+                mmio_write32(base + MMIO_QUEUE_SEL, index);
+                if (mmio_read32(base + MMIO_QUEUE_NUM_MAX) as u16) < size {
+                    return Err("queue too small");
+                }
+                mmio_write32(base + MMIO_QUEUE_NUM, size as u32);
+                for (register, addr) in MMIO_QUEUE_RINGS.into_iter().zip(rings) {
+                    mmio_write32(base + register, addr as u32);
+                    mmio_write32(base + register + 4, (addr >> 32) as u32);
+                }
+                mmio_write32(base + MMIO_QUEUE_READY, 1);
+            }
+            Transport::Pci(w) => {
+                let slot = self.notify_at.get_mut(index as usize).ok_or("too many queues")?;
+                mmio_write16(w.common + PCI_QUEUE_SELECT, index as u16);
+                if mmio_read16(w.common + PCI_QUEUE_SIZE) < size {
+                    return Err("queue too small");
+                }
+                mmio_write16(w.common + PCI_QUEUE_SIZE, size);
+                mmio_write16(w.common + PCI_QUEUE_MSIX_VECTOR, PCI_NO_VECTOR);
+                for (register, addr) in PCI_QUEUE_RINGS.into_iter().zip(rings) {
+                    mmio_write32(w.common + register, addr as u32);
+                    mmio_write32(w.common + register + 4, (addr >> 32) as u32);
+                }
+                let offset = mmio_read16(w.common + PCI_QUEUE_NOTIFY_OFF) as u64;
+                *slot = w.notify + offset * w.notify_multiplier as u64;
+                mmio_write16(w.common + PCI_QUEUE_ENABLE, 1);
+            }
         }
-        self.write(0x038, queue.size as u32);
-        for (offset, addr) in [(0x080, queue.desc), (0x090, queue.avail), (0x0a0, queue.used)] {
-            self.write(offset, addr as u32);
-            self.write(offset + 4, (addr >> 32) as u32);
-        }
-        self.write(0x044, 1);
         Ok(())
     }
 
     pub fn driver_ok(&self) {
-        self.write(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     }
 
     pub fn notify(&self, queue: u32) {
         fence(Ordering::SeqCst);
-        self.write(0x050, queue);
+        match self.transport {
+            Transport::Mmio { base } => mmio_write32(base + MMIO_QUEUE_NOTIFY, queue),
+            Transport::Pci(_) => {
+                if let Some(&at) = self.notify_at.get(queue as usize).filter(|&&at| at != 0) {
+                    mmio_write16(at, queue as u16);
+                }
+            }
+        }
+    }
+
+    /// 32 bits of the device-specific configuration at `offset`.
+    pub fn config_read32(&self, offset: u64) -> u32 {
+        match self.transport {
+            Transport::Mmio { base } => mmio_read32(base + MMIO_CONFIG + offset),
+            Transport::Pci(w) if w.device != 0 => mmio_read32(w.device + offset),
+            Transport::Pci(_) => 0,
+        }
+    }
+
+    /// The 64-bit configuration field at `offset`, read as two halves.
+    pub fn config_read64(&self, offset: u64) -> u64 {
+        self.config_read32(offset) as u64 | (self.config_read32(offset + 4) as u64) << 32
     }
 }
 

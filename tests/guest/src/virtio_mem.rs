@@ -23,7 +23,6 @@ pub const STATE_PLUGGED: u16 = 0;
 pub const STATE_UNPLUGGED: u16 = 1;
 
 /// Config-space offsets (5.15.4).
-const CONFIG: u64 = 0x100;
 const CFG_BLOCK_SIZE: u64 = 0;
 const CFG_ADDR: u64 = 16;
 const CFG_REGION_SIZE: u64 = 24;
@@ -54,13 +53,13 @@ impl Mem {
         crate::virtio::devices(cmdline).find(|d| d.is_virtio() && d.device_id() == DEVICE_ID)
     }
 
-    pub fn init(device: Device, arena: &mut Arena) -> Result<Mem, &'static str> {
+    pub fn init(mut device: Device, arena: &mut Arena) -> Result<Mem, &'static str> {
         device.negotiate(F_VERSION_1 | F_UNPLUGGED_INACCESSIBLE)?;
         let queue = Queue::new(arena.take(Queue::footprint(QUEUE_SIZE)).ok_or("out of memory")?, QUEUE_SIZE);
         device.setup_queue(0, &queue)?;
         let request = arena.take(64).ok_or("out of memory")?;
         device.driver_ok();
-        let config = |offset| device.read(CONFIG + offset) as u64 | (device.read(CONFIG + offset + 4) as u64) << 32;
+        let config = |offset| device.config_read64(offset);
         let mem = Mem {
             block: config(CFG_BLOCK_SIZE),
             start: config(CFG_ADDR),
@@ -78,7 +77,7 @@ impl Mem {
     }
 
     fn config(&self, offset: u64) -> u64 {
-        self.device.read(CONFIG + offset) as u64 | (self.device.read(CONFIG + offset + 4) as u64) << 32
+        self.device.config_read64(offset)
     }
 
     /// The size the host asks us to have plugged.
