@@ -33,9 +33,12 @@ const BENCH_HELP: &str = "\
 Examples:
   skvm bench --quick --out /tmp/study          a smoke run: one run per cell
   skvm bench --out study --peer firecracker=/usr/local/bin/firecracker
-  skvm bench --quick --peer firecracker=FC --peer vhost-user-blk=vhost_user_block
-                                               beside vhost-user-blk under Firecracker
+  skvm bench --quick --peer firecracker=FC --peer cloud-hypervisor=CH \
+             --peer vhost-user-blk=vhost_user_block
+                                               beside vhost-user-blk under both VMMs
   skvm bench --render study/results.json --out study    redraw the report and plots
+  skvm bench --net --peer firecracker=FC --out net     virtio-net: round trips and UDP
+                                               throughput per mode and peer (root)
 
 The report format is described in docs/study.md.";
 

@@ -19,7 +19,7 @@ fn netns(name: &str) -> Option<Netns> {
         eprintln!("SKIPPED: {why}");
         return None;
     }
-    Some(Netns::create(name))
+    Some(Netns::create(name).unwrap())
 }
 
 fn net_counters(vm: &LiveVm) -> serde_json::Value {
@@ -53,7 +53,7 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
         let Some(ns) = netns(&format!("ping-{mode}")) else { return };
         let stats = common::temp_path(&format!("net-ping-{mode}.json"));
         let vm = ping_guest_with(&ns, mode, &["--stats-file", stats.to_str().unwrap()]);
-        let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
+        let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]).unwrap();
         let text = String::from_utf8_lossy(&ping.stdout);
         assert!(ping.status.success(), "{mode}: host ping failed: {text}\n{}", vm.console());
         assert!(text.contains("5 received"), "{mode}: {text}");
@@ -87,27 +87,29 @@ fn udp_echo_of_10000_datagrams_keeps_every_byte_in_every_memory_mode() {
         let Some(ns) = netns(&format!("udp-{mode}")) else { return };
         let vm = ping_guest(&ns, mode);
         let before = net_counters(&vm);
-        let sent_bytes = ns.within(|| {
-            let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            socket.connect((GUEST, 7)).unwrap();
-            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-            let (mut reply, mut bytes) = ([0u8; 2048], 0u64);
-            let started = Instant::now();
-            for i in 0..10_000u32 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let len = 1 + (seed % 1472) as usize;
-                let payload: Vec<u8> = (0..len).map(|j| (seed >> (j % 56)) as u8 ^ j as u8).collect();
-                socket.send(&payload).unwrap();
-                let got = socket.recv(&mut reply).unwrap_or_else(|e| panic!("datagram {i} ({len} bytes): {e}"));
-                assert_eq!(&reply[..got], &payload[..], "datagram {i} came back changed");
-                bytes += (14 + 20 + 8 + len) as u64;
-            }
-            eprintln!("10,000 UDP echoes in {:?}", started.elapsed());
-            bytes
-        });
+        let sent_bytes = ns
+            .within(|| {
+                let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                socket.connect((GUEST, 7)).unwrap();
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+                let (mut reply, mut bytes) = ([0u8; 2048], 0u64);
+                let started = Instant::now();
+                for i in 0..10_000u32 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let len = 1 + (seed % 1472) as usize;
+                    let payload: Vec<u8> = (0..len).map(|j| (seed >> (j % 56)) as u8 ^ j as u8).collect();
+                    socket.send(&payload).unwrap();
+                    let got = socket.recv(&mut reply).unwrap_or_else(|e| panic!("datagram {i} ({len} bytes): {e}"));
+                    assert_eq!(&reply[..got], &payload[..], "datagram {i} came back changed");
+                    bytes += (14 + 20 + 8 + len) as u64;
+                }
+                eprintln!("10,000 UDP echoes in {:?}", started.elapsed());
+                bytes
+            })
+            .unwrap();
         let after = net_counters(&vm);
         let delta = |key| counter(&after, key) - counter(&before, key);
         // Every datagram went in and came back out; ARP may add a frame or two.
@@ -173,7 +175,7 @@ fn bad_net_flags_and_missing_taps_are_clear_errors() {
     assert!(!std::path::Path::new("/sys/class/net/skvm-no-tap").exists(), "skvm created the tap");
     let Some(ns) = netns("busy") else { return };
     let _first = ping_guest(&ns, "rpc");
-    let second = ns.exec(&[common::SKVM, "run", "--net", "tap=tap0"]);
+    let second = ns.exec(&[common::SKVM, "run", "--net", "tap=tap0"]).unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another process"), "{stderr}");
@@ -206,14 +208,15 @@ fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
                 ns.within(|| {
                     let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
                     socket.send_to(&[0x5a; 1400], (GUEST, 9)).unwrap();
-                });
+                })
+                .unwrap();
                 let deadline = Instant::now() + LONG;
                 while counter(&net_counters(&vm), "rx_dropped_too_big") == 0 {
                     assert!(Instant::now() < deadline, "{mode}: the big frame was not dropped");
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            let ping = ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST]);
+            let ping = ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST]).unwrap();
             assert!(ping.status.success(), "{mode} merge={merge}: {}", String::from_utf8_lossy(&ping.stdout));
             let (_, info) = vm.api("GET", "/vm", "");
             assert_eq!(info["devices"][0]["healthy"], true, "{mode}: {info}");
@@ -243,7 +246,7 @@ fn checksum_offload_works_both_ways_in_every_memory_mode() {
         let args = ["--memory-mode", mode, "--net", "tap=tap0", "--cmdline", "scenario=net-ping pings=1 offload=1"];
         let mut vm = LiveVm::start_in(Some(&ns.0), &format!("net-{}", ns.0), &args);
         vm.wait_console("net: serving", LONG);
-        let (data, from) = listener.join().unwrap();
+        let (data, from) = listener.join().unwrap().unwrap();
         assert_eq!(data, b"checksum left to the host", "{mode}");
         assert_eq!(from.to_string(), "10.0.0.2:4242", "{mode}");
         ns.within(|| {
@@ -253,7 +256,8 @@ fn checksum_offload_works_both_ways_in_every_memory_mode() {
             let mut buf = [0u8; 64];
             let len = socket.recv(&mut buf).expect("no echo");
             assert_eq!(&buf[..len], b"finish my checksum");
-        });
+        })
+        .unwrap();
         vm.wait_console("net: partial checksum from the host (start 34, offset 6)", LONG);
         let counters = net_counters(&vm);
         assert_eq!(counter(&counters, "tx_dropped_malformed"), 0, "{mode}: {counters}");
@@ -283,8 +287,49 @@ fn a_killed_rpc_net_device_is_replaced_and_the_guest_keeps_its_network() {
         assert!(Instant::now() < deadline, "the net device was not replaced: {info}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]);
+    let ping = ns.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST]).unwrap();
     assert!(ping.status.success(), "{}\n{}", String::from_utf8_lossy(&ping.stdout), vm.console());
     assert!(!vm.console().contains("error:"), "{}", vm.console());
     assert_eq!(vm.shutdown(), Some(0));
+}
+
+/// `skvm bench --net --quick` measures every memory mode in namespaces of
+/// its own: each row has a round trip and traffic both ways, and the
+/// report compares each mode with `shared`.
+#[test]
+fn bench_net_measures_every_memory_mode() {
+    if let Some(why) = Netns::unavailable() {
+        eprintln!("SKIPPED: skvm bench --net: {why}");
+        return;
+    }
+    let out = common::temp_path("bench-net");
+    let outcome = common::wait_with_deadline(
+        common::skvm(&["bench", "--net", "--quick", "--no-qemu", "--out", out.to_str().unwrap()]).spawn().unwrap(),
+        Duration::from_secs(600),
+    );
+    assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("net.json")).unwrap()).unwrap();
+    let rows = results["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), MODES.len(), "{results}");
+    for (row, mode) in rows.iter().zip(MODES) {
+        assert_eq!(row["system"], mode, "{row}");
+        assert!(row["error"].is_null(), "{row}");
+        for figure in [
+            "rtt_p50_us",
+            "host_to_guest_64b_fps",
+            "host_to_guest_1472b_mibs",
+            "guest_to_host_64b_fps",
+            "guest_to_host_1472b_mibs",
+        ] {
+            assert!(row[figure].as_f64().unwrap() > 0.0, "{figure}: {row}");
+        }
+    }
+    let report = std::fs::read_to_string(out.join("net.md")).unwrap();
+    assert!(report.contains("## Each mode against `shared`"), "{report}");
+    assert!(report.contains("| rpc | "), "{report}");
+    // Nothing is left behind: every namespace the run made is gone.
+    let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(!namespaces.lines().any(|ns| ns.contains("-bench-")), "left behind: {namespaces}");
 }

@@ -5,6 +5,8 @@
 pub mod linux;
 mod machine;
 mod matrix;
+mod net;
+pub mod netns;
 mod peers;
 mod plot;
 mod report;
@@ -27,7 +29,8 @@ pub struct BenchArgs {
     /// Another VMM to run beside skvm's modes, as NAME=PATH: `firecracker=PATH` or
     /// `cloud-hypervisor=PATH`. QEMU is found on PATH by itself. Repeat for more.
     /// `vhost-user-blk=PATH` (a vhost-user-blk backend, e.g. Cloud Hypervisor's
-    /// vhost_user_block) adds a Firecracker column whose disk that backend serves.
+    /// vhost_user_block) adds a column of Firecracker and of Cloud Hypervisor
+    /// (whichever are given) whose disk that backend serves.
     #[arg(long, value_name = "NAME=PATH", value_parser = peers::parse_peer)]
     pub peer: Vec<peers::PeerSpec>,
     /// Do not look for QEMU.
@@ -42,6 +45,13 @@ pub struct BenchArgs {
     /// scripts/linux-tier.sh --bench runs it in the nested tier).
     #[arg(long)]
     pub linux: bool,
+    /// Instead of the study: virtio-net in every memory mode, beside QEMU (unless
+    /// --no-qemu) and the Firecracker and Cloud Hypervisor given with --peer. Each
+    /// system gets its own network namespace and tap; the test guest answers UDP
+    /// round trips and takes and sends 64-byte and 1,472-byte datagrams (frames per
+    /// second, MiB/s). Writes net.md and net.json. Needs root and iproute2.
+    #[arg(long, conflicts_with_all = ["linux", "render"])]
+    pub net: bool,
     /// The Linux kit for --linux (scripts/linux-kit.sh builds it).
     #[arg(long, value_name = "DIR", default_value = "build/linux-kit")]
     pub linux_kit: PathBuf,
@@ -55,6 +65,9 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> Result<u8, String> {
     if args.linux {
         return linux::run(&args);
+    }
+    if args.net {
+        return net::run(&args);
     }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let results = match &args.render {

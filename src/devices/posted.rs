@@ -4,7 +4,7 @@
 //! by grant first when a reply would outgrow its frame). The device never
 //! sees a guest address.
 use super::memory::{AccessError, DeviceMemory};
-use super::request::{pieces, stream_lengths, Reply, Request};
+use super::request::{pieces, stream_lengths, Request};
 use super::Backend;
 use rpc_schema::{
     BufferWrite, CompletedRequest, GrantRange, GrantWrite, PostedBuffer, PostedRequest, MAX_BATCH_INLINE, MAX_SEGMENTS,
@@ -27,7 +27,7 @@ pub async fn serve<M: DeviceMemory>(
     let mut budget = MAX_BATCH_INLINE;
     let mut completions = Vec::with_capacity(batch.len());
     for ((posted, request), mut reply) in batch.iter().zip(&requests).zip(replies) {
-        let mut writes = buffer_writes(&posted.buffers, &reply);
+        let mut writes = buffer_writes(&posted.buffers, std::mem::take(&mut reply.writes));
         let bytes: u64 = writes.iter().map(|w| w.data.len() as u64).sum();
         if bytes <= budget {
             budget -= bytes;
@@ -37,7 +37,7 @@ pub async fn serve<M: DeviceMemory>(
                 // The guest's buffer went away (an unplug): an error reply instead.
                 Err(AccessError::Refused(e)) if !e.is_violation() => {
                     reply = backend.refuse(request.writable_len);
-                    writes = buffer_writes(&posted.buffers, &reply);
+                    writes = buffer_writes(&posted.buffers, std::mem::take(&mut reply.writes));
                 }
                 Err(e) => return Err(e),
             }
@@ -76,16 +76,25 @@ async fn request<M: DeviceMemory>(mem: &M, backend: &Backend, posted: &PostedReq
     Ok(request)
 }
 
-/// A reply's writes as pieces of the chain's writable buffers.
-pub(super) fn buffer_writes(buffers: &[PostedBuffer], reply: &Reply) -> Vec<BufferWrite> {
+/// A reply's writes as pieces of the chain's writable buffers. The bytes
+/// move rather than copy: a write that fits one buffer (a block read's
+/// data, most often) goes on the wire in the allocation it was read into.
+pub(super) fn buffer_writes(buffers: &[PostedBuffer], writes: Vec<(u64, Vec<u8>)>) -> Vec<BufferWrite> {
     let mut out = Vec::new();
-    for (start, bytes) in &reply.writes {
-        let mut from = 0usize;
-        for (buffer, offset, len) in pieces(buffers, true, *start, bytes.len() as u64) {
-            let data = ByteBuf::from(bytes[from..from + len as usize].to_vec());
-            from += len as usize;
-            out.push(BufferWrite { buffer, offset, data });
+    for (start, mut bytes) in writes {
+        let pieces = pieces(buffers, true, start, bytes.len() as u64);
+        // Bytes past the writable stream go nowhere.
+        bytes.truncate(pieces.iter().map(|p| p.2 as usize).sum());
+        let first = out.len();
+        // From the back, so the first piece keeps the original allocation.
+        for &(buffer, offset, len) in pieces.iter().rev() {
+            let data = match bytes.len() == len as usize {
+                true => std::mem::take(&mut bytes),
+                false => bytes.split_off(bytes.len() - len as usize),
+            };
+            out.push(BufferWrite { buffer, offset, data: ByteBuf::from(data) });
         }
+        out[first..].reverse();
     }
     out
 }
@@ -95,6 +104,16 @@ async fn write_by_grant<M: DeviceMemory>(mem: &M, grant: u64, writes: Vec<Buffer
     let mut calls = Vec::new();
     let (mut call, mut bytes) = (Vec::new(), 0u64);
     for write in writes {
+        if write.data.len() as u64 <= MAX_TRANSFER {
+            // Whole, without a copy.
+            if bytes + write.data.len() as u64 > MAX_TRANSFER || call.len() == MAX_SEGMENTS {
+                calls.push(std::mem::take(&mut call));
+                bytes = 0;
+            }
+            bytes += write.data.len() as u64;
+            call.push(GrantWrite { grant, write });
+            continue;
+        }
         for at in (0..write.data.len()).step_by(MAX_TRANSFER as usize) {
             let chunk = &write.data[at..(at + MAX_TRANSFER as usize).min(write.data.len())];
             if bytes + chunk.len() as u64 > MAX_TRANSFER || call.len() == MAX_SEGMENTS {
@@ -140,6 +159,7 @@ fn by_transfer(ranges: &[GrantRange]) -> Vec<Vec<GrantRange>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::request::Reply;
 
     #[test]
     fn large_buffers_are_read_in_calls_within_the_limits() {
@@ -159,9 +179,22 @@ mod tests {
             PostedBuffer { len: 1, writable: true },
         ];
         let reply = Reply { writes: vec![(0, vec![1, 2, 3, 4]), (4, vec![0])], used_len: 5, failed: false };
-        let writes = buffer_writes(&buffers, &reply);
+        let writes = buffer_writes(&buffers, reply.writes);
         assert_eq!(writes.len(), 2);
         assert_eq!((writes[0].buffer, writes[0].offset, writes[0].data.as_slice()), (1, 0, &[1, 2, 3, 4][..]));
         assert_eq!((writes[1].buffer, writes[1].offset, writes[1].data.as_slice()), (2, 0, &[0][..]));
+    }
+
+    #[test]
+    fn a_write_across_buffers_is_split_in_order_and_clipped_at_the_end() {
+        let buffers = [
+            PostedBuffer { len: 2, writable: true },
+            PostedBuffer { len: 8, writable: false },
+            PostedBuffer { len: 3, writable: true },
+            PostedBuffer { len: 2, writable: true },
+        ];
+        let writes = buffer_writes(&buffers, vec![(1, (1..=9).collect())]);
+        let got: Vec<(u16, u32, &[u8])> = writes.iter().map(|w| (w.buffer, w.offset, w.data.as_slice())).collect();
+        assert_eq!(got, vec![(0, 1, &[1][..]), (2, 0, &[2, 3, 4][..]), (3, 0, &[5, 6][..])]);
     }
 }

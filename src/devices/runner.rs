@@ -208,7 +208,7 @@ impl<M: DeviceMemory> Core<M> {
             .map(|(posted, reply)| CompletedRequest {
                 grant: posted.grant,
                 used_len: reply.used_len,
-                writes: posted::buffer_writes(&posted.buffers, &reply),
+                writes: posted::buffer_writes(&posted.buffers, reply.writes),
             })
             .collect()
     }

@@ -1,0 +1,481 @@
+//! `skvm bench --net`: virtio-net in every memory mode, beside QEMU,
+//! Firecracker and Cloud Hypervisor where they run. Each system gets a
+//! network namespace with a tap (10.0.0.1) and the test guest (10.0.0.2)
+//! in `net-bench`, which answers UDP on three ports (tests/guest/src/net.rs):
+//!
+//! * round trip: 64-byte echoes on port 7, one at a time;
+//! * host -> guest: datagrams to the sink (port 9), at most 256 beyond the
+//!   guest's last acknowledgement (it acks every 64th);
+//! * guest -> host: the guest blasts datagrams back (port 10).
+//!
+//! 64-byte datagrams give frames per second, 1,472-byte ones (a full
+//! 1,500-byte MTU) MiB/s. Writes net.json and net.md into `--out`.
+use super::machine::{self, Machine};
+use super::netns::Netns;
+use super::peers::{self, PeerKind};
+use super::BenchArgs;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
+const GUEST: &str = "10.0.0.2";
+const CMDLINE: &str = "scenario=net-bench pings=1";
+/// How long a guest may take to boot and start serving.
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+struct Preset {
+    repeats: usize,
+    /// A multiple of 64, so the last datagram is acknowledged.
+    datagrams: u32,
+    echoes: usize,
+}
+
+const FULL: Preset = Preset { repeats: 5, datagrams: 20_480, echoes: 2_000 };
+const QUICK: Preset = Preset { repeats: 1, datagrams: 4_096, echoes: 500 };
+
+/// Who runs the guest: skvm in one of its modes, or a peer VMM.
+enum System {
+    Skvm(&'static str),
+    Qemu { path: PathBuf, shim: Option<PathBuf> },
+    Firecracker { path: PathBuf },
+    CloudHypervisor { path: PathBuf },
+}
+
+impl System {
+    fn name(&self) -> String {
+        match self {
+            System::Skvm(mode) => mode.to_string(),
+            System::Qemu { .. } => "qemu".into(),
+            System::Firecracker { .. } => "firecracker".into(),
+            System::CloudHypervisor { .. } => "cloud-hypervisor".into(),
+        }
+    }
+
+    /// The command that boots the test guest (`guest`) on tap0 inside `ns`.
+    fn command(&self, ns: &Netns, guest: &Path, scratch: &Path) -> Result<Command, String> {
+        let guest = guest.display().to_string();
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns.0]);
+        match self {
+            System::Skvm(mode) => {
+                let skvm = std::env::current_exe().map_err(|e| format!("cannot find skvm itself: {e}"))?;
+                command.arg(skvm).args(["run", "--memory-mode", mode]);
+                command.args(["--net", "tap=tap0", "--cmdline", CMDLINE]);
+            }
+            System::Qemu { path, shim } => {
+                if let Some(shim) = shim {
+                    command.arg("env").arg(format!("LD_PRELOAD={}", shim.display()));
+                }
+                command.arg(path).args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", "1"]);
+                command.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
+                let cmdline = format!("{CMDLINE}{}", peers::qemu_mmio_devices());
+                command.args(["-kernel", &guest, "-append", &cmdline]);
+                command.args(["-global", "virtio-mmio.force-legacy=false"]);
+                command.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off"]);
+                command.args(["-device", "virtio-net-device,netdev=n0,mac=02:53:4b:00:00:01"]);
+            }
+            System::Firecracker { path } => {
+                let config = serde_json::json!({
+                    "boot-source": { "kernel_image_path": guest, "boot_args": CMDLINE },
+                    "drives": [],
+                    "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 },
+                    "network-interfaces": [
+                        { "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:53:4b:00:00:02" }
+                    ],
+                });
+                let file = scratch.join("firecracker-net.json");
+                std::fs::write(&file, config.to_string())
+                    .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+                command.arg(path).arg("--no-api").arg("--config-file").arg(file).args(["--level", "Error"]);
+            }
+            System::CloudHypervisor { path } => {
+                command.arg(path).args(["--kernel", &guest, "--cmdline", CMDLINE, "--cpus", "boot=1"]);
+                command.args(["--memory", "size=256M", "--serial", "tty", "--console", "off"]);
+                // Cloud Hypervisor sets the tap's address itself: give it the one it has.
+                command.args(["--net", "tap=tap0,mac=02:53:4b:00:00:03,ip=10.0.0.1,mask=255.255.255.0"]);
+            }
+        }
+        Ok(command)
+    }
+}
+
+/// A running VMM, killed however the benchmark ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots the guest and waits until it serves.
+fn start(ns: &Netns, system: &System, guest: &Path, scratch: &Path) -> Result<Running, String> {
+    let mut command = system.command(ns, guest, scratch)?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no console pipe")?;
+    let running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Read the console on a thread, and keep reading it: a VMM whose serial
+    // output pipe closed may die of SIGPIPE.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("error:") || line == "net: serving" {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(BOOT_LIMIT) {
+        Ok(line) if line == "net: serving" => Ok(running),
+        Ok(error) => Err(format!("the guest failed: {error}")),
+        Err(_) => Err(format!("the guest did not serve within {} s", BOOT_LIMIT.as_secs())),
+    }
+}
+
+fn socket() -> Result<UdpSocket, String> {
+    use std::os::fd::AsRawFd;
+    let socket = UdpSocket::bind("10.0.0.1:0").map_err(|e| format!("cannot bind 10.0.0.1: {e}"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    // Room for a whole blast, so the host's socket does not drop what the guest sent.
+    let size: libc::c_int = 32 << 20;
+    // SAFETY: setsockopt with an int of the size we pass (root may exceed rmem_max).
+    unsafe {
+        let at = &size as *const libc::c_int as *const libc::c_void;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, at, len);
+    }
+    Ok(socket)
+}
+
+/// Round-trip times of 64-byte echoes, in microseconds, sorted.
+fn round_trips(echoes: usize) -> Result<Vec<f64>, String> {
+    let socket = socket()?;
+    socket.connect((GUEST, 7)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2048];
+    let mut times = Vec::with_capacity(echoes);
+    for i in 0..echoes {
+        let sent = Instant::now();
+        socket.send(&[0x42; 64]).map_err(|e| format!("echo {i}: {e}"))?;
+        socket.recv(&mut buf).map_err(|e| format!("echo {i} was lost: {e}"))?;
+        times.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// Host -> guest: datagrams per second the guest took (acknowledged).
+fn to_guest(size: usize, datagrams: u32) -> Result<f64, String> {
+    let socket = socket()?;
+    socket.connect((GUEST, 9)).map_err(|e| e.to_string())?;
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let payload = vec![0x17u8; size];
+    let (mut sent, mut acked, mut buf) = (0u64, 0u64, [0u8; 64]);
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    while acked < datagrams as u64 {
+        while sent < datagrams as u64 && sent < acked + 256 {
+            if socket.send(&payload).is_ok() {
+                sent += 1;
+            }
+        }
+        while let Ok(got) = socket.recv(&mut buf) {
+            if got == 8 {
+                acked = acked.max(u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")));
+                last_progress = Instant::now();
+            }
+        }
+        if last_progress.elapsed() > Duration::from_secs(2) {
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(format!("the guest acknowledged {acked} of {datagrams} datagrams in 120 s"));
+            }
+            // Lost datagrams (the tap's queue overflowed): resend the window.
+            sent = acked;
+            last_progress = Instant::now();
+        }
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Guest -> host: datagrams per second the host received.
+fn from_guest(size: usize, datagrams: u32) -> Result<f64, String> {
+    let socket = socket()?;
+    socket.connect((GUEST, 10)).map_err(|e| e.to_string())?;
+    let mut request = datagrams.to_le_bytes().to_vec();
+    request.extend_from_slice(&(size as u16).to_le_bytes());
+    socket.send(&request).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2048];
+    let (mut received, mut first, mut last) = (0u64, None, Instant::now());
+    while let Ok(got) = socket.recv(&mut buf) {
+        first.get_or_insert_with(Instant::now);
+        last = Instant::now();
+        received += 1;
+        if got > 0 && buf[0] == 0xff {
+            break;
+        }
+    }
+    let first = first.ok_or("the guest sent nothing")?;
+    if received < 2 {
+        return Err("the guest sent one datagram only".into());
+    }
+    // The first datagram starts the clock: count the ones after it.
+    Ok((received - 1) as f64 / (last - first).as_secs_f64())
+}
+
+/// One system's figures: medians over the runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetRow {
+    pub system: String,
+    pub runs: usize,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub host_to_guest_64b_fps: f64,
+    pub host_to_guest_1472b_mibs: f64,
+    pub guest_to_host_64b_fps: f64,
+    pub guest_to_host_1472b_mibs: f64,
+    /// Why the system did not run, when it did not.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetResults {
+    pub machine: Machine,
+    pub started_utc: String,
+    pub preset: String,
+    pub rows: Vec<NetRow>,
+}
+
+fn measure(ns: &Netns, preset: &Preset) -> Result<[f64; 6], String> {
+    let (echoes, datagrams) = (preset.echoes, preset.datagrams);
+    ns.within(move || {
+        let mib = |rate: f64| rate * 1472.0 / (1 << 20) as f64;
+        let rtt = round_trips(echoes)?;
+        let (p50, p99) = (rtt[rtt.len() / 2], rtt[rtt.len() * 99 / 100]);
+        Ok([
+            p50,
+            p99,
+            to_guest(64, datagrams)?,
+            mib(to_guest(1472, datagrams)?),
+            from_guest(64, datagrams)?,
+            mib(from_guest(1472, datagrams)?),
+        ])
+    })?
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Boots `system` once and measures it `repeats` times.
+fn bench_system(system: &System, preset: &Preset, guest: &Path, scratch: &Path) -> Result<NetRow, String> {
+    let ns = Netns::create(&format!("bench-{}", system.name()))?;
+    let running = start(&ns, system, guest, scratch)?;
+    let mut runs = Vec::new();
+    for run in 0..preset.repeats {
+        let figures = measure(&ns, preset)?;
+        eprintln!(
+            "skvm bench --net: {} run {}/{}: RTT p50 {:.0} µs, host->guest {:.0} fps / {:.1} MiB/s, \
+             guest->host {:.0} fps / {:.1} MiB/s",
+            system.name(),
+            run + 1,
+            preset.repeats,
+            figures[0],
+            figures[2],
+            figures[3],
+            figures[4],
+            figures[5]
+        );
+        runs.push(figures);
+    }
+    drop(running);
+    let pick = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+    Ok(NetRow {
+        system: system.name(),
+        runs: runs.len(),
+        rtt_p50_us: pick(0),
+        rtt_p99_us: pick(1),
+        host_to_guest_64b_fps: pick(2),
+        host_to_guest_1472b_mibs: pick(3),
+        guest_to_host_64b_fps: pick(4),
+        guest_to_host_1472b_mibs: pick(5),
+        error: None,
+    })
+}
+
+/// skvm's modes, then QEMU (unless `--no-qemu`) and the peers given.
+fn systems(args: &BenchArgs, scratch: &Path) -> (Vec<System>, Vec<NetRow>) {
+    let mut systems: Vec<System> = MODES.into_iter().map(System::Skvm).collect();
+    let mut not_run = Vec::new();
+    let qemu = args.peer.iter().find(|p| p.kind == PeerKind::Qemu).map(|p| p.path.clone());
+    match qemu.or_else(|| (!args.no_qemu).then(|| peers::on_path("qemu-system-x86_64")).flatten()) {
+        Some(path) => {
+            let shim = machine::is_pvm().then(|| peers::build_msr_shim(scratch).ok()).flatten();
+            systems.push(System::Qemu { path, shim });
+        }
+        None if !args.no_qemu => not_run.push(NetRow {
+            system: "qemu".into(),
+            error: Some("not run: qemu-system-x86_64 is not installed (Debian: qemu-system-x86)".into()),
+            ..NetRow::default()
+        }),
+        None => {}
+    }
+    for peer in &args.peer {
+        match peer.kind {
+            PeerKind::Firecracker => systems.push(System::Firecracker { path: peer.path.clone() }),
+            PeerKind::CloudHypervisor => systems.push(System::CloudHypervisor { path: peer.path.clone() }),
+            PeerKind::Qemu | PeerKind::VhostUserBlk => {}
+        }
+    }
+    (systems, not_run)
+}
+
+pub fn run(args: &BenchArgs) -> Result<u8, String> {
+    if let Some(why) = Netns::unavailable() {
+        return Err(format!("--net needs network namespaces and taps: {why}"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("--net needs root: it makes a network namespace and a tap per system".into());
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let preset = if args.quick { &QUICK } else { &FULL };
+    let scratch = std::env::temp_dir().join(format!("skvm-net-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let guest = scratch.join("guest.elf");
+    std::fs::write(&guest, crate::test_guest::IMAGE).map_err(|e| format!("cannot write the test guest: {e}"))?;
+    let started_utc = super::runner::today();
+    let (systems, mut rows) = systems(args, &scratch);
+    for (i, system) in systems.iter().enumerate() {
+        eprintln!("skvm bench --net: {} ({} of {})", system.name(), i + 1, systems.len());
+        let row = bench_system(system, preset, &guest, &scratch).unwrap_or_else(|why| {
+            eprintln!("skvm bench --net: {} failed: {why}", system.name());
+            NetRow { system: system.name(), error: Some(why), ..NetRow::default() }
+        });
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let results = NetResults {
+        machine: machine::describe(),
+        started_utc,
+        preset: if args.quick { "quick" } else { "full" }.into(),
+        rows,
+    };
+    let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    let write = |name: &str, text: &str| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write("net.json", &json)?;
+    let report = markdown(&results, preset);
+    write("net.md", &report)?;
+    println!("{report}");
+    println!("report: {}", args.out.join("net.md").display());
+    // Every skvm mode must have run; a peer that could not is reported, not fatal.
+    let failed: Vec<&str> =
+        results.rows.iter().filter(|r| is_mode(&r.system) && r.error.is_some()).map(|r| r.system.as_str()).collect();
+    if failed.is_empty() {
+        return Ok(0);
+    }
+    eprintln!("skvm bench --net: failed in {}", failed.join(", "));
+    Ok(1)
+}
+
+fn is_mode(system: &str) -> bool {
+    MODES.contains(&system)
+}
+
+fn pct(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:.0} %", 100.0 * a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// net.md: the figures, each mode against `shared`, and `shared` and
+/// `inprocess` against each peer.
+fn markdown(results: &NetResults, preset: &Preset) -> String {
+    let m = &results.machine;
+    let mut out = format!(
+        "# virtio-net across memory modes and peers\n\nRun {} with the {} preset ({} run{} per system, \
+         medians; {} datagrams per throughput figure, {} echoes for the round trip). Machine: {}, {} CPUs, \
+         {} GiB, Linux {}, KVM: {}.\n\nThe test guest (`net-bench`, 1 vCPU, 256 MiB) on a tap in its own \
+         network namespace; UDP from the host at 10.0.0.1 to the guest at 10.0.0.2. Host->guest counts \
+         datagrams the guest acknowledged; guest->host counts datagrams a host socket received.\n\n",
+        results.started_utc,
+        results.preset,
+        preset.repeats,
+        if preset.repeats == 1 { "" } else { "s" },
+        preset.datagrams,
+        preset.echoes,
+        m.cpu_model,
+        m.cpus,
+        m.memory_gib,
+        m.kernel,
+        m.kvm
+    );
+    out.push_str(
+        "| system | RTT p50 µs | RTT p99 µs | host->guest 64 B fps | host->guest 1472 B MiB/s | \
+         guest->host 64 B fps | guest->host 1472 B MiB/s |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &results.rows {
+        match &row.error {
+            Some(why) => {
+                let _ = writeln!(out, "| {} | {why} | | | | | |", row.system);
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} |",
+                    row.system,
+                    row.rtt_p50_us,
+                    row.rtt_p99_us,
+                    row.host_to_guest_64b_fps,
+                    row.host_to_guest_1472b_mibs,
+                    row.guest_to_host_64b_fps,
+                    row.guest_to_host_1472b_mibs
+                );
+            }
+        }
+    }
+    let ran = |name: &str| results.rows.iter().find(|r| r.system == name && r.error.is_none());
+    let comparison = |out: &mut String, title: &str, base: &NetRow, others: &[&NetRow]| {
+        let _ = write!(
+            out,
+            "\n{title}\n\n| system | RTT p50 (lower is better) | host->guest 1472 B | guest->host 1472 B | \
+             host->guest 64 B | guest->host 64 B |\n|---|---:|---:|---:|---:|---:|\n"
+        );
+        for row in others {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                row.system,
+                pct(row.rtt_p50_us, base.rtt_p50_us),
+                pct(row.host_to_guest_1472b_mibs, base.host_to_guest_1472b_mibs),
+                pct(row.guest_to_host_1472b_mibs, base.guest_to_host_1472b_mibs),
+                pct(row.host_to_guest_64b_fps, base.host_to_guest_64b_fps),
+                pct(row.guest_to_host_64b_fps, base.guest_to_host_64b_fps)
+            );
+        }
+    };
+    if let Some(shared) = ran("shared") {
+        let modes: Vec<&NetRow> = MODES.iter().filter_map(|m| ran(m)).collect();
+        comparison(&mut out, "## Each mode against `shared`", shared, &modes);
+    }
+    let peers: Vec<&NetRow> = results.rows.iter().filter(|r| r.error.is_none() && !is_mode(&r.system)).collect();
+    for peer in peers {
+        let modes: Vec<&NetRow> = ["shared", "inprocess"].iter().filter_map(|m| ran(m)).collect();
+        comparison(&mut out, &format!("## `shared` and `inprocess` against {}", peer.system), peer, &modes);
+    }
+    out
+}
