@@ -138,4 +138,11 @@ impl Backend {
             _ => Vec::new(),
         }
     }
+
+    /// Takes back delivered receive replies, whose buffers the next input reuses.
+    pub fn recycle(&mut self, replies: Vec<Reply>) {
+        if let Backend::Net(net) = self {
+            net.recycle(replies);
+        }
+    }
 }

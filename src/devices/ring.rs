@@ -3,7 +3,7 @@
 //! wants of each chain's readable bytes, and writes the replies and the used
 //! ring back by guest address.
 use super::memory::{read_all, write_then, AccessError, DeviceMemory};
-use super::request::{pieces, stream_lengths, Reply, Request};
+use super::request::{pieces, Reply, Request};
 use super::virtqueue::{Chain, Prefetched, QueueError, SplitQueue};
 use super::Backend;
 use rpc_schema::{PostedBuffer, Segment, WriteSegment};
@@ -39,7 +39,7 @@ pub async fn gather<M: DeviceMemory>(
     let mut plans = Vec::with_capacity(chains.len());
     let mut missing = Vec::new();
     for chain in chains {
-        let (readable_len, writable_len) = stream_lengths(&posted(chain));
+        let (readable_len, writable_len) = chain.stream_lengths();
         let wanted = backend.wanted(readable_len, writable_len);
         let segments: Vec<Segment> = ranges(chain, false, 0, wanted).into_iter().map(|(s, _)| s).collect();
         let got: Vec<Option<Vec<u8>>> = segments.iter().map(|s| prefetched.take(s.addr, s.len)).collect();
@@ -82,13 +82,6 @@ fn writes(chain: &Chain, reply: &Reply) -> Vec<WriteSegment> {
     out
 }
 
-/// A reply on its way to the driver.
-struct Outgoing {
-    head: u16,
-    writes: Vec<WriteSegment>,
-    used_len: u32,
-}
-
 /// Writes every reply and then the used ring, in one go where it fits.
 /// Where the VMM refuses (some buffer is not RAM), each request is tried on
 /// its own; one whose buffers are bad gets the device's error reply, or, if
@@ -100,51 +93,48 @@ pub async fn deliver<M: DeviceMemory>(
     backend: &Backend,
     chains: &[Chain],
     requests: &[Request],
-    replies: Vec<Reply>,
+    replies: &[Reply],
 ) -> Result<u64, QueueError> {
     let mut failed = replies.iter().filter(|r| r.failed).count() as u64;
-    let mut outgoing: Vec<Outgoing> = chains
-        .iter()
-        .zip(&replies)
-        .map(|(chain, reply)| Outgoing { head: chain.head, writes: writes(chain, reply), used_len: reply.used_len })
-        .collect();
-    if deliver_all(mem, queue, &outgoing).await? {
+    let mut done: Vec<(u16, u32)> = chains.iter().zip(replies).map(|(c, r)| (c.head, r.used_len)).collect();
+    let data = chains.iter().zip(replies).flat_map(|(chain, reply)| writes(chain, reply)).collect();
+    if deliver_all(mem, queue, &done, data).await? {
         return Ok(failed);
     }
-    for ((out, chain), (request, reply)) in outgoing.iter_mut().zip(chains).zip(requests.iter().zip(&replies)) {
-        if out.writes.is_empty() {
+    for ((slot, chain), (request, reply)) in done.iter_mut().zip(chains).zip(requests.iter().zip(replies)) {
+        let data = writes(chain, reply);
+        if data.is_empty() {
             continue;
         }
-        match mem.write(std::mem::take(&mut out.writes)).await {
+        match mem.write(data).await {
             Ok(()) => continue,
             Err(AccessError::Refused(_)) => {}
             Err(e) => return Err(e.into()),
         }
         let refusal = backend.refuse(request.writable_len);
         failed += u64::from(!reply.failed);
-        out.used_len = match mem.write(writes(chain, &refusal)).await {
+        slot.1 = match mem.write(writes(chain, &refusal)).await {
             Ok(()) => refusal.used_len,
             Err(AccessError::Refused(_)) => 0,
             Err(e) => return Err(e.into()),
         };
     }
-    if !deliver_all(mem, queue, &outgoing).await? {
+    if !deliver_all(mem, queue, &done, Vec::new()).await? {
         return Err(QueueError::Memory(AccessError::Transport("the used ring is not in RAM".into())));
     }
     Ok(failed)
 }
 
-/// Writes every reply's data, then the used ring. Returns false (and leaves
-/// the queue as it was) when the VMM refused part of it.
+/// Writes `data`, then the used ring entries `done` (head, used length).
+/// Returns false (and leaves the queue as it was) when the VMM refused part of it.
 async fn deliver_all<M: DeviceMemory>(
     mem: &M,
     queue: &mut SplitQueue,
-    outgoing: &[Outgoing],
+    done: &[(u16, u32)],
+    data: Vec<WriteSegment>,
 ) -> Result<bool, QueueError> {
     let before = queue.clone();
-    let done: Vec<(u16, u32)> = outgoing.iter().map(|o| (o.head, o.used_len)).collect();
-    let ring = queue.complete(&done);
-    let data = outgoing.iter().flat_map(|o| o.writes.iter().cloned()).collect();
+    let ring = queue.complete(done);
     match write_then(mem, data, ring).await {
         Ok(()) => Ok(true),
         Err(AccessError::Refused(_)) => {

@@ -127,7 +127,7 @@ impl<M: DeviceMemory> Core<M> {
         }
         let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
         let replies = backend.serve(&requests).await?;
-        let failed = ring::deliver(mem, queue, backend, &chains, &requests, replies).await?;
+        let failed = ring::deliver(mem, queue, backend, &chains, &requests, &replies).await?;
         counters.requests += chains.len() as u64;
         counters.errors += failed;
         // Always interrupt: polling drivers ignore it, interrupt-driven
@@ -164,7 +164,7 @@ impl<M: DeviceMemory> Core<M> {
         if !chains.is_empty() {
             let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
             let replies = backend.serve(&requests).await?;
-            counters.errors += ring::deliver(mem, tx, backend, &chains, &requests, replies).await?;
+            counters.errors += ring::deliver(mem, tx, backend, &chains, &requests, &replies).await?;
             counters.requests += chains.len() as u64;
             moved = true;
         }
@@ -173,7 +173,7 @@ impl<M: DeviceMemory> Core<M> {
         // with its notification.
         let (chains, _) = rx.pop_all(mem).await?;
         rx_chains.extend(chains.into_iter().map(|chain| {
-            let (_, capacity) = stream_lengths(&ring::posted(&chain));
+            let (_, capacity) = chain.stream_lengths();
             Held { buffer: chain, capacity }
         }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
@@ -182,9 +182,11 @@ impl<M: DeviceMemory> Core<M> {
             let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
             let requests: Vec<Request> = chains
                 .iter()
-                .map(|c| Request { readable_len: 0, writable_len: stream_lengths(&ring::posted(c)).1, readable: None })
+                .map(|c| Request { readable_len: 0, writable_len: c.stream_lengths().1, readable: None })
                 .collect();
-            counters.errors += ring::deliver(mem, rx, backend, &chains, &requests, replies).await?;
+            counters.errors += ring::deliver(mem, rx, backend, &chains, &requests, &replies).await?;
+            // The frames' buffers serve the next frames.
+            backend.recycle(replies);
             counters.requests += chains.len() as u64;
             moved = true;
         }

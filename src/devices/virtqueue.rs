@@ -68,6 +68,14 @@ impl Chain {
     pub fn bytes(&self) -> u64 {
         self.buffers.iter().map(|b| u64::from(b.len)).sum()
     }
+
+    /// Its driver-readable and device-writable byte totals.
+    pub fn stream_lengths(&self) -> (u64, u64) {
+        self.buffers.iter().fold((0, 0), |(r, w), b| match b.writable {
+            true => (r, w + u64::from(b.len)),
+            false => (r + u64::from(b.len), w),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
