@@ -106,6 +106,16 @@ fn bad_memory_sizes() {
 }
 
 #[test]
+fn bad_poll_windows() {
+    for value in ["10001", "-1", "soon"] {
+        let out = run(&["run", &format!("--device-poll-us={value}")]);
+        out.assert_clean_error();
+        assert_eq!(out.code(), Some(2), "usage errors exit 2");
+        assert!(out.stderr.contains("--device-poll-us"), "{value}: {}", out.stderr);
+    }
+}
+
+#[test]
 fn memory_beyond_the_host_is_refused() {
     let out = run(&["run", "--memory", "64T"]);
     out.assert_clean_error();

@@ -690,3 +690,70 @@ fn every_buffer_layout_keeps_every_byte_in_every_mode_with_and_without_direct() 
         }
     }
 }
+
+/// CPU ticks (user + system) a process has used, from /proc/PID/stat.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<u64> = stat.rsplit_once(')').unwrap().1.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    fields[10] + fields[11]
+}
+
+/// A ring-walking device with guest RAM mapped watches its ring only after
+/// requests (`--device-poll-us`, 50 by default): with a guest that does no
+/// I/O it sleeps, in both mapped modes, with the default window and a
+/// long one. The window reaches the device process.
+#[test]
+fn a_polling_device_sleeps_while_the_guest_does_no_io() {
+    for (mode, window) in [("shared", None), ("shared", Some("10000")), ("inprocess", Some("10000"))] {
+        let path = disk(&format!("poll-{mode}.img"), 1 << 20);
+        let mut args = vec!["run", "--memory", "64M", "--memory-mode", mode, "--cmdline", "scenario=spin"];
+        let disk = disk_arg(&path, "");
+        args.extend(["--disk", &disk]);
+        if let Some(window) = window {
+            args.extend(["--device-poll-us", window]);
+        }
+        let mut vm = skvm(&args).spawn().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        // In `inprocess` the device is a thread of skvm: watch skvm's threads other than the vCPU.
+        let pid = match mode {
+            "shared" => child_pids(vm.id()).into_iter().next().expect("a device process") as u32,
+            _ => vm.id(),
+        };
+        if mode == "shared" {
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().replace('\0', " ");
+            assert!(cmdline.contains(&format!("--poll-us={}", window.unwrap_or("50"))), "{cmdline}");
+        }
+        let device_ticks = |pid: u32| match mode {
+            "shared" => cpu_ticks(pid),
+            _ => thread_ticks(pid, "blk0"),
+        };
+        let before = device_ticks(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let used = device_ticks(pid) - before;
+        let _ = vm.kill();
+        let _ = vm.wait();
+        // 2 s of polling would be about 200 ticks.
+        assert!(used <= 10, "{mode} {window:?}: the idle device used {used} ticks in 2 s");
+    }
+}
+
+/// CPU ticks of the threads of `pid` whose name contains `name`.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    let (mut ticks, mut found) = (0, false);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.contains(name) {
+            found = true;
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, r)| r)
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            ticks += fields.get(10..12).map_or(0, |t| t[0] + t[1]);
+        }
+    }
+    assert!(found, "no thread of {pid} is named like {name}");
+    ticks
+}

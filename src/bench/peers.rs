@@ -4,9 +4,9 @@
 //! Cloud Hypervisor's `vhost_user_block`), Firecracker and Cloud Hypervisor
 //! each also run with their disk served by that backend: the out-of-process
 //! design as deployed, a separate process that maps all of guest RAM.
-//! Cloud Hypervisor offers virtio-pci only, which the test guest drives too. skvm never builds or
-//! ships them; it records their versions, and says in the report when one
-//! could not run and why.
+//! Cloud Hypervisor offers virtio-pci only, which the test guest drives
+//! too. skvm never builds or ships them; it records their versions, and
+//! says in the report when one could not run and why.
 use super::machine::Machine;
 use super::matrix::Workload;
 use super::results::{PeerInfo, Row};
@@ -119,7 +119,7 @@ fn uses_vhost_user(kind: PeerKind) -> bool {
 }
 
 /// The column of `kind` with its disk served by the vhost-user-blk backend.
-pub fn vhost_user_column(kind: PeerKind) -> String {
+fn vhost_user_column(kind: PeerKind) -> String {
     format!("{}+vhost-user-blk", name(kind))
 }
 

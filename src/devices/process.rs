@@ -87,6 +87,8 @@ pub struct DeviceProcess {
     /// The queue notifier and interrupt of a device that walks its own
     /// ring; None for a request-level device (the VMM owns both).
     pub doorbell: Option<(RawFd, RawFd)>,
+    /// How long to watch a mapped ring after the last request.
+    pub poll: std::time::Duration,
     pub kind: DeviceKind,
     pub misbehave: Option<Misbehaviour>,
     /// Test-only: read this address at every notification and report the outcome.
@@ -291,7 +293,11 @@ impl DeviceProcess {
             let doorbell = match self.doorbell {
                 // SAFETY: descriptors handed over by the VMM, owned from here on.
                 Some((notify, irq)) => unsafe {
-                    Doorbell::Ring { notify: EventFd::from_raw_fd(notify), irq: EventFd::from_raw_fd(irq) }
+                    Doorbell::Ring {
+                        notify: EventFd::from_raw_fd(notify),
+                        irq: EventFd::from_raw_fd(irq),
+                        poll: self.poll,
+                    }
                 },
                 None => Doorbell::Requests,
             };

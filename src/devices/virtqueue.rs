@@ -176,6 +176,14 @@ impl SplitQueue {
         self.config.size
     }
 
+    /// Whether the driver has made requests available that were not popped
+    /// yet, read straight from guest RAM mapped here (no memory call).
+    pub fn has_new(&self, mapped: &vm_memory::GuestMemoryMmap) -> bool {
+        use vm_memory::Bytes;
+        let idx = mapped.read_obj::<u16>(vm_memory::GuestAddress(self.config.avail.wrapping_add(2)));
+        idx.is_ok_and(|idx| u16::from_le(idx) != self.next_avail)
+    }
+
     /// Takes the requests the driver has made available since the last call
     /// (up to [`MAX_BATCH_BYTES`] of buffers; call again for the rest), with
     /// whatever of their readable buffers was prefetched.

@@ -22,6 +22,9 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Where to write the run's counters as JSON when the VM stops.
     pub stats_file: Option<PathBuf>,
+    /// How long ring-walking devices with guest RAM mapped poll their rings
+    /// after the last request, in µs (0: never).
+    pub device_poll_us: u32,
     /// Test-only: make every device process misbehave this way.
     pub test_misbehaviour: Option<crate::devices::process::Misbehaviour>,
     /// Test-only: block devices read this guest address through their memory

@@ -413,6 +413,7 @@ fn launch_device(
             }
         }),
         probe: config.test_probe,
+        poll_us: config.device_poll_us,
         health: health.clone(),
     };
 
@@ -509,6 +510,7 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
     let memory = MappedMemory::new(ram.clone());
     let (name, health) = (recipe.name.clone(), recipe.health.clone());
     let kind = recipe.kind.try_clone()?;
+    let poll_us = recipe.poll_us;
     let (notify, irq) = match &recipe.doorbell {
         Some((notify, irq)) => (notify.try_clone()?, irq.try_clone()?),
         None => return Err(Error::Device("an inprocess device walks its own ring".into())),
@@ -533,7 +535,8 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                 };
                 backend.start_io_threads(&name, false).map_err(|e| format!("I/O threads: {e}"))?;
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
-                let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq };
+                let poll = std::time::Duration::from_micros(poll_us.into());
+                let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq, poll };
                 crate::devices::runner::serve(memory, backend, transport, doorbell, Default::default()).await
             };
             let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -58,6 +58,8 @@ pub struct ProcessRecipe {
     pub doorbell: Option<(EventFd, EventFd)>,
     pub misbehave: Option<Misbehaviour>,
     pub probe: Option<u64>,
+    /// µs a ring-walking device with guest RAM mapped polls after its last request.
+    pub poll_us: u32,
     pub health: Arc<DeviceHealth>,
 }
 
@@ -70,6 +72,7 @@ impl ProcessRecipe {
         if let Some((notify, irq)) = &self.doorbell {
             child.fd("--notify-fd", notify.as_raw_fd());
             child.fd("--irq-fd", irq.as_raw_fd());
+            child.arg(format!("--poll-us={}", self.poll_us));
         }
         match &self.kind {
             ProcessKind::Block { disk, readonly } => {
