@@ -698,13 +698,14 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[10] + fields[11]
 }
 
-/// A ring-walking device with guest RAM mapped watches its ring only after
-/// requests (`--device-poll-us`, 50 by default): with a guest that does no
-/// I/O it sleeps, in both mapped modes, with the default window and a
-/// long one. The window reaches the device process.
+/// Devices with guest RAM mapped, and in `rpc` the VMM's request engine,
+/// watch the rings only after requests (`--device-poll-us`, 50 by
+/// default): with a guest that does no I/O they sleep, with the default
+/// window and a long one. The window reaches the device process.
 #[test]
 fn a_polling_device_sleeps_while_the_guest_does_no_io() {
-    for (mode, window) in [("shared", None), ("shared", Some("10000")), ("inprocess", Some("10000"))] {
+    let cases = [("shared", None), ("shared", Some("10000")), ("inprocess", Some("10000")), ("rpc", Some("10000"))];
+    for (mode, window) in cases {
         let path = disk(&format!("poll-{mode}.img"), 1 << 20);
         let mut args = vec!["run", "--memory", "64M", "--memory-mode", mode, "--cmdline", "scenario=spin"];
         let disk = disk_arg(&path, "");
@@ -714,7 +715,7 @@ fn a_polling_device_sleeps_while_the_guest_does_no_io() {
         }
         let mut vm = skvm(&args).spawn().unwrap();
         std::thread::sleep(Duration::from_secs(2));
-        // In `inprocess` the device is a thread of skvm: watch skvm's threads other than the vCPU.
+        // In `inprocess` the device is a thread of skvm, and in `rpc` the engine is.
         let pid = match mode {
             "shared" => child_pids(vm.id()).into_iter().next().expect("a device process") as u32,
             _ => vm.id(),
@@ -725,6 +726,8 @@ fn a_polling_device_sleeps_while_the_guest_does_no_io() {
         }
         let device_ticks = |pid: u32| match mode {
             "shared" => cpu_ticks(pid),
+            // The request engine runs on the VMM's `rpc` thread.
+            "rpc" => thread_ticks(pid, "rpc"),
             _ => thread_ticks(pid, "blk0"),
         };
         let before = device_ticks(pid);

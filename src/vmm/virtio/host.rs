@@ -239,6 +239,8 @@ pub struct Posting {
     pub queue_count: u16,
     /// The active queue, from DRIVER_OK until a reset.
     pub queue: Option<RequestQueue>,
+    /// How long the VMM watches the rings after a completion (`--device-poll-us`).
+    pub poll: Duration,
 }
 
 /// Work the VMM does itself when the driver accepts these features.
@@ -395,6 +397,7 @@ impl DeviceHost {
             client: lock(&self.lifeline.control).clone().ok_or("the device is shut down")?,
             notify: self.notify.try_clone().map_err(|e| e.to_string())?,
             irq: self.irq.try_clone().map_err(|e| e.to_string())?,
+            poll: self.posting.as_ref().map_or(Duration::ZERO, |p| p.poll),
         };
         let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
         let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;

@@ -441,6 +441,7 @@ fn launch_device(
             max_queue_size: info.max_queue_size,
             queue_count: info.queue_count,
             queue: None,
+            poll: std::time::Duration::from_micros(config.device_poll_us.into()),
         });
     }
     if !is_mem {
