@@ -26,6 +26,7 @@ pub const COMMON_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_close, "the event loop's descriptors, dropped when the device stops"),
     (libc::SYS_sigaltstack, "Rust's runtime removes its signal stack as the process exits"),
     (libc::SYS_exit_group, "process exit"),
+    (libc::SYS_sched_yield, "ring polling gives way to other threads; std's channel backs off with it (I/O threads)"),
 ];
 
 /// What a block device adds: its disk, and nothing that opens or grows one.
@@ -34,7 +35,6 @@ pub const DISK_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_pwrite64, "disk writes (RLIMIT_FSIZE: not past the disk's size)"),
     (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
     (libc::SYS_fallocate, "DISCARD and WRITE_ZEROES: punching a hole only (see the argument rules)"),
-    (libc::SYS_sched_yield, "direct disks' I/O threads: std's channel backs off with a yield when contended"),
 ];
 
 /// Which allowlist a device process gets.

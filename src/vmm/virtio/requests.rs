@@ -265,14 +265,20 @@ impl Engine {
         }
     }
 
-    /// Watches the rings for `poll` after a completion, and posts what the
-    /// driver makes available meanwhile: a driver that answers a completion
-    /// with its next request saves the wake-up of this thread by its
-    /// notifier (tens of µs on nested hosts). Yields between looks, so the
-    /// thread's other work goes on; a look is a load from guest RAM.
+    /// Watches the rings for `poll` after a completion that left the device
+    /// with nothing to do, and posts what the driver makes available
+    /// meanwhile: a driver that answers a completion with its next request
+    /// saves the wake-up of this thread by its notifier (tens of µs on
+    /// nested hosts). Yields between looks, so the thread's other work goes
+    /// on; a look is a load from guest RAM. While the device still holds
+    /// requests it does not watch: the device (and its I/O threads) need
+    /// the CPU more, and the next completion comes anyway.
     async fn watch(self: &Arc<Self>) {
         let until = Instant::now() + self.context.poll;
         while Instant::now() < until {
+            if lock(&self.context.access.grants).outstanding() > 0 {
+                return;
+            }
             if self.has_new() {
                 self.pump();
                 return;
