@@ -639,29 +639,34 @@ where
 /// are answered. It stops while transfers are in flight on the I/O
 /// threads, which need the CPU more (their ends wake the device anyway).
 async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> Result<(), QueueError> {
-    let mut until = Instant::now() + window;
     if window.is_zero() {
         return Ok(());
     }
-    while Instant::now() < until {
+    let mut until = Instant::now() + window;
+    loop {
+        {
+            let mut core = core.lock().await;
+            if core.in_flight.as_ref().is_some_and(|io| io.outstanding() > 0) {
+                return Ok(());
+            }
+            match core.ring_has_new() {
+                // A device that does not poll goes back to sleep without yielding.
+                None => return Ok(()),
+                Some(true) => {
+                    while core.service().await? {}
+                    until = Instant::now() + window;
+                }
+                Some(false) => core.complete_ended(false).await?,
+            }
+        }
+        if Instant::now() >= until {
+            return Ok(());
+        }
         // Other tasks first, then other threads on this CPU (on a small host
         // a poller must not starve whoever feeds its input).
         tokio::task::yield_now().await;
         std::thread::yield_now();
-        let mut core = core.lock().await;
-        if core.in_flight.as_ref().is_some_and(|io| io.outstanding() > 0) {
-            return Ok(());
-        }
-        match core.ring_has_new() {
-            None => return Ok(()),
-            Some(true) => {
-                while core.service().await? {}
-                until = Instant::now() + window;
-            }
-            Some(false) => core.complete_ended(false).await?,
-        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
