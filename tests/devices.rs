@@ -694,8 +694,15 @@ fn every_buffer_layout_keeps_every_byte_in_every_mode_with_and_without_direct() 
 /// CPU ticks (user + system) a process has used, from /proc/PID/stat.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<u64> = stat.rsplit_once(')').unwrap().1.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-    fields[10] + fields[11]
+    stat_ticks(&stat).unwrap_or_else(|| panic!("odd /proc/{pid}/stat: {stat}"))
+}
+
+/// utime + stime of a /proc stat line (counted after the command name,
+/// which may hold spaces).
+fn stat_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    fields.get(10..12).map(|t| t[0] + t[1])
 }
 
 /// Devices with guest RAM mapped, and in `rpc` the VMM's request engine,
@@ -748,13 +755,7 @@ fn thread_ticks(pid: u32, name: &str) -> u64 {
         if comm.contains(name) {
             found = true;
             let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let fields: Vec<u64> = stat
-                .rsplit_once(')')
-                .map_or("", |(_, r)| r)
-                .split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect();
-            ticks += fields.get(10..12).map_or(0, |t| t[0] + t[1]);
+            ticks += stat_ticks(&stat).unwrap_or(0);
         }
     }
     assert!(found, "no thread of {pid} is named like {name}");

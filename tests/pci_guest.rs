@@ -16,11 +16,16 @@ use std::time::Duration;
 const QEMU: &str = "qemu-system-x86_64";
 const FOUR_GIB: u64 = 1 << 32;
 
-/// Why these tests cannot run here, if they cannot.
-fn unavailable() -> Option<String> {
+/// True, having said why, when these tests cannot run here (no QEMU).
+fn skipped() -> bool {
     let found =
         std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(QEMU).is_file()));
-    (!found).then(|| format!("{QEMU} is not installed (scripts/setup.sh installs qemu-system-x86)"))
+    if !found {
+        eprintln!(
+            "SKIPPED: virtio-pci guest tests: {QEMU} is not installed (scripts/setup.sh installs qemu-system-x86)"
+        );
+    }
+    !found
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -94,8 +99,7 @@ const LAYOUTS: [Registers; 2] = [Registers::Below4G, Registers::Above4G];
 
 #[test]
 fn blk_pattern_over_virtio_pci_reaches_the_disk_file() {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: virtio-pci guest tests: {why}");
+    if skipped() {
         return;
     }
     for (seed, registers) in LAYOUTS.into_iter().enumerate() {
@@ -113,8 +117,7 @@ fn blk_pattern_over_virtio_pci_reaches_the_disk_file() {
 /// (indirect descriptors), and the QD32 benchmark with no failed request.
 #[test]
 fn verified_io_and_the_benchmark_run_over_virtio_pci() {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: virtio-pci guest tests: {why}");
+    if skipped() {
         return;
     }
     for (i, registers) in LAYOUTS.into_iter().enumerate() {
@@ -138,8 +141,7 @@ fn verified_io_and_the_benchmark_run_over_virtio_pci() {
 
 #[test]
 fn rng_over_virtio_pci_gives_varied_bytes() {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: virtio-pci guest tests: {why}");
+    if skipped() {
         return;
     }
     let out = qemu("scenario=rng", Registers::Below4G, &["-device", "virtio-rng-pci"]);

@@ -193,13 +193,9 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     }
     let _ = std::fs::remove_file(&disk);
     let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
-    let write = |name: &str, text: &str| {
-        let path = args.out.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    write("linux.json", &json)?;
+    super::write_output(&args.out, "linux.json", &json)?;
     let table = markdown(&rows, repeats);
-    write("linux.md", &table)?;
+    super::write_output(&args.out, "linux.md", &table)?;
     println!("{table}");
     let failed = rows.iter().filter(|r| !r.ok).count();
     eprintln!("skvm bench --linux: {} rows, {failed} failed, in {:.0} s", rows.len(), started.elapsed().as_secs_f64());

@@ -85,13 +85,15 @@ pub fn run(args: BenchArgs) -> Result<u8, String> {
 }
 
 fn write_outputs(results: &Results, out: &Path) -> Result<(), String> {
-    let write = |name: &str, text: String| {
-        let path = out.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    write("report.md", report::markdown(results))?;
+    write_output(out, "report.md", &report::markdown(results))?;
     for (name, svg) in plot::all(results) {
-        write(name, svg)?;
+        write_output(out, name, &svg)?;
     }
     Ok(())
+}
+
+/// Writes one output file `name` into `dir`, or says which could not be written.
+fn write_output(dir: &Path, name: &str, text: &str) -> Result<(), String> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

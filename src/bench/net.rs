@@ -11,6 +11,7 @@
 //! 64-byte datagrams give frames per second, 1,472-byte ones (a full
 //! 1,500-byte MTU) MiB/s. Writes net.json and net.md into `--out`.
 use super::machine::{self, Machine};
+use super::matrix::MODES;
 use super::netns::Netns;
 use super::peers::{self, PeerKind};
 use super::BenchArgs;
@@ -22,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MODES: [&str; 4] = ["rpc", "rpc-dma", "shared", "inprocess"];
 const GUEST: &str = "10.0.0.2";
 const CMDLINE: &str = "scenario=net-bench pings=1";
 /// How long a guest may take to boot and start serving.
@@ -71,31 +71,23 @@ impl System {
                 if let Some(shim) = shim {
                     command.arg("env").arg(format!("LD_PRELOAD={}", shim.display()));
                 }
-                command.arg(path).args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", "1"]);
-                command.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
-                let cmdline = format!("{CMDLINE}{}", peers::qemu_mmio_devices());
-                command.args(["-kernel", &guest, "-append", &cmdline]);
-                command.args(["-global", "virtio-mmio.force-legacy=false"]);
+                command.arg(path).args(peers::qemu_microvm_args(&guest, CMDLINE, 1));
                 command.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off"]);
                 command.args(["-device", "virtio-net-device,netdev=n0,mac=02:53:4b:00:00:01"]);
             }
             System::Firecracker { path } => {
-                let config = serde_json::json!({
-                    "boot-source": { "kernel_image_path": guest, "boot_args": CMDLINE },
-                    "drives": [],
-                    "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 },
-                    "network-interfaces": [
-                        { "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:53:4b:00:00:02" }
-                    ],
-                });
+                let mut config = peers::firecracker_config(&guest, CMDLINE, 1);
+                config["network-interfaces"] = serde_json::json!([
+                    { "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:53:4b:00:00:02" }
+                ]);
                 let file = scratch.join("firecracker-net.json");
                 std::fs::write(&file, config.to_string())
                     .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
                 command.arg(path).arg("--no-api").arg("--config-file").arg(file).args(["--level", "Error"]);
             }
             System::CloudHypervisor { path } => {
-                command.arg(path).args(["--kernel", &guest, "--cmdline", CMDLINE, "--cpus", "boot=1"]);
-                command.args(["--memory", "size=256M", "--serial", "tty", "--console", "off"]);
+                command.arg(path).args(peers::cloud_hypervisor_args(&guest, CMDLINE, 1));
+                command.args(["--memory", "size=256M"]);
                 // Cloud Hypervisor sets the tap's address itself: give it the one it has.
                 command.args(["--net", "tap=tap0,mac=02:53:4b:00:00:03,ip=10.0.0.1,mask=255.255.255.0"]);
             }
@@ -371,13 +363,9 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         rows,
     };
     let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    let write = |name: &str, text: &str| {
-        let path = args.out.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    write("net.json", &json)?;
+    super::write_output(&args.out, "net.json", &json)?;
     let report = markdown(&results, preset);
-    write("net.md", &report)?;
+    super::write_output(&args.out, "net.md", &report)?;
     println!("{report}");
     println!("report: {}", args.out.join("net.md").display());
     // Every skvm mode must have run; a peer that could not is reported, not fatal.

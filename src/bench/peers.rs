@@ -135,8 +135,41 @@ fn version(path: &Path) -> Option<String> {
 
 /// QEMU's microvm puts its virtio-mmio transports here; PVH guests do not
 /// get them on the command line, so list every slot (empty ones read as no device).
-pub fn qemu_mmio_devices() -> String {
+fn qemu_mmio_devices() -> String {
     (0..24).map(|i| format!(" virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000u64 + i * 512, 5 + i)).collect()
+}
+
+/// QEMU `microvm` booting the test guest with 256 MiB on `vcpus` vCPUs, its
+/// COM1 on stdout and microvm's virtio-mmio slots on its command line.
+pub fn qemu_microvm_args(guest: &str, cmdline: &str, vcpus: u8) -> Vec<String> {
+    let (smp, append) = (vcpus.to_string(), format!("{cmdline}{}", qemu_mmio_devices()));
+    ["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", &smp]
+        .into_iter()
+        .chain(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+        .chain(["-kernel", guest, "-append", &append])
+        .chain(["-global", "virtio-mmio.force-legacy=false"])
+        .map(String::from)
+        .collect()
+}
+
+/// Firecracker's configuration for the test guest with 256 MiB on `vcpus`
+/// vCPUs and no devices; callers add theirs.
+pub fn firecracker_config(guest: &str, cmdline: &str, vcpus: u8) -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": { "kernel_image_path": guest, "boot_args": cmdline },
+        "drives": [],
+        "machine-config": { "vcpu_count": vcpus, "mem_size_mib": 256 },
+    })
+}
+
+/// Cloud Hypervisor booting the test guest on `vcpus` vCPUs, its serial
+/// console on stdout; callers add its memory and devices.
+pub fn cloud_hypervisor_args(guest: &str, cmdline: &str, vcpus: u8) -> Vec<String> {
+    let cpus = format!("boot={vcpus}");
+    ["--kernel", guest, "--cmdline", cmdline, "--cpus", &cpus, "--serial", "tty", "--console", "off"]
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 impl Peer {
@@ -149,21 +182,8 @@ impl Peer {
         let disk = scratch.disk.display().to_string();
         match self.kind {
             PeerKind::Qemu => {
-                command.args([
-                    "-M",
-                    "microvm",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host",
-                    "-m",
-                    "256M",
-                    "-smp",
-                    &vcpus.to_string(),
-                ]);
-                command.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
-                command.args(["-kernel", &guest, "-append", &format!("{cmdline}{}", qemu_mmio_devices())]);
+                command.args(qemu_microvm_args(&guest, cmdline, vcpus));
                 command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-                command.args(["-global", "virtio-mmio.force-legacy=false"]);
                 if with_disk {
                     command.args(["-drive", &format!("id=d,file={disk},format=raw,if=none")]);
                     command.args(["-device", "virtio-blk-device,drive=d"]);
@@ -180,19 +200,15 @@ impl Peer {
                     }
                     (false, _) => serde_json::json!([]),
                 };
-                let config = serde_json::json!({
-                    "boot-source": { "kernel_image_path": guest, "boot_args": cmdline },
-                    "drives": drives,
-                    "machine-config": { "vcpu_count": vcpus, "mem_size_mib": 256 },
-                });
+                let mut config = firecracker_config(&guest, cmdline, vcpus);
+                config["drives"] = drives;
                 let path = scratch.dir.join("firecracker.json");
                 let _ = std::fs::write(&path, config.to_string());
                 command.arg("--no-api").arg("--config-file").arg(path).args(["--level", "Error"]);
             }
             PeerKind::VhostUserBlk => unreachable!("a backend is not run as a VMM"),
             PeerKind::CloudHypervisor => {
-                command.args(["--kernel", &guest, "--cmdline", cmdline, "--cpus", &format!("boot={vcpus}")]);
-                command.args(["--serial", "tty", "--console", "off"]);
+                command.args(cloud_hypervisor_args(&guest, cmdline, vcpus));
                 // The test guest keeps up to 64 requests of 3 descriptors in a 256-entry queue.
                 let socket = scratch.dir.join("vhost-user-blk.sock").display().to_string();
                 match (with_disk, &self.backend) {

@@ -32,7 +32,15 @@ pub struct Reply {
 
 /// The readable and writable totals of a chain's buffers.
 pub fn stream_lengths(buffers: &[PostedBuffer]) -> (u64, u64) {
-    buffers.iter().fold((0, 0), |(r, w), b| if b.writable { (r, w + b.len as u64) } else { (r + b.len as u64, w) })
+    totals(buffers.iter().map(|b| (b.len, b.writable)))
+}
+
+/// The readable and writable totals of buffers given as (length, device-writable).
+pub fn totals(buffers: impl IntoIterator<Item = (u32, bool)>) -> (u64, u64) {
+    buffers.into_iter().fold((0, 0), |(r, w), (len, writable)| match writable {
+        true => (r, w + u64::from(len)),
+        false => (r + u64::from(len), w),
+    })
 }
 
 /// The pieces (buffer index, offset in it, length) that hold bytes

@@ -71,10 +71,7 @@ impl Chain {
 
     /// Its driver-readable and device-writable byte totals.
     pub fn stream_lengths(&self) -> (u64, u64) {
-        self.buffers.iter().fold((0, 0), |(r, w), b| match b.writable {
-            true => (r, w + u64::from(b.len)),
-            false => (r + u64::from(b.len), w),
-        })
+        super::request::totals(self.buffers.iter().map(|b| (b.len, b.writable)))
     }
 }
 
