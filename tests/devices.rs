@@ -534,6 +534,26 @@ fn a_disk_is_unlocked_when_skvm_exits() {
     }
 }
 
+/// A VM killed with SIGKILL cannot unlock its disk: the lock goes with the
+/// file's last reference, which a `direct=on` disk's io_uring drops only
+/// after its process has died. The next VM on that disk still starts.
+#[test]
+fn a_disk_of_a_killed_vm_can_be_used_at_once() {
+    if !temp_dir_has_direct_io() {
+        eprintln!("devices: NOT RUN: the killed-VM lock check: the temp dir has no O_DIRECT here");
+        return;
+    }
+    let path = disk("killed-lock.img", 1 << 20);
+    for round in 0..3 {
+        let (mut vm, _device) = spinning_vm_with_device("shared", &path, ",direct=on");
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        let out = guest_with_disk("shared", &path, ",direct=on", &[], &format!("scenario=blk-pattern seed={round}"));
+        assert_eq!(out.code(), Some(0), "round {round}: {}", out.stderr);
+        assert_pattern_on_disk(&path, 0, round);
+    }
+}
+
 #[test]
 fn write_zeroes_and_discard_reach_the_host_file() {
     for mode in MODES {
@@ -613,35 +633,45 @@ fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
         );
         return;
     }
-    for (seed, mode) in MODES.iter().enumerate() {
-        let path = disk(&format!("direct-{mode}.img"), 4 << 20);
+    // Each mode with each way of running transfers: io_uring (the default) and threads.
+    let cases = MODES.iter().flat_map(|mode| [(*mode, ",direct=on"), (*mode, ",direct=on,aio=threads")]);
+    for (seed, (mode, options)) in cases.enumerate() {
+        let what = format!("{mode}, `{options}`");
+        let path = disk(&format!("direct-{mode}-{seed}.img"), 4 << 20);
         // Random reads and writes at queue depth 32, each checked by the guest,
         // then a pattern the host reads back.
-        let stats = temp_path(&format!("direct-{mode}.json"));
+        let stats = temp_path(&format!("direct-{mode}-{seed}.json"));
         let stats_arg = ["--stats-file", stats.to_str().unwrap()];
-        let out = guest_with_disk(mode, &path, ",direct=on", &stats_arg, "scenario=blk-verify ops=4000 qd=32");
-        assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
-        assert!(out.stdout.contains("blk-verify: done ops=4000 errors=0 corrupt=0"), "{mode}: {}", out.stdout);
+        let out = guest_with_disk(mode, &path, options, &stats_arg, "scenario=blk-verify ops=4000 qd=32");
+        assert_eq!(out.code(), Some(0), "{what}: {} {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("blk-verify: done ops=4000 errors=0 corrupt=0"), "{what}: {}", out.stdout);
         // Where the device maps guest RAM, the guest's block-aligned buffers
-        // go straight to the disk (zero copy, on the I/O threads).
+        // go straight to the disk (zero copy, many in flight).
         let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
         let zero_copy = stats["devices"][0]["counters"]["zero_copy_requests"].as_u64().unwrap();
-        let mapped = matches!(*mode, "shared" | "inprocess");
-        assert_eq!(zero_copy, if mapped { 4000 } else { 0 }, "{mode}: {stats}");
-        let out = guest_with_disk(mode, &path, ",direct=on", &[], &format!("scenario=blk-pattern seed={seed}"));
-        assert_eq!(out.code(), Some(0), "{mode}: {} {}", out.stdout, out.stderr);
-        // Its I/O threads neither die by the filter nor outlive the VM badly.
-        assert!(!out.stderr.contains("SIGSYS") && !out.stderr.contains("WARN"), "{mode}: {}", out.stderr);
+        let mapped = matches!(mode, "shared" | "inprocess");
+        assert_eq!(zero_copy, if mapped { 4000 } else { 0 }, "{what}: {stats}");
+        let out = guest_with_disk(mode, &path, options, &[], &format!("scenario=blk-pattern seed={seed}"));
+        assert_eq!(out.code(), Some(0), "{what}: {} {}", out.stdout, out.stderr);
+        // Its ring or I/O threads neither die by the filter nor fall back
+        // (a warning), nor outlive the VM badly.
+        assert!(!out.stderr.contains("SIGSYS") && !out.stderr.contains("WARN"), "{what}: {}", out.stderr);
         assert_pattern_on_disk(&path, 0, seed as u64);
     }
-    // The device's descriptor bypasses the page cache; without direct=on it does not.
-    for (options, direct) in [(",direct=on", true), ("", false)] {
+    // The device's descriptor bypasses the page cache; without direct=on it
+    // does not. A direct disk has an io_uring whose one file is the disk,
+    // or with aio=threads 32 I/O threads, all under the device's filter.
+    for (options, direct, ring, io_threads) in
+        [(",direct=on", true, true, 0), (",direct=on,aio=threads", true, false, 32), ("", false, false, 0)]
+    {
         let path = disk("direct-flag.img", 1 << 20);
+        eprintln!("devices: a spinning VM with disk options `{options}`");
         let (mut vm, device) = spinning_vm_with_device("rpc", &path, options);
         assert_eq!(opened_direct(device, &path), direct, "disk options `{options}`");
-        // A direct disk's I/O threads are all under the device's filter.
+        assert_eq!(ring_files(device), ring.then(|| vec![path.clone()]), "disk options `{options}`");
         let threads: Vec<_> = std::fs::read_dir(format!("/proc/{device}/task")).unwrap().flatten().collect();
-        assert_eq!(threads.len(), if direct { 33 } else { 1 }, "threads of a disk with `{options}`");
+        let named_io = |t: &std::fs::DirEntry| std::fs::read_to_string(t.path().join("comm")).unwrap().contains("-io");
+        assert_eq!(threads.iter().filter(|t| named_io(t)).count(), io_threads, "I/O threads with `{options}`");
         for thread in threads {
             let status = std::fs::read_to_string(thread.path().join("status")).unwrap();
             assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{}: {status}", thread.path().display());
@@ -650,6 +680,23 @@ fn direct_disks_bypass_the_page_cache_and_keep_every_byte_in_every_mode() {
         vm.kill().unwrap();
         vm.wait().unwrap();
     }
+}
+
+/// The files registered with the io_uring that `pid` holds, from its fdinfo;
+/// None if it holds no ring.
+fn ring_files(pid: u32) -> Option<Vec<std::path::PathBuf>> {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(fd.path()).ok()?.to_string_lossy() != "anon_inode:[io_uring]" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
+        // "UserFiles:\tN" is followed by N lines "   I: NAME".
+        let mut lines = info.lines().skip_while(|l| !l.starts_with("UserFiles:"));
+        let count: usize = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        let names = lines.take(count).filter_map(|l| l.split_once(": ").map(|(_, name)| name.trim().into()));
+        return Some(names.collect());
+    }
+    None
 }
 
 /// Random reads and writes, each request's buffers laid out one of five

@@ -2,6 +2,7 @@
 //! file the VMM opened. Every request header and buffer layout is checked;
 //! a bad request gets an error status, never a crash.
 use super::aligned::{AlignedBuffer, ALIGN};
+use super::disk_ring::{DiskRing, Owner};
 use super::features;
 use super::io_threads::IoThreads;
 use super::request::{Reply, Request};
@@ -11,7 +12,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub const DEVICE_ID: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -68,14 +69,34 @@ pub struct BlockDevice {
 struct Direct {
     buffer: AlignedBuffer,
     block: u64,
-    /// Transfers of a batch run on these, many at once (see [`IO_THREADS`]).
-    threads: Option<IoThreads>,
-    /// Aligned buffers for transfers on the threads, reused.
+    /// What runs transfers many at once, once started.
+    io: Option<DiskIo>,
+    /// Aligned buffers for transfers in flight, reused.
     spare: Vec<AlignedBuffer>,
 }
 
-/// Transfers in flight at once on a `direct=on` disk: a guest queue depth
-/// up to this reaches the host disk.
+/// What runs a `direct=on` disk's transfers many at once.
+#[derive(Clone)]
+pub enum DiskIo {
+    /// An io_uring (see [`super::disk_ring`]): the default where the kernel has one.
+    Ring(Arc<Mutex<DiskRing>>),
+    /// A pool of [`IO_THREADS`] threads: where io_uring is missing or not wanted.
+    Threads(IoThreads),
+}
+
+/// How a `direct=on` disk's transfers run (`--disk ...,aio=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Aio {
+    /// io_uring if the kernel allows it, else threads.
+    #[default]
+    Auto,
+    #[value(name = "io_uring")]
+    IoUring,
+    Threads,
+}
+
+/// Transfers in flight at once on a `direct=on` disk's I/O threads: a
+/// guest queue depth up to this reaches the host disk.
 pub const IO_THREADS: usize = 32;
 /// Larger transfers run one at a time on the device's own thread, so the
 /// threads' buffers stay within the sandbox's RLIMIT_DATA.
@@ -89,12 +110,14 @@ struct Transfer {
     len: u64,
 }
 
-/// Transfers on the I/O threads, not yet collected: (request index,
+/// A batch's transfers in flight, not yet collected: (request index,
 /// status byte offset, transfer).
 struct InFlight {
     done: Receiver<(usize, bool, AlignedBuffer)>,
     report: Sender<(usize, bool, AlignedBuffer)>,
     transfers: Vec<(usize, u64, Transfer)>,
+    /// Ring transfers' buffers (and the iovec naming each) by request index.
+    on_ring: Vec<(usize, AlignedBuffer, Box<[libc::iovec; 1]>)>,
 }
 
 /// Whether two transfers, as (offset, length, write), may not run at once:
@@ -118,7 +141,7 @@ impl Direct {
             None => false,
         };
         let block = if refused_512 { ALIGN as u64 } else { SECTOR_SIZE };
-        Direct { buffer, block, threads: None, spare: Vec::new() }
+        Direct { buffer, block, io: None, spare: Vec::new() }
     }
 }
 
@@ -147,9 +170,9 @@ impl BlockDevice {
         self.direct.as_ref().map(|d| d.block)
     }
 
-    /// A `direct=on` disk's I/O threads, once started.
-    pub fn io_threads(&self) -> Option<&IoThreads> {
-        self.direct.as_ref()?.threads.as_ref()
+    /// What runs a `direct=on` disk's transfers, once started.
+    pub fn disk_io(&self) -> Option<&DiskIo> {
+        self.direct.as_ref()?.io.as_ref()
     }
 
     /// A request that is a plain read or write, on the disk and its grid, as
@@ -164,15 +187,32 @@ impl BlockDevice {
         Some((t.write, t.offset, t.len))
     }
 
-    /// Starts the I/O threads of a `direct=on` disk (nothing otherwise: with
-    /// the page cache a transfer is a memory copy, which a hand-off to
-    /// another thread would only slow). Call before confinement.
-    /// `sandboxed`: the threads never end (see [`IoThreads::start`]).
-    pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
-        if let Some(direct) = self.direct.as_mut() {
-            direct.threads = Some(IoThreads::start(IO_THREADS, name, sandboxed)?);
-        }
-        Ok(())
+    /// Starts what runs a `direct=on` disk's transfers many at once: its
+    /// io_uring or its I/O threads, as `aio` says (nothing for other disks:
+    /// with the page cache a transfer is a memory copy, which a hand-off
+    /// would only slow). Call before confinement. `sandboxed`: threads
+    /// never end (see [`IoThreads::start`]). Returns whether a ring runs.
+    pub fn start_io(&mut self, aio: Aio, name: &str, sandboxed: bool) -> std::io::Result<bool> {
+        let Some(direct) = self.direct.as_mut() else { return Ok(false) };
+        let ring = match aio {
+            Aio::Threads => None,
+            Aio::IoUring => Some(DiskRing::new(&self.file, QUEUE_SIZE as u32).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("aio=io_uring, but the kernel refuses a ring: {e}"))
+            })?),
+            Aio::Auto => match DiskRing::new(&self.file, QUEUE_SIZE as u32) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!("{name}: no io_uring ({e}): direct=on transfers run on threads");
+                    None
+                }
+            },
+        };
+        let uses_ring = ring.is_some();
+        direct.io = Some(match ring {
+            Some(ring) => DiskIo::Ring(Arc::new(Mutex::new(ring))),
+            None => DiskIo::Threads(IoThreads::start(IO_THREADS, name, sandboxed)?),
+        });
+        Ok(uses_ring)
     }
 
     pub fn info(&self) -> DeviceInfo {
@@ -231,16 +271,16 @@ impl BlockDevice {
     }
 
     /// Serves the requests: reads and writes of a `direct=on` disk many at
-    /// once on its I/O threads, anything else (a flush waits for every
-    /// transfer before it) in order on this thread.
+    /// once on its ring or I/O threads, anything else (a flush waits for
+    /// every transfer before it) in order on this thread.
     pub fn serve(&mut self, requests: &[Request]) -> Vec<Reply> {
-        let threaded = self.direct.as_ref().is_some_and(|d| d.threads.is_some());
+        let threaded = self.direct.as_ref().is_some_and(|d| d.io.is_some());
         if !threaded || requests.len() < 2 {
             return requests.iter().map(|r| self.serve_one(r)).collect();
         }
         let mut replies: Vec<Option<Reply>> = requests.iter().map(|_| None).collect();
         let (report, done) = channel();
-        let mut in_flight = InFlight { done, report, transfers: Vec::new() };
+        let mut in_flight = InFlight { done, report, transfers: Vec::new(), on_ring: Vec::new() };
         for (index, request) in requests.iter().enumerate() {
             match self.threaded_transfer(request) {
                 Some(transfer) => {
@@ -279,29 +319,47 @@ impl BlockDevice {
 
     fn start_transfer(&mut self, index: usize, request: &Request, t: Transfer, in_flight: &mut InFlight) -> Option<()> {
         let direct = self.direct.as_mut()?;
-        let threads = direct.threads.clone()?;
+        let io = direct.io.clone()?;
         let mut buffer = direct.spare.pop().unwrap_or_else(AlignedBuffer::new);
         let bytes = buffer.get(t.len as usize)?;
         if t.write {
             bytes.copy_from_slice(request.readable.as_ref().map_or(&[][..], |r| &r[HEADER_SIZE as usize..]));
         }
-        let (file, report) = (self.file.clone(), in_flight.report.clone());
-        threads.run(Box::new(move || {
-            let ok = match buffer.get(t.len as usize) {
-                Some(bytes) if t.write => file.write_all_at(bytes, t.offset).is_ok(),
-                Some(bytes) => file.read_exact_at(bytes, t.offset).is_ok(),
-                None => false,
-            };
-            let _ = report.send((index, ok, buffer));
-        }));
+        match io {
+            DiskIo::Threads(threads) => {
+                let (file, report) = (self.file.clone(), in_flight.report.clone());
+                threads.run(Box::new(move || {
+                    let ok = match buffer.get(t.len as usize) {
+                        Some(bytes) if t.write => file.write_all_at(bytes, t.offset).is_ok(),
+                        Some(bytes) => file.read_exact_at(bytes, t.offset).is_ok(),
+                        None => false,
+                    };
+                    let _ = report.send((index, ok, buffer));
+                }));
+            }
+            DiskIo::Ring(ring) => {
+                let iovec = Box::new([libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() }]);
+                let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: the buffer and its iovec stay in `on_ring` until
+                // `collect` has taken this completion.
+                if unsafe { ring.push(Owner::Batch, index as u64, t.write, &iovec[..], t.offset) }.is_err() {
+                    direct.spare.push(buffer);
+                    return None;
+                }
+                in_flight.on_ring.push((index, buffer, iovec));
+            }
+        }
         in_flight.transfers.push((index, request.writable_len - 1, t));
         Some(())
     }
 
     /// Waits for every transfer in flight and fills in its reply.
     fn collect(&mut self, in_flight: &mut InFlight, replies: &mut [Option<Reply>]) {
-        for _ in 0..in_flight.transfers.len() {
-            let Ok((index, ok, mut buffer)) = in_flight.done.recv() else { break };
+        let ended = match self.direct.as_ref().and_then(|d| d.io.clone()) {
+            Some(DiskIo::Ring(ring)) => self.ring_ended(&ring, in_flight),
+            _ => (0..in_flight.transfers.len()).map_while(|_| in_flight.done.recv().ok()).collect(),
+        };
+        for (index, ok, mut buffer) in ended {
             let Some(&(_, status_at, t)) = in_flight.transfers.iter().find(|(i, _, _)| *i == index) else { continue };
             let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| b.to_vec())).flatten();
             let status = if ok { S_OK } else { S_IOERR };
@@ -311,6 +369,45 @@ impl BlockDevice {
             }
         }
         in_flight.transfers.clear();
+    }
+
+    /// Submits the batch's ring transfers and waits for them all: (request
+    /// index, whether it moved every byte, its buffer).
+    fn ring_ended(&self, ring: &Mutex<DiskRing>, in_flight: &mut InFlight) -> Vec<(usize, bool, AlignedBuffer)> {
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results: Vec<(u64, i32)> = Vec::new();
+        while results.len() < in_flight.on_ring.len() {
+            if ring.wait(Owner::Batch, in_flight.on_ring.len() - results.len()).is_err() {
+                break;
+            }
+            results.extend(ring.completions(Owner::Batch));
+        }
+        let mut ended = Vec::new();
+        for (index, mut buffer, iovec) in in_flight.on_ring.drain(..) {
+            let Some(&(_, _, t)) = in_flight.transfers.iter().find(|(i, _, _)| *i == index) else { continue };
+            let Some(moved) = results.iter().find(|r| r.0 == index as u64).map(|r| r.1) else {
+                // Never reported (the ring failed): the kernel may still
+                // use the buffer, so it is never reused or freed; the
+                // request, unanswered, fails.
+                std::mem::forget((buffer, iovec));
+                continue;
+            };
+            let ok = match (moved, buffer.get(t.len as usize)) {
+                (m, _) if m as u64 == t.len => true,
+                // A short transfer (rare): the rest here.
+                (m, Some(bytes)) if m > 0 => {
+                    let (rest, at) = (&mut bytes[m as usize..], t.offset + m as u64);
+                    if t.write {
+                        self.file.write_all_at(rest, at).is_ok()
+                    } else {
+                        self.file.read_exact_at(rest, at).is_ok()
+                    }
+                }
+                _ => false,
+            };
+            ended.push((index, ok, buffer));
+        }
+        ended
     }
 
     fn reply(status: u8, data: Option<Vec<u8>>, status_at: u64) -> Reply {
@@ -466,7 +563,7 @@ mod tests {
     fn a_host_that_needs_4k_direct_io_gets_4k_requests_only() {
         let file = tempfile_with(64 << 10);
         let mut disk = BlockDevice::new(file, false, "d").unwrap();
-        disk.direct = Some(Direct { buffer: AlignedBuffer::new(), block: 4096, threads: None, spare: Vec::new() });
+        disk.direct = Some(Direct { buffer: AlignedBuffer::new(), block: 4096, io: None, spare: Vec::new() });
         let info = disk.info();
         assert_ne!(info.features & F_BLK_SIZE, 0, "the driver is told the block size");
         assert_eq!(u32::from_le_bytes(info.config[CONFIG_BLK_SIZE..CONFIG_BLK_SIZE + 4].try_into().unwrap()), 4096);
@@ -483,11 +580,11 @@ mod tests {
         assert_eq!(status(&replies[3]), S_IOERR, "a length off the 4 KiB grid");
     }
 
-    /// A `direct=on` disk with its I/O threads, on a file in the temp dir
-    /// (None where that filesystem has no O_DIRECT, like tmpfs before 6.6).
-    fn threaded_disk(len: u64) -> Option<BlockDevice> {
+    /// A `direct=on` disk with its ring or I/O threads, on a file in the temp
+    /// dir (None where that filesystem has no O_DIRECT, like tmpfs before 6.6).
+    fn threaded_disk(len: u64, aio: Aio) -> Option<BlockDevice> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = std::env::temp_dir().join(format!("skvm-blk-direct-{}.img", std::process::id()));
+        let path = std::env::temp_dir().join(format!("skvm-blk-direct-{aio:?}-{}.img", std::process::id()));
         let mut options = std::fs::OpenOptions::new();
         let opened = options.read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path);
         let _ = std::fs::remove_file(&path);
@@ -498,13 +595,20 @@ mod tests {
         file.set_len(len).unwrap();
         let mut disk = BlockDevice::new(file, false, "d").unwrap();
         assert!(disk.is_direct());
-        disk.start_io_threads("test", false).unwrap();
+        assert_eq!(disk.start_io(aio, "test", false).unwrap(), aio == Aio::IoUring);
         Some(disk)
     }
 
     #[test]
-    fn threaded_transfers_keep_each_request_whole_and_in_order_where_they_overlap() {
-        let Some(mut disk) = threaded_disk(1 << 20) else { return };
+    fn transfers_in_flight_keep_each_request_whole_and_in_order_where_they_overlap() {
+        for aio in [Aio::IoUring, Aio::Threads] {
+            if let Some(disk) = threaded_disk(1 << 20, aio) {
+                batches_keep_each_request_whole(disk);
+            }
+        }
+    }
+
+    fn batches_keep_each_request_whole(mut disk: BlockDevice) {
         // Writes of 64 blocks, each read back in the same batch; the first
         // block written twice, then read: the second write's bytes.
         let mut batch = Vec::new();

@@ -7,6 +7,7 @@
 pub mod aligned;
 pub mod blk;
 pub mod console;
+mod disk_ring;
 mod hostile;
 mod in_flight;
 mod io_threads;
@@ -79,11 +80,11 @@ impl Backend {
     }
 
     /// Starts what the device needs before its sandbox closes (a `direct=on`
-    /// disk's I/O threads).
-    pub fn start_io_threads(&mut self, name: &str, sandboxed: bool) -> std::io::Result<()> {
+    /// disk's io_uring or I/O threads); returns whether a ring runs.
+    pub fn start_io(&mut self, aio: blk::Aio, name: &str, sandboxed: bool) -> std::io::Result<bool> {
         match self {
-            Backend::Block(blk) => blk.start_io_threads(name, sandboxed),
-            _ => Ok(()),
+            Backend::Block(blk) => blk.start_io(aio, name, sandboxed),
+            _ => Ok(false),
         }
     }
 

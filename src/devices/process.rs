@@ -1,6 +1,7 @@
 //! The device process: `skvm device ...`, started by the VMM re-executing
 //! its own binary. It keeps only the descriptors it was given, confines
 //! itself, then serves one device until the VMM closes the control channel.
+use super::blk::Aio;
 use super::blk::BlockDevice;
 use super::mem::MemDevice;
 use super::memory::{MappedMemory, RpcMemory};
@@ -101,6 +102,8 @@ pub enum DeviceKind {
     Block {
         disk: RawFd,
         readonly: bool,
+        /// How transfers run, if the disk is `direct=on`.
+        aio: Aio,
     },
     Rng,
     /// virtio-mem, with its channel to the VMM's hotplug service.
@@ -272,13 +275,11 @@ impl DeviceProcess {
             MemoryChannel::Rpc { .. } => None,
         };
         let (filter, max_file_size) = match self.kind {
-            DeviceKind::Block { disk, .. } => (sandbox::device_filter(sandbox::DeviceFilter::Block)?, file_size(disk)?),
+            DeviceKind::Block { disk, .. } => (sandbox::DeviceFilter::Block { io_uring: false }, file_size(disk)?),
             // A console's output may be a file, which grows as the guest writes
             // (as the serial console's does); no other file is open to grow.
-            DeviceKind::Console { .. } => (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, libc::RLIM_INFINITY),
-            DeviceKind::Rng | DeviceKind::Mem { .. } | DeviceKind::Net { .. } => {
-                (sandbox::device_filter(sandbox::DeviceFilter::NoDisk)?, 0)
-            }
+            DeviceKind::Console { .. } => (sandbox::DeviceFilter::NoDisk, libc::RLIM_INFINITY),
+            DeviceKind::Rng | DeviceKind::Mem { .. } | DeviceKind::Net { .. } => (sandbox::DeviceFilter::NoDisk, 0),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -302,7 +303,7 @@ impl DeviceProcess {
                 None => Doorbell::Requests,
             };
             let mut backend = match self.kind {
-                DeviceKind::Block { disk, readonly } => {
+                DeviceKind::Block { disk, readonly, .. } => {
                     // SAFETY: as above.
                     let disk = unsafe { File::from_raw_fd(disk) };
                     Backend::Block(BlockDevice::new(disk, readonly, &self.name).map_err(|e| format!("disk: {e}"))?)
@@ -340,10 +341,21 @@ impl DeviceProcess {
                 _ => -1,
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
-            let (name, needs_threads) = (self.name.clone(), backend.needs_io_threads());
-            let mut start_io_threads = || backend.start_io_threads(&name, true);
-            let threads = needs_threads.then_some(&mut start_io_threads as &mut dyn FnMut() -> _);
-            sandbox::confine(&filter, highest_fd, max_file_size, threads).map_err(|e| format!("sandbox: {e}"))?;
+            let aio = match self.kind {
+                DeviceKind::Block { aio, .. } => aio,
+                _ => Aio::Auto,
+            };
+            let (name, needs_io) = (self.name.clone(), backend.needs_io_threads());
+            let filter = std::cell::Cell::new(filter);
+            // A disk's io_uring (made here, before the filter) adds io_uring_enter to it.
+            let mut start_io = || {
+                let ring = backend.start_io(aio, &name, true)?;
+                filter.set(sandbox::DeviceFilter::Block { io_uring: ring });
+                Ok(())
+            };
+            let threads = needs_io.then_some(&mut start_io as &mut dyn FnMut() -> _);
+            sandbox::confine(&|| sandbox::device_filter(filter.get()), highest_fd, max_file_size, threads)
+                .map_err(|e| format!("sandbox: {e}"))?;
             let served = match (memory_socket, shared) {
                 (Some(socket), _) => {
                     let client = GuestMemoryClient::new(Default::default(), socket).spawn();

@@ -289,7 +289,8 @@ async fn serve_zero_copy<M: DeviceMemory>(
     use std::os::fd::AsRawFd;
     let (Backend::Block(blk), Some(guest)) = (backend, mem.mapped()) else { return Ok(chains) };
     if in_flight.is_none() {
-        *in_flight = blk.io_threads().map(|t| InFlight::new(t.clone(), blk.file().clone(), io_done.clone()));
+        // Without it (it cannot fail but for lack of descriptors) transfers run here, one by one.
+        *in_flight = blk.disk_io().and_then(|io| InFlight::new(io, blk.file().clone(), io_done.clone()).ok());
     }
     let (mut rest, mut served) = (Vec::new(), Vec::new());
     let map = in_flight.is_some().then(|| guest.clone().into_inner());
@@ -646,8 +647,13 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
     loop {
         {
             let mut core = core.lock().await;
-            if core.in_flight.as_ref().is_some_and(|io| io.outstanding() > 0) {
+            let in_flight = core.in_flight.as_ref().map_or(0, |io| io.outstanding());
+            if in_flight > 0 && !core.in_flight.as_ref().is_some_and(InFlight::on_ring) {
                 return Ok(());
+            }
+            if in_flight > 0 {
+                // Transfers on a ring: watch for their ends too.
+                until = Instant::now() + window;
             }
             match core.ring_has_new() {
                 // A device that does not poll goes back to sleep without yielding.

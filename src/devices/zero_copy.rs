@@ -118,6 +118,22 @@ impl Plan {
     /// Moves the data and writes the status byte.
     pub fn run(self, fd: i32) -> Served {
         let ok = transfer(fd, &self.pieces, self.offset, self.write);
+        self.finish(ok)
+    }
+
+    /// A plan that names no memory, for tests of what carries plans.
+    #[cfg(test)]
+    pub fn dummy() -> Plan {
+        Plan { head: 0, write: false, offset: 0, len: 0, pieces: Vec::new(), status: std::ptr::null_mut(), map: None }
+    }
+
+    /// The pieces as iovecs, for a transfer that runs elsewhere (a ring).
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        self.pieces.iter().map(|&(ptr, len)| libc::iovec { iov_base: ptr.cast(), iov_len: len }).collect()
+    }
+
+    /// Writes the status byte of a transfer that has ended (`ok`: wholly).
+    pub fn finish(self, ok: bool) -> Served {
         let status = if ok { super::blk::S_OK } else { super::blk::S_IOERR };
         // SAFETY: a checked one-byte piece of mapped guest RAM.
         unsafe { std::ptr::write_volatile(self.status, status) };

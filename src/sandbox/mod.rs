@@ -127,7 +127,7 @@ const DATA_LIMIT: u64 = 512 << 20;
 /// process that has unshared its own. The filters forbid creating processes
 /// and sending signals, which are what a pid namespace would bound.
 pub fn confine(
-    filters: &[seccompiler::BpfProgram],
+    filters: &dyn Fn() -> Result<Vec<seccompiler::BpfProgram>, String>,
     open_fds: u64,
     max_file_size: u64,
     start_threads: Option<&mut dyn FnMut() -> std::io::Result<()>>,
@@ -145,7 +145,6 @@ pub fn confine(
     empty_root()?;
     limit(libc::RLIMIT_NOFILE, open_fds, "RLIMIT_NOFILE")?;
     limit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
-    limit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
     limit(libc::RLIMIT_MSGQUEUE, 0, "RLIMIT_MSGQUEUE")?;
     limit(libc::RLIMIT_DATA, DATA_LIMIT, "RLIMIT_DATA")?;
     // A write past the limit fails with EFBIG instead of killing the device.
@@ -158,8 +157,11 @@ pub fn confine(
     if let Some(start) = start_threads {
         start().map_err(|e| SandboxError::Seccomp(format!("starting threads before the filter: {e}")))?;
     }
-    for filter in filters {
-        seccompiler::apply_filter_all_threads(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    // After the start: a disk's io_uring counts its rings as locked memory.
+    limit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
+    // Built after the threads start: what they set up (a disk's ring) decides it.
+    for filter in filters().map_err(SandboxError::Seccomp)? {
+        seccompiler::apply_filter_all_threads(&filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// How `direct` transfers run: io_uring or a thread pool.
+    pub aio: crate::devices::blk::Aio,
 }
 
 /// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing host tap.

@@ -310,6 +310,9 @@ fn refuse_repeated_disks(disks: &[DiskConfig]) -> Result<()> {
     Ok(())
 }
 
+/// How long a disk's lock is waited for (see [`DiskLock::take`]).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Two VMs writing one disk corrupt it: an exclusive lock for a writable
 /// disk and a shared one for a read-only disk, held while the VM runs. The
 /// lock belongs to the open file, which the device's descriptor shares.
@@ -318,10 +321,18 @@ struct DiskLock(std::fs::File);
 impl DiskLock {
     fn take(file: &std::fs::File, disk: &DiskConfig) -> Result<Self> {
         let mode = if disk.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+        // A VM killed with SIGKILL cannot unlock; its lock goes with the last
+        // reference to the file, which a disk's io_uring drops shortly after
+        // its process has died (the kernel tears rings down in the
+        // background). So a busy disk is tried again for a while.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        while unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(Error::Device(format!("disk {} is in use by another process ({e})", disk.path.display())));
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+                return Err(Error::Device(format!("disk {} is in use by another process ({e})", disk.path.display())));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         Ok(Self(file.try_clone()?))
     }
@@ -364,7 +375,7 @@ fn launch_device(
         DeviceSpec::Block(disk) => {
             let file = super::host_files::open_disk(&disk.path, disk.readonly, disk.direct)?;
             disk_lock = Some(DiskLock::take(&file, disk)?);
-            ProcessKind::Block { disk: file, readonly: disk.readonly }
+            ProcessKind::Block { disk: file, readonly: disk.readonly, aio: disk.aio }
         }
         DeviceSpec::Net(net) => {
             let (tap, offloads) = super::host_files::open_tap(&net.tap, crate::devices::net::HEADER)?;
@@ -520,8 +531,10 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
         .name(name.clone())
         .spawn(move || {
             let run = async {
+                let mut aio = crate::devices::blk::Aio::Auto;
                 let mut backend = match kind {
-                    ProcessKind::Block { disk, readonly } => {
+                    ProcessKind::Block { disk, readonly, aio: chosen } => {
+                        aio = chosen;
                         Backend::Block(BlockDevice::new(disk, readonly, &name).map_err(|e| format!("disk: {e}"))?)
                     }
                     ProcessKind::Rng => Backend::Rng(RngDevice),
@@ -534,7 +547,7 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
                             .map_err(|e| format!("console: {e}"))?,
                     ),
                 };
-                backend.start_io_threads(&name, false).map_err(|e| format!("I/O threads: {e}"))?;
+                backend.start_io(aio, &name, false).map_err(|e| format!("disk I/O: {e}"))?;
                 let transport = rpc_schema::transport(control).map_err(|e| e.to_string())?;
                 let poll = std::time::Duration::from_micros(poll_us.into());
                 let doorbell = crate::devices::runner::Doorbell::Ring { notify, irq, poll };

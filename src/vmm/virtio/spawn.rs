@@ -4,7 +4,9 @@
 //! shared mode does whenever the memory map changes.
 use super::host::DeviceHealth;
 use super::{Error, Result};
+use crate::devices::blk::Aio;
 use crate::devices::process::{Misbehaviour, SharedRegion};
+use clap::ValueEnum;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -15,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Which device a process runs, with the backend the VMM opened for it.
 pub enum ProcessKind {
-    Block { disk: File, readonly: bool },
+    Block { disk: File, readonly: bool, aio: Aio },
     Rng,
     Mem { hotplug: UnixStream },
     Net { tap: File, mac: [u8; 6], offloads: bool },
@@ -26,8 +28,8 @@ impl ProcessKind {
     /// The same backend, for another start of the device.
     pub fn try_clone(&self) -> std::io::Result<ProcessKind> {
         Ok(match self {
-            ProcessKind::Block { disk, readonly } => {
-                ProcessKind::Block { disk: disk.try_clone()?, readonly: *readonly }
+            ProcessKind::Block { disk, readonly, aio } => {
+                ProcessKind::Block { disk: disk.try_clone()?, readonly: *readonly, aio: *aio }
             }
             ProcessKind::Rng => ProcessKind::Rng,
             ProcessKind::Mem { hotplug } => ProcessKind::Mem { hotplug: hotplug.try_clone()? },
@@ -75,11 +77,14 @@ impl ProcessRecipe {
             child.arg(format!("--poll-us={}", self.poll_us));
         }
         match &self.kind {
-            ProcessKind::Block { disk, readonly } => {
+            ProcessKind::Block { disk, readonly, aio } => {
                 child.arg("--kind=blk".into());
                 child.fd("--disk-fd", disk.as_raw_fd());
                 if *readonly {
                     child.arg("--readonly".into());
+                }
+                if let Some(aio) = aio.to_possible_value() {
+                    child.arg(format!("--aio={}", aio.get_name()));
                 }
             }
             ProcessKind::Rng => child.arg("--kind=rng".into()),
