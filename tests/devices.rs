@@ -752,6 +752,42 @@ fn stat_ticks(stat: &str) -> Option<u64> {
     fields.get(10..12).map(|t| t[0] + t[1])
 }
 
+/// While a device polls its ring (and in `rpc` while the VMM's engine
+/// does, or the device holds requests) it tells the driver, through the
+/// used ring's NO_NOTIFY flag, that it needs no notifications, and the
+/// test guest, like Linux, then skips them: each one is an exit, the
+/// dearest part of a request on nested hosts. Without polling, and in
+/// `rpc-dma` (which does not poll), every submission notifies.
+#[test]
+fn a_polling_device_spares_the_driver_its_notifications() {
+    let counts = |out: &Outcome| -> (u64, u64) {
+        let line = out.stdout.lines().find_map(|l| l.strip_prefix("blk-bench: notifications ")).unwrap_or_default();
+        let field = |name: &str| line.split_whitespace().find_map(|f| f.strip_prefix(name)?.parse().ok());
+        (field("sent=").unwrap_or(u64::MAX), field("skipped=").unwrap_or(u64::MAX))
+    };
+    // 4,000 requests at queue depth 32: one kick for the first 32, then one per request.
+    let kicks = 4000 - 32 + 1;
+    for mode in MODES {
+        for window in ["50", "0"] {
+            let path = disk(&format!("quiet-{mode}-{window}.img"), 4 << 20);
+            let extra = ["--device-poll-us", window];
+            let out = guest_with_disk(mode, &path, "", &extra, "scenario=blk-bench rw=randread qd=32 ops=4000");
+            let what = format!("{mode}, --device-poll-us {window}");
+            assert_eq!(out.code(), Some(0), "{what}: {} {}", out.stdout, out.stderr);
+            let (sent, skipped) = counts(&out);
+            eprintln!("devices: {what}: {sent} of {kicks} submissions notified");
+            assert_eq!(sent + skipped, kicks, "{what}: {}", out.stdout);
+            // In `rpc` the engine also keeps them off while the device holds requests.
+            let quiet = mode == "rpc" || (window != "0" && mode != "rpc-dma");
+            if quiet {
+                assert!(sent * 4 < kicks, "{what}: {sent} of {kicks} submissions notified");
+            } else {
+                assert_eq!(skipped, 0, "{what}: a device that does not poll wants every notification");
+            }
+        }
+    }
+}
+
 /// Devices with guest RAM mapped, and in `rpc` the VMM's request engine,
 /// watch the rings only after requests (`--device-poll-us`, 50 by
 /// default): with a guest that does no I/O they sleep, with the default

@@ -99,6 +99,15 @@ impl<M: DeviceMemory> Core<M> {
         }
     }
 
+    /// Tells the driver to notify us of new requests (`on`), or not while we poll.
+    async fn notifications(&mut self, on: bool) -> Result<(), QueueError> {
+        let Core { mem, queues, .. } = self;
+        for queue in queues.iter_mut() {
+            mem.write(queue.notifications(on)).await?;
+        }
+        Ok(())
+    }
+
     /// Whether any queue has requests the driver made available since the
     /// last pop, read from guest RAM mapped here; None where it is not
     /// (`rpc-dma` would need a memory call per look), and for devices whose
@@ -463,6 +472,9 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         core.set_features(features);
         core.queues = queues;
+        // The device we replace may have stopped while it polled, with the
+        // driver told not to notify.
+        core.notifications(true).await.map_err(|e| DeviceError::Failed(e.to_string()))?;
         core.mem.resume_from(&state.counters);
         if let (Backend::Net(net), Some(carried)) = (&mut core.backend, &state.counters.net) {
             net.counters = carried.clone();
@@ -640,33 +652,45 @@ where
 /// are answered. It stops while transfers are in flight on the I/O
 /// threads, which need the CPU more (their ends wake the device anyway).
 async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> Result<(), QueueError> {
-    if window.is_zero() {
+    if window.is_zero() || core.lock().await.ring_has_new().is_none() {
         return Ok(());
     }
     let mut until = Instant::now() + window;
+    let mut told = false;
     loop {
         {
             let mut core = core.lock().await;
             let in_flight = core.in_flight.as_ref().map_or(0, |io| io.outstanding());
-            if in_flight > 0 && !core.in_flight.as_ref().is_some_and(InFlight::on_ring) {
-                return Ok(());
+            let on_ring = core.in_flight.as_ref().is_some_and(InFlight::on_ring);
+            if (in_flight > 0 && !on_ring) || core.queues.is_empty() {
+                return core.notifications(true).await;
+            }
+            if !told {
+                // We are looking anyway: the driver's notifications would only cost it exits.
+                core.notifications(false).await?;
+                told = true;
             }
             if in_flight > 0 {
                 // Transfers on a ring: watch for their ends too.
                 until = Instant::now() + window;
             }
-            match core.ring_has_new() {
-                // A device that does not poll goes back to sleep without yielding.
-                None => return Ok(()),
-                Some(true) => {
-                    while core.service().await? {}
-                    until = Instant::now() + window;
-                }
-                Some(false) => core.complete_ended(false).await?,
+            if core.ring_has_new() == Some(true) {
+                while core.service().await? {}
+                until = Instant::now() + window;
+            } else {
+                core.complete_ended(false).await?;
             }
-        }
-        if Instant::now() >= until {
-            return Ok(());
+            if Instant::now() >= until {
+                // Back to notifications, then one more look: the driver may
+                // have posted just before it saw them back on.
+                core.notifications(true).await?;
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                if core.ring_has_new() != Some(true) {
+                    return Ok(());
+                }
+                told = false;
+                until = Instant::now() + window;
+            }
         }
         // Other tasks first, then other threads on this CPU (on a small host
         // a poller must not starve whoever feeds its input).

@@ -150,11 +150,17 @@ pub struct SplitQueue {
     indirect: bool,
     /// Device-readable buffers of the last chains, to prefetch next time.
     predicted: Vec<Segment>,
+    /// The device is polling the avail ring and has told the driver not to
+    /// notify it (see [`SplitQueue::notifications`]).
+    polling: bool,
 }
+
+/// In the used ring's flags: the driver need not notify (virtio 1.x, 2.7.10).
+const USED_F_NO_NOTIFY: u16 = 1;
 
 impl SplitQueue {
     pub fn new(config: QueueConfig, event_idx: bool, indirect: bool) -> Self {
-        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect, predicted: Vec::new() }
+        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect, predicted: Vec::new(), polling: false }
     }
 
     pub fn restore(state: &QueueState, event_idx: bool, indirect: bool) -> Self {
@@ -263,7 +269,6 @@ impl SplitQueue {
     /// sent after the requests' own data: elements, then the index, then (with
     /// EVENT_IDX) where the driver should next notify us.
     pub fn complete(&mut self, done: &[(u16, u32)]) -> Vec<WriteSegment> {
-        let size = self.size() as u64;
         let mut writes = Vec::with_capacity(done.len() + 2);
         for &(head, len) in done {
             let slot = (self.next_used % self.size()) as u64;
@@ -277,10 +282,30 @@ impl SplitQueue {
             addr: self.config.used + 2,
             data: ByteBuf::from(self.next_used.to_le_bytes().to_vec()),
         });
-        if self.event_idx {
-            let avail_event = self.config.used + 4 + 8 * size;
-            writes
-                .push(WriteSegment { addr: avail_event, data: ByteBuf::from(self.next_avail.to_le_bytes().to_vec()) });
+        if self.event_idx && !self.polling {
+            writes.push(self.avail_event());
+        }
+        writes
+    }
+
+    /// With EVENT_IDX: notify us once the driver makes available beyond what we have taken.
+    fn avail_event(&self) -> WriteSegment {
+        let addr = self.config.used + 4 + 8 * self.size() as u64;
+        WriteSegment { addr, data: ByteBuf::from(self.next_avail.to_le_bytes().to_vec()) }
+    }
+
+    /// The writes that tell the driver whether to notify us of new requests:
+    /// not while we poll the avail ring (the used ring's NO_NOTIFY flag, and
+    /// with EVENT_IDX an avail event left behind), and again once we stop.
+    /// After turning them back on, look at the ring once more before
+    /// sleeping: the driver may have skipped a notification just before.
+    pub fn notifications(&mut self, on: bool) -> Vec<WriteSegment> {
+        self.polling = !on;
+        let flags = if on { 0 } else { USED_F_NO_NOTIFY };
+        let mut writes =
+            vec![WriteSegment { addr: self.config.used, data: ByteBuf::from(flags.to_le_bytes().to_vec()) }];
+        if on && self.event_idx {
+            writes.push(self.avail_event());
         }
         writes
     }

@@ -48,6 +48,10 @@ pub struct QueueContext {
     pub irq: EventFd,
     /// How long to watch the rings after a completion (see [`Engine::watch`]).
     pub poll: Duration,
+    /// Tell the driver not to notify while the device holds requests (a
+    /// completion comes, and the rings are looked at then) or while they
+    /// are watched: for devices that answer every request they are posted.
+    pub quiet_while_busy: bool,
 }
 
 pub struct Engine {
@@ -177,18 +181,27 @@ impl Engine {
     /// Takes available chains of every queue into a batch within the batch
     /// limits, each checked and granted; empty when there are none
     /// (notifications are then re-enabled, and a chain that raced in is
-    /// taken after all).
+    /// taken after all; with `quiet_while_busy` they stay off while the
+    /// device holds requests, whose completion makes us look again).
     fn pop_batch(&self) -> Result<Vec<PostedRequest>, String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let mut queues = lock(&self.queues);
         let mut grants = lock(&self.context.access.grants);
         let mut batch = Batcher::default();
+        let quiet = self.context.quiet_while_busy;
         for (index, queue) in queues.iter_mut().enumerate() {
             loop {
                 let mut chains = queue.iter(mem).map_err(broken)?;
                 let Some(chain) = chains.next() else {
-                    if !batch.is_empty() || !queue.enable_notification(mem).map_err(broken)? {
+                    let busy = !batch.is_empty() || (quiet && grants.outstanding() > 0);
+                    if busy {
+                        if quiet {
+                            queue.disable_notification(mem).map_err(broken)?;
+                        }
+                        break;
+                    }
+                    if !queue.enable_notification(mem).map_err(broken)? {
                         break;
                     }
                     continue;
@@ -259,6 +272,12 @@ impl Engine {
                 if let Some(since) = recovered {
                     self.context.health.recovered(&self.context.name, since.elapsed());
                 }
+                // What the driver posted meanwhile (it may not have notified).
+                // An empty ring is left to `watch`: a pump would turn the
+                // driver's notifications back on before the watching starts.
+                if self.context.quiet_while_busy && self.has_new() && !self.pump() {
+                    return;
+                }
                 self.watch().await;
             }
             Err(reason) => self.fail(reason),
@@ -274,16 +293,38 @@ impl Engine {
     /// requests it does not watch: the device (and its I/O threads) need
     /// the CPU more, and the next completion comes anyway.
     async fn watch(self: &Arc<Self>) {
+        if self.context.poll.is_zero() {
+            return;
+        }
+        let quiet = self.context.quiet_while_busy;
         let until = Instant::now() + self.context.poll;
+        let mut told = false;
         while Instant::now() < until {
             if lock(&self.context.access.grants).outstanding() > 0 {
                 return;
+            }
+            if quiet && !told {
+                // We are looking anyway: notifications would only cost the driver exits.
+                self.notifications_off();
+                told = true;
             }
             if self.has_new() {
                 self.pump();
                 return;
             }
             tokio::task::yield_now().await;
+        }
+        if quiet {
+            // Notifications back on, and one more look (see `pop_batch`).
+            self.pump();
+        }
+    }
+
+    fn notifications_off(&self) {
+        let memory = self.context.memory.memory();
+        for queue in lock(&self.queues).iter_mut() {
+            // A ring that is not RAM fails at the next pop instead.
+            let _ = queue.disable_notification(&*memory);
         }
     }
 

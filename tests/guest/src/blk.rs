@@ -50,6 +50,9 @@ pub struct Blk {
     /// status byte is (a layout may put it in the data buffer).
     tables: Option<u64>,
     status_at: [u64; SLOTS as usize],
+    /// Kicks that notified the device, and kicks it did not want (it polled).
+    pub notified: u64,
+    pub unwanted: u64,
 }
 
 const F_INDIRECT_DESC: u64 = 1 << 28;
@@ -85,7 +88,7 @@ impl Blk {
         let capacity = device.config_read64(0);
         let statuses = headers + 16 * SLOTS as u64;
         let status_at = core::array::from_fn(|slot| statuses + slot as u64);
-        Ok(Blk { device, queue, headers, statuses, capacity, tables: None, status_at })
+        Ok(Blk { device, queue, headers, statuses, capacity, tables: None, status_at, notified: 0, unwanted: 0 })
     }
 
     /// Queues request `slot` (not yet notified). `data` may be 0 with `len` 0.
@@ -178,8 +181,14 @@ impl Blk {
         self.statuses + slot as u64
     }
 
-    pub fn kick(&self) {
-        self.device.notify(0);
+    /// Notifies the device of new requests, unless it says it is polling.
+    pub fn kick(&mut self) {
+        if self.queue.wants_notification() {
+            self.device.notify(0);
+            self.notified += 1;
+        } else {
+            self.unwanted += 1;
+        }
     }
 
     /// Waits for one completion: (slot, status byte, used length).

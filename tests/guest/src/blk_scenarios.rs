@@ -331,6 +331,8 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         ticks,
         latency_sum
     );
+    // How many submissions the device wanted to hear of (it says not while it polls).
+    println!("blk-bench: notifications sent={} skipped={}", blk.notified, blk.unwanted);
     console::write_str("blk-bench: latency-log2-tsc");
     for (bucket, count) in histogram.iter().enumerate().filter(|(_, c)| **c > 0) {
         use core::fmt::Write as _;

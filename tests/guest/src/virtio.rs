@@ -15,6 +15,8 @@ pub const F_VERSION_1: u64 = 1 << 32;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+/// In the used ring's flags: the device polls and needs no notification.
+const USED_F_NO_NOTIFY: u16 = 1;
 
 /// Polls give up after this many TSC ticks (a few seconds on any host).
 const TIMEOUT_TICKS: u64 = 1 << 34;
@@ -299,6 +301,16 @@ impl Queue {
             self.avail_idx = self.avail_idx.wrapping_add(1);
             write_volatile((self.avail + 2) as *mut u16, self.avail_idx);
         }
+    }
+
+    /// Whether the device wants to hear of new requests: it clears
+    /// VIRTQ_USED_F_NO_NOTIFY in the used ring's flags unless it is polling
+    /// the avail ring anyway (virtio 1.x, 2.7.7; as Linux's driver does).
+    pub fn wants_notification(&self) -> bool {
+        // The avail index written by `push` must be seen before we look.
+        fence(Ordering::SeqCst);
+        // SAFETY: the used ring's flags, in RAM we own.
+        unsafe { read_volatile(self.used as *const u16) & USED_F_NO_NOTIFY == 0 }
     }
 
     /// The next completion (head, length), if the device has published one.
