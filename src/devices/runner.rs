@@ -108,6 +108,16 @@ impl<M: DeviceMemory> Core<M> {
         Ok(())
     }
 
+    /// Back to notifications after polling, then one more look: whether
+    /// the driver posted just before it saw them back on (and so did not
+    /// notify). The store, a full fence, then the load, as the driver does
+    /// in the other order.
+    async fn listen_again(&mut self) -> Result<bool, QueueError> {
+        self.notifications(true).await?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(self.ring_has_new() == Some(true))
+    }
+
     /// Whether any queue has requests the driver made available since the
     /// last pop, read from guest RAM mapped here; None where it is not
     /// (`rpc-dma` would need a memory call per look), and for devices whose
@@ -662,8 +672,12 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
             let mut core = core.lock().await;
             let in_flight = core.in_flight.as_ref().map_or(0, |io| io.outstanding());
             let on_ring = core.in_flight.as_ref().is_some_and(InFlight::on_ring);
-            if (in_flight > 0 && !on_ring) || core.queues.is_empty() {
-                return core.notifications(true).await;
+            if in_flight > 0 && !on_ring {
+                // The threads need the CPU: back to notifications.
+                if core.listen_again().await? {
+                    while core.service().await? {}
+                }
+                return Ok(());
             }
             if !told {
                 // We are looking anyway: the driver's notifications would only cost it exits.
@@ -681,11 +695,7 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
                 core.complete_ended(false).await?;
             }
             if Instant::now() >= until {
-                // Back to notifications, then one more look: the driver may
-                // have posted just before it saw them back on.
-                core.notifications(true).await?;
-                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-                if core.ring_has_new() != Some(true) {
+                if !core.listen_again().await? {
                     return Ok(());
                 }
                 told = false;

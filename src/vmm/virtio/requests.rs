@@ -293,10 +293,14 @@ impl Engine {
     /// requests it does not watch: the device (and its I/O threads) need
     /// the CPU more, and the next completion comes anyway.
     async fn watch(self: &Arc<Self>) {
+        let quiet = self.context.quiet_while_busy;
         if self.context.poll.is_zero() {
+            if quiet {
+                // Notifications back on if nothing is held (see `pop_batch`).
+                self.pump();
+            }
             return;
         }
-        let quiet = self.context.quiet_while_busy;
         let until = Instant::now() + self.context.poll;
         let mut told = false;
         while Instant::now() < until {
