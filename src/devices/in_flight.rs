@@ -61,7 +61,7 @@ impl InFlight {
             DiskIo::Ring(ring) => {
                 let completed = ring.lock().unwrap_or_else(|e| e.into_inner()).take_completed();
                 let completed = completed.ok_or_else(|| std::io::Error::other("the ring is watched already"))?;
-                // SAFETY: the AsyncFd owns this duplicate and closes it only when dropped.
+                // SAFETY: the AsyncFd owns the eventfd and closes it only when dropped.
                 let completed = unsafe { tokio::io::unix::AsyncFd::register(completed) }?;
                 tokio::spawn(async move {
                     while let Ok(mut ready) = completed.readable().await {
@@ -96,14 +96,14 @@ impl InFlight {
             || self.waiting.iter().any(|p| clash(plan.extent(), p.extent()))
     }
 
-    /// Starts `plan`, or queues it behind an overlapping transfer.
+    /// Starts `plan`, or queues it behind an overlapping transfer (on a
+    /// ring, it reaches the kernel at the next [`InFlight::submit`]).
     pub fn start(&mut self, plan: Plan) {
         if self.blocked(&plan) {
             self.waiting.push_back(plan);
         } else {
             self.launch(plan);
         }
-        self.submit();
     }
 
     /// Starts `plan` (one that cannot start fails, answered at the next reap).
@@ -138,11 +138,14 @@ impl InFlight {
         self.running.push((head, extent));
     }
 
-    /// Hands queued submissions to the kernel (a ring's, in one call).
-    fn submit(&mut self) {
+    /// Hands what was started to the kernel: a batch's ring transfers in one call.
+    pub fn submit(&mut self) {
         if let Engine::Ring { ring, .. } = &self.engine {
-            // A failed submit leaves them queued; the next one retries.
-            let _ = ring.lock().unwrap_or_else(|e| e.into_inner()).submit();
+            // A failed submit leaves them queued; the next one (at the next
+            // request or completion) retries.
+            if let Err(e) = ring.lock().unwrap_or_else(|e| e.into_inner()).submit() {
+                tracing::warn!("disk ring: submitting failed ({e}); will retry");
+            }
         }
     }
 

@@ -320,6 +320,9 @@ async fn serve_zero_copy<M: DeviceMemory>(
             (None, _, _) => rest.push(chain),
         }
     }
+    if let Some(io) = in_flight.as_mut() {
+        io.submit();
+    }
     // Every transfer served here has ended: the map they used may go.
     drop(guest);
     complete(mem, queue, counters, &served).await?;
