@@ -209,7 +209,9 @@ pub struct RunArgs {
     /// `inprocess`) keeps watching the ring after its last request before sleeping,
     /// in microseconds. A driver that posts again within it saves a cross-CPU
     /// wake-up (vhost-user backends poll the same way); it costs host CPU only
-    /// within the window. 0 turns it off.
+    /// within the window. While it watches, the driver is told not to notify
+    /// (each notification is an exit). Network and console devices watch only
+    /// their transmit queue, after the guest sends. 0 turns it off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub device_poll_us: u32,
 

@@ -22,6 +22,7 @@ use std::os::fd::AsRawFd;
 pub const DEVICE_ID: u32 = 1;
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
 /// `struct virtio_net_hdr_v1`: what precedes every frame, both ways.
 pub const HEADER: usize = 12;
 /// The longest frame a tap takes or gives: 64 KiB of IP, Ethernet and VLAN headers.

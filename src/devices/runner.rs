@@ -4,7 +4,7 @@
 use super::features;
 use super::in_flight::InFlight;
 use super::memory::{DeviceMemory, Timed};
-use super::net::{Held, RX_QUEUE};
+use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::request::{stream_lengths, Request};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{posted, ring, Backend};
@@ -48,6 +48,9 @@ struct Core<M> {
     in_flight: Option<InFlight>,
     /// Rung by an I/O thread when a transfer in flight ends.
     io_done: Arc<Notify>,
+    /// A network or console device sent something since polling last
+    /// started: only then is its transmit queue worth watching.
+    sent: bool,
 }
 
 /// Test-only behaviour of a device, from `--test-device-misbehave`.
@@ -101,11 +104,30 @@ impl<M: DeviceMemory> Core<M> {
 
     /// Tells the driver to notify us of new requests (`on`), or not while we poll.
     async fn notifications(&mut self, on: bool) -> Result<(), QueueError> {
+        let polled = self.polled();
         let Core { mem, queues, .. } = self;
-        for queue in queues.iter_mut() {
+        for queue in queues.get_mut(polled).unwrap_or_default() {
             mem.write(queue.notifications(on)).await?;
         }
         Ok(())
+    }
+
+    /// The queues polling watches: all of them, but only the transmit queue
+    /// of a device whose input comes from the host (network, console): its
+    /// receive buffers wait for input anyway.
+    fn polled(&self) -> std::ops::Range<usize> {
+        match self.backend.holds_receive_buffers() {
+            true => TX_QUEUE as usize..TX_QUEUE as usize + 1,
+            false => 0..self.queues.len(),
+        }
+    }
+
+    /// Whether to poll after this turn: always for a disk, rng or mem; for a
+    /// network or console device only after it sent something (polling
+    /// after input took the CPU a host sender needed, cutting host-to-guest
+    /// throughput by a third on this 2-CPU host).
+    fn worth_polling(&mut self) -> bool {
+        !self.backend.holds_receive_buffers() || std::mem::take(&mut self.sent)
     }
 
     /// Back to notifications after polling, then one more look: whether
@@ -118,18 +140,12 @@ impl<M: DeviceMemory> Core<M> {
         Ok(self.ring_has_new() == Some(true))
     }
 
-    /// Whether any queue has requests the driver made available since the
-    /// last pop, read from guest RAM mapped here; None where it is not
-    /// (`rpc-dma` would need a memory call per look), and for devices whose
-    /// input also comes from the host (network, console): polling halved a
-    /// network round trip here, but took the CPU a host sender needed and
-    /// cut host-to-guest throughput by a third on this 2-CPU host.
+    /// Whether any polled queue has requests the driver made available
+    /// since the last pop, read from guest RAM mapped here; None where it is
+    /// not (`rpc-dma` would need a memory call per look).
     fn ring_has_new(&self) -> Option<bool> {
-        if self.backend.holds_receive_buffers() {
-            return None;
-        }
         let mapped = self.mem.mapped()?;
-        Some(self.queues.iter().any(|queue| queue.has_new(&mapped)))
+        Some(self.queues.get(self.polled()).unwrap_or_default().iter().any(|queue| queue.has_new(&mapped)))
     }
 
     /// Serves one batch of requests; false when the driver had made none.
@@ -191,11 +207,12 @@ impl<M: DeviceMemory> Core<M> {
     /// driver queued to transmit, takes its new receive buffers, and fills
     /// them with input (frames from the tap). False when nothing moved.
     async fn serve_rx_tx(&mut self) -> Result<bool, QueueError> {
-        let Core { mem, backend, queues, irq, counters, rx_chains, .. } = self;
+        let Core { mem, backend, queues, irq, counters, rx_chains, sent, .. } = self;
         let [rx, tx] = queues.as_mut_slice() else { return Ok(false) };
         let mut moved = false;
         let (chains, mut prefetched) = tx.pop_all(mem).await?;
         if !chains.is_empty() {
+            *sent = true;
             let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
             let replies = backend.serve(&requests).await?;
             counters.errors += ring::deliver(mem, tx, backend, &chains, &requests, &replies).await?;
@@ -574,6 +591,7 @@ where
         tamper: hooks.tamper,
         in_flight: None,
         io_done: io_done.clone(),
+        sent: false,
     }));
     let kick = Arc::new(Notify::new());
     let server = Control {
@@ -665,9 +683,13 @@ where
 /// are answered. It stops while transfers are in flight on the I/O
 /// threads, which need the CPU more (their ends wake the device anyway).
 async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> Result<(), QueueError> {
-    if window.is_zero() || core.lock().await.ring_has_new().is_none() {
-        return Ok(());
+    {
+        let mut core = core.lock().await;
+        if window.is_zero() || core.ring_has_new().is_none() || !core.worth_polling() {
+            return Ok(());
+        }
     }
+
     let mut until = Instant::now() + window;
     let mut told = false;
     loop {
@@ -691,7 +713,14 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
                 // Transfers on a ring: watch for their ends too.
                 until = Instant::now() + window;
             }
-            if core.ring_has_new() == Some(true) {
+            if core.backend.holds_receive_buffers() {
+                // Input from the host is served as it comes, but only what the
+                // driver sends keeps the window open.
+                while core.service().await? {}
+                if core.worth_polling() {
+                    until = Instant::now() + window;
+                }
+            } else if core.ring_has_new() == Some(true) {
                 while core.service().await? {}
                 until = Instant::now() + window;
             } else {

@@ -182,15 +182,25 @@ impl SplitQueue {
     /// Whether the driver has made requests available that were not popped
     /// yet, read straight from guest RAM mapped here (no memory call).
     pub fn has_new(&self, mapped: &vm_memory::GuestMemoryMmap) -> bool {
+        self.avail_idx(mapped).is_some_and(|idx| idx != self.next_avail)
+    }
+
+    /// The driver's avail index, read from guest RAM mapped here.
+    fn avail_idx(&self, mapped: &vm_memory::GuestMemoryMmap) -> Option<u16> {
         use vm_memory::Bytes;
         let idx = mapped.read_obj::<u16>(vm_memory::GuestAddress(self.config.avail.wrapping_add(2)));
-        idx.is_ok_and(|idx| u16::from_le(idx) != self.next_avail)
+        idx.ok().map(u16::from_le)
     }
 
     /// Takes the requests the driver has made available since the last call
     /// (up to [`MAX_BATCH_BYTES`] of buffers; call again for the rest), with
     /// whatever of their readable buffers was prefetched.
     pub async fn pop_all<M: DeviceMemory>(&mut self, mem: &M) -> Result<(Vec<Chain>, Prefetched), QueueError> {
+        // Where guest RAM is mapped a look is a load: an empty ring costs no
+        // copies (a ring that is not RAM fails below, as before).
+        if mem.mapped().is_some_and(|mapped| self.avail_idx(&mapped) == Some(self.next_avail)) {
+            return Ok((Vec::new(), Prefetched(Vec::new())));
+        }
         let size = self.size();
         let avail_len = 4 + 2 * size as u32;
         let table_len = DESC_SIZE as u32 * size as u32;
@@ -428,10 +438,16 @@ mod ring_tests {
         );
         assert_eq!(chains[1].head, 2);
         assert_eq!(chains[1].buffers[1], Buffer { addr: 0x8000, len: 1, writable: true });
-        // The readable buffers just seen come back prefetched on the next pop.
-        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x5000)).unwrap();
+        // With nothing new, a pop of mapped memory copies nothing at all.
         let (chains, mut prefetched) = block_on(queue.pop_all(&memory)).unwrap();
-        assert!(chains.is_empty(), "nothing new the second time");
+        assert!(chains.is_empty() && prefetched.take(0x5000, 8).is_none(), "nothing new the second time");
+        // The readable buffers just seen come back prefetched on the next pop
+        // that has something (head 0 again).
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0u16, GuestAddress(AVAIL + 8)).unwrap();
+        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+        let (chains, mut prefetched) = block_on(queue.pop_all(&memory)).unwrap();
+        assert_eq!(chains.len(), 1, "head 0 again");
         assert_eq!(prefetched.take(0x5000, 8), Some(0x1122_3344_5566_7788u64.to_le_bytes().to_vec()));
         assert_eq!(prefetched.take(0x7000, 16).map(|b| b.len()), Some(16));
         assert_eq!(prefetched.take(0x6000, 1), None, "writable buffers are not prefetched");
@@ -440,7 +456,7 @@ mod ring_tests {
         block_on(memory.write(writes)).unwrap();
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "used idx");
         assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8)).unwrap(), 2, "second used element's head");
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 2, "avail_event");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 3, "avail_event");
     }
 
     #[test]

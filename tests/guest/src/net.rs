@@ -53,6 +53,9 @@ pub struct Net {
     pub rx_header: (u8, u16, u16),
     /// Receive buffers posted again since the last notification.
     rx_unannounced: bool,
+    /// Transmit kicks that notified the device, and those it did not want.
+    tx_notified: u64,
+    tx_skipped: u64,
 }
 
 /// The first virtio-net device on the command line.
@@ -102,6 +105,8 @@ impl Net {
             features,
             rx_header: (0, 0, 0),
             rx_unannounced: false,
+            tx_notified: 0,
+            tx_skipped: 0,
         };
         for slot in 0..QUEUE_SIZE {
             net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, rx_flags, 0);
@@ -238,7 +243,13 @@ impl Net {
         self.tx.set_desc(slot, at, len as u32, 0, 0);
         self.tx.push(slot);
         self.tx_busy += 1;
-        self.device.notify(1);
+        // Unless the device says it is watching the queue anyway (as Linux does).
+        if self.tx.wants_notification() {
+            self.device.notify(1);
+            self.tx_notified += 1;
+        } else {
+            self.tx_skipped += 1;
+        }
         Ok(())
     }
 
@@ -566,7 +577,13 @@ impl Stack {
             self.poll(net)?;
             if rdtsc() - last > 1 << 33 {
                 last = rdtsc();
-                crate::println!("net: answered {} pings, echoed {} datagrams", self.pings_answered, self.udp_echoed);
+                crate::println!(
+                    "net: answered {} pings, echoed {} datagrams, transmit notifications sent={} skipped={}",
+                    self.pings_answered,
+                    self.udp_echoed,
+                    net.tx_notified,
+                    net.tx_skipped
+                );
             }
         }
     }
