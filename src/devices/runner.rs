@@ -680,8 +680,12 @@ where
 /// a cross-CPU wake-up, tens of µs on nested hosts and most of a 4 KiB
 /// request's latency; vhost-user backends poll the same way. It costs CPU
 /// only within the window, and yields between looks so control requests
-/// are answered. It stops while transfers are in flight on the I/O
-/// threads, which need the CPU more (their ends wake the device anyway).
+/// are answered. Meanwhile the driver is told not to notify (each
+/// notification is an exit); notifications come back on before the device
+/// sleeps. It stops while transfers are in flight on the I/O threads, which
+/// need the CPU more (their ends wake the device anyway), and watches a
+/// ring's completions too. A network or console device watches only its
+/// transmit queue, and only after the guest sent (see `worth_polling`).
 async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> Result<(), QueueError> {
     {
         let mut core = core.lock().await;
@@ -689,7 +693,6 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
             return Ok(());
         }
     }
-
     let mut until = Instant::now() + window;
     let mut told = false;
     loop {
