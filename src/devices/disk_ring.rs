@@ -164,13 +164,21 @@ mod tests {
         file
     }
 
+    /// A disk file and a ring on it; None (said on stderr) without io_uring.
+    fn ring_on(name: &str) -> Option<(File, DiskRing)> {
+        let disk = file(name);
+        match DiskRing::new(&disk, 8) {
+            Ok(ring) => Some((disk, ring)),
+            Err(e) => {
+                eprintln!("disk_ring: NOT RUN: this kernel offers no io_uring ({e})");
+                None
+            }
+        }
+    }
+
     #[test]
     fn reads_and_writes_the_disk_in_pieces() {
-        let disk = file("rw");
-        let Ok(mut ring) = DiskRing::new(&disk, 8) else {
-            eprintln!("disk_ring: NOT RUN: this kernel offers no io_uring");
-            return;
-        };
+        let Some((disk, mut ring)) = ring_on("rw") else { return };
         let (mut a, mut b) = (vec![0u8; 100], vec![0u8; 412]);
         let read = [iovec(&mut a), iovec(&mut b)];
         let mut c = vec![0xabu8; 512];
@@ -195,11 +203,7 @@ mod tests {
 
     #[test]
     fn only_reads_and_writes_of_the_disk_are_allowed() {
-        let disk = file("only");
-        let Ok(mut ring) = DiskRing::new(&disk, 8) else {
-            eprintln!("disk_ring: NOT RUN: this kernel offers no io_uring");
-            return;
-        };
+        let Some((disk, mut ring)) = ring_on("only") else { return };
         // Another operation, and a plain descriptor instead of the disk's index.
         let fsync = opcode::Fsync::new(types::Fixed(0)).build().user_data(1);
         let other = opcode::Readv::new(types::Fd(disk.as_raw_fd()), std::ptr::null(), 0).build().user_data(2);
