@@ -206,12 +206,15 @@ pub struct RunArgs {
     pub stats_file: Option<PathBuf>,
 
     /// How long a device that walks its own ring with guest RAM mapped (`shared`,
-    /// `inprocess`) keeps watching the ring after its last request before sleeping,
-    /// in microseconds. A driver that posts again within it saves a cross-CPU
-    /// wake-up (vhost-user backends poll the same way); it costs host CPU only
-    /// within the window. While it watches, the driver is told not to notify
-    /// (each notification is an exit). Network and console devices watch only
-    /// their transmit queue, after the guest sends. 0 turns it off.
+    /// `inprocess`), or the VMM for a device in `rpc` mode, keeps watching the
+    /// rings after the last request before sleeping, in microseconds. A driver
+    /// that posts again within it saves a cross-CPU wake-up (vhost-user backends
+    /// poll the same way); while it watches, the driver is told not to notify
+    /// (each notification is an exit). A window that finds nothing stops the
+    /// watching until a notification comes within a window of sleeping, so a
+    /// driver that posts only now and then costs no CPU. Network and console
+    /// devices watch only their transmit queue, after the guest sends. 0 turns
+    /// it off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub device_poll_us: u32,
 

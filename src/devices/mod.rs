@@ -14,6 +14,7 @@ mod io_threads;
 pub mod mem;
 pub mod memory;
 pub mod net;
+pub mod poll_window;
 mod posted;
 pub mod process;
 pub mod request;
@@ -141,6 +142,12 @@ impl Backend {
     }
 
     /// Takes back delivered receive replies, whose buffers the next input reuses.
+    /// Input waits for the driver to post receive buffers (more of them,
+    /// or larger: a frame is held back until they take it).
+    pub fn waits_for_buffers(&self) -> bool {
+        matches!(self, Backend::Net(net) if net.waits_for_buffers())
+    }
+
     pub fn recycle(&mut self, replies: Vec<Reply>) {
         if let Backend::Net(net) = self {
             net.recycle(replies);

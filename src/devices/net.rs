@@ -352,6 +352,11 @@ impl NetDevice {
         self.spare.extend(frames.filter(|b| b.capacity() <= SMALL_FRAME).take(room));
     }
 
+    /// A frame waits for receive buffers that take it.
+    pub fn waits_for_buffers(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Forgets a frame waiting for buffers (a reset or a save).
     pub fn drop_pending(&mut self) {
         self.pending = None;

@@ -5,6 +5,7 @@ use super::features;
 use super::in_flight::InFlight;
 use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE, TX_QUEUE};
+use super::poll_window::PollWindow;
 use super::request::{stream_lengths, Request};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{posted, ring, Backend};
@@ -51,6 +52,10 @@ struct Core<M> {
     /// A network or console device sent something since polling last
     /// started: only then is its transmit queue worth watching.
     sent: bool,
+    /// Ring-walking modes: the driver is told not to notify us of new
+    /// receive buffers, because we hold some and look for more at every
+    /// turn (input wakes us); only a device that runs out needs to hear.
+    rx_quiet: bool,
 }
 
 /// Test-only behaviour of a device, from `--test-device-misbehave`.
@@ -109,6 +114,16 @@ impl<M: DeviceMemory> Core<M> {
         for queue in queues.get_mut(polled).unwrap_or_default() {
             mem.write(queue.notifications(on)).await?;
         }
+        Ok(())
+    }
+
+    /// Every queue's driver notifies again (a restored device).
+    async fn all_notifications_on(&mut self) -> Result<(), QueueError> {
+        let Core { mem, queues, .. } = self;
+        for queue in queues.iter_mut() {
+            mem.write(queue.notifications(true)).await?;
+        }
+        self.rx_quiet = false;
         Ok(())
     }
 
@@ -207,7 +222,7 @@ impl<M: DeviceMemory> Core<M> {
     /// driver queued to transmit, takes its new receive buffers, and fills
     /// them with input (frames from the tap). False when nothing moved.
     async fn serve_rx_tx(&mut self) -> Result<bool, QueueError> {
-        let Core { mem, backend, queues, irq, counters, rx_chains, sent, .. } = self;
+        let Core { mem, backend, queues, irq, counters, rx_chains, sent, rx_quiet, .. } = self;
         let [rx, tx] = queues.as_mut_slice() else { return Ok(false) };
         let mut moved = false;
         let (chains, mut prefetched) = tx.pop_all(mem).await?;
@@ -220,8 +235,9 @@ impl<M: DeviceMemory> Core<M> {
             moved = true;
         }
         // One look at the receive ring per turn (a pop takes up to 16 MiB of
-        // buffers, more than a ring holds); what the driver adds later comes
-        // with its notification.
+        // buffers, more than a ring holds); what the driver adds later is
+        // taken at the next turn, or comes with its notification once we
+        // run out.
         let (chains, _) = rx.pop_all(mem).await?;
         rx_chains.extend(chains.into_iter().map(|chain| {
             let (_, capacity) = chain.stream_lengths();
@@ -229,6 +245,16 @@ impl<M: DeviceMemory> Core<M> {
         }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
         let filled = backend.receive(rx_chains, ring_full, u64::MAX);
+        let starving = rx_chains.is_empty() || backend.waits_for_buffers();
+        let mut look_again = false;
+        if starving == *rx_quiet {
+            mem.write(rx.notifications(starving)).await?;
+            *rx_quiet = !starving;
+            // Back on: the driver may have posted just before it saw them,
+            // so one more turn looks (the store, a fence, the load).
+            look_again = starving;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
         if !filled.is_empty() {
             let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
             let requests: Vec<Request> = chains
@@ -246,7 +272,7 @@ impl<M: DeviceMemory> Core<M> {
                 let _ = irq.write(1);
             }
         }
-        Ok(moved)
+        Ok(moved || look_again)
     }
 
     /// Request level: fills held receive buffers with input (frames from
@@ -446,6 +472,7 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         core.set_features(features);
         core.queues = queues;
+        core.rx_quiet = false;
         self.kick.notify_one();
         Ok(())
     }
@@ -502,9 +529,9 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         let mut core = self.core.lock().await;
         core.set_features(features);
         core.queues = queues;
-        // The device we replace may have stopped while it polled, with the
-        // driver told not to notify.
-        core.notifications(true).await.map_err(|e| DeviceError::Failed(e.to_string()))?;
+        // The device we replace may have stopped while it polled or held
+        // receive buffers, with the driver told not to notify.
+        core.all_notifications_on().await.map_err(|e| DeviceError::Failed(e.to_string()))?;
         core.mem.resume_from(&state.counters);
         if let (Backend::Net(net), Some(carried)) = (&mut core.backend, &state.counters.net) {
             net.counters = carried.clone();
@@ -592,6 +619,7 @@ where
         in_flight: None,
         io_done: io_done.clone(),
         sent: false,
+        rx_quiet: false,
     }));
     let kick = Arc::new(Notify::new());
     let server = Control {
@@ -642,6 +670,7 @@ where
     };
     // SAFETY: the eventfd is owned by the AsyncFd from here on and closed only with it.
     let notify = unsafe { AsyncFd::register(notify) }.map_err(|e| format!("cannot watch the queue notifier: {e}"))?;
+    let mut learned = PollWindow::new(poll);
     let queue_loop = async {
         loop {
             let wants_input = input.is_some() && core.lock().await.wants_input();
@@ -653,6 +682,11 @@ where
                     let mut guard = guard.map_err(|e| format!("queue notifier failed: {e}"))?;
                     let _ = guard.get_inner().read();
                     guard.clear_ready();
+                    // Only a notification with work behind it: one the driver
+                    // sent while we polled may still be waiting here.
+                    if core.lock().await.ring_has_new() == Some(true) {
+                        learned.notified(Instant::now());
+                    }
                 }
                 _ = kick.notified() => {}
                 _ = io_done.notified() => {
@@ -664,7 +698,7 @@ where
             // A batch at a time, letting go of the core in between: a guest
             // that keeps its queue full must not keep `save` waiting.
             while core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))? {}
-            poll_ring(&core, poll).await.map_err(|e| format!("virtqueue: {e}"))?;
+            poll_ring(&core, &mut learned).await.map_err(|e| format!("virtqueue: {e}"))?;
         }
     };
     tokio::select! {
@@ -673,23 +707,30 @@ where
     }
 }
 
-/// Watches the rings for `window` after the last request before going back
+/// Watches the rings for a window after the last request before going back
 /// to sleep on the notifier, where guest RAM is mapped here (a look is a
 /// load, not a memory call), serving what the driver posts meanwhile. A
 /// driver that posts its next request within the window saves the device
 /// a cross-CPU wake-up, tens of µs on nested hosts and most of a 4 KiB
 /// request's latency; vhost-user backends poll the same way. It costs CPU
 /// only within the window, and yields between looks so control requests
-/// are answered. Meanwhile the driver is told not to notify (each
-/// notification is an exit); notifications come back on before the device
-/// sleeps. It stops while transfers are in flight on the I/O threads, which
-/// need the CPU more (their ends wake the device anyway), and watches a
-/// ring's completions too. A network or console device watches only its
-/// transmit queue, and only after the guest sent (see `worth_polling`).
-async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> Result<(), QueueError> {
+/// are answered; a window that finds nothing stops polling until it would
+/// have helped again ([`PollWindow`]). Meanwhile the driver is told not to
+/// notify (each notification is an exit); notifications come back on
+/// before the device sleeps. It stops while transfers are in flight on the
+/// I/O threads, which need the CPU more (their ends wake the device
+/// anyway), and watches a ring's completions too. A network or console
+/// device watches only its transmit queue, and only after the guest sent
+/// (see `worth_polling`).
+async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWindow) -> Result<(), QueueError> {
+    let window = learned.window();
     {
         let mut core = core.lock().await;
-        if window.is_zero() || core.ring_has_new().is_none() || !core.worth_polling() {
+        if core.ring_has_new().is_none() || !core.worth_polling() {
+            return Ok(());
+        }
+        if window.is_zero() {
+            learned.asleep(Instant::now(), false);
             return Ok(());
         }
     }
@@ -705,6 +746,7 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
                 if core.listen_again().await? {
                     while core.service().await? {}
                 }
+                learned.asleep(Instant::now(), false);
                 return Ok(());
             }
             if !told {
@@ -715,6 +757,16 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
             if in_flight > 0 {
                 // Transfers on a ring: watch for their ends too.
                 until = Instant::now() + window;
+            }
+            if Instant::now() >= until {
+                // A window passed with nothing from the driver (what it posts
+                // as notifications come back on is served, but does not count:
+                // on a busy CPU this loop may not have looked for a while).
+                if core.listen_again().await? {
+                    while core.service().await? {}
+                }
+                learned.asleep(Instant::now(), true);
+                return Ok(());
             }
             if core.backend.holds_receive_buffers() {
                 // Input from the host is served as it comes, but only what the
@@ -728,13 +780,6 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, window: Duration) -> 
                 until = Instant::now() + window;
             } else {
                 core.complete_ended(false).await?;
-            }
-            if Instant::now() >= until {
-                if !core.listen_again().await? {
-                    return Ok(());
-                }
-                told = false;
-                until = Instant::now() + window;
             }
         }
         // Other tasks first, then other threads on this CPU (on a small host

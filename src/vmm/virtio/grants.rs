@@ -50,6 +50,8 @@ impl Grant {
 pub struct GrantTable {
     next: u64,
     outstanding: HashMap<u64, Grant>,
+    /// Outstanding grants by queue.
+    per_queue: HashMap<u16, usize>,
     /// Grants the last reset took back: a device may still be working on
     /// them, which is no fault of its own.
     reset: HashSet<u64>,
@@ -59,6 +61,7 @@ impl GrantTable {
     /// Records a posted chain; returns its grant id (never reused).
     pub fn issue(&mut self, grant: Grant) -> u64 {
         self.next += 1;
+        *self.per_queue.entry(grant.queue).or_default() += 1;
         self.outstanding.insert(self.next, grant);
         self.next
     }
@@ -74,7 +77,12 @@ impl GrantTable {
     /// Revokes a grant as its completion arrives.
     pub fn complete(&mut self, id: u64) -> Result<Grant, MemoryError> {
         match self.outstanding.remove(&id) {
-            Some(grant) => Ok(grant),
+            Some(grant) => {
+                if let Some(count) = self.per_queue.get_mut(&grant.queue) {
+                    *count -= 1;
+                }
+                Ok(grant)
+            }
             None if self.reset.contains(&id) => Err(MemoryError::GrantReset(id)),
             None => Err(MemoryError::UnknownGrant(id)),
         }
@@ -83,6 +91,7 @@ impl GrantTable {
     /// Revokes every grant (a reset), returning them by id.
     pub fn revoke_all(&mut self) -> Vec<(u64, Grant)> {
         self.reset = self.outstanding.keys().copied().collect();
+        self.per_queue.clear();
         self.outstanding.drain().collect()
     }
 
@@ -95,6 +104,11 @@ impl GrantTable {
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.len()
+    }
+
+    /// Outstanding grants of one queue.
+    pub fn outstanding_on(&self, queue: u16) -> usize {
+        self.per_queue.get(&queue).copied().unwrap_or(0)
     }
 }
 
@@ -136,8 +150,12 @@ mod tests {
         assert_eq!(table.get(id).err(), Some(MemoryError::UnknownGrant(id)));
         let held = table.issue(chain());
         assert_ne!(held, id);
+        let other = table.issue(Grant { queue: 1, ..chain() });
+        assert_eq!((table.outstanding_on(0), table.outstanding_on(1), table.outstanding_on(2)), (1, 1, 0));
+        assert!(table.complete(other).is_ok());
+        assert_eq!((table.outstanding_on(0), table.outstanding_on(1)), (1, 0));
         assert_eq!(table.revoke_all().len(), 1);
-        assert_eq!(table.outstanding(), 0);
+        assert_eq!((table.outstanding(), table.outstanding_on(0)), (0, 0));
         // Taken back by a reset: refused, but not the device's fault.
         assert_eq!(table.get(held).err(), Some(MemoryError::GrantReset(held)));
         assert!(!MemoryError::GrantReset(held).is_violation() && MemoryError::UnknownGrant(id).is_violation());

@@ -241,9 +241,9 @@ pub struct Posting {
     pub queue: Option<RequestQueue>,
     /// How long the VMM watches the rings after a completion (`--device-poll-us`).
     pub poll: Duration,
-    /// The device answers every request it is posted soon (not a network
-    /// or console device, which hold receive buffers until input comes).
-    pub answers_all: bool,
+    /// The queue whose requests the device holds until input comes (a
+    /// network or console device's receive queue).
+    pub held_queue: Option<u16>,
 }
 
 /// Work the VMM does itself when the driver accepts these features.
@@ -401,7 +401,7 @@ impl DeviceHost {
             notify: self.notify.try_clone().map_err(|e| e.to_string())?,
             irq: self.irq.try_clone().map_err(|e| e.to_string())?,
             poll: self.posting.as_ref().map_or(Duration::ZERO, |p| p.poll),
-            quiet_while_busy: self.posting.as_ref().is_some_and(|p| p.answers_all),
+            held_queue: self.posting.as_ref().and_then(|p| p.held_queue),
         };
         let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
         let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;

@@ -453,8 +453,9 @@ fn launch_device(
             queue_count: info.queue_count,
             queue: None,
             poll: std::time::Duration::from_micros(config.device_poll_us.into()),
-            answers_all: ![crate::devices::net::DEVICE_ID, crate::devices::console::DEVICE_ID]
-                .contains(&info.device_id),
+            held_queue: [crate::devices::net::DEVICE_ID, crate::devices::console::DEVICE_ID]
+                .contains(&info.device_id)
+                .then_some(crate::devices::net::RX_QUEUE),
         });
     }
     if !is_mem {

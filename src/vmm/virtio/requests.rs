@@ -12,6 +12,7 @@ use super::super::lock;
 use super::grants::{Grant, GrantedBuffer};
 use super::host::{within, DeviceHealth};
 use super::memory_service::DeviceAccess;
+use crate::devices::poll_window::PollWindow;
 use rpc_schema::{
     CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
     MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST,
@@ -48,10 +49,24 @@ pub struct QueueContext {
     pub irq: EventFd,
     /// How long to watch the rings after a completion (see [`Engine::watch`]).
     pub poll: Duration,
-    /// Tell the driver not to notify while the device holds requests (a
-    /// completion comes, and the rings are looked at then) or while they
-    /// are watched: for devices that answer every request they are posted.
-    pub quiet_while_busy: bool,
+    /// The queue whose requests the device holds until input comes (a
+    /// network or console device's receive queue). On every other queue
+    /// the device answers what it is posted soon, so the driver is told not
+    /// to notify while the device holds its requests (a completion comes,
+    /// and the rings are looked at then) or while the rings are watched.
+    pub held_queue: Option<u16>,
+}
+
+impl QueueContext {
+    /// Whether the driver may be told not to notify on `queue`.
+    fn quiet(&self, queue: u16) -> bool {
+        self.held_queue != Some(queue)
+    }
+
+    /// Requests the device holds that it will answer soon.
+    fn answering(&self, grants: &super::grants::GrantTable) -> usize {
+        grants.outstanding() - self.held_queue.map_or(0, |q| grants.outstanding_on(q))
+    }
 }
 
 pub struct Engine {
@@ -64,6 +79,8 @@ pub struct Engine {
     /// The device process requests go to, and which one it is: a restart
     /// moves to a new epoch, and what the old process answered is dropped.
     connection: Mutex<Connection>,
+    /// Whether watching the rings after a completion is worth the CPU.
+    watching: Mutex<PollWindow>,
 }
 
 struct Connection {
@@ -106,10 +123,12 @@ impl RequestQueue {
         }
         let notify = context.notify.try_clone().map_err(|e| e.to_string())?;
         let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None };
+        let poll = context.poll;
         let engine = Arc::new(Engine {
             context,
             queues: Mutex::new(queues),
             stopped: AtomicBool::new(false),
+            watching: Mutex::new(PollWindow::new(poll)),
             connection: Mutex::new(connection),
         });
         let _context = runtime.enter();
@@ -123,6 +142,10 @@ impl RequestQueue {
             while let Ok(mut ready) = notify.readable().await {
                 let _ = ready.get_inner().read();
                 ready.clear_ready();
+                // Only a notification with work behind it (see `PollWindow`).
+                if worker.has_new() {
+                    lock(&worker.watching).notified(Instant::now());
+                }
                 if !worker.pump() {
                     return;
                 }
@@ -181,20 +204,21 @@ impl Engine {
     /// Takes available chains of every queue into a batch within the batch
     /// limits, each checked and granted; empty when there are none
     /// (notifications are then re-enabled, and a chain that raced in is
-    /// taken after all; with `quiet_while_busy` they stay off while the
-    /// device holds requests, whose completion makes us look again).
+    /// taken after all; on a quiet queue they stay off while the device
+    /// holds its requests, whose completion makes us look again).
     fn pop_batch(&self) -> Result<Vec<PostedRequest>, String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let mut queues = lock(&self.queues);
         let mut grants = lock(&self.context.access.grants);
         let mut batch = Batcher::default();
-        let quiet = self.context.quiet_while_busy;
         for (index, queue) in queues.iter_mut().enumerate() {
+            let index = index as u16;
+            let quiet = self.context.quiet(index);
             loop {
                 let mut chains = queue.iter(mem).map_err(broken)?;
                 let Some(chain) = chains.next() else {
-                    let busy = !batch.is_empty() || (quiet && grants.outstanding() > 0);
+                    let busy = !batch.is_empty() || (quiet && grants.outstanding_on(index) > 0);
                     if busy {
                         if quiet {
                             queue.disable_notification(mem).map_err(broken)?;
@@ -212,9 +236,8 @@ impl Engine {
                     chains.go_to_previous_position();
                     return Ok(batch.take());
                 }
-                let queue = index as u16;
-                let grant = grants.issue(Grant { queue, head, buffers: granted.clone() });
-                let inline = batch.push(grant, queue, &granted, mem).map_err(broken)?;
+                let grant = grants.issue(Grant { queue: index, head, buffers: granted.clone() });
+                let inline = batch.push(grant, index, &granted, mem).map_err(broken)?;
                 self.context.access.bytes.fetch_add(inline, Ordering::Relaxed);
             }
         }
@@ -275,7 +298,7 @@ impl Engine {
                 // What the driver posted meanwhile (it may not have notified).
                 // An empty ring is left to `watch`: a pump would turn the
                 // driver's notifications back on before the watching starts.
-                if self.context.quiet_while_busy && self.has_new() && !self.pump() {
+                if self.has_new() && !self.pump() {
                     return;
                 }
                 self.watch().await;
@@ -285,29 +308,27 @@ impl Engine {
     }
 
     /// Watches the rings for `poll` after a completion that left the device
-    /// with nothing to do, and posts what the driver makes available
+    /// with nothing to answer, and posts what the driver makes available
     /// meanwhile: a driver that answers a completion with its next request
     /// saves the wake-up of this thread by its notifier (tens of µs on
     /// nested hosts). Yields between looks, so the thread's other work goes
     /// on; a look is a load from guest RAM. While the device still holds
-    /// requests it does not watch: the device (and its I/O threads) need
-    /// the CPU more, and the next completion comes anyway.
+    /// requests it will answer it does not watch: the device (and its I/O
+    /// threads) need the CPU more, and the next completion comes anyway. A
+    /// watch that finds nothing stops watching until it would have helped
+    /// again ([`PollWindow`]).
     async fn watch(self: &Arc<Self>) {
-        let quiet = self.context.quiet_while_busy;
-        if self.context.poll.is_zero() {
-            if quiet {
-                // Notifications back on if nothing is held (see `pop_batch`).
-                self.pump();
-            }
-            return;
-        }
-        let until = Instant::now() + self.context.poll;
+        let window = lock(&self.watching).window();
+        let until = Instant::now() + window;
         let mut told = false;
-        while Instant::now() < until {
-            if lock(&self.context.access.grants).outstanding() > 0 {
+        loop {
+            if self.context.answering(&lock(&self.context.access.grants)) > 0 {
                 return;
             }
-            if quiet && !told {
+            if Instant::now() >= until {
+                break;
+            }
+            if !told {
                 // We are looking anyway: notifications would only cost the driver exits.
                 self.notifications_off();
                 told = true;
@@ -318,17 +339,18 @@ impl Engine {
             }
             tokio::task::yield_now().await;
         }
-        if quiet {
-            // Notifications back on, and one more look (see `pop_batch`).
-            self.pump();
-        }
+        // Notifications back on where nothing is held, and one more look (see `pop_batch`).
+        self.pump();
+        lock(&self.watching).asleep(Instant::now(), !window.is_zero());
     }
 
     fn notifications_off(&self) {
         let memory = self.context.memory.memory();
-        for queue in lock(&self.queues).iter_mut() {
-            // A ring that is not RAM fails at the next pop instead.
-            let _ = queue.disable_notification(&*memory);
+        for (index, queue) in lock(&self.queues).iter_mut().enumerate() {
+            if self.context.quiet(index as u16) {
+                // A ring that is not RAM fails at the next pop instead.
+                let _ = queue.disable_notification(&*memory);
+            }
         }
     }
 

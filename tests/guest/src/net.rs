@@ -56,6 +56,9 @@ pub struct Net {
     /// Transmit kicks that notified the device, and those it did not want.
     tx_notified: u64,
     tx_skipped: u64,
+    /// The same for receive buffers posted again.
+    rx_notified: u64,
+    rx_skipped: u64,
 }
 
 /// The first virtio-net device on the command line.
@@ -107,6 +110,8 @@ impl Net {
             rx_unannounced: false,
             tx_notified: 0,
             tx_skipped: 0,
+            rx_notified: 0,
+            rx_skipped: 0,
         };
         for slot in 0..QUEUE_SIZE {
             net.rx.set_desc(slot, rx_buffers + slot as u64 * BUFFER, rx_len, rx_flags, 0);
@@ -177,10 +182,16 @@ impl Net {
     }
 
     /// Tells the device about receive buffers posted again: once for all
-    /// that `recv` took since the last time.
+    /// that `recv` took since the last time, unless it says it will look
+    /// anyway (as Linux's driver does).
     pub fn announce_rx(&mut self) {
         if core::mem::take(&mut self.rx_unannounced) {
-            self.device.notify(0);
+            if self.rx.wants_notification() {
+                self.device.notify(0);
+                self.rx_notified += 1;
+            } else {
+                self.rx_skipped += 1;
+            }
         }
     }
 
@@ -578,11 +589,13 @@ impl Stack {
             if rdtsc() - last > 1 << 33 {
                 last = rdtsc();
                 crate::println!(
-                    "net: answered {} pings, echoed {} datagrams, transmit notifications sent={} skipped={}",
+                    "net: answered {} pings, echoed {} datagrams; notifications: transmit sent={} skipped={}, receive sent={} skipped={}",
                     self.pings_answered,
                     self.udp_echoed,
                     net.tx_notified,
-                    net.tx_skipped
+                    net.tx_skipped,
+                    net.rx_notified,
+                    net.rx_skipped
                 );
             }
         }
