@@ -142,8 +142,10 @@ impl RequestQueue {
             while let Ok(mut ready) = notify.readable().await {
                 let _ = ready.get_inner().read();
                 ready.clear_ready();
-                // Only a notification with work behind it (see `PollWindow`).
-                if worker.has_new() {
+                // Only a notification with work behind it on a queue the
+                // watch is for (see `PollWindow`): a network device's new
+                // receive buffers say nothing of its next transmit.
+                if worker.has_new_where(|q| worker.context.quiet(q)) {
                     lock(&worker.watching).notified(Instant::now());
                 }
                 if !worker.pump() {
@@ -356,9 +358,15 @@ impl Engine {
 
     /// Whether a queue's avail index has moved past what was popped.
     fn has_new(&self) -> bool {
+        self.has_new_where(|_| true)
+    }
+
+    /// `has_new` for the queues `which` picks, by index.
+    fn has_new_where(&self, which: impl Fn(u16) -> bool) -> bool {
         let memory = self.context.memory.memory();
         let queues = lock(&self.queues);
-        queues.iter().any(|q| q.avail_idx(&*memory, Ordering::Acquire).is_ok_and(|idx| idx.0 != q.next_avail()))
+        let moved = |q: &Queue| q.avail_idx(&*memory, Ordering::Acquire).is_ok_and(|idx| idx.0 != q.next_avail());
+        queues.iter().enumerate().any(|(i, q)| which(i as u16) && moved(q))
     }
 
     /// Each queue's size, and nowhere it lives: what a request-level device
