@@ -141,13 +141,13 @@ impl Backend {
         }
     }
 
-    /// Takes back delivered receive replies, whose buffers the next input reuses.
     /// Input waits for the driver to post receive buffers (more of them,
     /// or larger: a frame is held back until they take it).
     pub fn waits_for_buffers(&self) -> bool {
         matches!(self, Backend::Net(net) if net.waits_for_buffers())
     }
 
+    /// Takes back delivered receive replies, whose buffers the next input reuses.
     pub fn recycle(&mut self, replies: Vec<Reply>) {
         if let Backend::Net(net) = self {
             net.recycle(replies);

@@ -107,11 +107,15 @@ impl<M: DeviceMemory> Core<M> {
         }
     }
 
-    /// Tells the driver to notify us of new requests (`on`), or not while we poll.
+    /// Tells the driver to notify us of new requests on the polled queues
+    /// (`on`), or not while we poll.
     async fn notifications(&mut self, on: bool) -> Result<(), QueueError> {
-        let polled = self.polled();
+        self.notifications_of(self.polled(), on).await
+    }
+
+    async fn notifications_of(&mut self, which: std::ops::Range<usize>, on: bool) -> Result<(), QueueError> {
         let Core { mem, queues, .. } = self;
-        for queue in queues.get_mut(polled).unwrap_or_default() {
+        for queue in queues.get_mut(which).unwrap_or_default() {
             mem.write(queue.notifications(on)).await?;
         }
         Ok(())
@@ -119,10 +123,7 @@ impl<M: DeviceMemory> Core<M> {
 
     /// Every queue's driver notifies again (a restored device).
     async fn all_notifications_on(&mut self) -> Result<(), QueueError> {
-        let Core { mem, queues, .. } = self;
-        for queue in queues.iter_mut() {
-            mem.write(queue.notifications(true)).await?;
-        }
+        self.notifications_of(0..self.queues.len(), true).await?;
         self.rx_quiet = false;
         Ok(())
     }
