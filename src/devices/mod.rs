@@ -14,6 +14,7 @@ mod io_threads;
 pub mod mem;
 pub mod memory;
 pub mod net;
+mod net_zero_copy;
 pub mod poll_window;
 mod posted;
 pub mod process;

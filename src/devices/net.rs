@@ -27,8 +27,11 @@ pub const TX_QUEUE: u16 = 1;
 pub const HEADER: usize = 12;
 /// The longest frame a tap takes or gives: 64 KiB of IP, Ethernet and VLAN headers.
 pub const MAX_FRAME: usize = 65_535 + 14 + 4;
+/// The longest without segmentation offloads: a 1,500-byte MTU, Ethernet
+/// and VLAN headers.
+pub const MTU_FRAME: usize = 1_500 + 14 + 4;
 /// The shortest: an Ethernet header.
-const MIN_FRAME: usize = 14;
+pub const MIN_FRAME: usize = 14;
 /// Delivered frames' buffers kept for reuse, and the largest kept (a GSO
 /// frame's 64 KiB is not worth holding on to).
 const SPARE_FRAMES: usize = QUEUE_SIZE as usize;
@@ -211,8 +214,100 @@ impl NetDevice {
         self.negotiated = features;
     }
 
-    fn mergeable(&self) -> bool {
+    pub fn mergeable(&self) -> bool {
         self.negotiated & F_MRG_RXBUF != 0
+    }
+
+    /// The header the driver gets for a frame the tap gave with `header`,
+    /// spread over `buffers` receive buffers.
+    pub fn header_for_driver(&self, header: &[u8; HEADER], buffers: u16) -> [u8; HEADER] {
+        receive_header(header, self.negotiated, buffers)
+    }
+
+    /// Counts a frame (header included) handed to the driver.
+    pub fn delivered(&mut self, len: usize) {
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += (len - HEADER) as u64;
+    }
+
+    /// Reads the tap's next frame: its header into `header`, then its
+    /// bytes into `pieces`, then whatever is left into this device's own
+    /// buffer. Returns the bytes read (header included), or None when the
+    /// tap has nothing (or failed).
+    ///
+    /// # Safety
+    /// Every piece must be writable memory that stays mapped for the call.
+    pub unsafe fn read_scattered(&mut self, header: &mut [u8; HEADER], pieces: &[(*mut u8, usize)]) -> Option<usize> {
+        let iovec = |ptr: *mut u8, len: usize| libc::iovec { iov_base: ptr.cast(), iov_len: len };
+        let mut iovecs = Vec::with_capacity(pieces.len() + 2);
+        iovecs.push(iovec(header.as_mut_ptr(), HEADER));
+        iovecs.extend(pieces.iter().map(|&(ptr, len)| iovec(ptr, len)));
+        iovecs.push(iovec(self.scratch.as_mut_ptr(), self.scratch.len()));
+        // SAFETY: our own header and scratch, and pieces the caller vouches for.
+        let got = unsafe { libc::readv(self.tap.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32) };
+        (got >= 0).then_some(got as usize)
+    }
+
+    /// Sends a frame whose header the driver gave as `header` and whose
+    /// bytes lie in `pieces` (None: some byte is not guest RAM, and the
+    /// frame is malformed), `readable_len` bytes in all; checked and
+    /// counted as [`NetDevice::transmit`] does, the header rebuilt.
+    ///
+    /// # Safety
+    /// Every piece must be readable memory that stays mapped for the call.
+    pub unsafe fn send_scattered(
+        &mut self,
+        readable_len: u64,
+        header: &[u8; HEADER],
+        pieces: Option<&[(*mut u8, usize)]>,
+    ) -> bool {
+        let counters = &mut self.counters;
+        if readable_len > (HEADER + MAX_FRAME) as u64 {
+            counters.tx_dropped_oversized += 1;
+            return false;
+        }
+        let frame_len = (readable_len as usize).saturating_sub(HEADER);
+        let checked = match (pieces, frame_len >= MIN_FRAME) {
+            (Some(pieces), true) => transmit_header(header, frame_len, self.negotiated).map(|h| (h, pieces)),
+            _ => None,
+        };
+        let Some((header, pieces)) = checked else {
+            counters.tx_dropped_malformed += 1;
+            return false;
+        };
+        let iovec = |ptr: *const u8, len: usize| libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
+        let mut iovecs = Vec::with_capacity(pieces.len() + 1);
+        iovecs.push(iovec(header.as_ptr(), HEADER));
+        iovecs.extend(pieces.iter().map(|&(ptr, len)| iovec(ptr, len)));
+        // SAFETY: our own header, and pieces the caller vouches for (the
+        // guest may change them meanwhile, which changes only its frame).
+        let written = unsafe { libc::writev(self.tap.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32) };
+        if written != readable_len as isize {
+            counters.tx_dropped_refused += 1;
+            return false;
+        }
+        counters.tx_frames += 1;
+        counters.tx_bytes += frame_len as u64;
+        true
+    }
+
+    /// Keeps a frame [`NetDevice::read_scattered`] read that outgrew its
+    /// pieces, for [`NetDevice::receive`] to place (or drop as too big).
+    ///
+    /// # Safety
+    /// As for `read_scattered`, with the same pieces.
+    pub unsafe fn keep_overflow(&mut self, header: &[u8; HEADER], pieces: &[(*mut u8, usize)], got: usize) {
+        let mut frame = Vec::with_capacity(got);
+        frame.extend_from_slice(header);
+        for &(ptr, len) in pieces {
+            let len = len.min(got - frame.len());
+            // SAFETY: the caller vouches for the piece; the guest may have
+            // changed its bytes since, which only changes its own frame.
+            frame.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+        }
+        let rest = got - frame.len();
+        frame.extend_from_slice(&self.scratch[..rest]);
+        self.pending = Some(frame);
     }
 
     /// How many leading readable bytes a transmit request needs: all of
@@ -326,8 +421,7 @@ impl NetDevice {
             // Only the offload state the driver accepted reaches it.
             let header = receive_header(&frame[..HEADER], self.negotiated, lens.len() as u16);
             frame[..HEADER].copy_from_slice(&header);
-            self.counters.rx_frames += 1;
-            self.counters.rx_bytes += (frame.len() - HEADER) as u64;
+            self.delivered(frame.len());
             delivered += frame.len() as u64;
             if let [len] = lens[..] {
                 // The usual case: the whole frame in one buffer, no copy.

@@ -279,7 +279,8 @@ impl DeviceProcess {
             // A console's output may be a file, which grows as the guest writes
             // (as the serial console's does); no other file is open to grow.
             DeviceKind::Console { .. } => (sandbox::DeviceFilter::NoDisk, libc::RLIM_INFINITY),
-            DeviceKind::Rng | DeviceKind::Mem { .. } | DeviceKind::Net { .. } => (sandbox::DeviceFilter::NoDisk, 0),
+            DeviceKind::Net { .. } => (sandbox::DeviceFilter::Tap, 0),
+            DeviceKind::Rng | DeviceKind::Mem { .. } => (sandbox::DeviceFilter::NoDisk, 0),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

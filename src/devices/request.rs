@@ -19,6 +19,14 @@ pub struct Request {
     pub readable: Option<Vec<u8>>,
 }
 
+impl Request {
+    /// A request of these (readable, writable) lengths whose bytes the
+    /// device logic does not read (they were moved in place).
+    pub fn about((readable_len, writable_len): (u64, u64)) -> Request {
+        Request { readable_len, writable_len, readable: None }
+    }
+}
+
 /// Device logic's answer to one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reply {

@@ -8,7 +8,7 @@ use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::poll_window::PollWindow;
 use super::request::{stream_lengths, Request};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
-use super::{posted, ring, Backend};
+use super::{net_zero_copy, posted, ring, Backend};
 use futures::StreamExt;
 use rpc_schema::{
     CompletedRequest, DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError,
@@ -229,8 +229,17 @@ impl<M: DeviceMemory> Core<M> {
         let (chains, mut prefetched) = tx.pop_all(mem).await?;
         if !chains.is_empty() {
             *sent = true;
-            let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
-            let replies = backend.serve(&requests).await?;
+            let (requests, replies) = match (&mut *backend, mem.mapped()) {
+                (Backend::Net(net), Some(map)) => {
+                    let requests = chains.iter().map(|c| Request::about(c.stream_lengths())).collect();
+                    (requests, net_zero_copy::transmit(net, &map, &chains))
+                }
+                _ => {
+                    let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
+                    let replies = backend.serve(&requests).await?;
+                    (requests, replies)
+                }
+            };
             counters.errors += ring::deliver(mem, tx, backend, &chains, &requests, &replies).await?;
             counters.requests += chains.len() as u64;
             moved = true;
@@ -245,7 +254,11 @@ impl<M: DeviceMemory> Core<M> {
             Held { buffer: chain, capacity }
         }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
-        let filled = backend.receive(rx_chains, ring_full, u64::MAX);
+        let mut filled = match (&mut *backend, mem.mapped()) {
+            (Backend::Net(net), Some(map)) => net_zero_copy::receive(net, &map, rx_chains, ring_full),
+            _ => Vec::new(),
+        };
+        filled.extend(backend.receive(rx_chains, ring_full, u64::MAX));
         let starving = rx_chains.is_empty() || backend.waits_for_buffers();
         let mut look_again = false;
         if starving == *rx_quiet {
@@ -258,10 +271,7 @@ impl<M: DeviceMemory> Core<M> {
         }
         if !filled.is_empty() {
             let (chains, replies): (Vec<Chain>, Vec<_>) = filled.into_iter().unzip();
-            let requests: Vec<Request> = chains
-                .iter()
-                .map(|c| Request { readable_len: 0, writable_len: c.stream_lengths().1, readable: None })
-                .collect();
+            let requests: Vec<Request> = chains.iter().map(|c| Request::about((0, c.stream_lengths().1))).collect();
             counters.errors += ring::deliver(mem, rx, backend, &chains, &requests, &replies).await?;
             // The frames' buffers serve the next frames.
             backend.recycle(replies);
