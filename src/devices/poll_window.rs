@@ -24,6 +24,11 @@ impl PollWindow {
         PollWindow { max, on: !max.is_zero(), asleep_since: None }
     }
 
+    /// The longest window (`--device-poll-us`).
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// How long to poll after this turn: zero while polling is off.
     pub fn window(&self) -> Duration {
         if self.on {

@@ -702,6 +702,8 @@ where
                 _ = kick.notified() => {}
                 _ = io_done.notified() => {
                     core.lock().await.complete_ended(false).await.map_err(|e| format!("virtqueue: {e}"))?;
+                    // The driver answers a completion with its next request: watch for it.
+                    poll_ring(&core, &mut learned).await.map_err(|e| format!("virtqueue: {e}"))?;
                     continue;
                 }
             }
@@ -734,12 +736,19 @@ where
 /// device watches only its transmit queue, and only after the guest sent
 /// (see `worth_polling`).
 async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWindow) -> Result<(), QueueError> {
-    let window = learned.window();
+    let window;
     {
         let mut core = core.lock().await;
         if core.ring_has_new().is_none() || !core.worth_polling() {
             return Ok(());
         }
+        // Transfers on a ring end soon, and the driver answers their ends at
+        // once: watch through them whatever the window learned (a disk's
+        // latency outlasts the window, so waiting for the driver alone would
+        // never turn polling back on, and each request would cost two
+        // wake-ups).
+        let transferring = core.in_flight.as_ref().is_some_and(|io| io.on_ring() && io.outstanding() > 0);
+        window = if transferring { learned.max() } else { learned.window() };
         if window.is_zero() {
             learned.asleep(Instant::now(), false);
             return Ok(());
