@@ -53,7 +53,16 @@ impl Owner {
 impl DiskRing {
     /// A ring for `entries` transfers in flight on `disk`.
     pub fn new(disk: &File, entries: u32) -> io::Result<DiskRing> {
-        let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+        // Completions are finished at the device's next system call (a
+        // polling device makes one at every look) instead of interrupting
+        // it with an IPI each, which on a nested host cost host-disk QD32 a
+        // fifth of its IOPS. Kernels before 5.19 get a plain ring.
+        let cooperative =
+            IoUring::builder().setup_r_disabled().setup_coop_taskrun().setup_taskrun_flag().build(entries);
+        let ring = match cooperative {
+            Ok(ring) => ring,
+            Err(_) => IoUring::builder().setup_r_disabled().build(entries)?,
+        };
         let completed = EventFd::new(libc::EFD_NONBLOCK)?;
         let submitter = ring.submitter();
         submitter.register_files(&[disk.as_raw_fd()])?;
