@@ -212,9 +212,10 @@ pub struct RunArgs {
     /// poll the same way); while it watches, the driver is told not to notify
     /// (each notification is an exit). A window that finds nothing stops the
     /// watching until a notification comes within a window of sleeping, so a
-    /// driver that posts only now and then costs no CPU. Network and console
-    /// devices watch only their transmit queue, after the guest sends. 0 turns
-    /// it off.
+    /// driver that posts only now and then costs no CPU; a disk with transfers
+    /// in flight on its ring (`direct=on`) is watched through them, as the
+    /// driver answers their ends at once. Network and console devices watch
+    /// only their transmit queue, after the guest sends. 0 turns it off.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub device_poll_us: u32,
 
