@@ -300,10 +300,11 @@ impl NetDevice {
         let mut frame = Vec::with_capacity(got);
         frame.extend_from_slice(header);
         for &(ptr, len) in pieces {
-            let len = len.min(got - frame.len());
+            let (at, len) = (frame.len(), len.min(got - frame.len()));
+            frame.resize(at + len, 0);
             // SAFETY: the caller vouches for the piece; the guest may have
             // changed its bytes since, which only changes its own frame.
-            frame.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+            unsafe { std::ptr::copy_nonoverlapping(ptr, frame[at..].as_mut_ptr(), len) };
         }
         let rest = got - frame.len();
         frame.extend_from_slice(&self.scratch[..rest]);
