@@ -18,8 +18,9 @@
 use super::net::{place, Held, NetDevice, Placement, HEADER, MAX_FRAME, MIN_FRAME, MTU_FRAME};
 use super::request::Reply;
 use super::virtqueue::Chain;
+use super::zero_copy::host_pieces;
 use std::collections::VecDeque;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Host memory: (address, length) pieces.
 type Pieces = Vec<(*mut u8, usize)>;
@@ -81,37 +82,26 @@ pub fn transmit(net: &mut NetDevice, mem: &GuestMemoryMmap, chains: &[Chain]) ->
     let mut replies = Vec::with_capacity(chains.len());
     for chain in chains {
         let (readable_len, _) = chain.stream_lengths();
-        let mut pieces = Vec::new();
-        let mapped =
-            readable_len <= (HEADER + MAX_FRAME) as u64 && stream_pieces(mem, chain, false, &mut pieces).is_some();
         let mut header = [0u8; HEADER];
-        let frame = match mapped && readable_len >= HEADER as u64 {
-            true => Some(split_header(pieces, &mut header)),
-            false => None,
-        };
+        let pieces = (HEADER as u64..=(HEADER + MAX_FRAME) as u64)
+            .contains(&readable_len)
+            .then(|| host_pieces(mem, chain, false, 0, readable_len))
+            .flatten();
+        let frame = pieces.map(|mut pieces| {
+            // The device checks its own copy of the header.
+            let mut at = 0;
+            for (ptr, len) in split_front(&mut pieces, HEADER) {
+                // SAFETY: checked guest RAM, mapped by `mem`, which we hold.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, header[at..].as_mut_ptr(), len) };
+                at += len;
+            }
+            pieces
+        });
         // SAFETY: the pieces lie in guest RAM mapped by `mem`, which we hold.
         let sent = unsafe { net.send_scattered(readable_len, &header, frame.as_deref()) };
         replies.push(Reply { failed: !sent, ..Reply::default() });
     }
     replies
-}
-
-/// Copies the first [`HEADER`] bytes of `pieces` into `header` (the device
-/// checks its own copy); returns the pieces of the rest.
-fn split_header(mut pieces: Pieces, header: &mut [u8; HEADER]) -> Pieces {
-    let mut at = 0;
-    while at < HEADER {
-        let (ptr, len) = pieces.remove(0);
-        let take = len.min(HEADER - at);
-        // SAFETY: checked guest RAM, mapped while the caller holds the map.
-        unsafe { std::ptr::copy_nonoverlapping(ptr, header[at..].as_mut_ptr(), take) };
-        at += take;
-        if take < len {
-            // SAFETY: within the piece.
-            pieces.insert(0, (unsafe { ptr.add(take) }, len - take));
-        }
-    }
-    pieces
 }
 
 /// Host memory of the driver's header and of the bytes a full-MTU frame
@@ -123,40 +113,35 @@ fn frame_pieces(mem: &GuestMemoryMmap, held: &VecDeque<Held<Chain>>, mergeable: 
     let mut pieces = Vec::new();
     let mut room = 0u64;
     for h in held {
-        stream_pieces(mem, &h.buffer, true, &mut pieces)?;
+        pieces.extend(host_pieces(mem, &h.buffer, true, 0, h.capacity)?);
         room += h.capacity;
         if !mergeable || room >= (HEADER + MTU_FRAME) as u64 {
             break;
         }
     }
     // The front buffer holds at least a header (see `receive`).
-    let (mut header, mut left) = (Vec::new(), HEADER);
-    while left > 0 {
-        let (ptr, len) = pieces.remove(0);
-        let take = len.min(left);
-        header.push((ptr, take));
-        if take < len {
-            // SAFETY: within the piece.
-            pieces.insert(0, (unsafe { ptr.add(take) }, len - take));
-        }
-        left -= take;
-    }
+    let header = split_front(&mut pieces, HEADER);
     Some((header, pieces))
 }
 
-/// Appends the host pieces of `chain`'s device-writable (or driver-readable)
-/// buffers, in order.
-fn stream_pieces(mem: &GuestMemoryMmap, chain: &Chain, writable: bool, out: &mut Pieces) -> Option<()> {
-    for buffer in chain.buffers.iter().filter(|b| b.writable == writable) {
-        let mut covered = 0;
-        for slice in mem.get_slices(GuestAddress(buffer.addr), buffer.len as usize) {
-            let slice = slice.ok()?;
-            covered += slice.len();
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+/// Takes the pieces of the first `n` bytes off the front of `pieces`, which
+/// hold at least that many.
+fn split_front(pieces: &mut Pieces, n: usize) -> Pieces {
+    let mut front = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let (ptr, len) = pieces[0];
+        let take = len.min(left);
+        front.push((ptr, take));
+        if take < len {
+            // SAFETY: within the piece.
+            pieces[0] = (unsafe { ptr.add(take) }, len - take);
+        } else {
+            pieces.remove(0);
         }
-        (covered == buffer.len as usize).then_some(())?;
+        left -= take;
     }
-    Some(())
+    front
 }
 
 #[cfg(test)]
@@ -166,7 +151,7 @@ mod tests {
     use crate::devices::virtqueue::Buffer;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     /// A device whose "tap" is a datagram socket (frames keep their
     /// bounds), the other end, and 1 MiB of guest RAM.

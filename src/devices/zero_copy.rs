@@ -31,7 +31,7 @@ pub struct Served {
 
 /// The host pieces (address, length) of bytes `start..start+len` of one of
 /// a chain's streams, or None if some byte is not guest RAM.
-fn host_pieces(
+pub(super) fn host_pieces(
     mem: &GuestMemoryMmap,
     chain: &Chain,
     writable: bool,
