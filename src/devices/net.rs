@@ -87,6 +87,39 @@ pub struct NetDevice {
     scratch: Vec<u8>,
     /// Buffers of delivered frames, for the next ones.
     spare: Vec<Vec<u8>>,
+    /// The vectored calls' iovecs, reused: no allocation per frame.
+    iovecs: Iovecs,
+}
+
+/// iovecs kept between vectored calls for their allocation only: emptied
+/// before each call returns, so no pointer outlives the call that stored it.
+#[derive(Default)]
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: empty between calls (see above): nothing is shared or sent but
+// the allocation.
+unsafe impl Send for Iovecs {}
+// SAFETY: as above.
+unsafe impl Sync for Iovecs {}
+
+impl Iovecs {
+    /// `pieces` as iovecs, after `first` and before `last` (if given),
+    /// handed to `call`; empty again afterwards.
+    fn with<R>(
+        &mut self,
+        first: libc::iovec,
+        pieces: &[(*mut u8, usize)],
+        last: Option<libc::iovec>,
+        call: impl FnOnce(&[libc::iovec]) -> R,
+    ) -> R {
+        let iovecs = &mut self.0;
+        iovecs.push(first);
+        iovecs.extend(pieces.iter().map(|&(ptr, len)| libc::iovec { iov_base: ptr.cast(), iov_len: len }));
+        iovecs.extend(last);
+        let result = call(iovecs);
+        iovecs.clear();
+        result
+    }
 }
 
 /// A receive buffer the driver posted, held until a frame fills it.
@@ -180,6 +213,7 @@ impl NetDevice {
             pending: None,
             scratch: vec![0; HEADER + MAX_FRAME],
             spare: Vec::new(),
+            iovecs: Iovecs::default(),
         })
     }
 
@@ -239,12 +273,11 @@ impl NetDevice {
     /// Every piece must be writable memory that stays mapped for the call.
     pub unsafe fn read_scattered(&mut self, header: &mut [u8; HEADER], pieces: &[(*mut u8, usize)]) -> Option<usize> {
         let iovec = |ptr: *mut u8, len: usize| libc::iovec { iov_base: ptr.cast(), iov_len: len };
-        let mut iovecs = Vec::with_capacity(pieces.len() + 2);
-        iovecs.push(iovec(header.as_mut_ptr(), HEADER));
-        iovecs.extend(pieces.iter().map(|&(ptr, len)| iovec(ptr, len)));
-        iovecs.push(iovec(self.scratch.as_mut_ptr(), self.scratch.len()));
+        let (first, last) = (iovec(header.as_mut_ptr(), HEADER), iovec(self.scratch.as_mut_ptr(), self.scratch.len()));
+        let tap = self.tap.as_raw_fd();
         // SAFETY: our own header and scratch, and pieces the caller vouches for.
-        let got = unsafe { libc::readv(self.tap.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32) };
+        let read = |iovecs: &[libc::iovec]| unsafe { libc::readv(tap, iovecs.as_ptr(), iovecs.len() as i32) };
+        let got = self.iovecs.with(first, pieces, Some(last), read);
         (got >= 0).then_some(got as usize)
     }
 
@@ -275,13 +308,12 @@ impl NetDevice {
             counters.tx_dropped_malformed += 1;
             return false;
         };
-        let iovec = |ptr: *const u8, len: usize| libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
-        let mut iovecs = Vec::with_capacity(pieces.len() + 1);
-        iovecs.push(iovec(header.as_ptr(), HEADER));
-        iovecs.extend(pieces.iter().map(|&(ptr, len)| iovec(ptr, len)));
+        let first = libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: HEADER };
+        let tap = self.tap.as_raw_fd();
         // SAFETY: our own header, and pieces the caller vouches for (the
         // guest may change them meanwhile, which changes only its frame).
-        let written = unsafe { libc::writev(self.tap.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32) };
+        let write = |iovecs: &[libc::iovec]| unsafe { libc::writev(tap, iovecs.as_ptr(), iovecs.len() as i32) };
+        let written = self.iovecs.with(first, pieces, None, write);
         if written != readable_len as isize {
             counters.tx_dropped_refused += 1;
             return false;

@@ -20,7 +20,7 @@ use super::request::Reply;
 use super::virtqueue::Chain;
 use super::zero_copy::host_pieces;
 use std::collections::VecDeque;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Host memory: (address, length) pieces.
 type Pieces = Vec<(*mut u8, usize)>;
@@ -35,6 +35,8 @@ pub fn receive(
     ring_full: bool,
 ) -> Vec<(Chain, Reply)> {
     let mut done = Vec::new();
+    // Filled afresh for each frame, allocated once per call.
+    let (mut header_at, mut pieces) = (Vec::new(), Vec::new());
     loop {
         while held.front().is_some_and(|h| (h.capacity as usize) < HEADER) {
             net.counters.rx_bad_buffers += 1;
@@ -43,7 +45,9 @@ pub fn receive(
         if held.is_empty() || net.waits_for_buffers() {
             return done;
         }
-        let Some((header_at, pieces)) = frame_pieces(mem, held, net.mergeable()) else { return done };
+        if frame_pieces(mem, held, net.mergeable(), &mut header_at, &mut pieces).is_none() {
+            return done;
+        }
         let mut header = [0u8; HEADER];
         // SAFETY: the pieces lie in guest RAM mapped by `mem`, which we hold.
         let Some(got) = (unsafe { net.read_scattered(&mut header, &pieces) }) else { return done };
@@ -63,7 +67,7 @@ pub fn receive(
         };
         let header = net.header_for_driver(&header, lens.len() as u16);
         let mut header = &header[..];
-        for (ptr, len) in header_at {
+        for &(ptr, len) in &header_at {
             // SAFETY: checked guest RAM, mapped by `mem`, within the buffer.
             unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), ptr, len) };
             header = &header[len..];
@@ -90,7 +94,9 @@ pub fn transmit(net: &mut NetDevice, mem: &GuestMemoryMmap, chains: &[Chain]) ->
         let frame = pieces.map(|mut pieces| {
             // The device checks its own copy of the header.
             let mut at = 0;
-            for (ptr, len) in split_front(&mut pieces, HEADER) {
+            let mut front = Vec::with_capacity(1);
+            split_front(&mut pieces, HEADER, &mut front);
+            for (ptr, len) in front {
                 // SAFETY: checked guest RAM, mapped by `mem`, which we hold.
                 unsafe { std::ptr::copy_nonoverlapping(ptr, header[at..].as_mut_ptr(), len) };
                 at += len;
@@ -104,30 +110,55 @@ pub fn transmit(net: &mut NetDevice, mem: &GuestMemoryMmap, chains: &[Chain]) ->
     replies
 }
 
-/// Host memory of the driver's header and of the bytes a full-MTU frame
-/// fills after it: the front buffer's, and with MRG_RXBUF the next ones'
-/// until they hold one (or all that are held). A longer frame (GSO) goes on
-/// into the device's own buffer, and the copying path places it. None if
-/// some byte is not guest RAM.
-fn frame_pieces(mem: &GuestMemoryMmap, held: &VecDeque<Held<Chain>>, mergeable: bool) -> Option<(Pieces, Pieces)> {
-    let mut pieces = Vec::new();
+/// Host memory of the driver's header (into `header`) and of the bytes a
+/// full-MTU frame fills after it (into `pieces`): the front buffer's, and
+/// with MRG_RXBUF the next ones' until they hold one (or all that are
+/// held). A longer frame (GSO) goes on into the device's own buffer, and
+/// the copying path places it. None if some byte is not guest RAM.
+fn frame_pieces(
+    mem: &GuestMemoryMmap,
+    held: &VecDeque<Held<Chain>>,
+    mergeable: bool,
+    header: &mut Pieces,
+    pieces: &mut Pieces,
+) -> Option<()> {
+    header.clear();
+    pieces.clear();
     let mut room = 0u64;
     for h in held {
-        pieces.extend(host_pieces(mem, &h.buffer, true, 0, h.capacity)?);
+        writable_pieces(mem, &h.buffer, pieces)?;
         room += h.capacity;
         if !mergeable || room >= (HEADER + MTU_FRAME) as u64 {
             break;
         }
     }
     // The front buffer holds at least a header (see `receive`).
-    let header = split_front(&mut pieces, HEADER);
-    Some((header, pieces))
+    split_front(pieces, HEADER, header);
+    Some(())
 }
 
-/// Takes the pieces of the first `n` bytes off the front of `pieces`, which
-/// hold at least that many.
-fn split_front(pieces: &mut Pieces, n: usize) -> Pieces {
-    let mut front = Vec::new();
+/// Appends the host pieces of a chain's device-writable buffers, in order,
+/// to `out`; None if some byte is not guest RAM. (What
+/// [`host_pieces`] gives for the whole writable stream, without its
+/// allocations: one receive buffer per frame.)
+fn writable_pieces(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Pieces) -> Option<()> {
+    for buffer in chain.buffers.iter().filter(|b| b.writable) {
+        let mut seen = 0;
+        for slice in mem.get_slices(GuestAddress(buffer.addr), buffer.len as usize) {
+            let slice = slice.ok()?;
+            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            seen += slice.len();
+        }
+        if seen != buffer.len as usize {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Moves the pieces of the first `n` bytes off the front of `pieces`,
+/// which hold at least that many, onto `front`.
+fn split_front(pieces: &mut Pieces, n: usize, front: &mut Pieces) {
     let mut left = n;
     while left > 0 {
         let (ptr, len) = pieces[0];
@@ -141,7 +172,6 @@ fn split_front(pieces: &mut Pieces, n: usize) -> Pieces {
         }
         left -= take;
     }
-    front
 }
 
 #[cfg(test)]
