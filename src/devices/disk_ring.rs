@@ -219,6 +219,27 @@ mod tests {
     }
 
     #[test]
+    fn a_submit_with_nothing_queued_makes_no_system_call() {
+        use crate::sandbox::{under_filter, DeviceFilter};
+        let Some((_disk, mut ring)) = ring_on("idle") else { return };
+        // A child under a filter without io_uring_enter dies if it enters the ring.
+        let idle = under_filter(DeviceFilter::Block { io_uring: false }, || {
+            let _ = ring.submit();
+        });
+        assert!(libc::WIFEXITED(idle) && libc::WEXITSTATUS(idle) == 0, "an idle submit entered the kernel ({idle})");
+        let mut bytes = vec![0u8; 512];
+        let read = [iovec(&mut bytes)];
+        // SAFETY: the buffer and array outlive the wait below.
+        unsafe { ring.push(Owner::InFlight, 1, false, &read, 0).unwrap() };
+        let queued = under_filter(DeviceFilter::Block { io_uring: false }, || {
+            let _ = ring.submit();
+        });
+        assert!(libc::WIFSIGNALED(queued) && libc::WTERMSIG(queued) == libc::SIGSYS, "a queued read must be submitted");
+        ring.wait(Owner::InFlight, 1).unwrap();
+        assert_eq!(ring.completions(Owner::InFlight), vec![(1, 512)]);
+    }
+
+    #[test]
     fn only_reads_and_writes_of_the_disk_are_allowed() {
         let Some((disk, mut ring)) = ring_on("only") else { return };
         // Another operation, and a plain descriptor instead of the disk's index.

@@ -10,6 +10,8 @@
 //! 5. a seccomp-BPF allowlist whose default action kills the process.
 mod seccomp;
 
+#[cfg(test)]
+pub use seccomp::under_filter;
 pub use seccomp::{device_filter, DeviceFilter};
 
 use std::ffi::CString;

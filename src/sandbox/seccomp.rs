@@ -122,6 +122,29 @@ pub fn device_filter(kind: DeviceFilter) -> Result<Vec<BpfProgram>, String> {
     .collect()
 }
 
+/// Runs `call` in a forked child confined by `kind`'s filters; returns its
+/// wait status (killed by SIGSYS: it made a call the filter forbids).
+/// `call` must not allocate: the child of a threaded test may not.
+#[cfg(test)]
+pub fn under_filter(kind: DeviceFilter, call: impl FnOnce()) -> i32 {
+    let filter = device_filter(kind).unwrap();
+    // SAFETY: the child only makes system calls (no allocation) and leaves with _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            if filter.iter().any(|f| seccompiler::apply_filter(f).is_err()) {
+                libc::_exit(2);
+            }
+            call();
+            libc::_exit(0);
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        status
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,27 +180,6 @@ mod tests {
         assert!(device_filter(DeviceFilter::Block { io_uring: true }).is_ok());
         assert!(device_filter(DeviceFilter::NoDisk).is_ok());
         assert!(device_filter(DeviceFilter::Tap).is_ok());
-    }
-
-    /// Runs `call` in a forked child confined by `kind`'s filters; returns
-    /// its wait status.
-    fn under_filter(kind: DeviceFilter, call: fn()) -> i32 {
-        let filter = device_filter(kind).unwrap();
-        // SAFETY: the child only makes system calls (no allocation) and leaves with _exit.
-        unsafe {
-            let pid = libc::fork();
-            if pid == 0 {
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if filter.iter().any(|f| seccompiler::apply_filter(f).is_err()) {
-                    libc::_exit(2);
-                }
-                call();
-                libc::_exit(0);
-            }
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
-            status
-        }
     }
 
     /// True when `kind`'s filter kills a process for `call`.
