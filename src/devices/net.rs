@@ -92,7 +92,8 @@ pub struct NetDevice {
 }
 
 /// iovecs kept between vectored calls for their allocation only: emptied
-/// before each call returns, so no pointer outlives the call that stored it.
+/// before each call returns (and before each is built), so no pointer
+/// outlives the call that stored it.
 #[derive(Default)]
 struct Iovecs(Vec<libc::iovec>);
 
@@ -113,6 +114,7 @@ impl Iovecs {
         call: impl FnOnce(&[libc::iovec]) -> R,
     ) -> R {
         let iovecs = &mut self.0;
+        iovecs.clear();
         iovecs.push(first);
         iovecs.extend(pieces.iter().map(|&(ptr, len)| libc::iovec { iov_base: ptr.cast(), iov_len: len }));
         iovecs.extend(last);
