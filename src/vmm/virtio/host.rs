@@ -74,14 +74,23 @@ impl DeviceHealth {
         if self.stopping.load(Ordering::SeqCst) {
             return;
         }
-        if !self.failed.swap(true, Ordering::SeqCst) {
-            // A guest can fail a device, reset it and fail it again at will.
-            if let Some(skipped) = self.log_limit.allow() {
-                warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET{}", held_back(skipped));
-            }
-            *lock(&self.reason) = Some(reason);
-        }
+        // Kill, and record why, before the failure shows: the driver may see
+        // DEVICE_NEEDS_RESET and reset at once, and the process that reset
+        // starts must neither be killed by this call nor lose this reason.
         self.kill("the device failed");
+        let first = {
+            let mut why = lock(&self.reason);
+            let first = !self.failed.load(Ordering::SeqCst);
+            if first {
+                *why = Some(reason.clone());
+                self.failed.store(true, Ordering::SeqCst);
+            }
+            first
+        };
+        // A guest can fail a device, reset it and fail it again at will.
+        if let Some(skipped) = first.then(|| self.log_limit.allow()).flatten() {
+            warn!("device {name} failed: {reason}; it now reports DEVICE_NEEDS_RESET{}", held_back(skipped));
+        }
     }
 
     /// The device's memory access record (rpc modes).
@@ -541,5 +550,51 @@ impl DeviceHost {
         }
         self.notify_fallback();
         Ok(Some(stall))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use std::process::{Child, Command};
+
+    fn watched(health: &DeviceHealth) -> Child {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        // SAFETY: pidfd_open on our own, not yet reaped, child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+        assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor pidfd_open just gave us.
+        health.add_process(child.id(), unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        child
+    }
+
+    /// A driver that sees DEVICE_NEEDS_RESET may reset at once, and the
+    /// reset starts a new process: the failure that showed must not then
+    /// kill it (a race CI once caught in `blk-recover`).
+    #[test]
+    fn a_process_started_once_the_failure_shows_survives_it() {
+        for _ in 0..20 {
+            let health = DeviceHealth::new(None);
+            let mut failed_one = watched(&health);
+            let mut next = Command::new("sleep").arg("30").spawn().unwrap();
+            let failing = {
+                let health = health.clone();
+                std::thread::spawn(move || health.fail("test", "it broke".into()))
+            };
+            while !health.failed.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            assert_eq!(lock(&health.reason).as_deref(), Some("it broke"), "the failure showed before its reason");
+            // SAFETY: a descriptor pidfd_open gives for our own child.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, next.id(), 0) };
+            health.add_process(next.id(), unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+            failing.join().unwrap();
+            assert!(failed_one.wait().is_ok_and(|s| !s.success()), "the failed process was not killed");
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(next.try_wait().unwrap().is_none(), "the failure killed the process started after it");
+            next.kill().unwrap();
+            next.wait().unwrap();
+        }
     }
 }
