@@ -18,9 +18,9 @@
 use super::net::{place, Held, NetDevice, Placement, HEADER, MAX_FRAME, MIN_FRAME, MTU_FRAME};
 use super::request::Reply;
 use super::virtqueue::Chain;
-use super::zero_copy::host_pieces;
+use super::zero_copy::{host_pieces, host_pieces_into};
 use std::collections::VecDeque;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Host memory: (address, length) pieces.
 type Pieces = Vec<(*mut u8, usize)>;
@@ -126,7 +126,7 @@ fn frame_pieces(
     pieces.clear();
     let mut room = 0u64;
     for h in held {
-        writable_pieces(mem, &h.buffer, pieces)?;
+        host_pieces_into(mem, &h.buffer, true, 0, h.capacity, pieces)?;
         room += h.capacity;
         if !mergeable || room >= (HEADER + MTU_FRAME) as u64 {
             break;
@@ -134,25 +134,6 @@ fn frame_pieces(
     }
     // The front buffer holds at least a header (see `receive`).
     split_front(pieces, HEADER, header);
-    Some(())
-}
-
-/// Appends the host pieces of a chain's device-writable buffers, in order,
-/// to `out`; None if some byte is not guest RAM. (What
-/// [`host_pieces`] gives for the whole writable stream, without its
-/// allocations: one receive buffer per frame.)
-fn writable_pieces(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Pieces) -> Option<()> {
-    for buffer in chain.buffers.iter().filter(|b| b.writable) {
-        let mut seen = 0;
-        for slice in mem.get_slices(GuestAddress(buffer.addr), buffer.len as usize) {
-            let slice = slice.ok()?;
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
-            seen += slice.len();
-        }
-        if seen != buffer.len as usize {
-            return None;
-        }
-    }
     Some(())
 }
 

@@ -13,8 +13,6 @@
 //! answers it as before. A `direct=on` disk's transfers run on its I/O
 //! threads, many at once.
 use super::blk::{BlockDevice, HEADER_SIZE};
-use super::request::{pieces, stream_lengths};
-use super::ring::posted;
 use super::virtqueue::Chain;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -38,16 +36,40 @@ pub(super) fn host_pieces(
     start: u64,
     len: u64,
 ) -> Option<Vec<(*mut u8, usize)>> {
-    let posted = posted(chain);
     let mut out = Vec::new();
-    for (index, offset, piece_len) in pieces(&posted, writable, start, len) {
-        let addr = chain.buffers[index as usize].addr.checked_add(offset as u64)?;
-        for slice in mem.get_slices(GuestAddress(addr), piece_len as usize) {
-            let slice = slice.ok()?;
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+    host_pieces_into(mem, chain, writable, start, len, &mut out).map(|()| out)
+}
+
+/// [`host_pieces`], appended to `out`: for callers that reuse one vector
+/// (a receive path walks a buffer per frame). None if some byte is not
+/// guest RAM, or the stream is shorter.
+pub(super) fn host_pieces_into(
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    writable: bool,
+    start: u64,
+    len: u64,
+    out: &mut Vec<(*mut u8, usize)>,
+) -> Option<()> {
+    let end = start.saturating_add(len);
+    let (mut at, mut covered) = (0u64, 0u64);
+    for buffer in chain.buffers.iter().filter(|b| b.writable == writable) {
+        let from = at;
+        at += u64::from(buffer.len);
+        let (lo, hi) = (from.max(start), at.min(end));
+        if lo < hi {
+            let addr = buffer.addr.checked_add(lo - from)?;
+            for slice in mem.get_slices(GuestAddress(addr), (hi - lo) as usize) {
+                let slice = slice.ok()?;
+                out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+                covered += slice.len() as u64;
+            }
+        }
+        if at >= end {
+            break;
         }
     }
-    (out.iter().map(|p| p.1 as u64).sum::<u64>() == len).then_some(out)
+    (covered == len).then_some(())
 }
 
 /// Moves every piece between the file (from `offset` on) and guest memory.
@@ -159,8 +181,7 @@ fn serve(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Serv
 /// The zero-copy plan for `chain`, if it is a plain read or write whose
 /// buffers are all guest RAM (and, for a `direct=on` disk, on its block grid).
 pub fn plan(mem: &GuestMemoryMmap, blk: &BlockDevice, chain: &Chain) -> Option<Plan> {
-    let posted = posted(chain);
-    let (readable_len, writable_len) = stream_lengths(&posted);
+    let (readable_len, writable_len) = chain.stream_lengths();
     if readable_len < HEADER_SIZE || writable_len == 0 {
         return None;
     }
