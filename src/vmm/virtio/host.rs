@@ -37,6 +37,11 @@ pub struct DeviceHealth {
     /// Every process of this device not yet reaped, by PID and pidfd: a
     /// failed device is killed, so none keeps serving with an old memory map.
     processes: Mutex<Vec<(u32, OwnedFd)>>,
+    /// Held while deciding which process is current and whether the device
+    /// has failed: a failure, a death report, the driver's reset and a
+    /// supervisor's restart each act on the device as the last one left it,
+    /// never on a process that came after the one they are about.
+    succession: Mutex<()>,
     /// rpc mode: starts a new process when the current one dies (the
     /// device's supervisor); without it a death fails the device.
     restarter: std::sync::OnceLock<Box<dyn Fn(String, Instant) + Send + Sync>>,
@@ -68,6 +73,12 @@ impl DeviceHealth {
     /// Marks the device failed (once), revokes its memory access and logs
     /// why; the guest keeps running.
     pub fn fail(&self, name: &str, reason: String) {
+        let _turn = lock(&self.succession);
+        self.fail_now(name, reason);
+    }
+
+    /// [`Self::fail`], the succession lock held.
+    fn fail_now(&self, name: &str, reason: String) {
         if let Some(access) = &self.access {
             access.revoke();
         }
@@ -128,6 +139,7 @@ impl DeviceHealth {
     /// a failure otherwise; nothing if a rebuild or restart had retired it.
     pub fn process_ended(&self, name: &str, pid: u32, reason: String) {
         tracing::debug!("device {name}: {reason}");
+        let _turn = lock(&self.succession);
         if self.current_pid.load(Ordering::SeqCst) != pid {
             tracing::debug!("device {name}: that was a retired process");
             return;
@@ -139,7 +151,7 @@ impl DeviceHealth {
                 *lock(&self.last_failure) = Some(reason.clone());
                 if self.consecutive.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_CONSECUTIVE_RESTARTS {
                     let limit = MAX_CONSECUTIVE_RESTARTS;
-                    self.fail(
+                    self.fail_now(
                         name,
                         format!("{reason}; it died {limit} times in a row without serving, so it stays down"),
                     );
@@ -152,7 +164,7 @@ impl DeviceHealth {
                 }
             }
             _ => {
-                self.fail(name, reason);
+                self.fail_now(name, reason);
                 self.mark_ended();
             }
         }
@@ -175,9 +187,49 @@ impl DeviceHealth {
         }
     }
 
+    /// The driver's reset replaces a failed device: its processes are killed
+    /// and none is current any more, so a death reported late changes
+    /// nothing, and their memory channels are refused from now on.
+    pub fn retire_all(&self) {
+        let _turn = lock(&self.succession);
+        self.current_pid.store(0, Ordering::SeqCst);
+        self.kill("it is being replaced");
+        self.new_generation();
+    }
+
+    /// A supervisor's restart may go ahead: the device has not failed (a
+    /// failed one waits for the driver's reset). Requests from earlier
+    /// processes' memory channels are refused from now on.
+    pub fn begin_restart(&self) -> bool {
+        let _turn = lock(&self.succession);
+        if self.failed.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.new_generation();
+        true
+    }
+
+    /// A supervisor's restart takes over with process `pid` (`commit`
+    /// installs it), unless the device failed or another process replaced
+    /// it meanwhile: then `pid` is killed and false returned.
+    pub fn finish_restart(&self, pid: Option<u32>, commit: impl FnOnce()) -> bool {
+        let _turn = lock(&self.succession);
+        let superseded = self.failed.load(Ordering::SeqCst) || self.pid() != pid;
+        if superseded {
+            if let Some(pid) = pid {
+                self.kill_process(pid);
+            }
+            return false;
+        }
+        commit();
+        self.restarts.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
     /// The device comes back after it failed (the driver reset it): a new
     /// process or thread, already started, serves it with a clean record.
     pub fn revive(&self) {
+        let _turn = lock(&self.succession);
         let why = lock(&self.reason).take();
         if why.is_some() {
             *lock(&self.last_failure) = why;
@@ -340,6 +392,7 @@ impl DeviceHost {
         Fut: std::future::Future<Output = Result<Result<T, rpc_schema::DeviceError>, tarpc::client::RpcError>>,
     {
         let ctx = within(CONTROL_DEADLINE);
+        let served_by = self.health.pid();
         let client = lock(&self.lifeline.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
         let reply = self.runtime.block_on(request(client, ctx));
@@ -355,8 +408,12 @@ impl DeviceHost {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 if self.health.supervised() {
-                    // Its supervisor brings it back (or fails it): this call alone is lost.
-                    self.health.kill(&reason);
+                    // Its supervisor brings it back (or fails it): this call alone
+                    // is lost. Only the process that failed the call is killed,
+                    // never one the supervisor has started since.
+                    if let Some(pid) = served_by {
+                        self.health.kill_process(pid);
+                    }
                 } else {
                     self.health.fail(&self.name, reason.clone());
                 }
@@ -459,8 +516,7 @@ impl DeviceHost {
             return Ok(());
         }
         // Whatever is left of the failed one goes first: it holds the backend too.
-        self.health.kill("it is being replaced");
-        self.health.new_generation();
+        self.health.retire_all();
         let started = start().and_then(|control| control_client(&self.runtime, control));
         let client = match started {
             Ok(client) => client,
@@ -469,8 +525,8 @@ impl DeviceHost {
                 return Err(e);
             }
         };
-        // Only now, with the new process current: the old one's watcher may
-        // still report its death, which must not read as the new one's.
+        // A clean record only once the new process is current (the old
+        // one's death, reported late, is ignored since `retire_all`).
         self.health.revive();
         *lock(&self.lifeline.control) = Some(client);
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
@@ -555,6 +611,7 @@ impl DeviceHost {
 
 #[cfg(test)]
 mod tests {
+    use super::super::memory_service::DeviceAccess;
     use super::*;
     use std::os::fd::FromRawFd;
     use std::process::{Child, Command};
@@ -596,5 +653,53 @@ mod tests {
             next.kill().unwrap();
             next.wait().unwrap();
         }
+    }
+
+    /// The driver's reset has begun replacing a failed device when the old
+    /// process's death is reported (its watcher was slow): the report is
+    /// the retired process's, and neither kills, revokes nor ends what the
+    /// reset starts.
+    #[test]
+    fn a_death_reported_after_the_reset_began_changes_nothing() {
+        let health = DeviceHealth::new(Some(DeviceAccess::new("test", true)));
+        let access = health.access().unwrap();
+        let mut old = watched(&health);
+        health.set_current_process(old.id());
+        health.fail("test", "it broke".into());
+        assert!(old.wait().is_ok_and(|s| !s.success()), "the failed process was not killed");
+        health.process_reaped(old.id());
+
+        health.retire_all();
+        assert!(!access.is_revoked(), "the new generation's channels are refused");
+        let mut next = watched(&health);
+        health.process_ended("test", old.id(), format!("process {} was killed by signal 9", old.id()));
+        assert!(!access.is_revoked(), "a late report revoked the new generation");
+        assert!(!health.ended.load(Ordering::SeqCst), "a late report ended the device");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(next.try_wait().unwrap().is_none(), "a late report killed the reset's new process");
+
+        health.set_current_process(next.id());
+        health.revive();
+        assert!(!health.failed.load(Ordering::SeqCst));
+        assert_eq!(lock(&health.last_failure).as_deref(), Some("it broke"));
+        next.kill().unwrap();
+        next.wait().unwrap();
+    }
+
+    /// A supervisor's restart that finds the device failed, or replaced,
+    /// when its new process is ready does not take over: the process is
+    /// killed and nothing is counted.
+    #[test]
+    fn a_restart_overtaken_by_a_failure_does_not_take_over() {
+        let health = DeviceHealth::new(None);
+        assert!(health.begin_restart());
+        let mut started = watched(&health);
+        health.set_current_process(started.id());
+        health.fail("test", "it broke".into());
+        let mut committed = false;
+        assert!(!health.finish_restart(Some(started.id()), || committed = true));
+        assert!(!committed && health.restarts.load(Ordering::SeqCst) == 0);
+        assert!(started.wait().is_ok_and(|s| !s.success()), "the overtaken process lives on");
+        assert!(!health.begin_restart(), "a failed device restarted before the driver's reset");
     }
 }

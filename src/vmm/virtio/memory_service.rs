@@ -64,6 +64,11 @@ impl DeviceAccess {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.revoked.store(false, Ordering::SeqCst);
     }
+
+    #[cfg(test)]
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
 }
 
 /// Requests of one device served per turn of the service thread.

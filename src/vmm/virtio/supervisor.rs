@@ -61,22 +61,33 @@ pub struct Restartable {
 
 impl Restartable {
     fn restart(&self, reason: String, since: Instant) {
-        match self.try_restart(since) {
+        let mut started = None;
+        match self.try_restart(since, &mut started) {
             Ok(()) => {}
             // The new process went down too before it took over: its own
             // death starts the next attempt (and counts towards a crash loop).
-            Err(Retry::Later(e)) => self.health.kill(&format!("it could not take over: {e}")),
+            Err(Retry::Later(e)) => {
+                tracing::debug!("device {}: the new process could not take over: {e}", self.name);
+                if let Some(pid) = started {
+                    self.health.kill_process(pid);
+                }
+            }
             Err(Retry::Never(e)) => self.health.fail(&self.name, format!("{reason}; restarting it failed: {e}")),
         }
     }
 
-    fn try_restart(&self, since: Instant) -> std::result::Result<(), Retry> {
+    /// `started`: the new process, once there is one.
+    fn try_restart(&self, since: Instant, started: &mut Option<u32>) -> std::result::Result<(), Retry> {
+        // A device that failed meanwhile waits for the driver's reset instead.
+        if !self.health.begin_restart() {
+            return Ok(());
+        }
         let engine = lock(&self.lifeline.engine).clone();
         if let Some(engine) = &engine {
             engine.disconnect(since);
         }
-        self.health.new_generation();
         let control = (self.start)().map_err(Retry::Never)?;
+        *started = self.health.pid();
         let client = control_client(&self.runtime, control).map_err(Retry::Later)?;
         let hello = self.runtime.block_on(client.hello(within(START_DEADLINE), PROTOCOL_VERSION));
         hello.map_err(|e| Retry::Later(format!("hello: {e}")))?.map_err(|e| Retry::Never(format!("hello: {e}")))?;
@@ -88,8 +99,11 @@ impl Restartable {
                 .map_err(|e| Retry::Later(format!("activate: {e}")))?
                 .map_err(|e| Retry::Never(format!("activate: {e}")))?;
         }
-        *lock(&self.lifeline.control) = Some(client.clone());
-        self.health.restarts.fetch_add(1, Ordering::SeqCst);
+        let took_over = self.health.finish_restart(*started, || *lock(&self.lifeline.control) = Some(client.clone()));
+        if !took_over {
+            // Failed, or replaced at the driver's reset, while it started.
+            return Ok(());
+        }
         if let Some(engine) = engine {
             let _context = self.runtime.enter();
             engine.reconnect(client).map_err(Retry::Never)?;
