@@ -42,6 +42,10 @@ pub struct DeviceHealth {
     /// supervisor's restart each act on the device as the last one left it,
     /// never on a process that came after the one they are about.
     succession: Mutex<()>,
+    /// Held by whoever starts a replacement process (the driver's reset, a
+    /// supervisor's restart) until it has taken over or given up: two
+    /// replacements never start at once and both name themselves current.
+    starting: Mutex<()>,
     /// rpc mode: starts a new process when the current one dies (the
     /// device's supervisor); without it a death fails the device.
     restarter: std::sync::OnceLock<Box<dyn Fn(String, Instant) + Send + Sync>>,
@@ -185,6 +189,11 @@ impl DeviceHealth {
         if let Some(access) = &self.access {
             access.new_generation();
         }
+    }
+
+    /// The right to start a replacement process, until the guard drops.
+    pub fn starting(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.starting)
     }
 
     /// The driver's reset replaces a failed device: its processes are killed
@@ -515,6 +524,8 @@ impl DeviceHost {
         if self.health.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // A supervisor's restart under way finishes (or gives up) first.
+        let starting = self.health.starting();
         // Whatever is left of the failed one goes first: it holds the backend too.
         self.health.retire_all();
         let started = start().and_then(|control| control_client(&self.runtime, control));
@@ -529,6 +540,7 @@ impl DeviceHost {
         // one's death, reported late, is ignored since `retire_all`).
         self.health.revive();
         *lock(&self.lifeline.control) = Some(client);
+        drop(starting);
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         tracing::info!("device {}: restarted at the driver's reset", self.name);
         Ok(())
@@ -616,13 +628,22 @@ mod tests {
     use std::os::fd::FromRawFd;
     use std::process::{Child, Command};
 
-    fn watched(health: &DeviceHealth) -> Child {
-        let child = Command::new("sleep").arg("30").spawn().unwrap();
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("30").spawn().unwrap()
+    }
+
+    /// Makes `child` one of the device's processes, as spawning one does.
+    fn register(health: &DeviceHealth, child: &Child) {
         // SAFETY: pidfd_open on our own, not yet reaped, child.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
         assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
         // SAFETY: a descriptor pidfd_open just gave us.
         health.add_process(child.id(), unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+    }
+
+    fn watched(health: &DeviceHealth) -> Child {
+        let child = sleeper();
+        register(health, &child);
         child
     }
 
@@ -634,7 +655,7 @@ mod tests {
         for _ in 0..20 {
             let health = DeviceHealth::new(None);
             let mut failed_one = watched(&health);
-            let mut next = Command::new("sleep").arg("30").spawn().unwrap();
+            let mut next = sleeper();
             let failing = {
                 let health = health.clone();
                 std::thread::spawn(move || health.fail("test", "it broke".into()))
@@ -643,9 +664,7 @@ mod tests {
                 std::hint::spin_loop();
             }
             assert_eq!(lock(&health.reason).as_deref(), Some("it broke"), "the failure showed before its reason");
-            // SAFETY: a descriptor pidfd_open gives for our own child.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, next.id(), 0) };
-            health.add_process(next.id(), unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+            register(&health, &next);
             failing.join().unwrap();
             assert!(failed_one.wait().is_ok_and(|s| !s.success()), "the failed process was not killed");
             std::thread::sleep(Duration::from_millis(50));

@@ -78,6 +78,8 @@ impl Restartable {
 
     /// `started`: the new process, once there is one.
     fn try_restart(&self, since: Instant, started: &mut Option<u32>) -> std::result::Result<(), Retry> {
+        // One replacement at a time: a driver's reset waits for this one.
+        let _starting = self.health.starting();
         // A device that failed meanwhile waits for the driver's reset instead.
         if !self.health.begin_restart() {
             return Ok(());
