@@ -259,10 +259,16 @@ fn a_flood_of_bad_driver_requests_is_counted_not_logged() {
     let path = disk("driver-flood.img", 1 << 20);
     let stats = temp_path("driver-flood.json");
     let args = ["--disk", &disk_arg(&path, ""), "--memory", "64M", "--stats-file", stats.to_str().unwrap()];
+    let started = std::time::Instant::now();
     let out = run_guest(&args, "scenario=driver-flood rounds=1000");
+    let windows = started.elapsed().as_secs() / 10 + 1;
     assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("driver-flood: 1000 rounds done"), "{}", out.stdout);
-    assert!(out.stderr.lines().count() <= 20, "{} lines logged: {}", out.stderr.lines().count(), out.stderr);
+    // Five warnings, then at most one per ten seconds (src/vmm/throttle.rs),
+    // however slow the host; plus the exit line.
+    let warnings = out.stderr.lines().filter(|l| l.contains("WARN")).count() as u64;
+    assert!(warnings <= 5 + windows, "{warnings} warnings in {windows} windows: {}", out.stderr);
+    assert!(out.stderr.lines().count() as u64 <= warnings + 1, "{}", out.stderr);
     let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert_eq!(stats["devices"][0]["driver_errors"], 2000, "{stats}");
 }

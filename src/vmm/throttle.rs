@@ -4,8 +4,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Lines let through per window.
+/// Lines let through before the first window closes.
 const BURST: u32 = 5;
+/// After the burst, at most one line per window, so a guest that keeps on
+/// for minutes still adds only a line every ten seconds.
 const WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
@@ -16,7 +18,8 @@ pub struct Throttle {
 #[derive(Debug)]
 struct Window {
     started: Instant,
-    logged: u32,
+    /// Lines still allowed in this window.
+    allowance: u32,
     held_back: u64,
 }
 
@@ -25,16 +28,16 @@ impl Throttle {
     pub fn allow(&self) -> Option<u64> {
         let mut state = super::lock(&self.state);
         let now = Instant::now();
-        let window = state.get_or_insert(Window { started: now, logged: 0, held_back: 0 });
+        let window = state.get_or_insert(Window { started: now, allowance: BURST, held_back: 0 });
         if now.duration_since(window.started) >= WINDOW {
             window.started = now;
-            window.logged = 0;
+            window.allowance = 1;
         }
-        if window.logged >= BURST {
+        if window.allowance == 0 {
             window.held_back += 1;
             return None;
         }
-        window.logged += 1;
+        window.allowance -= 1;
         Some(std::mem::take(&mut window.held_back))
     }
 }
@@ -53,12 +56,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_then_silence_then_a_count() {
+    fn a_burst_then_one_line_per_window_with_a_count() {
         let throttle = Throttle::default();
+        let next_window = || super::super::lock(&throttle.state).as_mut().unwrap().started -= WINDOW;
         assert!((0..BURST).all(|_| throttle.allow() == Some(0)));
         assert!((0..1000).all(|_| throttle.allow().is_none()));
-        super::super::lock(&throttle.state).as_mut().unwrap().started -= WINDOW;
+        next_window();
         assert_eq!(throttle.allow(), Some(1000));
+        assert_eq!(throttle.allow(), None, "one line per window after the burst");
+        next_window();
+        assert_eq!(throttle.allow(), Some(1));
         assert_eq!(held_back(1000), " (1000 more like it not logged)");
     }
 }

@@ -91,6 +91,14 @@ struct Connection {
     restarting_since: Option<Instant>,
 }
 
+/// Where a batch went: the connection's epoch, its client, and the process
+/// that served it then.
+struct Posting {
+    epoch: u64,
+    client: DeviceControlClient,
+    served_by: Option<u32>,
+}
+
 impl RequestQueue {
     /// Checks the driver's queues and starts serving them on `runtime`.
     pub fn start(
@@ -256,15 +264,18 @@ impl Engine {
                 None => return,
             }
         };
+        // A client is installed only after its process became current.
+        let served_by = self.context.health.pid();
         self.context.access.batches.fetch_add(1, Ordering::Relaxed);
         let engine = self.clone();
-        tokio::spawn(async move { engine.post(epoch, client, batch).await });
+        tokio::spawn(async move { engine.post(Posting { epoch, client, served_by }, batch).await });
     }
 
     /// Sends a batch and applies its completions; a device that refuses or
     /// breaks the protocol fails. One that does not answer is killed: its
     /// supervisor restarts it (and its grants are posted again) or fails it.
-    async fn post(self: Arc<Self>, epoch: u64, client: DeviceControlClient, batch: Vec<PostedRequest>) {
+    async fn post(self: Arc<Self>, to: Posting, batch: Vec<PostedRequest>) {
+        let Posting { epoch, client, served_by } = to;
         let reply = client.requests(within(BATCH_DEADLINE), batch).await;
         let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
         if !current(&self) {
@@ -284,7 +295,12 @@ impl Engine {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 if self.context.health.supervised() {
-                    self.context.health.kill(&format!("control channel: {e}"));
+                    // Only the process that failed the batch: never one its
+                    // supervisor has started since.
+                    tracing::debug!("device {}: control channel: {e}", self.context.name);
+                    if let Some(pid) = served_by {
+                        self.context.health.kill_process(pid);
+                    }
                     return;
                 }
                 Err(format!("control channel: {e}"))
