@@ -18,7 +18,7 @@
 use super::net::{place, Held, NetDevice, Placement, HEADER, MAX_FRAME, MIN_FRAME, MTU_FRAME};
 use super::request::Reply;
 use super::virtqueue::Chain;
-use super::zero_copy::{host_pieces, host_pieces_into};
+use super::zero_copy::host_pieces_into;
 use std::collections::VecDeque;
 use vm_memory::GuestMemoryMmap;
 
@@ -84,27 +84,28 @@ pub fn receive(
 /// writes: transmit buffers are only read).
 pub fn transmit(net: &mut NetDevice, mem: &GuestMemoryMmap, chains: &[Chain]) -> Vec<Reply> {
     let mut replies = Vec::with_capacity(chains.len());
+    // Reused across the call's frames: no allocation per frame.
+    let (mut front, mut pieces) = (Vec::new(), Vec::new());
     for chain in chains {
         let (readable_len, _) = chain.stream_lengths();
         let mut header = [0u8; HEADER];
-        let pieces = (HEADER as u64..=(HEADER + MAX_FRAME) as u64)
-            .contains(&readable_len)
-            .then(|| host_pieces(mem, chain, false, 0, readable_len))
-            .flatten();
-        let frame = pieces.map(|mut pieces| {
+        front.clear();
+        pieces.clear();
+        let mapped = (HEADER as u64..=(HEADER + MAX_FRAME) as u64).contains(&readable_len)
+            && host_pieces_into(mem, chain, false, 0, readable_len, &mut pieces).is_some();
+        if mapped {
             // The device checks its own copy of the header.
-            let mut at = 0;
-            let mut front = Vec::with_capacity(1);
             split_front(&mut pieces, HEADER, &mut front);
-            for (ptr, len) in front {
+            let mut at = 0;
+            for &(ptr, len) in &front {
                 // SAFETY: checked guest RAM, mapped by `mem`, which we hold.
                 unsafe { std::ptr::copy_nonoverlapping(ptr, header[at..].as_mut_ptr(), len) };
                 at += len;
             }
-            pieces
-        });
+        }
+        let frame = mapped.then_some(&pieces[..]);
         // SAFETY: the pieces lie in guest RAM mapped by `mem`, which we hold.
-        let sent = unsafe { net.send_scattered(readable_len, &header, frame.as_deref()) };
+        let sent = unsafe { net.send_scattered(readable_len, &header, frame) };
         replies.push(Reply { failed: !sent, ..Reply::default() });
     }
     replies
