@@ -14,6 +14,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
+mod staged;
+pub use staged::{Started, StartedBatch};
+
 pub const DEVICE_ID: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -61,6 +64,8 @@ pub struct BlockDevice {
     id: [u8; ID_SIZE],
     /// The disk was opened with O_DIRECT (`direct=on`).
     direct: Option<Direct>,
+    /// `rpc`: transfers of posted batches running on the ring.
+    staged: staged::Staged,
 }
 
 /// O_DIRECT transfers: through an aligned buffer, at offsets and lengths
@@ -154,7 +159,7 @@ impl BlockDevice {
         let mut serial = [0u8; ID_SIZE];
         let bytes = id.as_bytes();
         serial[..bytes.len().min(ID_SIZE)].copy_from_slice(&bytes[..bytes.len().min(ID_SIZE)]);
-        Ok(BlockDevice { file: Arc::new(file), readonly, sectors, id: serial, direct })
+        Ok(BlockDevice { file: Arc::new(file), readonly, sectors, id: serial, direct, staged: Default::default() })
     }
 
     pub fn is_direct(&self) -> bool {
@@ -318,13 +323,9 @@ impl BlockDevice {
     }
 
     fn start_transfer(&mut self, index: usize, request: &Request, t: Transfer, in_flight: &mut InFlight) -> Option<()> {
-        let direct = self.direct.as_mut()?;
-        let io = direct.io.clone()?;
-        let mut buffer = direct.spare.pop().unwrap_or_else(AlignedBuffer::new);
+        let io = self.direct.as_ref()?.io.clone()?;
+        let mut buffer = self.transfer_buffer(request, t)?;
         let bytes = buffer.get(t.len as usize)?;
-        if t.write {
-            bytes.copy_from_slice(request.readable.as_ref().map_or(&[][..], |r| &r[HEADER_SIZE as usize..]));
-        }
         match io {
             DiskIo::Threads(threads) => {
                 let (file, report) = (self.file.clone(), in_flight.report.clone());
@@ -343,7 +344,7 @@ impl BlockDevice {
                 // SAFETY: the buffer and its iovec stay in `on_ring` until
                 // `collect` has taken this completion.
                 if unsafe { ring.push(Owner::Batch, index as u64, t.write, &iovec[..], t.offset) }.is_err() {
-                    direct.spare.push(buffer);
+                    self.direct.as_mut()?.spare.push(buffer);
                     return None;
                 }
                 in_flight.on_ring.push((index, buffer, iovec));
@@ -351,6 +352,35 @@ impl BlockDevice {
         }
         in_flight.transfers.push((index, request.writable_len - 1, t));
         Some(())
+    }
+
+    /// An aligned buffer for `t`, holding the data of a write.
+    fn transfer_buffer(&mut self, request: &Request, t: Transfer) -> Option<AlignedBuffer> {
+        let direct = self.direct.as_mut()?;
+        let mut buffer = direct.spare.pop().unwrap_or_else(AlignedBuffer::new);
+        let bytes = buffer.get(t.len as usize)?;
+        if t.write {
+            bytes.copy_from_slice(request.readable.as_ref().map_or(&[][..], |r| &r[HEADER_SIZE as usize..]));
+        }
+        Some(buffer)
+    }
+
+    /// Whether a ring transfer that moved `moved` bytes (or failed) moved
+    /// them all, moving a short one's rest here.
+    fn rest_of(&self, t: Transfer, moved: i32, buffer: &mut AlignedBuffer) -> bool {
+        match (moved, buffer.get(t.len as usize)) {
+            (m, _) if m as u64 == t.len => true,
+            // A short transfer (rare): the rest here.
+            (m, Some(bytes)) if m > 0 => {
+                let (rest, at) = (&mut bytes[m as usize..], t.offset + m as u64);
+                if t.write {
+                    self.file.write_all_at(rest, at).is_ok()
+                } else {
+                    self.file.read_exact_at(rest, at).is_ok()
+                }
+            }
+            _ => false,
+        }
     }
 
     /// Waits for every transfer in flight and fills in its reply.
@@ -392,19 +422,7 @@ impl BlockDevice {
                 std::mem::forget((buffer, iovec));
                 continue;
             };
-            let ok = match (moved, buffer.get(t.len as usize)) {
-                (m, _) if m as u64 == t.len => true,
-                // A short transfer (rare): the rest here.
-                (m, Some(bytes)) if m > 0 => {
-                    let (rest, at) = (&mut bytes[m as usize..], t.offset + m as u64);
-                    if t.write {
-                        self.file.write_all_at(rest, at).is_ok()
-                    } else {
-                        self.file.read_exact_at(rest, at).is_ok()
-                    }
-                }
-                _ => false,
-            };
+            let ok = self.rest_of(t, moved, &mut buffer);
             ended.push((index, ok, buffer));
         }
         ended
@@ -548,14 +566,14 @@ impl BlockDevice {
 mod tests {
     use super::*;
 
-    fn request(kind: u32, sector: u64, data: &[u8], room: u64) -> Request {
+    pub(super) fn request(kind: u32, sector: u64, data: &[u8], room: u64) -> Request {
         let mut readable = [kind.to_le_bytes(), [0; 4]].concat();
         readable.extend_from_slice(&sector.to_le_bytes());
         readable.extend_from_slice(data);
         Request { readable_len: readable.len() as u64, writable_len: room + 1, readable: Some(readable) }
     }
 
-    fn status(reply: &Reply) -> u8 {
+    pub(super) fn status(reply: &Reply) -> u8 {
         reply.writes.last().unwrap().1[0]
     }
 
@@ -582,7 +600,7 @@ mod tests {
 
     /// A `direct=on` disk with its ring or I/O threads, on a file in the temp
     /// dir (None where that filesystem has no O_DIRECT, like tmpfs before 6.6).
-    fn threaded_disk(len: u64, aio: Aio) -> Option<BlockDevice> {
+    pub(super) fn threaded_disk(len: u64, aio: Aio) -> Option<BlockDevice> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = std::env::temp_dir().join(format!("skvm-blk-direct-{aio:?}-{}.img", std::process::id()));
         let mut options = std::fs::OpenOptions::new();

@@ -59,17 +59,7 @@ impl InFlight {
     pub fn new(io: &DiskIo, file: Arc<File>, wake: Arc<Notify>) -> std::io::Result<InFlight> {
         let engine = match io {
             DiskIo::Ring(ring) => {
-                let completed = ring.lock().unwrap_or_else(|e| e.into_inner()).take_completed();
-                let completed = completed.ok_or_else(|| std::io::Error::other("the ring is watched already"))?;
-                // SAFETY: the AsyncFd owns the eventfd and closes it only when dropped.
-                let completed = unsafe { tokio::io::unix::AsyncFd::register(completed) }?;
-                tokio::spawn(async move {
-                    while let Ok(mut ready) = completed.readable().await {
-                        let _ = ready.get_inner().read();
-                        ready.clear_ready();
-                        wake.notify_one();
-                    }
-                });
+                watch_ring(ring, move || wake.notify_one())?;
                 Engine::Ring { ring: ring.clone(), slots: Vec::new() }
             }
             DiskIo::Threads(threads) => {
@@ -232,6 +222,23 @@ impl InFlight {
         }
         self.waiting = still;
     }
+}
+
+/// Runs `wake` on the device's event loop whenever transfers on `ring`
+/// have ended (its completion eventfd). Once per ring.
+pub fn watch_ring(ring: &Mutex<DiskRing>, wake: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let completed = ring.lock().unwrap_or_else(|e| e.into_inner()).take_completed();
+    let completed = completed.ok_or_else(|| std::io::Error::other("the ring is watched already"))?;
+    // SAFETY: the AsyncFd owns the eventfd and closes it only when dropped.
+    let completed = unsafe { tokio::io::unix::AsyncFd::register(completed) }?;
+    tokio::spawn(async move {
+        while let Ok(mut ready) = completed.readable().await {
+            let _ = ready.get_inner().read();
+            ready.clear_ready();
+            wake();
+        }
+    });
+    Ok(())
 }
 
 enum Progress {

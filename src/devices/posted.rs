@@ -12,21 +12,31 @@ use rpc_schema::{
 };
 use serde_bytes::ByteBuf;
 
-/// Serves a batch; returns its completions and how many ended in an error.
-pub async fn serve<M: DeviceMemory>(
+/// The requests device logic sees, one per chain of the batch.
+pub async fn requests<M: DeviceMemory>(
     mem: &M,
-    backend: &mut Backend,
-    batch: Vec<PostedRequest>,
-) -> Result<(Vec<CompletedRequest>, u64), AccessError> {
+    backend: &Backend,
+    batch: &[PostedRequest],
+) -> Result<Vec<Request>, AccessError> {
     let mut requests = Vec::with_capacity(batch.len());
-    for posted in &batch {
+    for posted in batch {
         requests.push(request(mem, backend, posted).await?);
     }
-    let replies = backend.serve(&requests).await?;
+    Ok(requests)
+}
+
+/// A batch's completions from its replies; how many ended in an error.
+pub async fn answer<M: DeviceMemory>(
+    mem: &M,
+    backend: &mut Backend,
+    batch: &[PostedRequest],
+    requests: &[Request],
+    replies: Vec<super::request::Reply>,
+) -> Result<(Vec<CompletedRequest>, u64), AccessError> {
     let mut failed = 0;
     let mut budget = MAX_BATCH_INLINE;
     let mut completions = Vec::with_capacity(batch.len());
-    for ((posted, request), mut reply) in batch.iter().zip(&requests).zip(replies) {
+    for ((posted, request), mut reply) in batch.iter().zip(requests).zip(replies) {
         let mut writes = buffer_writes(&posted.buffers, std::mem::take(&mut reply.writes));
         let bytes: u64 = writes.iter().map(|w| w.data.len() as u64).sum();
         if bytes <= budget {

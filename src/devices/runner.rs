@@ -1,8 +1,10 @@
 //! A device's event loop, the same in every memory mode: serve the VMM's
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
+use super::blk::{Started, StartedBatch};
 use super::features;
 use super::in_flight::InFlight;
+use super::memory::AccessError;
 use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::poll_window::PollWindow;
@@ -47,8 +49,12 @@ struct Core<M> {
     tamper: Option<Tamper>,
     /// A `direct=on` disk's zero-copy transfers in flight (mapped modes).
     in_flight: Option<InFlight>,
-    /// Rung by an I/O thread when a transfer in flight ends.
+    /// Rung when a disk transfer in flight ends: by an I/O thread or the
+    /// ring's watcher (one waiter in mapped modes; in `rpc`, every batch
+    /// whose transfers run).
     io_done: Arc<Notify>,
+    /// `rpc`: the disk ring's completions are watched (see `watch_disk`).
+    disk_watched: bool,
     /// A network or console device sent something since polling last
     /// started: only then is its transmit queue worth watching.
     sent: bool,
@@ -303,8 +309,9 @@ impl<M: DeviceMemory> Core<M> {
             .collect()
     }
 
-    /// Request level: serves a batch the VMM posted.
-    async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Vec<CompletedRequest>, DeviceError> {
+    /// Request level: serves a batch the VMM posted, or starts it when it
+    /// is a disk's transfers on its ring ([`BlockDevice::start`]).
+    async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Stage, DeviceError> {
         if !self.posting {
             return Err(DeviceError::NotActive);
         }
@@ -328,8 +335,68 @@ impl<M: DeviceMemory> Core<M> {
                 self.rx_posted.push_back(Held { buffer: posted, capacity });
             }
         }
+        let failed = |e: AccessError| DeviceError::Failed(e.to_string());
+        let requests = posted::requests(&self.mem, &self.backend, &batch).await.map_err(failed)?;
+        let posted = Posted { batch, requests, given_back, seen };
+        let watched = matches!(self.backend, Backend::Block(_)) && self.watch_disk();
+        let replies = match &mut self.backend {
+            Backend::Block(blk) => match blk.start(&posted.requests) {
+                Started::Served(replies) => replies,
+                Started::Running(on_disk) if watched => {
+                    self.counters.busy_ns += started.elapsed().as_nanos() as u64;
+                    return Ok(Stage::OnDisk(posted, on_disk));
+                }
+                Started::Running(on_disk) => {
+                    // Its end cannot be watched: wait for it here.
+                    blk.wait_for(&on_disk);
+                    blk.finish(on_disk, &posted.requests)
+                }
+            },
+            backend => backend.serve(&posted.requests).await.map_err(failed)?,
+        };
+        self.answer(posted, replies, started).await.map(Stage::Served)
+    }
+
+    /// Request level: answers a disk batch whose transfers have ended.
+    async fn finish_posted(
+        &mut self,
+        posted: Posted,
+        on_disk: StartedBatch,
+    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+        let started = std::time::Instant::now();
+        let Backend::Block(blk) = &mut self.backend else {
+            return Err(DeviceError::Failed("a disk batch on a device that is not a disk".into()));
+        };
+        let replies = blk.finish(on_disk, &posted.requests);
+        self.answer(posted, replies, started).await
+    }
+
+    /// Whether the end of a disk batch running on the ring wakes `io_done`
+    /// (the ring's completions are watched from the first batch on).
+    fn watch_disk(&mut self) -> bool {
+        if self.disk_watched {
+            return true;
+        }
+        let Backend::Block(blk) = &self.backend else { return false };
+        let Some(super::blk::DiskIo::Ring(ring)) = blk.disk_io() else { return false };
+        let done = self.io_done.clone();
+        match super::in_flight::watch_ring(ring, move || done.notify_waiters()) {
+            Ok(()) => self.disk_watched = true,
+            Err(e) => tracing::warn!("cannot watch the disk ring ({e}): its batches wait in the kernel"),
+        }
+        self.disk_watched
+    }
+
+    /// Request level: a batch's completions from its replies.
+    async fn answer(
+        &mut self,
+        posted: Posted,
+        replies: Vec<super::request::Reply>,
+        started: std::time::Instant,
+    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+        let Posted { batch, requests, given_back, seen } = posted;
         let count = batch.len() as u64 + given_back.len() as u64;
-        let result = posted::serve(&self.mem, &mut self.backend, batch).await;
+        let result = posted::answer(&self.mem, &mut self.backend, &batch, &requests, replies).await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
         let (mut completions, failed) = result.map_err(|e| DeviceError::Failed(e.to_string()))?;
         completions.extend(given_back);
@@ -341,6 +408,51 @@ impl<M: DeviceMemory> Core<M> {
             completions = tamper(batch, completions).await;
         }
         Ok(completions)
+    }
+}
+
+/// A posted batch between being started and answered.
+struct Posted {
+    batch: Vec<PostedRequest>,
+    requests: Vec<super::request::Request>,
+    /// Receive buffers given back unused (faulty).
+    given_back: Vec<CompletedRequest>,
+    /// Test-only: the batch as posted, for the tamper hook.
+    seen: Option<Vec<PostedRequest>>,
+}
+
+enum Stage {
+    Served(Vec<CompletedRequest>),
+    /// A disk batch whose transfers run on the ring.
+    OnDisk(Posted, StartedBatch),
+}
+
+/// Request level: serves a batch the VMM posted. A disk batch whose
+/// transfers run on the ring lets go of the core while they run, so the
+/// batches posted behind it start meanwhile.
+async fn serve_posted<M: DeviceMemory>(
+    core: &Mutex<Core<M>>,
+    batch: Vec<PostedRequest>,
+) -> Result<Vec<CompletedRequest>, DeviceError> {
+    let (posted, on_disk) = match core.lock().await.serve_posted(batch).await? {
+        Stage::Served(completions) => return Ok(completions),
+        Stage::OnDisk(posted, on_disk) => (posted, on_disk),
+    };
+    let io_done = core.lock().await.io_done.clone();
+    loop {
+        let ended = io_done.notified();
+        tokio::pin!(ended);
+        // Listening before looking: an end between the two still wakes us.
+        ended.as_mut().enable();
+        let mut core = core.lock().await;
+        if let Backend::Block(blk) = &mut core.backend {
+            if !blk.has_ended(&on_disk) {
+                drop(core);
+                ended.await;
+                continue;
+            }
+        }
+        return core.finish_posted(posted, on_disk).await;
     }
 }
 
@@ -561,7 +673,7 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         _: tarpc::context::Context,
         batch: Vec<PostedRequest>,
     ) -> Result<Vec<CompletedRequest>, DeviceError> {
-        let completions = self.core.lock().await.serve_posted(batch).await;
+        let completions = serve_posted(&self.core, batch).await;
         // A network device may hold new receive buffers: its receive loop looks again.
         self.kick.notify_one();
         completions
@@ -629,6 +741,7 @@ where
         tamper: hooks.tamper,
         in_flight: None,
         io_done: io_done.clone(),
+        disk_watched: false,
         sent: false,
         rx_quiet: false,
     }));

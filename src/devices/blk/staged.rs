@@ -1,0 +1,248 @@
+//! `rpc` with a `direct=on` disk on its io_uring: a posted batch's reads and
+//! writes start on the ring and the batch waits for them without holding
+//! the device, so the batches posted behind it start meanwhile and a
+//! guest's queue depth reaches the host disk across batches (served one
+//! after another, the disk drained between them). A batch with anything
+//! else (a flush, an overlap with a transfer running, a lone request with
+//! nothing running, which is cheapest waited for in the kernel) is served
+//! in order on the device's thread after every transfer running has ended.
+use super::{BlockDevice, DiskIo, Transfer, S_IOERR, S_OK};
+use crate::devices::aligned::AlignedBuffer;
+use crate::devices::disk_ring::{DiskRing, Owner};
+use crate::devices::request::{Reply, Request};
+use std::sync::Mutex;
+
+/// Transfers of started batches, across batches.
+#[derive(Default)]
+pub(super) struct Staged {
+    last_batch: u32,
+    running: Vec<Running>,
+    /// Ring completions taken, not yet collected by their batch: (tag, result).
+    ended: Vec<(u64, i32)>,
+}
+
+struct Running {
+    /// The batch (high 32 bits) and the request's index in it.
+    tag: u64,
+    /// Where the status byte goes in the request's writable stream.
+    status_at: u64,
+    t: Transfer,
+    buffer: AlignedBuffer,
+    /// The iovec the kernel reads, at a fixed address until the completion is taken.
+    iovec: Box<[libc::iovec; 1]>,
+}
+
+// SAFETY: the iovec names the transfer's own buffer, which moves with it,
+// and only the kernel uses it (never through a shared reference).
+unsafe impl Send for Running {}
+unsafe impl Sync for Running {}
+
+/// A batch whose transfers run: what is answered already, by request index.
+pub struct StartedBatch {
+    id: u32,
+    replies: Vec<Option<Reply>>,
+}
+
+pub enum Started {
+    /// Served here, in order.
+    Served(Vec<Reply>),
+    /// Its transfers run: answer it with [`BlockDevice::finish`] once
+    /// [`BlockDevice::has_ended`] says so.
+    Running(StartedBatch),
+}
+
+fn batch_of(tag: u64) -> u32 {
+    (tag >> 32) as u32
+}
+
+impl BlockDevice {
+    fn ring(&self) -> Option<std::sync::Arc<Mutex<DiskRing>>> {
+        match self.direct.as_ref()?.io.as_ref()? {
+            DiskIo::Ring(ring) => Some(ring.clone()),
+            DiskIo::Threads(_) => None,
+        }
+    }
+
+    /// Starts a posted batch (see the module's doc).
+    pub fn start(&mut self, requests: &[Request]) -> Started {
+        let Some(ring) = self.ring() else { return Started::Served(self.serve(requests)) };
+        let transfers: Option<Vec<Transfer>> = requests.iter().map(|r| self.threaded_transfer(r)).collect();
+        let lone = requests.len() < 2 && self.staged.running.is_empty();
+        let Some(transfers) = transfers.filter(|t| !lone && !self.overlaps(t)) else {
+            self.wait_all(&ring);
+            return Started::Served(self.serve(requests));
+        };
+        self.staged.last_batch = self.staged.last_batch.wrapping_add(1).max(1);
+        let id = self.staged.last_batch;
+        let mut replies: Vec<Option<Reply>> = requests.iter().map(|_| None).collect();
+        for (index, (request, t)) in requests.iter().zip(transfers).enumerate() {
+            let tag = (id as u64) << 32 | index as u64;
+            if self.launch(&ring, tag, request, t).is_none() {
+                // No buffer or no room on the ring: it overlaps nothing, so it runs here.
+                replies[index] = Some(self.serve_one(request));
+            }
+        }
+        if let Err(e) = ring.lock().unwrap_or_else(|e| e.into_inner()).submit() {
+            // They stay queued: the next look at the ring submits them.
+            tracing::warn!("disk ring: submitting failed ({e}); will retry");
+        }
+        Started::Running(StartedBatch { id, replies })
+    }
+
+    /// Whether `batch`'s transfers have all ended (takes the ring's completions).
+    pub fn has_ended(&mut self, batch: &StartedBatch) -> bool {
+        if let Some(ring) = self.ring() {
+            let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = ring.submit();
+            self.staged.ended.extend(ring.completions(Owner::Batch));
+        }
+        let ended = &self.staged.ended;
+        self.staged.running.iter().filter(|r| batch_of(r.tag) == batch.id).all(|r| ended.iter().any(|e| e.0 == r.tag))
+    }
+
+    /// Waits in the kernel for `batch`'s transfers (where its end cannot be watched).
+    pub fn wait_for(&mut self, batch: &StartedBatch) {
+        let Some(ring) = self.ring() else { return };
+        while !self.has_ended(batch) {
+            if ring.lock().unwrap_or_else(|e| e.into_inner()).wait(Owner::Batch, 1).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The replies of a batch whose transfers have ended.
+    pub fn finish(&mut self, batch: StartedBatch, requests: &[Request]) -> Vec<Reply> {
+        let mut replies = batch.replies;
+        let (mine, others) =
+            std::mem::take(&mut self.staged.running).into_iter().partition(|r| batch_of(r.tag) == batch.id);
+        self.staged.running = others;
+        for Running { tag, status_at, t, mut buffer, iovec } in mine {
+            let Some(at) = self.staged.ended.iter().position(|e| e.0 == tag) else {
+                // Never reported: the kernel may still use the buffer, so it
+                // is never reused or freed; the request fails.
+                std::mem::forget((buffer, iovec));
+                continue;
+            };
+            let moved = self.staged.ended.swap_remove(at).1;
+            let ok = self.rest_of(t, moved, &mut buffer);
+            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| b.to_vec())).flatten();
+            replies[tag as u32 as usize] = Some(Self::reply(if ok { S_OK } else { S_IOERR }, data, status_at));
+            if let Some(direct) = self.direct.as_mut() {
+                direct.spare.push(buffer);
+            }
+        }
+        let unanswered =
+            |(reply, request): (Option<Reply>, &Request)| reply.unwrap_or_else(|| Self::refuse(request.writable_len));
+        replies.into_iter().zip(requests).map(unanswered).collect()
+    }
+
+    /// Whether a batch's transfers overlap each other, or one running, where one writes.
+    fn overlaps(&self, transfers: &[Transfer]) -> bool {
+        let extent = |t: &Transfer| (t.offset, t.len, t.write);
+        let running = self.staged.running.iter().map(|r| extent(&r.t));
+        transfers.iter().enumerate().any(|(i, t)| {
+            let others = transfers[..i].iter().map(extent).chain(running.clone());
+            others.into_iter().any(|o| super::clash(extent(t), o))
+        })
+    }
+
+    /// Puts a transfer on the ring (submitted with its batch).
+    fn launch(&mut self, ring: &Mutex<DiskRing>, tag: u64, request: &Request, t: Transfer) -> Option<()> {
+        let mut buffer = self.transfer_buffer(request, t)?;
+        let bytes = buffer.get(t.len as usize)?;
+        let iovec = Box::new([libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() }]);
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the buffer and its iovec stay in `running` until `finish`
+        // has taken this completion (or are never freed).
+        if unsafe { ring.push(Owner::Batch, tag, t.write, &iovec[..], t.offset) }.is_err() {
+            self.direct.as_mut()?.spare.push(buffer);
+            return None;
+        }
+        let status_at = request.writable_len - 1;
+        self.staged.running.push(Running { tag, status_at, t, buffer, iovec });
+        Some(())
+    }
+
+    /// Waits for every started batch's transfers to end (before serving in order).
+    fn wait_all(&mut self, ring: &Mutex<DiskRing>) {
+        loop {
+            let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+            self.staged.ended.extend(ring.completions(Owner::Batch));
+            let ended = &self.staged.ended;
+            if self.staged.running.iter().all(|r| ended.iter().any(|e| e.0 == r.tag))
+                || ring.wait(Owner::Batch, 1).is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{request, status, threaded_disk};
+    use super::super::{Aio, T_FLUSH, T_IN, T_OUT};
+    use super::*;
+
+    fn running(started: Started) -> StartedBatch {
+        match started {
+            Started::Running(batch) => batch,
+            Started::Served(_) => panic!("served in order, not started"),
+        }
+    }
+
+    fn served(started: Started) -> Vec<Reply> {
+        match started {
+            Started::Served(replies) => replies,
+            Started::Running(_) => panic!("started, not served in order"),
+        }
+    }
+
+    fn finished(disk: &mut BlockDevice, batch: StartedBatch, requests: &[Request]) -> Vec<Reply> {
+        disk.wait_for(&batch);
+        assert!(disk.has_ended(&batch));
+        disk.finish(batch, requests)
+    }
+
+    #[test]
+    fn batches_run_together_and_what_must_wait_waits() {
+        let Some(mut disk) = threaded_disk(1 << 20, Aio::IoUring) else { return };
+        // Two batches of writes at once: the second starts while the first runs.
+        let first: Vec<Request> = (0..8u64).map(|b| request(T_OUT, b * 8, &[b as u8 + 1; 4096], 0)).collect();
+        let second: Vec<Request> = (8..16u64).map(|b| request(T_OUT, b * 8, &[b as u8 + 1; 4096], 0)).collect();
+        let a = running(disk.start(&first));
+        let b = running(disk.start(&second));
+        assert_eq!(disk.staged.running.len(), 16, "both batches on the disk at once");
+        // Answered in either order, each with its own replies.
+        assert!(finished(&mut disk, b, &second).iter().all(|r| status(r) == S_OK));
+        // A read over a write still running waits for it, and sees it whole.
+        let over = [request(T_IN, 0, &[], 4096), request(T_IN, 8, &[], 4096)];
+        let reads = served(disk.start(&over));
+        assert!(disk.has_ended(&a), "the first batch ended first");
+        assert_eq!(&reads[0].writes[0].1[..], &[1u8; 4096][..]);
+        assert_eq!(&reads[1].writes[0].1[..], &[2u8; 4096][..]);
+        // Its replies were kept for it.
+        assert!(finished(&mut disk, a, &first).iter().all(|r| status(r) == S_OK));
+        assert!(disk.staged.ended.is_empty());
+        // A flush waits for every write running before it.
+        let writes: Vec<Request> = (0..4u64).map(|b| request(T_OUT, b * 8, &[0xee; 4096], 0)).collect();
+        let c = running(disk.start(&writes));
+        let flush = served(disk.start(&[request(T_FLUSH, 0, &[], 0)]));
+        assert_eq!(status(&flush[0]), S_OK);
+        assert!(disk.has_ended(&c), "the flush came after the writes ended");
+        assert!(finished(&mut disk, c, &writes).iter().all(|r| status(r) == S_OK));
+        // Reads of many batches, finished out of order, each get their own bytes.
+        let batches: Vec<Vec<Request>> =
+            (0..4u64).map(|k| (0..4u64).map(|b| request(T_IN, (k * 4 + b) * 8, &[], 4096)).collect()).collect();
+        let started: Vec<StartedBatch> = batches.iter().map(|r| running(disk.start(r))).collect();
+        for (k, batch) in started.into_iter().enumerate().rev() {
+            for (b, reply) in finished(&mut disk, batch, &batches[k]).iter().enumerate() {
+                let block = k * 4 + b;
+                let want = if block < 4 { 0xee } else { block as u8 + 1 };
+                assert_eq!((status(reply), reply.writes[0].1[0]), (S_OK, want), "block {block}");
+            }
+        }
+        // A lone request with nothing running is served here.
+        assert_eq!(status(&served(disk.start(&[request(T_IN, 0, &[], 4096)]))[0]), S_OK);
+    }
+}
