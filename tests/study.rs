@@ -179,17 +179,19 @@ fn bench_refuses_a_missing_results_file_and_an_unknown_peer() {
     assert!(out.stderr.contains("unknown peer"), "{}", out.stderr);
 }
 
-/// The published report is what its committed results file renders to, so a
-/// change to the report's format cannot leave it stale.
+/// Each published report is what its committed results file renders to, so
+/// a change to the report's format cannot leave one stale.
 #[test]
-fn the_published_report_renders_from_its_results_file() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/study-2026-11-30");
-    let again = temp_path("published-render");
-    let results = dir.join("results.json");
-    let rendered = run(&["bench", "--render", results.to_str().unwrap(), "--out", again.to_str().unwrap()]);
-    assert_eq!(rendered.code(), Some(0), "{}", rendered.stderr);
-    let published = std::fs::read_to_string(dir.join("report.md")).unwrap();
-    assert_eq!(std::fs::read_to_string(again.join("report.md")).unwrap(), published);
+fn the_published_reports_render_from_their_results_files() {
+    for study in ["study-2026-11-30", "study-2026-12-01"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(study);
+        let again = temp_path(&format!("published-render-{study}"));
+        let results = dir.join("results.json");
+        let rendered = run(&["bench", "--render", results.to_str().unwrap(), "--out", again.to_str().unwrap()]);
+        assert_eq!(rendered.code(), Some(0), "{study}: {}", rendered.stderr);
+        let published = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert_eq!(std::fs::read_to_string(again.join("report.md")).unwrap(), published, "{study}");
+    }
 }
 
 /// Given a vhost-user-blk backend (`SKVM_TEST_VHOST_USER_BLK`) and at least

@@ -310,7 +310,7 @@ impl<M: DeviceMemory> Core<M> {
     }
 
     /// Request level: serves a batch the VMM posted, or starts it when it
-    /// is a disk's transfers on its ring ([`BlockDevice::start`]).
+    /// is a disk's transfers on its ring ([`super::blk::BlockDevice::start`]).
     async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Stage, DeviceError> {
         if !self.posting {
             return Err(DeviceError::NotActive);
