@@ -325,7 +325,6 @@ impl BlockDevice {
     fn start_transfer(&mut self, index: usize, request: &Request, t: Transfer, in_flight: &mut InFlight) -> Option<()> {
         let io = self.direct.as_ref()?.io.clone()?;
         let mut buffer = self.transfer_buffer(request, t)?;
-        let bytes = buffer.get(t.len as usize)?;
         match io {
             DiskIo::Threads(threads) => {
                 let (file, report) = (self.file.clone(), in_flight.report.clone());
@@ -339,14 +338,8 @@ impl BlockDevice {
                 }));
             }
             DiskIo::Ring(ring) => {
-                let iovec = Box::new([libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() }]);
-                let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-                // SAFETY: the buffer and its iovec stay in `on_ring` until
-                // `collect` has taken this completion.
-                if unsafe { ring.push(Owner::Batch, index as u64, t.write, &iovec[..], t.offset) }.is_err() {
-                    self.direct.as_mut()?.spare.push(buffer);
-                    return None;
-                }
+                // Kept in `on_ring` until `collect` has taken the completion.
+                let (buffer, iovec) = self.push_on_ring(&ring, index as u64, t, buffer)?;
                 in_flight.on_ring.push((index, buffer, iovec));
             }
         }
@@ -363,6 +356,29 @@ impl BlockDevice {
             bytes.copy_from_slice(request.readable.as_ref().map_or(&[][..], |r| &r[HEADER_SIZE as usize..]));
         }
         Some(buffer)
+    }
+
+    /// Puts `t` on the ring under `tag`, with `buffer` (from
+    /// [`Self::transfer_buffer`]) as its bytes. The caller keeps the buffer
+    /// and the iovec naming it until the completion is taken; None (the
+    /// buffer back among the spares) when the ring takes no more.
+    fn push_on_ring(
+        &mut self,
+        ring: &Mutex<DiskRing>,
+        tag: u64,
+        t: Transfer,
+        mut buffer: AlignedBuffer,
+    ) -> Option<(AlignedBuffer, Box<[libc::iovec; 1]>)> {
+        let bytes = buffer.get(t.len as usize)?;
+        let iovec = Box::new([libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() }]);
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the caller keeps the buffer and its iovec until the
+        // completion is taken (or never frees them).
+        if unsafe { ring.push(Owner::Batch, tag, t.write, &iovec[..], t.offset) }.is_err() {
+            self.direct.as_mut()?.spare.push(buffer);
+            return None;
+        }
+        Some((buffer, iovec))
     }
 
     /// Whether a ring transfer that moved `moved` bytes (or failed) moved

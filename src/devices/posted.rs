@@ -4,7 +4,7 @@
 //! by grant first when a reply would outgrow its frame). The device never
 //! sees a guest address.
 use super::memory::{AccessError, DeviceMemory};
-use super::request::{pieces, stream_lengths, Request};
+use super::request::{pieces, stream_lengths, Reply, Request};
 use super::Backend;
 use rpc_schema::{
     BufferWrite, CompletedRequest, GrantRange, GrantWrite, PostedBuffer, PostedRequest, MAX_BATCH_INLINE, MAX_SEGMENTS,
@@ -31,7 +31,7 @@ pub async fn answer<M: DeviceMemory>(
     backend: &mut Backend,
     batch: &[PostedRequest],
     requests: &[Request],
-    replies: Vec<super::request::Reply>,
+    replies: Vec<Reply>,
 ) -> Result<(Vec<CompletedRequest>, u64), AccessError> {
     let mut failed = 0;
     let mut budget = MAX_BATCH_INLINE;

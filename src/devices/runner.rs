@@ -8,7 +8,7 @@ use super::memory::AccessError;
 use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::poll_window::PollWindow;
-use super::request::{stream_lengths, Request};
+use super::request::{stream_lengths, Reply, Request};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{net_zero_copy, posted, ring, Backend};
 use futures::StreamExt;
@@ -338,7 +338,7 @@ impl<M: DeviceMemory> Core<M> {
         let failed = |e: AccessError| DeviceError::Failed(e.to_string());
         let requests = posted::requests(&self.mem, &self.backend, &batch).await.map_err(failed)?;
         let posted = Posted { batch, requests, given_back, seen };
-        let watched = matches!(self.backend, Backend::Block(_)) && self.watch_disk();
+        let watched = self.watch_disk();
         let replies = match &mut self.backend {
             Backend::Block(blk) => match blk.start(&posted.requests) {
                 Started::Served(replies) => replies,
@@ -391,7 +391,7 @@ impl<M: DeviceMemory> Core<M> {
     async fn answer(
         &mut self,
         posted: Posted,
-        replies: Vec<super::request::Reply>,
+        replies: Vec<Reply>,
         started: std::time::Instant,
     ) -> Result<Vec<CompletedRequest>, DeviceError> {
         let Posted { batch, requests, given_back, seen } = posted;
@@ -414,7 +414,7 @@ impl<M: DeviceMemory> Core<M> {
 /// A posted batch between being started and answered.
 struct Posted {
     batch: Vec<PostedRequest>,
-    requests: Vec<super::request::Request>,
+    requests: Vec<Request>,
     /// Receive buffers given back unused (faulty).
     given_back: Vec<CompletedRequest>,
     /// Test-only: the batch as posted, for the tamper hook.

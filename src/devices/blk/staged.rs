@@ -57,7 +57,7 @@ fn batch_of(tag: u64) -> u32 {
 
 impl BlockDevice {
     fn ring(&self) -> Option<std::sync::Arc<Mutex<DiskRing>>> {
-        match self.direct.as_ref()?.io.as_ref()? {
+        match self.disk_io()? {
             DiskIo::Ring(ring) => Some(ring.clone()),
             DiskIo::Threads(_) => None,
         }
@@ -69,7 +69,7 @@ impl BlockDevice {
         let transfers: Option<Vec<Transfer>> = requests.iter().map(|r| self.threaded_transfer(r)).collect();
         let lone = requests.len() < 2 && self.staged.running.is_empty();
         let Some(transfers) = transfers.filter(|t| !lone && !self.overlaps(t)) else {
-            self.wait_all(&ring);
+            self.wait_where(|_| true);
             return Started::Served(self.serve(requests));
         };
         self.staged.last_batch = self.staged.last_batch.wrapping_add(1).max(1);
@@ -91,19 +91,31 @@ impl BlockDevice {
 
     /// Whether `batch`'s transfers have all ended (takes the ring's completions).
     pub fn has_ended(&mut self, batch: &StartedBatch) -> bool {
+        self.ended_where(|tag| batch_of(tag) == batch.id)
+    }
+
+    /// Waits in the kernel for `batch`'s transfers (where its end cannot be watched).
+    pub fn wait_for(&mut self, batch: &StartedBatch) {
+        self.wait_where(|tag| batch_of(tag) == batch.id);
+    }
+
+    /// Whether the running transfers `which` picks (by tag) have all ended,
+    /// after taking the ring's completions (and submitting what a failed
+    /// submit left queued).
+    fn ended_where(&mut self, which: impl Fn(u64) -> bool) -> bool {
         if let Some(ring) = self.ring() {
             let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
             let _ = ring.submit();
             self.staged.ended.extend(ring.completions(Owner::Batch));
         }
         let ended = &self.staged.ended;
-        self.staged.running.iter().filter(|r| batch_of(r.tag) == batch.id).all(|r| ended.iter().any(|e| e.0 == r.tag))
+        self.staged.running.iter().filter(|r| which(r.tag)).all(|r| ended.iter().any(|e| e.0 == r.tag))
     }
 
-    /// Waits in the kernel for `batch`'s transfers (where its end cannot be watched).
-    pub fn wait_for(&mut self, batch: &StartedBatch) {
+    /// Waits in the kernel until the transfers `which` picks have ended.
+    fn wait_where(&mut self, which: impl Fn(u64) -> bool) {
         let Some(ring) = self.ring() else { return };
-        while !self.has_ended(batch) {
+        while !self.ended_where(&which) {
             if ring.lock().unwrap_or_else(|e| e.into_inner()).wait(Owner::Batch, 1).is_err() {
                 return;
             }
@@ -146,35 +158,14 @@ impl BlockDevice {
         })
     }
 
-    /// Puts a transfer on the ring (submitted with its batch).
+    /// Puts a transfer on the ring (submitted with its batch), kept in
+    /// `running` until `finish` has taken its completion.
     fn launch(&mut self, ring: &Mutex<DiskRing>, tag: u64, request: &Request, t: Transfer) -> Option<()> {
-        let mut buffer = self.transfer_buffer(request, t)?;
-        let bytes = buffer.get(t.len as usize)?;
-        let iovec = Box::new([libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() }]);
-        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the buffer and its iovec stay in `running` until `finish`
-        // has taken this completion (or are never freed).
-        if unsafe { ring.push(Owner::Batch, tag, t.write, &iovec[..], t.offset) }.is_err() {
-            self.direct.as_mut()?.spare.push(buffer);
-            return None;
-        }
+        let buffer = self.transfer_buffer(request, t)?;
+        let (buffer, iovec) = self.push_on_ring(ring, tag, t, buffer)?;
         let status_at = request.writable_len - 1;
         self.staged.running.push(Running { tag, status_at, t, buffer, iovec });
         Some(())
-    }
-
-    /// Waits for every started batch's transfers to end (before serving in order).
-    fn wait_all(&mut self, ring: &Mutex<DiskRing>) {
-        loop {
-            let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-            self.staged.ended.extend(ring.completions(Owner::Batch));
-            let ended = &self.staged.ended;
-            if self.staged.running.iter().all(|r| ended.iter().any(|e| e.0 == r.tag))
-                || ring.wait(Owner::Batch, 1).is_err()
-            {
-                return;
-            }
-        }
     }
 }
 
