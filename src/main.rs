@@ -21,6 +21,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = cli::Cli::parse();
     cli::init_logging(cli.log_level);
     match cli::dispatch(cli.command) {
@@ -29,5 +30,19 @@ fn main() -> ExitCode {
             eprintln!("skvm: error: {}", cli::error_chain(err.as_ref()));
             ExitCode::from(cli::EXIT_SKVM_ERROR)
         }
+    }
+}
+
+/// The VMM and the devices take and free buffers of up to a batch's size
+/// (1 MiB) with every request. By default glibc maps the largest afresh and
+/// hands freed memory back to the kernel, so each buffer costs a page fault
+/// per 4 KiB when it is taken again: keep freed memory for the next one.
+/// (`rpc` 128 KiB writes in tmpfs: 466 MiB/s before, 1,243-1,333 after.)
+fn keep_freed_memory() {
+    const KEEP: i32 = 32 << 20;
+    // SAFETY: mallopt only sets the allocator's tunables, before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, KEEP);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP);
     }
 }

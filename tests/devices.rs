@@ -144,6 +144,15 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(!maps.contains("skvm-guest-ram"), "rpc device maps guest RAM:\n{maps}");
+    // Its only shared memory is its own staging area (8 MiB), not guest RAM.
+    let shared: Vec<&str> =
+        maps.lines().filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.ends_with('s'))).collect();
+    assert_eq!(shared.len(), 1, "shared mappings:\n{maps}");
+    assert!(shared[0].contains("/memfd:skvm-staging"), "{}", shared[0]);
+    let range = shared[0].split_whitespace().next().unwrap();
+    let (start, end) = range.split_once('-').unwrap();
+    let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+    assert_eq!(size, 8 << 20, "{}", shared[0]);
     // No mapping anywhere near the size of guest RAM (64 MiB).
     for line in maps.lines() {
         let range = line.split_whitespace().next().unwrap();
@@ -239,6 +248,8 @@ fn a_device_that_steps_outside_its_grants_fails_alone() {
         ("grant-foreign", "is not outstanding"),
         ("grant-duplicate", "is not outstanding"),
         ("grant-flood", "is not outstanding"),
+        ("staged-outside", "are outside the staging area"),
+        ("staged-slot", "staging slot 8 does not exist"),
     ] {
         let (out, _, d1) = two_disks_first_misbehaving("rpc", attack, 8);
         assert_eq!(out.code(), Some(1), "{attack}: stdout {} stderr {}", out.stdout, out.stderr);

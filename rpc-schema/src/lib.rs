@@ -35,7 +35,10 @@
 //!   completion for a grant it does not hold. A grant is revoked the moment
 //!   its completion arrives. A device may also hold a request past its
 //!   batch and complete it later with [`GuestMemory::complete`]: a network
-//!   device's receive buffers wait there for frames.
+//!   device's receive buffers wait there for frames. A batch's answer may
+//!   leave the completions' bytes in a slot of the device's staging area (a
+//!   memfd of [`STAGING_BYTES`], not guest RAM) and name them by offset;
+//!   the VMM hands the slot back with its next batch.
 //! * **DMA style** (`rpc-dma` mode, the 2011 "Secure KVM" design). The device
 //!   walks its own ring and reads and writes guest-physical ranges with
 //!   [`GuestMemory::read`] and [`GuestMemory::write`], each checked only
@@ -48,7 +51,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -66,6 +69,18 @@ pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
 pub const MAX_INLINE_REQUEST: u64 = 256 * 1024;
 /// Most inline data bytes in one batch of requests, and in one reply.
 pub const MAX_BATCH_INLINE: u64 = MAX_TRANSFER;
+/// Size of a request-level device's staging area: a sealed memfd that the
+/// VMM creates for each device process (never guest RAM, and never shared
+/// between devices), which the device maps to write and the VMM maps only
+/// to read. A batch's answer may leave its bytes there instead of inline
+/// ([`Answer`]): one copy into the area and one out of it, where inline
+/// bytes are encoded, copied into and out of the socket, decoded into a new
+/// buffer each, and copied again.
+pub const STAGING_BYTES: u64 = STAGING_SLOTS as u64 * STAGING_SLOT_BYTES;
+/// The staging area is cut into this many slots, one per answer that uses it.
+pub const STAGING_SLOTS: u8 = 8;
+/// A slot holds the most inline bytes one answer may carry.
+pub const STAGING_SLOT_BYTES: u64 = MAX_BATCH_INLINE;
 /// Most buffers in one chain the VMM accepts (a longer chain breaks the ring).
 pub const MAX_CHAIN_BUFFERS: usize = 1024;
 /// Most buffers, over all requests, in one batch (keeps a frame's metadata
@@ -181,6 +196,8 @@ pub enum MemoryError {
     NoSuchBuffer { grant: u64, buffer: u16 },
     #[error("grant {grant} buffer {buffer}: {offset:#x}+{len:#x} is outside the buffer")]
     OutsideBuffer { grant: u64, buffer: u16, offset: u32, len: u64 },
+    #[error("staged bytes {at:#x}+{len:#x} are outside the staging area")]
+    OutsideStaging { at: u32, len: u32 },
     #[error("grant {grant} buffer {buffer} goes the other way (a read of a device-writable buffer or a write to a driver-readable one)")]
     WrongDirection { grant: u64, buffer: u16 },
 }
@@ -196,6 +213,7 @@ impl MemoryError {
                 | MemoryError::NoSuchBuffer { .. }
                 | MemoryError::OutsideBuffer { .. }
                 | MemoryError::WrongDirection { .. }
+                | MemoryError::OutsideStaging { .. }
                 | MemoryError::TooLarge { .. }
                 | MemoryError::TooManySegments { .. }
         )
@@ -240,6 +258,33 @@ pub struct CompletedRequest {
     pub grant: u64,
     pub used_len: u32,
     pub writes: Vec<BufferWrite>,
+}
+
+/// A write whose bytes wait in the device's staging area, at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedWrite {
+    pub buffer: u16,
+    pub offset: u32,
+    pub at: u32,
+    pub len: u32,
+}
+
+/// [`CompletedRequest`], its bytes in the staging area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedCompletion {
+    pub grant: u64,
+    pub used_len: u32,
+    pub writes: Vec<StagedWrite>,
+}
+
+/// A device's answer to a batch: completions whose bytes travel inline,
+/// and completions whose bytes wait in staging slot `slot`, which stays the
+/// VMM's until it hands it back (`requests`' `freed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub completions: Vec<CompletedRequest>,
+    pub staged: Vec<StagedCompletion>,
+    pub slot: Option<u8>,
 }
 
 /// A piece of a granted buffer to read.
@@ -402,8 +447,9 @@ pub trait DeviceControl {
     /// The device's own counters.
     async fn counters() -> DeviceCounters;
     /// Request level: serves a batch of posted requests. The reply completes
-    /// them (in any order; each grant once).
-    async fn requests(batch: Vec<PostedRequest>) -> Result<Vec<CompletedRequest>, DeviceError>;
+    /// them (in any order; each grant once). `freed`: the staging slots of
+    /// earlier answers whose bytes the VMM has taken since its last batch.
+    async fn requests(batch: Vec<PostedRequest>, freed: Vec<u8>) -> Result<Answer, DeviceError>;
 }
 
 /// Why the VMM refused a hotplug request; each maps to a virtio-mem response.

@@ -3,10 +3,10 @@
 //! the hidden `--test-device-misbehave` flag: `hostile-rpc` (the address
 //! protocol of `rpc-dma`) and `grant-*` (the request level of `rpc`).
 use super::process::Misbehaviour;
-use super::runner::Tamper;
+use super::runner::{Tamper, TamperAnswer};
 use rpc_schema::{
-    BufferWrite, CompletedRequest, GrantRange, GrantWrite, GuestMemoryClient, PostedRequest, Segment, WriteSegment,
-    MAX_SEGMENTS, MAX_TRANSFER, PROTOCOL_VERSION,
+    Answer, BufferWrite, CompletedRequest, GrantRange, GrantWrite, GuestMemoryClient, PostedRequest, Segment,
+    WriteSegment, MAX_SEGMENTS, MAX_TRANSFER, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use tarpc::context;
@@ -123,7 +123,15 @@ pub fn grant_attack(
     use Misbehaviour::*;
     if matches!(
         which,
-        ForbiddenSyscall | ForbiddenSyscallMidIo | HostileRpc | Linger | DiskAbuse | SlowActivation | MemoryFlood
+        ForbiddenSyscall
+            | ForbiddenSyscallMidIo
+            | HostileRpc
+            | Linger
+            | DiskAbuse
+            | SlowActivation
+            | MemoryFlood
+            | StagedOutside
+            | StagedSlot
     ) {
         return None;
     }
@@ -202,11 +210,40 @@ pub fn grant_attack(
                 | DiskAbuse
                 | HotplugFlood
                 | SlowActivation
-                | MemoryFlood => {}
+                | MemoryFlood
+                | StagedOutside
+                | StagedSlot => {}
             }
             done
         })
     }))
+}
+
+/// Test-only, request level: the first answer that stages bytes names them
+/// where the VMM must refuse to look (past the staging area's end, or in a
+/// slot that does not exist).
+pub fn staging_attack(which: Misbehaviour) -> Option<TamperAnswer> {
+    let mut done = false;
+    let attack: TamperAnswer = match which {
+        Misbehaviour::StagedOutside => Box::new(move |answer: &mut Answer| {
+            let write = answer.staged.iter_mut().flat_map(|c| &mut c.writes).next();
+            if let Some(write) = write.filter(|_| !done) {
+                // One byte at least, just past the end.
+                (write.at, write.len) = (rpc_schema::STAGING_BYTES as u32, write.len.max(1));
+                done = true;
+                report("staged outside", "sent".into());
+            }
+        }),
+        Misbehaviour::StagedSlot => Box::new(move |answer: &mut Answer| {
+            if answer.slot.is_some() && !done {
+                answer.slot = Some(rpc_schema::STAGING_SLOTS);
+                done = true;
+                report("staged slot", "sent".into());
+            }
+        }),
+        _ => return None,
+    };
+    Some(attack)
 }
 
 /// Test-only: after the guest's first virtio-mem request, replays it (a plug

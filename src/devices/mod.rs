@@ -22,6 +22,7 @@ pub mod request;
 mod ring;
 pub mod rng;
 pub mod runner;
+mod staging;
 pub mod virtqueue;
 mod zero_copy;
 

@@ -7,6 +7,7 @@ use super::mem::MemDevice;
 use super::memory::{MappedMemory, RpcMemory};
 use super::rng::RngDevice;
 use super::runner::{serve, Doorbell, Hook, OnNotify, TestHooks};
+use super::staging::StagingArea;
 use super::Backend;
 use crate::sandbox;
 use rpc_schema::{GuestMemoryClient, Segment, PROTOCOL_VERSION};
@@ -20,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum MemoryChannel {
     /// A socket to the VMM's memory service: by grant when the VMM posts
     /// requests (`rpc`), by address when the device walks its ring (`rpc-dma`).
-    Rpc { socket: RawFd },
+    Rpc { socket: RawFd, staging: Option<RawFd> },
     /// A memfd of guest RAM and where each piece of it sits in the guest.
     Shared { memfd: RawFd, regions: Vec<SharedRegion> },
 }
@@ -66,6 +67,10 @@ pub enum Misbehaviour {
     GrantDuplicate,
     /// Send a flood of calls through an unknown grant.
     GrantFlood,
+    /// Answer with staged bytes that run past the end of the staging area.
+    StagedOutside,
+    /// Answer with staged bytes in a staging slot that does not exist.
+    StagedSlot,
     /// Stay alive when the VMM closes the control channel (its request to exit).
     Linger,
     /// Write its disk past the disk's size, then try to grow it with fallocate.
@@ -245,11 +250,11 @@ impl DeviceProcess {
     }
 
     fn fds(&self) -> Vec<RawFd> {
-        let memory = match self.memory {
-            MemoryChannel::Rpc { socket } => socket,
-            MemoryChannel::Shared { memfd, .. } => memfd,
-        };
-        let mut fds = vec![0, 1, 2, self.control, memory];
+        let mut fds = vec![0, 1, 2, self.control];
+        match self.memory {
+            MemoryChannel::Rpc { socket, staging } => fds.extend(std::iter::once(socket).chain(staging)),
+            MemoryChannel::Shared { memfd, .. } => fds.push(memfd),
+        }
         fds.extend(self.doorbell.iter().flat_map(|&(notify, irq)| [notify, irq]));
         match self.kind {
             DeviceKind::Block { disk, .. } => fds.push(disk),
@@ -274,6 +279,11 @@ impl DeviceProcess {
             MemoryChannel::Shared { memfd, regions } => Some(map_shared(*memfd, regions)?),
             MemoryChannel::Rpc { .. } => None,
         };
+        // So is mapping the staging area, which holds nothing yet.
+        let staging = match self.memory {
+            MemoryChannel::Rpc { staging: Some(fd), .. } => Some(StagingArea::map(fd)?),
+            _ => None,
+        };
         let (filter, max_file_size) = match self.kind {
             DeviceKind::Block { disk, .. } => (sandbox::DeviceFilter::Block { io_uring: false }, file_size(disk)?),
             // A console's output may be a file, which grows as the guest writes
@@ -289,7 +299,7 @@ impl DeviceProcess {
         runtime.block_on(async move {
             let control = channel(self.control).map_err(|e| format!("control socket: {e}"))?;
             let memory_socket = match self.memory {
-                MemoryChannel::Rpc { socket } => Some(channel(socket).map_err(|e| format!("memory socket: {e}"))?),
+                MemoryChannel::Rpc { socket, .. } => Some(channel(socket).map_err(|e| format!("memory socket: {e}"))?),
                 MemoryChannel::Shared { .. } => None,
             };
             let doorbell = match self.doorbell {
@@ -301,7 +311,7 @@ impl DeviceProcess {
                         poll: self.poll,
                     }
                 },
-                None => Doorbell::Requests,
+                None => Doorbell::Requests { staging },
             };
             let mut backend = match self.kind {
                 DeviceKind::Block { disk, readonly, .. } => {
@@ -338,7 +348,7 @@ impl DeviceProcess {
             };
             let raw_memory_socket = match (self.misbehave, &self.memory) {
                 // SAFETY: duplicating a descriptor we own, for the hostile test path.
-                (Some(Misbehaviour::HostileRpc), MemoryChannel::Rpc { socket }) => unsafe { libc::dup(*socket) },
+                (Some(Misbehaviour::HostileRpc), MemoryChannel::Rpc { socket, .. }) => unsafe { libc::dup(*socket) },
                 _ => -1,
             };
             let highest_fd = *fds.last().unwrap() as u64 + 8;
@@ -374,13 +384,15 @@ impl DeviceProcess {
                     if self.misbehave == Some(Misbehaviour::MemoryFlood) {
                         tokio::spawn(super::hostile::flood_memory(client.clone()));
                     }
-                    let hooks = TestHooks { on_notify, tamper, slow_activation: self.slow_activation() };
+                    let tamper_answer = self.misbehave.and_then(super::hostile::staging_attack);
+                    let hooks = TestHooks { on_notify, tamper, tamper_answer, slow_activation: self.slow_activation() };
                     serve(RpcMemory::new(client), backend, control, doorbell, hooks).await
                 }
                 (None, Some(mapped)) => {
                     let hooks = TestHooks {
                         on_notify: misbehaviour(self.misbehave, None, -1, disk_fd),
                         tamper: None,
+                        tamper_answer: None,
                         slow_activation: self.slow_activation(),
                     };
                     serve(MappedMemory::new(GuestMemoryAtomic::new(mapped)), backend, control, doorbell, hooks).await

@@ -9,11 +9,12 @@ use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::poll_window::PollWindow;
 use super::request::{stream_lengths, Reply, Request};
+use super::staging::StagingArea;
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{net_zero_copy, posted, ring, Backend};
 use futures::StreamExt;
 use rpc_schema::{
-    CompletedRequest, DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError,
+    Answer, CompletedRequest, DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError,
     DeviceInfo, DeviceState, PostedRequest, QueueConfig, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
@@ -69,6 +70,8 @@ struct Core<M> {
 pub struct TestHooks {
     pub on_notify: Option<OnNotify>,
     pub tamper: Option<Tamper>,
+    /// Rewrites each answer to a batch as it leaves.
+    pub tamper_answer: Option<TamperAnswer>,
     /// Take this long to answer `activate` (a driver's vCPU waits on it).
     pub slow_activation: Option<std::time::Duration>,
 }
@@ -522,6 +525,9 @@ struct Control<M> {
     info: DeviceInfo,
     /// Serves requests the VMM posts (`rpc`) rather than walking a ring.
     request_level: bool,
+    /// Request level: where answers leave their bytes.
+    staging: Option<Arc<StagingArea>>,
+    tamper_answer: Option<Arc<std::sync::Mutex<TamperAnswer>>>,
     slow_activation: Option<std::time::Duration>,
 }
 
@@ -532,6 +538,8 @@ impl<M> Clone for Control<M> {
             kick: self.kick.clone(),
             info: self.info.clone(),
             request_level: self.request_level,
+            staging: self.staging.clone(),
+            tamper_answer: self.tamper_answer.clone(),
             slow_activation: self.slow_activation,
         }
     }
@@ -672,11 +680,23 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         self,
         _: tarpc::context::Context,
         batch: Vec<PostedRequest>,
-    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+        freed: Vec<u8>,
+    ) -> Result<Answer, DeviceError> {
+        if let Some(area) = &self.staging {
+            area.free(&freed);
+        }
         let completions = serve_posted(&self.core, batch).await;
         // A network device may hold new receive buffers: its receive loop looks again.
         self.kick.notify_one();
-        completions
+        let completions = completions?;
+        let mut answer = match &self.staging {
+            Some(area) => area.stage(completions),
+            None => Answer { completions, ..Default::default() },
+        };
+        if let Some(tamper) = &self.tamper_answer {
+            (tamper.lock().unwrap_or_else(|e| e.into_inner()))(&mut answer);
+        }
+        Ok(answer)
     }
 }
 
@@ -685,12 +705,9 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
 pub enum Doorbell {
     /// `poll`: how long to watch the ring after the last request, where
     /// guest RAM is mapped here (see [`poll_ring`]).
-    Ring {
-        notify: EventFd,
-        irq: EventFd,
-        poll: Duration,
-    },
-    Requests,
+    Ring { notify: EventFd, irq: EventFd, poll: Duration },
+    /// `staging`: where answers may leave their bytes (see [`StagingArea`]).
+    Requests { staging: Option<StagingArea> },
 }
 
 /// Test-only work a device does before serving a notification.
@@ -703,6 +720,8 @@ pub type Tamper = Box<
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<CompletedRequest>> + Send>>
         + Send,
 >;
+/// Test-only: rewrites an answer to a batch before it is sent.
+pub type TamperAnswer = Box<dyn FnMut(&mut Answer) + Send>;
 /// Called at every notification; the hook it returns, if any, runs first.
 pub type OnNotify = Box<dyn FnMut() -> Option<Hook> + Send>;
 
@@ -720,9 +739,9 @@ where
     T: Transport<Response<DeviceControlResponse>, ClientMessage<DeviceControlRequest>> + Send + 'static,
 {
     let info = backend.info();
-    let (notify, irq, poll) = match doorbell {
-        Doorbell::Ring { notify, irq, poll } => (Some(notify), Some(irq), poll),
-        Doorbell::Requests => (None, None, Duration::ZERO),
+    let (notify, irq, poll, staging) = match doorbell {
+        Doorbell::Ring { notify, irq, poll } => (Some(notify), Some(irq), poll, None),
+        Doorbell::Requests { staging } => (None, None, Duration::ZERO, staging.map(Arc::new)),
     };
     let io_done = Arc::new(Notify::new());
     let input = backend.take_watcher();
@@ -751,6 +770,8 @@ where
         kick: kick.clone(),
         info,
         request_level: notify.is_none(),
+        staging,
+        tamper_answer: hooks.tamper_answer.map(|t| Arc::new(std::sync::Mutex::new(t))),
         slow_activation: hooks.slow_activation,
     };
     let control_done = BaseChannel::with_defaults(control).execute(server.serve()).for_each(|response| async move {

@@ -43,6 +43,9 @@ pub struct DeviceAccess {
     /// Request level: the engine that completes requests the device held
     /// past their batch, while its queues are active.
     pub engine: Mutex<Option<std::sync::Weak<super::requests::Engine>>>,
+    /// Request level: the current process's staging area (a new one per
+    /// process), from which its answers' staged bytes are read.
+    pub staging: Mutex<Option<Arc<super::staging::Staging>>>,
     /// Which process may use the service: a channel opened for an earlier
     /// process of the device (one that failed or died) is refused.
     generation: AtomicU64,

@@ -8,6 +8,7 @@ pub mod memory_service;
 pub mod mmio;
 mod requests;
 mod spawn;
+mod staging;
 mod supervisor;
 
 use super::config::{DiskConfig, MemoryMode, NetConfig, SerialOutput, VmConfig};
@@ -27,6 +28,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use memory_service::DeviceAccess;
 use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
 use spawn::{ProcessKind, ProcessMemory, ProcessRecipe};
+use staging::Staging;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -498,9 +500,21 @@ fn starter(mode: MemoryMode, recipe: &Arc<ProcessRecipe>, context: &LaunchContex
             let runtime = context.runtime.clone();
             Arc::new(move || {
                 let (vmm_end, device_end) = UnixStream::pair().map_err(|e| e.to_string())?;
+                // A fresh staging area per process: nothing a dead one left behind carries over.
+                let staging = match mode {
+                    MemoryMode::Rpc => {
+                        Some(Arc::new(Staging::new().map_err(|e| format!("cannot make a staging area: {e}"))?))
+                    }
+                    _ => None,
+                };
+                let staging_fd = staging.as_ref().map(|s| s.fd());
+                if let Some(access) = recipe.health.access() {
+                    *lock(&access.staging) = staging.clone();
+                }
                 memory_service::serve(&runtime, vmm_end, ram.clone(), recipe.health.clone())
                     .map_err(|e| e.to_string())?;
-                let (_, control) = recipe.spawn(ProcessMemory::Rpc(device_end)).map_err(|e| e.to_string())?;
+                let memory = ProcessMemory::Rpc(device_end, staging_fd);
+                let (_, control) = recipe.spawn(memory).map_err(|e| e.to_string())?;
                 Ok(control)
             })
         }

@@ -12,10 +12,11 @@ use super::super::lock;
 use super::grants::{Grant, GrantedBuffer};
 use super::host::{within, DeviceHealth};
 use super::memory_service::DeviceAccess;
+use super::staging::Staging;
 use crate::devices::poll_window::PollWindow;
 use rpc_schema::{
-    CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
-    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST,
+    Answer, CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
+    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST, STAGING_SLOTS,
 };
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryError,
-    GuestMemoryMmap,
+    GuestMemoryMmap, VolatileSlice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +82,8 @@ pub struct Engine {
     connection: Mutex<Connection>,
     /// Whether watching the rings after a completion is worth the CPU.
     watching: Mutex<PollWindow>,
+    /// Staging slots whose bytes are in guest RAM: handed back with the next batch.
+    freed: Mutex<Vec<u8>>,
 }
 
 struct Connection {
@@ -89,6 +92,8 @@ struct Connection {
     client: Option<DeviceControlClient>,
     /// When the restart began, until the new process completes a batch.
     restarting_since: Option<Instant>,
+    /// That process's staging area.
+    staging: Option<Arc<Staging>>,
 }
 
 /// Where a batch went: the connection's epoch, its client, and the process
@@ -96,6 +101,7 @@ struct Connection {
 struct Posting {
     epoch: u64,
     client: DeviceControlClient,
+    staging: Option<Arc<Staging>>,
     served_by: Option<u32>,
 }
 
@@ -130,13 +136,15 @@ impl RequestQueue {
             queues.push(queue);
         }
         let notify = context.notify.try_clone().map_err(|e| e.to_string())?;
-        let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None };
+        let staging = lock(&context.access.staging).clone();
+        let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None, staging };
         let poll = context.poll;
         let engine = Arc::new(Engine {
             context,
             queues: Mutex::new(queues),
             stopped: AtomicBool::new(false),
             watching: Mutex::new(PollWindow::new(poll)),
+            freed: Mutex::new(Vec::new()),
             connection: Mutex::new(connection),
         });
         let _context = runtime.enter();
@@ -257,10 +265,10 @@ impl Engine {
     /// Posts a batch to the current process, unless a restart is under
     /// way: then its grants wait, and the restart posts them.
     fn send(self: &Arc<Self>, batch: Vec<PostedRequest>) {
-        let (epoch, client) = {
+        let (epoch, client, staging) = {
             let connection = lock(&self.connection);
             match &connection.client {
-                Some(client) => (connection.epoch, client.clone()),
+                Some(client) => (connection.epoch, client.clone(), connection.staging.clone()),
                 None => return,
             }
         };
@@ -268,22 +276,23 @@ impl Engine {
         let served_by = self.context.health.pid();
         self.context.access.batches.fetch_add(1, Ordering::Relaxed);
         let engine = self.clone();
-        tokio::spawn(async move { engine.post(Posting { epoch, client, served_by }, batch).await });
+        tokio::spawn(async move { engine.post(Posting { epoch, client, staging, served_by }, batch).await });
     }
 
     /// Sends a batch and applies its completions; a device that refuses or
     /// breaks the protocol fails. One that does not answer is killed: its
     /// supervisor restarts it (and its grants are posted again) or fails it.
     async fn post(self: Arc<Self>, to: Posting, batch: Vec<PostedRequest>) {
-        let Posting { epoch, client, served_by } = to;
-        let reply = client.requests(within(BATCH_DEADLINE), batch).await;
+        let Posting { epoch, client, staging, served_by } = to;
+        let freed = std::mem::take(&mut *lock(&self.freed));
+        let reply = client.requests(within(BATCH_DEADLINE), batch, freed).await;
         let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
         if !current(&self) {
             return;
         }
         let started = Instant::now();
         let outcome = match reply {
-            Ok(Ok(completions)) => self.complete(completions),
+            Ok(Ok(answer)) => self.complete_answer(answer, staging.as_deref()),
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
             Err(e) => {
                 // A dead process is the likely cause: give its watcher a
@@ -417,7 +426,13 @@ impl Engine {
     /// to it again (a write may reach the disk twice; each request still
     /// completes once, as its grant is revoked at its first completion).
     pub fn reconnect(self: &Arc<Self>, client: DeviceControlClient) -> Result<(), String> {
-        lock(&self.connection).client = Some(client);
+        {
+            let mut connection = lock(&self.connection);
+            connection.client = Some(client);
+            connection.staging = lock(&self.context.access.staging).clone();
+        }
+        // The new process has a staging area of its own, all its slots free.
+        lock(&self.freed).clear();
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let held = lock(&self.context.access.grants).snapshot();
@@ -439,6 +454,37 @@ impl Engine {
     /// Revokes each completed grant, checks and applies its writes, and
     /// returns its chain to the driver; then interrupts if the driver asked.
     fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), String> {
+        self.apply(completions.iter().map(inline).collect())
+    }
+
+    /// [`Engine::complete`] for a batch's answer, whose staged bytes are
+    /// read from the device's staging area; its slot is handed back with
+    /// the next batch once they are in guest RAM.
+    fn complete_answer(&self, answer: Answer, staging: Option<&Staging>) -> Result<(), String> {
+        let Answer { completions, staged, slot } = answer;
+        let mut all: Vec<Completion<'_>> = completions.iter().map(inline).collect();
+        if let Some(slot) = slot {
+            let area = staging.ok_or("it staged an answer without a staging area")?;
+            if slot >= STAGING_SLOTS {
+                return Err(format!("it broke the grant protocol: staging slot {slot} does not exist"));
+            }
+            for c in &staged {
+                let mut writes = Vec::with_capacity(c.writes.len());
+                for w in &c.writes {
+                    let bytes = area.bytes(w.at, w.len).map_err(|e| format!("it broke the grant protocol: {e}"))?;
+                    writes.push((w.buffer, w.offset, Written::Staged(bytes)));
+                }
+                all.push(Completion { grant: c.grant, used_len: c.used_len, writes });
+            }
+        } else if !staged.is_empty() {
+            return Err("it broke the grant protocol: staged completions without a slot".into());
+        }
+        self.apply(all)?;
+        lock(&self.freed).extend(slot);
+        Ok(())
+    }
+
+    fn apply(&self, completions: Vec<Completion<'_>>) -> Result<(), String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let mut queues = lock(&self.queues);
@@ -459,13 +505,13 @@ impl Engine {
                 }));
             }
             let mut writes = Vec::with_capacity(completion.writes.len());
-            for w in &completion.writes {
-                let addr = grant.resolve(id, w.buffer, w.offset, w.data.len() as u64, true).map_err(protocol)?;
-                writes.push((addr, &w.data));
+            for (buffer, offset, data) in &completion.writes {
+                let addr = grant.resolve(id, *buffer, *offset, data.len() as u64, true).map_err(protocol)?;
+                writes.push((addr, data));
             }
             for (addr, data) in writes {
                 // A buffer that is not RAM (any more) is the guest's own loss.
-                if mem.write_slice(data, GuestAddress(addr)).is_ok() {
+                if data.store(mem, addr) {
                     moved += data.len() as u64;
                 }
             }
@@ -482,6 +528,42 @@ impl Engine {
             let _ = self.context.irq.write(1);
         }
         Ok(())
+    }
+}
+
+fn inline(c: &CompletedRequest) -> Completion<'_> {
+    let writes = c.writes.iter().map(|w| (w.buffer, w.offset, Written::Inline(&w.data))).collect();
+    Completion { grant: c.grant, used_len: c.used_len, writes }
+}
+
+/// A completion as [`Engine::apply`] takes it: each write as (buffer,
+/// offset, bytes).
+struct Completion<'a> {
+    grant: u64,
+    used_len: u32,
+    writes: Vec<(u16, u32, Written<'a>)>,
+}
+
+/// A completion's bytes: inline in its message, or in the staging area.
+enum Written<'a> {
+    Inline(&'a [u8]),
+    Staged(VolatileSlice<'a>),
+}
+
+impl Written<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Written::Inline(data) => data.len(),
+            Written::Staged(bytes) => bytes.len(),
+        }
+    }
+
+    /// Into guest RAM at `addr`; false where that is not RAM (any more).
+    fn store(&self, mem: &GuestMemoryMmap, addr: u64) -> bool {
+        match self {
+            Written::Inline(data) => mem.write_slice(data, GuestAddress(addr)).is_ok(),
+            Written::Staged(bytes) => super::staging::store(mem, addr, bytes),
+        }
     }
 }
 

@@ -46,8 +46,9 @@ impl ProcessKind {
 
 /// How a new device process reaches guest memory.
 pub enum ProcessMemory<'a> {
-    /// The device's end of its memory-service channel.
-    Rpc(UnixStream),
+    /// The device's end of its memory-service channel, and at request
+    /// level its staging area.
+    Rpc(UnixStream, Option<RawFd>),
     /// The RAM memfd and where each piece of it sits in the guest.
     Shared { memfd: RawFd, regions: &'a [SharedRegion] },
 }
@@ -113,8 +114,11 @@ impl ProcessRecipe {
         }
         // The child's end of the memory channel stays open until it is spawned.
         let _memory_end = match memory {
-            ProcessMemory::Rpc(device_end) => {
+            ProcessMemory::Rpc(device_end, staging) => {
                 child.fd("--memory-fd", device_end.as_raw_fd());
+                if let Some(staging) = staging {
+                    child.fd("--staging-fd", staging);
+                }
                 Some(device_end)
             }
             ProcessMemory::Shared { memfd, regions } => {
