@@ -253,9 +253,12 @@ pub struct DeviceArgs {
     disk_fd: Option<i32>,
     #[arg(long, conflicts_with = "memfd", value_parser = inherited_fd)]
     memory_fd: Option<i32>,
-    /// `rpc`: the staging area for completions' bytes (rpc_schema::STAGING_BYTES).
-    #[arg(long, requires = "memory_fd", value_parser = inherited_fd)]
+    /// `rpc`: the staging area for answers' bytes (rpc_schema::STAGING_BYTES).
+    #[arg(long, requires = "memory_fd", requires = "posting_fd", value_parser = inherited_fd)]
     staging_fd: Option<i32>,
+    /// `rpc`: the staging area for posted requests' bytes.
+    #[arg(long, requires = "staging_fd", value_parser = inherited_fd)]
+    posting_fd: Option<i32>,
     #[arg(long, requires = "region", value_parser = inherited_fd)]
     memfd: Option<i32>,
     /// GUEST_ADDR:SIZE:FILE_OFFSET of each piece of the memfd.
@@ -343,7 +346,7 @@ pub fn dispatch(command: Command) -> Result<u8, Box<dyn Error>> {
         }
         Command::Device(args) => {
             let memory = match (args.memory_fd, args.memfd) {
-                (Some(socket), None) => MemoryChannel::Rpc { socket, staging: args.staging_fd },
+                (Some(socket), None) => MemoryChannel::Rpc { socket, staging: args.staging_fd.zip(args.posting_fd) },
                 (None, Some(memfd)) => MemoryChannel::Shared { memfd, regions: args.region },
                 _ => return Err("a device needs exactly one of --memory-fd and --memfd".into()),
             };

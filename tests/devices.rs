@@ -144,15 +144,24 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(!maps.contains("skvm-guest-ram"), "rpc device maps guest RAM:\n{maps}");
-    // Its only shared memory is its own staging area (8 MiB), not guest RAM.
-    let shared: Vec<&str> =
-        maps.lines().filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.ends_with('s'))).collect();
-    assert_eq!(shared.len(), 1, "shared mappings:\n{maps}");
-    assert!(shared[0].contains("/memfd:skvm-staging"), "{}", shared[0]);
-    let range = shared[0].split_whitespace().next().unwrap();
-    let (start, end) = range.split_once('-').unwrap();
-    let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
-    assert_eq!(size, 8 << 20, "{}", shared[0]);
+    // Its only shared memory is its two staging areas (8 MiB each), not
+    // guest RAM: its own answers' (read-write) and the VMM's posts (read-only).
+    let shared: Vec<(&str, &str, u64)> = maps
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (start, end) = fields[0].split_once('-').unwrap();
+            let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            fields[1].ends_with('s').then(|| (fields[1], *fields.get(5).unwrap_or(&""), size))
+        })
+        .collect();
+    let mut shared = shared;
+    shared.sort();
+    assert_eq!(
+        shared,
+        vec![("r--s", "/memfd:skvm-posting", 8 << 20), ("rw-s", "/memfd:skvm-staging", 8 << 20)],
+        "{maps}"
+    );
     // No mapping anywhere near the size of guest RAM (64 MiB).
     for line in maps.lines() {
         let range = line.split_whitespace().next().unwrap();

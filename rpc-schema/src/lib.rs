@@ -35,10 +35,13 @@
 //!   completion for a grant it does not hold. A grant is revoked the moment
 //!   its completion arrives. A device may also hold a request past its
 //!   batch and complete it later with [`GuestMemory::complete`]: a network
-//!   device's receive buffers wait there for frames. A batch's answer may
-//!   leave the completions' bytes in a slot of the device's staging area (a
-//!   memfd of [`STAGING_BYTES`], not guest RAM) and name them by offset;
-//!   the VMM hands the slot back with its next batch.
+//!   device's receive buffers wait there for frames. Instead of inline, a
+//!   batch may leave its requests' readable bytes in a slot of the VMM's
+//!   posting area, and an answer its completions' bytes in a slot of the
+//!   device's answer area (each a memfd of [`STAGING_BYTES`], not guest RAM,
+//!   written by one side and read by the other), named by offset. A
+//!   posting slot is free again when its batch is answered; an answer slot
+//!   when the VMM hands it back with a later batch.
 //! * **DMA style** (`rpc-dma` mode, the 2011 "Secure KVM" design). The device
 //!   walks its own ring and reads and writes guest-physical ranges with
 //!   [`GuestMemory::read`] and [`GuestMemory::write`], each checked only
@@ -69,17 +72,23 @@ pub const MAX_FRAME: usize = MAX_TRANSFER as usize + 64 * 1024;
 pub const MAX_INLINE_REQUEST: u64 = 256 * 1024;
 /// Most inline data bytes in one batch of requests, and in one reply.
 pub const MAX_BATCH_INLINE: u64 = MAX_TRANSFER;
-/// Size of a request-level device's staging area: a sealed memfd that the
+/// Size of each of a request-level device's two staging areas, which the
 /// VMM creates for each device process (never guest RAM, and never shared
-/// between devices), which the device maps to write and the VMM maps only
-/// to read. A batch's answer may leave its bytes there instead of inline
-/// ([`Answer`]): one copy into the area and one out of it, where inline
-/// bytes are encoded, copied into and out of the socket, decoded into a new
-/// buffer each, and copied again.
+/// between devices), each written by one side only. In the *answer* area
+/// the device leaves the bytes of its answers to batches ([`Answer`]); the
+/// VMM maps it read-only. In the *posting* area the VMM leaves the
+/// driver-readable bytes of the requests it posts
+/// ([`PostedRequest::staged`]); the device maps it read-only. Both are
+/// sealed at their size. Bytes cross with one copy in and one out, where
+/// inline bytes are encoded, copied into and out of the socket, decoded
+/// into a new buffer each, and copied again.
 pub const STAGING_BYTES: u64 = STAGING_SLOTS as u64 * STAGING_SLOT_BYTES;
-/// The staging area is cut into this many slots, one per answer that uses it.
+/// Each staging area is cut into this many slots, one per batch or answer that uses it.
 pub const STAGING_SLOTS: u8 = 8;
-/// A slot holds the most inline bytes one answer may carry.
+/// A batch or answer with fewer bytes than this to carry sends them
+/// inline: a slot's bookkeeping costs more than it saves there.
+pub const MIN_STAGED_BYTES: u64 = 512;
+/// A slot holds the most inline bytes one batch or answer may carry.
 pub const STAGING_SLOT_BYTES: u64 = MAX_BATCH_INLINE;
 /// Most buffers in one chain the VMM accepts (a longer chain breaks the ring).
 pub const MAX_CHAIN_BUFFERS: usize = 1024;
@@ -236,11 +245,21 @@ pub struct PostedRequest {
     /// The driver-readable buffers' bytes in chain order, when they fit
     /// inline; empty otherwise (the device reads what it needs).
     pub readable: ByteBuf,
+    /// Or where those bytes wait in the VMM's posting area (`readable`
+    /// then empty).
+    pub staged: Option<StagedBytes>,
     /// Some buffer is not guest RAM: the device answers with its error status.
     pub faulty: bool,
     /// The virtqueue the chain came from (a network device's receive or
     /// transmit queue).
     pub queue: u16,
+}
+
+/// Bytes waiting in a staging area, at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedBytes {
+    pub at: u32,
+    pub len: u32,
 }
 
 /// Bytes for one device-writable buffer of a grant, at `offset` into it.

@@ -219,31 +219,36 @@ pub fn grant_attack(
     }))
 }
 
-/// Test-only, request level: the first answer that stages bytes names them
-/// where the VMM must refuse to look (past the staging area's end, or in a
-/// slot that does not exist).
+/// Test-only, request level: the first answer with a completion that
+/// writes names its bytes where the VMM must refuse to look: past the end
+/// of the answer area, or in a slot that does not exist.
 pub fn staging_attack(which: Misbehaviour) -> Option<TamperAnswer> {
-    let mut done = false;
-    let attack: TamperAnswer = match which {
-        Misbehaviour::StagedOutside => Box::new(move |answer: &mut Answer| {
-            let write = answer.staged.iter_mut().flat_map(|c| &mut c.writes).next();
-            if let Some(write) = write.filter(|_| !done) {
-                // One byte at least, just past the end.
-                (write.at, write.len) = (rpc_schema::STAGING_BYTES as u32, write.len.max(1));
-                done = true;
-                report("staged outside", "sent".into());
-            }
-        }),
-        Misbehaviour::StagedSlot => Box::new(move |answer: &mut Answer| {
-            if answer.slot.is_some() && !done {
-                answer.slot = Some(rpc_schema::STAGING_SLOTS);
-                done = true;
-                report("staged slot", "sent".into());
-            }
-        }),
+    let (past_end, slot) = match which {
+        Misbehaviour::StagedOutside => (true, 0),
+        Misbehaviour::StagedSlot => (false, rpc_schema::STAGING_SLOTS),
         _ => return None,
     };
-    Some(attack)
+    let mut done = false;
+    Some(Box::new(move |answer: &mut Answer| {
+        let writing = answer.completions.iter().position(|c| !c.writes.is_empty());
+        let (Some(index), false) = (writing, done) else { return };
+        let completion = answer.completions.remove(index);
+        let writes = completion.writes.iter().map(|w| {
+            // Past the end: one byte at least, just after the last.
+            let (at, len) =
+                if past_end { (rpc_schema::STAGING_BYTES as u32, w.data.len().max(1)) } else { (0, w.data.len()) };
+            rpc_schema::StagedWrite { buffer: w.buffer, offset: w.offset, at, len: len as u32 }
+        });
+        let staged = rpc_schema::StagedCompletion {
+            grant: completion.grant,
+            used_len: completion.used_len,
+            writes: writes.collect(),
+        };
+        answer.staged.push(staged);
+        answer.slot = Some(slot);
+        done = true;
+        report(if past_end { "staged outside" } else { "staged slot" }, "sent".into());
+    }))
 }
 
 /// Test-only: after the guest's first virtio-mem request, replays it (a plug

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum MemoryChannel {
     /// A socket to the VMM's memory service: by grant when the VMM posts
     /// requests (`rpc`), by address when the device walks its ring (`rpc-dma`).
-    Rpc { socket: RawFd, staging: Option<RawFd> },
+    Rpc { socket: RawFd, staging: Option<(RawFd, RawFd)> },
     /// A memfd of guest RAM and where each piece of it sits in the guest.
     Shared { memfd: RawFd, regions: Vec<SharedRegion> },
 }
@@ -252,7 +252,10 @@ impl DeviceProcess {
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![0, 1, 2, self.control];
         match self.memory {
-            MemoryChannel::Rpc { socket, staging } => fds.extend(std::iter::once(socket).chain(staging)),
+            MemoryChannel::Rpc { socket, staging } => {
+                fds.push(socket);
+                fds.extend(staging.iter().flat_map(|&(answers, posts)| [answers, posts]));
+            }
             MemoryChannel::Shared { memfd, .. } => fds.push(memfd),
         }
         fds.extend(self.doorbell.iter().flat_map(|&(notify, irq)| [notify, irq]));
@@ -281,7 +284,7 @@ impl DeviceProcess {
         };
         // So is mapping the staging area, which holds nothing yet.
         let staging = match self.memory {
-            MemoryChannel::Rpc { staging: Some(fd), .. } => Some(StagingArea::map(fd)?),
+            MemoryChannel::Rpc { staging: Some((answers, posts)), .. } => Some(StagingArea::map(answers, posts)?),
             _ => None,
         };
         let (filter, max_file_size) = match self.kind {

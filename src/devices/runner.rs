@@ -679,11 +679,12 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     async fn requests(
         self,
         _: tarpc::context::Context,
-        batch: Vec<PostedRequest>,
+        mut batch: Vec<PostedRequest>,
         freed: Vec<u8>,
     ) -> Result<Answer, DeviceError> {
         if let Some(area) = &self.staging {
             area.free(&freed);
+            area.take_posted(&mut batch).map_err(DeviceError::Failed)?;
         }
         let completions = serve_posted(&self.core, batch).await;
         // A network device may hold new receive buffers: its receive loop looks again.

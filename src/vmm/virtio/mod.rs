@@ -507,13 +507,13 @@ fn starter(mode: MemoryMode, recipe: &Arc<ProcessRecipe>, context: &LaunchContex
                     }
                     _ => None,
                 };
-                let staging_fd = staging.as_ref().map(|s| s.fd());
+                let staging_fds = staging.as_ref().map(|s| s.fds());
                 if let Some(access) = recipe.health.access() {
                     *lock(&access.staging) = staging.clone();
                 }
                 memory_service::serve(&runtime, vmm_end, ram.clone(), recipe.health.clone())
                     .map_err(|e| e.to_string())?;
-                let memory = ProcessMemory::Rpc(device_end, staging_fd);
+                let memory = ProcessMemory::Rpc(device_end, staging_fds);
                 let (_, control) = recipe.spawn(memory).map_err(|e| e.to_string())?;
                 Ok(control)
             })

@@ -16,7 +16,7 @@ use super::staging::Staging;
 use crate::devices::poll_window::PollWindow;
 use rpc_schema::{
     Answer, CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
-    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST, STAGING_SLOTS,
+    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST, MIN_STAGED_BYTES, STAGING_SLOTS,
 };
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,12 +224,13 @@ impl Engine {
     /// (notifications are then re-enabled, and a chain that raced in is
     /// taken after all; on a quiet queue they stay off while the device
     /// holds its requests, whose completion makes us look again).
-    fn pop_batch(&self) -> Result<Vec<PostedRequest>, String> {
+    fn pop_batch(&self) -> Result<Outgoing, String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
+        let staging = lock(&self.connection).staging.clone();
         let mut queues = lock(&self.queues);
         let mut grants = lock(&self.context.access.grants);
-        let mut batch = Batcher::default();
+        let mut batch = Batcher::new(staging);
         for (index, queue) in queues.iter_mut().enumerate() {
             let index = index as u16;
             let quiet = self.context.quiet(index);
@@ -264,14 +265,23 @@ impl Engine {
 
     /// Posts a batch to the current process, unless a restart is under
     /// way: then its grants wait, and the restart posts them.
-    fn send(self: &Arc<Self>, batch: Vec<PostedRequest>) {
+    fn send(self: &Arc<Self>, mut batch: Outgoing) {
         let (epoch, client, staging) = {
             let connection = lock(&self.connection);
             match &connection.client {
                 Some(client) => (connection.epoch, client.clone(), connection.staging.clone()),
-                None => return,
+                None => return batch.release(),
             }
         };
+        let same_area = match (&batch.staging, &staging) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_area {
+            // A restart came between popping and posting.
+            batch.unstage();
+        }
         // A client is installed only after its process became current.
         let served_by = self.context.health.pid();
         self.context.access.batches.fetch_add(1, Ordering::Relaxed);
@@ -282,10 +292,17 @@ impl Engine {
     /// Sends a batch and applies its completions; a device that refuses or
     /// breaks the protocol fails. One that does not answer is killed: its
     /// supervisor restarts it (and its grants are posted again) or fails it.
-    async fn post(self: Arc<Self>, to: Posting, batch: Vec<PostedRequest>) {
+    async fn post(self: Arc<Self>, to: Posting, mut batch: Outgoing) {
         let Posting { epoch, client, staging, served_by } = to;
         let freed = std::mem::take(&mut *lock(&self.freed));
-        let reply = client.requests(within(BATCH_DEADLINE), batch, freed).await;
+        let requests = std::mem::take(&mut batch.requests);
+        let reply = client.requests(within(BATCH_DEADLINE), requests, freed).await;
+        if reply.is_ok() {
+            // Answered: the device is done reading the posting slot. One
+            // that did not answer may still read it; it is killed or failed
+            // below, and its successor gets a posting area of its own.
+            batch.release();
+        }
         let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
         if !current(&self) {
             return;
@@ -436,7 +453,8 @@ impl Engine {
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let held = lock(&self.context.access.grants).snapshot();
-        let mut batch = Batcher::default();
+        let staging = lock(&self.connection).staging.clone();
+        let mut batch = Batcher::new(staging);
         for (grant, chain) in held {
             if batch.full_for(&chain.buffers) {
                 self.send(batch.take());
@@ -567,28 +585,69 @@ impl Written<'_> {
     }
 }
 
-/// Posted requests packed into a batch within the batch limits.
-#[derive(Default)]
+/// Posted requests packed into a batch within the batch limits; their
+/// readable bytes go in a slot of the posting area where the process has
+/// one and a slot is free, else inline.
 struct Batcher {
     batch: Vec<PostedRequest>,
     buffers: usize,
-    inline: u64,
+    /// Readable bytes the batch carries, inline or staged.
+    carried: u64,
+    staging: Option<Arc<Staging>>,
+    slot: Option<u8>,
+}
+
+/// A batch ready to post, with the posting slot it holds, if any.
+struct Outgoing {
+    requests: Vec<PostedRequest>,
+    staging: Option<Arc<Staging>>,
+    slot: Option<u8>,
+}
+
+impl Outgoing {
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Gives the posting slot back (the batch was answered, or never will be).
+    fn release(&mut self) {
+        if let (Some(area), Some(slot)) = (&self.staging, self.slot.take()) {
+            area.free_post_slot(slot);
+        }
+    }
+
+    /// Carries its staged bytes inline instead: the process it goes to is
+    /// not the one whose posting area holds them.
+    fn unstage(&mut self) {
+        if let Some(area) = &self.staging {
+            for request in &mut self.requests {
+                if let Some(staged) = request.staged.take() {
+                    request.readable = ByteBuf::from(area.posted(staged));
+                }
+            }
+        }
+        self.release();
+    }
 }
 
 impl Batcher {
+    fn new(staging: Option<Arc<Staging>>) -> Self {
+        Batcher { batch: Vec::new(), buffers: 0, carried: 0, staging, slot: None }
+    }
+
     fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
 
     /// `chain` belongs in the next batch: its buffers, or the readable bytes
-    /// it would carry inline, do not fit this one.
+    /// it would carry, do not fit this one.
     fn full_for(&self, chain: &[GrantedBuffer]) -> bool {
         let readable = readable_len(chain);
-        let inline_overflow = readable <= MAX_INLINE_REQUEST && self.inline + readable > MAX_BATCH_INLINE;
-        !self.batch.is_empty() && (self.buffers + chain.len() > MAX_BATCH_BUFFERS || inline_overflow)
+        let carried_overflow = readable <= MAX_INLINE_REQUEST && self.carried + readable > MAX_BATCH_INLINE;
+        !self.batch.is_empty() && (self.buffers + chain.len() > MAX_BATCH_BUFFERS || carried_overflow)
     }
 
-    /// Adds a granted chain; returns the bytes it carries inline.
+    /// Adds a granted chain; returns the readable bytes it carries.
     fn push(
         &mut self,
         grant: u64,
@@ -596,49 +655,56 @@ impl Batcher {
         chain: &[GrantedBuffer],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, GuestMemoryError> {
-        let mut request = posted(grant, chain, mem, MAX_BATCH_INLINE - self.inline)?;
-        request.queue = queue;
-        let inline = request.readable.len() as u64;
+        let in_ram = |b: &GrantedBuffer| GuestMemoryBackend::check_range(mem, GuestAddress(b.addr), b.len as usize);
+        let faulty = chain.iter().any(|b| b.len > 0 && !in_ram(b));
+        let buffers = chain.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
+        let mut request = PostedRequest { grant, buffers, readable: ByteBuf::new(), staged: None, faulty, queue };
+        let readable = readable_len(chain);
+        let carried = !faulty && readable > 0 && readable <= MAX_INLINE_REQUEST.min(MAX_BATCH_INLINE - self.carried);
+        if carried {
+            let ranges: Vec<(u64, u32)> = chain.iter().filter(|b| !b.writable).map(|b| (b.addr, b.len)).collect();
+            let offset = self.carried;
+            if readable >= MIN_STAGED_BYTES {
+                request.staged = self.slot().and_then(|(area, slot)| area.post(slot, offset, mem, &ranges));
+            }
+            if request.staged.is_none() {
+                request.readable = ByteBuf::from(read_inline(mem, &ranges, readable)?);
+            }
+            self.carried += readable;
+        }
         self.buffers += chain.len();
-        self.inline += inline;
         self.batch.push(request);
-        Ok(inline)
+        Ok(if carried { readable } else { 0 })
     }
 
-    fn take(&mut self) -> Vec<PostedRequest> {
-        (self.buffers, self.inline) = (0, 0);
-        std::mem::take(&mut self.batch)
+    /// The posting slot this batch fills, taken at its first readable bytes.
+    fn slot(&mut self) -> Option<(&Staging, u8)> {
+        let area = self.staging.as_deref()?;
+        if self.slot.is_none() {
+            self.slot = area.take_post_slot();
+        }
+        Some((area, self.slot?))
     }
+
+    fn take(&mut self) -> Outgoing {
+        (self.buffers, self.carried) = (0, 0);
+        Outgoing { requests: std::mem::take(&mut self.batch), staging: self.staging.clone(), slot: self.slot.take() }
+    }
+}
+
+/// The bytes of guest `ranges`, back to back.
+fn read_inline(mem: &GuestMemoryMmap, ranges: &[(u64, u32)], len: u64) -> Result<Vec<u8>, GuestMemoryError> {
+    let mut bytes = vec![0u8; len as usize];
+    let mut at = 0;
+    for &(addr, len) in ranges {
+        mem.read_slice(&mut bytes[at..at + len as usize], GuestAddress(addr))?;
+        at += len as usize;
+    }
+    Ok(bytes)
 }
 
 fn readable_len(chain: &[GrantedBuffer]) -> u64 {
     chain.iter().filter(|b| !b.writable).map(|b| b.len as u64).sum()
-}
-
-/// A granted chain as the device sees it: lengths and directions, and the
-/// driver-readable bytes inline when they are at most [`MAX_INLINE_REQUEST`]
-/// and `room` (else the device fetches them); `faulty` when a buffer is not
-/// guest RAM.
-fn posted(
-    grant: u64,
-    chain: &[GrantedBuffer],
-    mem: &GuestMemoryMmap,
-    room: u64,
-) -> Result<PostedRequest, GuestMemoryError> {
-    let in_ram = |b: &GrantedBuffer| GuestMemoryBackend::check_range(mem, GuestAddress(b.addr), b.len as usize);
-    let faulty = chain.iter().any(|b| b.len > 0 && !in_ram(b));
-    let readable_len = readable_len(chain);
-    let mut readable = Vec::new();
-    if !faulty && readable_len <= MAX_INLINE_REQUEST.min(room) {
-        readable.reserve(readable_len as usize);
-        for b in chain.iter().filter(|b| !b.writable) {
-            let at = readable.len();
-            readable.resize(at + b.len as usize, 0);
-            mem.read_slice(&mut readable[at..], GuestAddress(b.addr))?;
-        }
-    }
-    let buffers = chain.iter().map(|b| PostedBuffer { len: b.len, writable: b.writable }).collect();
-    Ok(PostedRequest { grant, buffers, readable: ByteBuf::from(readable), faulty, queue: 0 })
 }
 
 /// A chain's buffers, or why the chain is broken. `virtio-queue` stops a

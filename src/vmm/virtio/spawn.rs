@@ -47,8 +47,8 @@ impl ProcessKind {
 /// How a new device process reaches guest memory.
 pub enum ProcessMemory<'a> {
     /// The device's end of its memory-service channel, and at request
-    /// level its staging area.
-    Rpc(UnixStream, Option<RawFd>),
+    /// level its staging areas (answers, posts).
+    Rpc(UnixStream, Option<(RawFd, RawFd)>),
     /// The RAM memfd and where each piece of it sits in the guest.
     Shared { memfd: RawFd, regions: &'a [SharedRegion] },
 }
@@ -116,8 +116,9 @@ impl ProcessRecipe {
         let _memory_end = match memory {
             ProcessMemory::Rpc(device_end, staging) => {
                 child.fd("--memory-fd", device_end.as_raw_fd());
-                if let Some(staging) = staging {
-                    child.fd("--staging-fd", staging);
+                if let Some((answers, posts)) = staging {
+                    child.fd("--staging-fd", answers);
+                    child.fd("--posting-fd", posts);
                 }
                 Some(device_end)
             }
