@@ -37,7 +37,7 @@ fn main() -> ExitCode {
 /// (1 MiB) with every request. By default glibc maps the largest afresh and
 /// hands freed memory back to the kernel, so each buffer costs a page fault
 /// per 4 KiB when it is taken again: keep freed memory for the next one.
-/// (`rpc` 128 KiB writes in tmpfs: 466 MiB/s before, 1,243-1,333 after.)
+/// (`rpc` 128 KiB writes in tmpfs: 466 MiB/s before, 1,230-1,460 after.)
 fn keep_freed_memory() {
     const KEEP: i32 = 32 << 20;
     // SAFETY: mallopt only sets the allocator's tunables, before any thread starts.
