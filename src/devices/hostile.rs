@@ -132,6 +132,8 @@ pub fn grant_attack(
             | MemoryFlood
             | StagedOutside
             | StagedSlot
+            | StagedElsewhere
+            | StagedRepeated
     ) {
         return None;
     }
@@ -212,7 +214,9 @@ pub fn grant_attack(
                 | SlowActivation
                 | MemoryFlood
                 | StagedOutside
-                | StagedSlot => {}
+                | StagedSlot
+                | StagedElsewhere
+                | StagedRepeated => {}
             }
             done
         })
@@ -221,33 +225,47 @@ pub fn grant_attack(
 
 /// Test-only, request level: the first answer with a completion that
 /// writes names its bytes where the VMM must refuse to look: past the end
-/// of the answer area, or in a slot that does not exist.
+/// of the answer area, in a slot that does not exist, in a slot other than
+/// the one it names, or the same bytes again and again past a slot's worth
+/// (which would have the VMM copy without end).
 pub fn staging_attack(which: Misbehaviour) -> Option<TamperAnswer> {
-    let (past_end, slot) = match which {
-        Misbehaviour::StagedOutside => (true, 0),
-        Misbehaviour::StagedSlot => (false, rpc_schema::STAGING_SLOTS),
+    use rpc_schema::{StagedCompletion, StagedWrite, STAGING_BYTES, STAGING_SLOTS, STAGING_SLOT_BYTES};
+    let name = match which {
+        Misbehaviour::StagedOutside => "staged outside",
+        Misbehaviour::StagedSlot => "staged slot",
+        Misbehaviour::StagedElsewhere => "staged elsewhere",
+        Misbehaviour::StagedRepeated => "staged repeated",
         _ => return None,
     };
     let mut done = false;
     Some(Box::new(move |answer: &mut Answer| {
+        if done {
+            return;
+        }
         let writing = answer.completions.iter().position(|c| !c.writes.is_empty());
-        let (Some(index), false) = (writing, done) else { return };
+        let Some(index) = writing else { return };
         let completion = answer.completions.remove(index);
-        let writes = completion.writes.iter().map(|w| {
-            // Past the end: one byte at least, just after the last.
-            let (at, len) =
-                if past_end { (rpc_schema::STAGING_BYTES as u32, w.data.len().max(1)) } else { (0, w.data.len()) };
-            rpc_schema::StagedWrite { buffer: w.buffer, offset: w.offset, at, len: len as u32 }
-        });
-        let staged = rpc_schema::StagedCompletion {
-            grant: completion.grant,
-            used_len: completion.used_len,
-            writes: writes.collect(),
+        let staged = |w: &BufferWrite, at: u64| StagedWrite {
+            buffer: w.buffer,
+            offset: w.offset,
+            at: at as u32,
+            len: (w.data.len() as u32).max(1),
         };
-        answer.staged.push(staged);
+        let first = &completion.writes[0];
+        let (slot, writes) = match which {
+            Misbehaviour::StagedOutside => (0, vec![staged(first, STAGING_BYTES)]),
+            Misbehaviour::StagedSlot => (STAGING_SLOTS, vec![staged(first, 0)]),
+            Misbehaviour::StagedElsewhere => (0, vec![staged(first, STAGING_SLOT_BYTES)]),
+            _ => {
+                // 64 bytes of slot 0, named again and again past a slot's worth.
+                let write = StagedWrite { len: 64, ..staged(first, 0) };
+                (0, vec![write; STAGING_SLOT_BYTES as usize / 64 + 1])
+            }
+        };
+        answer.staged.push(StagedCompletion { grant: completion.grant, used_len: completion.used_len, writes });
         answer.slot = Some(slot);
         done = true;
-        report(if past_end { "staged outside" } else { "staged slot" }, "sent".into());
+        report(name, "sent".into());
     }))
 }
 

@@ -71,6 +71,10 @@ pub enum Misbehaviour {
     StagedOutside,
     /// Answer with staged bytes in a staging slot that does not exist.
     StagedSlot,
+    /// Answer naming one slot with staged bytes in another.
+    StagedElsewhere,
+    /// Answer with one staged write repeated past a slot's worth of bytes.
+    StagedRepeated,
     /// Stay alive when the VMM closes the control channel (its request to exit).
     Linger,
     /// Write its disk past the disk's size, then try to grow it with fallocate.

@@ -29,7 +29,8 @@ pub struct StagingArea {
 
 impl StagingArea {
     /// Maps the areas the VMM handed over as `answers` and `posts` (before
-    /// confinement: the sandbox forbids mapping files), and closes them.
+    /// confinement: the sandbox forbids mapping files). The descriptors stay
+    /// open with their mappings; the seals make them worth nothing more.
     pub fn map(answers: RawFd, posts: RawFd) -> Result<StagingArea, String> {
         let map = map_area(answers, libc::PROT_READ | libc::PROT_WRITE)?;
         let posts = map_area(posts, libc::PROT_READ)?;
@@ -92,7 +93,7 @@ impl StagingArea {
     }
 }
 
-/// Maps one staging area of the expected size, closing its descriptor.
+/// Maps one staging area of the expected size (the mapping keeps its descriptor).
 fn map_area(fd: RawFd, prot: i32) -> Result<MmapRegion, String> {
     // SAFETY: a descriptor the VMM handed us to own.
     let file = unsafe { File::from_raw_fd(fd) };

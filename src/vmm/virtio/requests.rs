@@ -16,7 +16,7 @@ use super::staging::Staging;
 use crate::devices::poll_window::PollWindow;
 use rpc_schema::{
     Answer, CompletedRequest, DeviceControlClient, PostedBuffer, PostedRequest, QueueConfig, MAX_BATCH_BUFFERS,
-    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST, MIN_STAGED_BYTES, STAGING_SLOTS,
+    MAX_BATCH_INLINE, MAX_CHAIN_BUFFERS, MAX_INLINE_REQUEST, MIN_STAGED_BYTES, STAGING_SLOTS, STAGING_SLOT_BYTES,
 };
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,8 +82,6 @@ pub struct Engine {
     connection: Mutex<Connection>,
     /// Whether watching the rings after a completion is worth the CPU.
     watching: Mutex<PollWindow>,
-    /// Staging slots whose bytes are in guest RAM: handed back with the next batch.
-    freed: Mutex<Vec<u8>>,
 }
 
 struct Connection {
@@ -144,7 +142,6 @@ impl RequestQueue {
             queues: Mutex::new(queues),
             stopped: AtomicBool::new(false),
             watching: Mutex::new(PollWindow::new(poll)),
-            freed: Mutex::new(Vec::new()),
             connection: Mutex::new(connection),
         });
         let _context = runtime.enter();
@@ -294,7 +291,8 @@ impl Engine {
     /// supervisor restarts it (and its grants are posted again) or fails it.
     async fn post(self: Arc<Self>, to: Posting, mut batch: Outgoing) {
         let Posting { epoch, client, staging, served_by } = to;
-        let freed = std::mem::take(&mut *lock(&self.freed));
+        // Answer slots of this process the VMM is done with go back with the batch.
+        let freed = staging.as_ref().map(|area| area.take_answered()).unwrap_or_default();
         let requests = std::mem::take(&mut batch.requests);
         let reply = client.requests(within(BATCH_DEADLINE), requests, freed).await;
         if reply.is_ok() {
@@ -305,6 +303,10 @@ impl Engine {
         }
         let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
         if !current(&self) {
+            // Dropped unread: its answer slot can go back at once.
+            if let (Ok(Ok(answer)), Some(area)) = (&reply, &staging) {
+                area.answered(answer.slot);
+            }
             return;
         }
         let started = Instant::now();
@@ -448,8 +450,6 @@ impl Engine {
             connection.client = Some(client);
             connection.staging = lock(&self.context.access.staging).clone();
         }
-        // The new process has a staging area of its own, all its slots free.
-        lock(&self.freed).clear();
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let held = lock(&self.context.access.grants).snapshot();
@@ -476,29 +476,42 @@ impl Engine {
     }
 
     /// [`Engine::complete`] for a batch's answer, whose staged bytes are
-    /// read from the device's staging area; its slot is handed back with
+    /// read from the device's answer area; its slot is handed back with
     /// the next batch once they are in guest RAM.
     fn complete_answer(&self, answer: Answer, staging: Option<&Staging>) -> Result<(), String> {
         let Answer { completions, staged, slot } = answer;
         let mut all: Vec<Completion<'_>> = completions.iter().map(inline).collect();
+        let protocol = |what: String| format!("it broke the grant protocol: {what}");
         if let Some(slot) = slot {
             let area = staging.ok_or("it staged an answer without a staging area")?;
             if slot >= STAGING_SLOTS {
-                return Err(format!("it broke the grant protocol: staging slot {slot} does not exist"));
+                return Err(protocol(format!("staging slot {slot} does not exist")));
             }
+            // Within its one slot, and no more bytes than a slot holds in
+            // all: an answer costs the VMM at most one slot's copying, as
+            // an inline one costs at most its frame.
+            let slot_start = slot as u64 * STAGING_SLOT_BYTES;
+            let mut total = 0u64;
             for c in &staged {
                 let mut writes = Vec::with_capacity(c.writes.len());
                 for w in &c.writes {
-                    let bytes = area.bytes(w.at, w.len).map_err(|e| format!("it broke the grant protocol: {e}"))?;
+                    let bytes = area.bytes(w.at, w.len).map_err(|e| protocol(e.to_string()))?;
+                    let (at, end) = (w.at as u64, w.at as u64 + w.len as u64);
+                    total += w.len as u64;
+                    if at < slot_start || end > slot_start + STAGING_SLOT_BYTES || total > STAGING_SLOT_BYTES {
+                        return Err(protocol(format!("staged bytes {at:#x}+{:#x} are outside slot {slot}", w.len)));
+                    }
                     writes.push((w.buffer, w.offset, Written::Staged(bytes)));
                 }
                 all.push(Completion { grant: c.grant, used_len: c.used_len, writes });
             }
         } else if !staged.is_empty() {
-            return Err("it broke the grant protocol: staged completions without a slot".into());
+            return Err(protocol("staged completions without a slot".into()));
         }
         self.apply(all)?;
-        lock(&self.freed).extend(slot);
+        if let Some(area) = staging {
+            area.answered(slot);
+        }
         Ok(())
     }
 

@@ -29,6 +29,10 @@ pub struct Staging {
     posts: Area,
     /// Posting slots no batch in flight uses.
     free_posts: Mutex<Vec<u8>>,
+    /// Answer slots whose bytes are in guest RAM (or never will be), to
+    /// hand back to the device with the next batch. Per process, as the
+    /// slots are: a driver reset keeps the process and so these.
+    answered: Mutex<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -75,6 +79,7 @@ impl Staging {
             answers: Area::new(c"skvm-staging", false)?,
             posts: Area::new(c"skvm-posting", true)?,
             free_posts: Mutex::new((0..STAGING_SLOTS).rev().collect()),
+            answered: Mutex::new(Vec::new()),
         })
     }
 
@@ -87,6 +92,16 @@ impl Staging {
     pub fn bytes(&self, at: u32, len: u32) -> Result<VolatileSlice<'_>, MemoryError> {
         let area = self.answers.map.as_volatile_slice();
         area.subslice(at as usize, len as usize).map_err(|_| MemoryError::OutsideStaging { at, len })
+    }
+
+    /// The VMM is done with the answer slot `slot`, if any.
+    pub fn answered(&self, slot: Option<u8>) {
+        self.answered.lock().unwrap_or_else(|e| e.into_inner()).extend(slot);
+    }
+
+    /// The answer slots to hand back now.
+    pub fn take_answered(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.answered.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A posting slot for a batch, if one is free.
