@@ -286,7 +286,7 @@ impl DeviceProcess {
             MemoryChannel::Shared { memfd, regions } => Some(map_shared(*memfd, regions)?),
             MemoryChannel::Rpc { .. } => None,
         };
-        // So is mapping the staging area, which holds nothing yet.
+        // So is mapping the staging areas, which hold nothing yet.
         let staging = match self.memory {
             MemoryChannel::Rpc { staging: Some((answers, posts)), .. } => Some(StagingArea::map(answers, posts)?),
             _ => None,

@@ -445,15 +445,15 @@ impl Engine {
     /// to it again (a write may reach the disk twice; each request still
     /// completes once, as its grant is revoked at its first completion).
     pub fn reconnect(self: &Arc<Self>, client: DeviceControlClient) -> Result<(), String> {
-        {
+        let staging = {
             let mut connection = lock(&self.connection);
             connection.client = Some(client);
             connection.staging = lock(&self.context.access.staging).clone();
-        }
+            connection.staging.clone()
+        };
         let memory = self.context.memory.memory();
         let mem = &*memory;
         let held = lock(&self.context.access.grants).snapshot();
-        let staging = lock(&self.connection).staging.clone();
         let mut batch = Batcher::new(staging);
         for (grant, chain) in held {
             if batch.full_for(&chain.buffers) {
