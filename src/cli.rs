@@ -209,7 +209,7 @@ pub struct RunArgs {
     /// `inprocess`), or the VMM for a device in `rpc` mode, keeps watching the
     /// rings after the last request before sleeping, in microseconds. A driver
     /// that posts again within it saves a cross-CPU wake-up (vhost-user backends
-    /// poll the same way); while it watches, the driver is told not to notify
+    /// poll the same way); while it serves and watches, the driver is told not to notify
     /// (each notification is an exit). A window that finds nothing stops the
     /// watching until a notification comes within a window of sleeping, so a
     /// driver that posts only now and then costs no CPU; a disk with transfers

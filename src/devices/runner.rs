@@ -165,6 +165,27 @@ impl<M: DeviceMemory> Core<M> {
         Ok(self.ring_has_new() == Some(true))
     }
 
+    /// No notifications while we serve what woke us, where the rings are
+    /// mapped here (a store, not a memory call): a driver posting meanwhile
+    /// would pay an exit for each request, and a guest streaming frames
+    /// kicked for two in five. [`Core::settle`] turns them back on.
+    async fn hush(&mut self) -> Result<(), QueueError> {
+        if self.mem.mapped().is_some() {
+            self.notifications(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Notifications back on before the device sleeps, serving (hushed)
+    /// what the driver posted before it saw them, until a look finds none.
+    async fn settle(&mut self) -> Result<(), QueueError> {
+        while self.listen_again().await? {
+            self.hush().await?;
+            while self.service().await? {}
+        }
+        Ok(())
+    }
+
     /// Whether any polled queue has requests the driver made available
     /// since the last pop, read from guest RAM mapped here; None where it is
     /// not (`rpc-dma` would need a memory call per look).
@@ -843,6 +864,7 @@ where
                 }
             }
             core.lock().await.run_hook().await;
+            core.lock().await.hush().await.map_err(|e| format!("virtqueue: {e}"))?;
             // A batch at a time, letting go of the core in between: a guest
             // that keeps its queue full must not keep `save` waiting.
             while core.lock().await.service().await.map_err(|e| format!("virtqueue: {e}"))? {}
@@ -874,8 +896,12 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWin
     let window;
     {
         let mut core = core.lock().await;
-        if core.ring_has_new().is_none() || !core.worth_polling() {
+        if core.ring_has_new().is_none() {
+            // Not mapped here: notifications never went off.
             return Ok(());
+        }
+        if !core.worth_polling() {
+            return core.settle().await;
         }
         // Transfers on a ring end soon, and the driver answers their ends at
         // once: watch through them whatever the window learned (a disk's
@@ -885,6 +911,7 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWin
         let transferring = core.in_flight.as_ref().is_some_and(|io| io.on_ring() && io.outstanding() > 0);
         window = if transferring { learned.max() } else { learned.window() };
         if window.is_zero() {
+            core.settle().await?;
             learned.asleep(Instant::now(), false);
             return Ok(());
         }
@@ -898,9 +925,7 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWin
             let on_ring = core.in_flight.as_ref().is_some_and(InFlight::on_ring);
             if in_flight > 0 && !on_ring {
                 // The threads need the CPU: back to notifications.
-                if core.listen_again().await? {
-                    while core.service().await? {}
-                }
+                core.settle().await?;
                 learned.asleep(Instant::now(), false);
                 return Ok(());
             }
@@ -917,9 +942,7 @@ async fn poll_ring<M: DeviceMemory>(core: &Mutex<Core<M>>, learned: &mut PollWin
                 // A window passed with nothing from the driver (what it posts
                 // as notifications come back on is served, but does not count:
                 // on a busy CPU this loop may not have looked for a while).
-                if core.listen_again().await? {
-                    while core.service().await? {}
-                }
+                core.settle().await?;
                 learned.asleep(Instant::now(), true);
                 return Ok(());
             }

@@ -458,11 +458,18 @@ impl Stack {
                         let size = (u16::from_le_bytes([payload[12], payload[13]]) as usize).clamp(1, 1472);
                         let mut data = [0u8; 1472];
                         let mut f = [0u8; 1514];
+                        let (notified, skipped) = (net.tx_notified, net.tx_skipped);
                         for i in 0..count {
                             data[0] = if i + 1 == count { 0xff } else { 0 };
                             let reply = udp(&mut f, net.mac, src_mac, self.ip, src_ip, payload, &data[..size]);
                             net.send(reply)?;
                         }
+                        crate::println!(
+                            "net: blasted {} datagrams; transmit notifications sent={} skipped={}",
+                            count,
+                            net.tx_notified - notified,
+                            net.tx_skipped - skipped
+                        );
                     }
                     17 if payload.len() >= 8 && be16(payload, 2) == UDP_ECHO_PORT => {
                         let data = &payload[8..(be16(payload, 4) as usize).clamp(8, payload.len())];
