@@ -54,7 +54,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -398,6 +398,12 @@ pub struct DeviceCounters {
     /// (Absent from results files written before it existed.)
     #[serde(default)]
     pub zero_copy_requests: u64,
+    /// Interrupts raised for the device's queues: by the device where it
+    /// walks its own rings, by the VMM's request engine in `rpc`. A driver
+    /// that polls asks for none (EVENT_IDX's used event, or
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT), and none is raised then.
+    #[serde(default)]
+    pub interrupts: u64,
     /// A network device's traffic; None for the other kinds.
     #[serde(default)]
     pub net: Option<NetCounters>,

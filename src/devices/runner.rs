@@ -216,9 +216,7 @@ impl<M: DeviceMemory> Core<M> {
         }
         let chains = serve_zero_copy(mem, backend, queue, counters, in_flight, io_done, chains).await?;
         if chains.is_empty() {
-            if let Some(irq) = irq {
-                let _ = irq.write(1);
-            }
+            interrupt(irq, mem, std::slice::from_mut(queue), counters);
             return Ok(true);
         }
         let requests = ring::gather(mem, backend, &chains, &mut prefetched).await?;
@@ -226,11 +224,7 @@ impl<M: DeviceMemory> Core<M> {
         let failed = ring::deliver(mem, queue, backend, &chains, &requests, &replies).await?;
         counters.requests += chains.len() as u64;
         counters.errors += failed;
-        // Always interrupt: polling drivers ignore it, interrupt-driven
-        // ones tolerate a spurious one, and none can miss one.
-        if let Some(irq) = irq {
-            let _ = irq.write(1);
-        }
+        interrupt(irq, mem, std::slice::from_mut(queue), counters);
         Ok(true)
     }
 
@@ -242,9 +236,7 @@ impl<M: DeviceMemory> Core<M> {
         let ended = if wait { io.drain() } else { io.reap() };
         let Some(queue) = queues.first_mut() else { return Ok(()) };
         if complete(mem, queue, counters, &ended).await? {
-            if let Some(irq) = irq {
-                let _ = irq.write(1);
-            }
+            interrupt(irq, mem, std::slice::from_mut(queue), counters);
         }
         Ok(())
     }
@@ -309,9 +301,7 @@ impl<M: DeviceMemory> Core<M> {
             moved = true;
         }
         if moved {
-            if let Some(irq) = irq {
-                let _ = irq.write(1);
-            }
+            interrupt(irq, mem, queues, counters);
         }
         Ok(moved || look_again)
     }
@@ -730,6 +720,29 @@ pub enum Doorbell {
     Ring { notify: EventFd, irq: EventFd, poll: Duration },
     /// `staging`: where answers may leave their bytes (see [`StagingArea`]).
     Requests { staging: Option<StagingArea> },
+}
+
+/// Raises the interrupt for what the device completed on `queues`, unless
+/// the driver said it wants none (see [`SplitQueue::wants_interrupt`]),
+/// which the device reads where the rings are mapped here; in `rpc-dma` a
+/// look would be a memory call, so it always raises it (a driver tolerates
+/// a spurious interrupt, and none can miss one).
+fn interrupt<M: DeviceMemory>(
+    irq: &Option<EventFd>,
+    mem: &Timed<M>,
+    queues: &mut [SplitQueue],
+    counters: &mut DeviceCounters,
+) {
+    let Some(irq) = irq else { return };
+    let wanted = match mem.mapped() {
+        // Every queue's decision, so each remembers where it stands.
+        Some(mapped) => queues.iter_mut().fold(false, |any, queue| queue.wants_interrupt(&mapped) | any),
+        None => true,
+    };
+    if wanted {
+        counters.interrupts += 1;
+        let _ = irq.write(1);
+    }
 }
 
 /// Test-only work a device does before serving a notification.

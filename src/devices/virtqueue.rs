@@ -153,14 +153,26 @@ pub struct SplitQueue {
     /// The device is polling the avail ring and has told the driver not to
     /// notify it (see [`SplitQueue::notifications`]).
     polling: bool,
+    /// The used index when the device last decided whether to interrupt
+    /// (None: not since it started, so it does).
+    signalled: Option<u16>,
 }
 
 /// In the used ring's flags: the driver need not notify (virtio 1.x, 2.7.10).
 const USED_F_NO_NOTIFY: u16 = 1;
+/// In the avail ring's flags: the device need not interrupt (virtio 1.x, 2.7.6).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the used index moving from `old` to `new` passed `event`
+/// (virtio 1.x, 2.7.7.2; the same test as Linux's `vring_need_event`).
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 impl SplitQueue {
     pub fn new(config: QueueConfig, event_idx: bool, indirect: bool) -> Self {
-        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect, predicted: Vec::new(), polling: false }
+        let (predicted, polling, signalled) = (Vec::new(), false, None);
+        SplitQueue { config, next_avail: 0, next_used: 0, event_idx, indirect, predicted, polling, signalled }
     }
 
     pub fn restore(state: &QueueState, event_idx: bool, indirect: bool) -> Self {
@@ -190,6 +202,31 @@ impl SplitQueue {
         use vm_memory::Bytes;
         let idx = mapped.read_obj::<u16>(vm_memory::GuestAddress(self.config.avail.wrapping_add(2)));
         idx.ok().map(u16::from_le)
+    }
+
+    /// Whether the driver wants an interrupt for what the device completed
+    /// since it last asked (virtio 1.x, 2.7.7.2), read from guest RAM mapped
+    /// here: with EVENT_IDX, once the used index passed the driver's used
+    /// event; without, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (a
+    /// driver that polls, or Linux's while it is polling). Each interrupt
+    /// not sent spares the device an irqfd write and the guest its handler.
+    /// Call after publishing the used index.
+    pub fn wants_interrupt(&mut self, mapped: &vm_memory::GuestMemoryMmap) -> bool {
+        use vm_memory::Bytes;
+        // The used index is published before we read what the driver asked,
+        // as the driver writes what it asks before it reads the index.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let Some(old) = self.signalled.replace(self.next_used) else { return true };
+        if old == self.next_used {
+            return false;
+        }
+        let read = |addr: u64| mapped.read_obj::<u16>(vm_memory::GuestAddress(addr)).ok().map(u16::from_le);
+        if self.event_idx {
+            let used_event = read(self.config.avail.wrapping_add(4 + 2 * self.size() as u64));
+            used_event.is_none_or(|event| need_event(event, self.next_used, old))
+        } else {
+            read(self.config.avail).is_none_or(|flags| flags & AVAIL_F_NO_INTERRUPT == 0)
+        }
     }
 
     /// Takes the requests the driver has made available since the last call

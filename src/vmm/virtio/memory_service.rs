@@ -40,6 +40,8 @@ pub struct DeviceAccess {
     pub service_ns: AtomicU64,
     /// Request level: batches posted to the device.
     pub batches: AtomicU64,
+    /// Request level: interrupts the engine raised for the device's queues.
+    pub interrupts: AtomicU64,
     /// Request level: the engine that completes requests the device held
     /// past their batch, while its queues are active.
     pub engine: Mutex<Option<std::sync::Weak<super::requests::Engine>>>,

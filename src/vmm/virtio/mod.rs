@@ -95,7 +95,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
     devices
         .iter()
         .map(|device| {
-            let (mut status, query) = {
+            let (mut status, query, engine_interrupts) = {
                 let transport = lock(&device.transport);
                 let host = transport.host();
                 let access = host.access.as_ref();
@@ -125,10 +125,15 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                     last_failure: lock(&host.health.last_failure).clone(),
                     recovery_ms: lock(&host.health.recovery_ns).iter().map(|&ns| ns as f64 / 1e6).collect(),
                 };
-                (status, host.counters_query())
+                let engine_interrupts = access.filter(|a| a.request_level).map(|a| a.interrupts.load(Relaxed));
+                (status, host.counters_query(), engine_interrupts)
             };
             // Asked with the transport free: the device may take its time.
             status.counters = query.and_then(|q| q.send());
+            // In `rpc` the VMM's engine raises the device's interrupts.
+            if let (Some(counters), Some(raised)) = (status.counters.as_mut(), engine_interrupts) {
+                counters.interrupts += raised;
+            }
             status
         })
         .collect()

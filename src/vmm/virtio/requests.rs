@@ -553,13 +553,29 @@ impl Engine {
         self.context.access.bytes.fetch_add(moved, Ordering::Relaxed);
         let mut interrupt = false;
         for (queue, _) in queues.iter_mut().zip(&touched).filter(|(_, t)| **t) {
-            interrupt |= queue.needs_notification(mem).map_err(broken)?;
+            interrupt |= wants_interrupt(queue, mem).map_err(broken)?;
         }
         if interrupt {
+            self.context.access.interrupts.fetch_add(1, Ordering::Relaxed);
             let _ = self.context.irq.write(1);
         }
         Ok(())
     }
+}
+
+/// Whether the driver wants an interrupt for what was just completed on
+/// `queue`: virtio-queue answers with EVENT_IDX (the used event) and, as it
+/// does not read the avail ring's VIRTQ_AVAIL_F_NO_INTERRUPT, we do
+/// (virtio 1.x, 2.7.7.2: a driver that polls says it wants none).
+fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+    const AVAIL_F_NO_INTERRUPT: u16 = 1;
+    // After the fence in needs_notification, which orders the used index before this load.
+    let wanted = queue.needs_notification(mem)?;
+    if !wanted || queue.event_idx_enabled() {
+        return Ok(wanted);
+    }
+    let flags = mem.read_obj::<u16>(GuestAddress(queue.avail_ring())).map(u16::from_le);
+    Ok(flags.map_or(true, |flags| flags & AVAIL_F_NO_INTERRUPT == 0))
 }
 
 fn inline(c: &CompletedRequest) -> Completion<'_> {

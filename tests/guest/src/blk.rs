@@ -77,11 +77,15 @@ impl Blk {
         if !device.is_virtio() || device.device_id() != DEVICE_ID {
             return Err("not a virtio-blk device");
         }
-        let features = device.negotiate(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | extra)?;
+        let wanted = F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | crate::virtio::event_idx_wanted() | extra;
+        let features = device.negotiate(wanted)?;
         if features & extra != extra {
             return Err("the device lacks a feature we need");
         }
-        let queue = Queue::new(arena.take(Queue::footprint(QUEUE_SIZE)).ok_or("out of memory")?, QUEUE_SIZE);
+        let mut queue = Queue::new(arena.take(Queue::footprint(QUEUE_SIZE)).ok_or("out of memory")?, QUEUE_SIZE);
+        if features & crate::virtio::F_EVENT_IDX != 0 {
+            queue.use_event_idx();
+        }
         device.setup_queue(0, &queue)?;
         let headers = arena.take(16 * SLOTS as u64 + SLOTS as u64).ok_or("out of memory")?;
         device.driver_ok();

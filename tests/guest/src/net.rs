@@ -79,15 +79,20 @@ impl Net {
     ) -> Result<Net, &'static str> {
         let merge = if merge { F_MRG_RXBUF } else { 0 };
         let offload = if offload { F_CSUM | F_GUEST_CSUM } else { 0 };
-        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | merge | offload)?;
+        let event_idx = crate::virtio::event_idx_wanted();
+        let features = device.negotiate(F_VERSION_1 | F_MAC | F_STATUS | merge | offload | event_idx)?;
         if features & F_MAC == 0 {
             return Err("the device has no MAC");
         }
         let (low, high) = (device.config_read32(0), device.config_read32(4));
         let mac = [low as u8, (low >> 8) as u8, (low >> 16) as u8, (low >> 24) as u8, high as u8, (high >> 8) as u8];
         let footprint = Queue::footprint(QUEUE_SIZE);
-        let rx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
-        let tx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
+        let mut rx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
+        let mut tx = Queue::new(arena.take(footprint).ok_or("out of memory")?, QUEUE_SIZE);
+        if features & crate::virtio::F_EVENT_IDX != 0 {
+            rx.use_event_idx();
+            tx.use_event_idx();
+        }
         let rx_buffers = arena.take(BUFFER * QUEUE_SIZE as u64).ok_or("out of memory")?;
         let tx_buffers = arena.take(BUFFER * QUEUE_SIZE as u64).ok_or("out of memory")?;
         device.setup_queue(0, &rx)?;

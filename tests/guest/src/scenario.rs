@@ -78,6 +78,7 @@ fn report(info: &pvh::StartInfo) {
 
 pub fn run(info: &pvh::StartInfo) -> ! {
     let cmdline = info.cmdline();
+    crate::virtio::configure(cmdline);
     let status = param(cmdline, "exit").and_then(parse_u8).unwrap_or(0);
     let scenario = param(cmdline, "scenario").unwrap_or("hello");
     if scenario == "shutdown" {

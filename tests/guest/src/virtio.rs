@@ -12,11 +12,39 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_EVENT_IDX: notifications and interrupts by ring index.
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
+/// Whether the block and network drivers negotiate EVENT_IDX where offered
+/// (as Linux does); `event-idx=0` on the command line keeps them on the
+/// rings' flags instead.
+static EVENT_IDX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// Whether queues ask for interrupts after completions (`interrupts=1`):
+/// this driver polls with interrupts off and by default asks for none.
+static INTERRUPTS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Reads `event-idx=` and `interrupts=` from the command line (at boot).
+pub fn configure(cmdline: &str) {
+    EVENT_IDX.store(crate::scenario::param(cmdline, "event-idx") != Some("0"), Ordering::Relaxed);
+    INTERRUPTS.store(crate::scenario::param(cmdline, "interrupts") == Some("1"), Ordering::Relaxed);
+}
+
+/// F_EVENT_IDX, unless the command line said `event-idx=0`.
+pub fn event_idx_wanted() -> u64 {
+    if EVENT_IDX.load(Ordering::Relaxed) {
+        F_EVENT_IDX
+    } else {
+        0
+    }
+}
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 /// In the used ring's flags: the device polls and needs no notification.
 const USED_F_NO_NOTIFY: u16 = 1;
+/// In the avail ring's flags: the driver wants no interrupts.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Polls give up after this many TSC ticks (a few seconds on any host).
 const TIMEOUT_TICKS: u64 = 1 << 34;
@@ -267,6 +295,12 @@ pub struct Queue {
     pub used: u64,
     avail_idx: u16,
     used_seen: u16,
+    /// EVENT_IDX was negotiated (see [`Queue::use_event_idx`]).
+    event_idx: bool,
+    /// The avail index when we last decided whether to notify.
+    notify_checked: u16,
+    /// Ask for an interrupt after each completion (`interrupts=1`).
+    interrupts: bool,
 }
 
 impl Queue {
@@ -278,7 +312,14 @@ impl Queue {
         let end = used + 6 + 8 * size as u64;
         // SAFETY: the caller hands us [base, end) of RAM for the queue alone.
         unsafe { core::ptr::write_bytes(base as *mut u8, 0, (end - base) as usize) };
-        Queue { size, desc, avail, used, avail_idx: 0, used_seen: 0 }
+        // Interrupts: none asked for through the flag, unless `interrupts=1`
+        // (with EVENT_IDX the device reads the used event instead).
+        let interrupts = INTERRUPTS.load(Ordering::Relaxed);
+        if !interrupts {
+            // SAFETY: the avail ring's flags, in RAM we own.
+            unsafe { write_volatile(avail as *mut u16, AVAIL_F_NO_INTERRUPT) };
+        }
+        Queue { size, desc, avail, used, avail_idx: 0, used_seen: 0, event_idx: false, notify_checked: 0, interrupts }
     }
 
     /// Bytes the queue occupies from its base.
@@ -303,12 +344,31 @@ impl Queue {
         }
     }
 
-    /// Whether the device wants to hear of new requests: it clears
-    /// VIRTQ_USED_F_NO_NOTIFY in the used ring's flags unless it is polling
-    /// the avail ring anyway (virtio 1.x, 2.7.7; as Linux's driver does).
-    pub fn wants_notification(&self) -> bool {
+    /// With EVENT_IDX negotiated: notifications by the device's avail
+    /// event, and interrupts by the used event. Unless `interrupts=1`, the
+    /// used event stays at 0 (zeroed with the queue), as Linux's driver
+    /// leaves it while it polls: this driver polls with interrupts off, so
+    /// a device that honours it interrupts once in 65,536 completions. With
+    /// `interrupts=1` it follows the completions taken, as Linux's does
+    /// when it waits for an interrupt.
+    pub fn use_event_idx(&mut self) {
+        self.event_idx = true;
+    }
+
+    /// Whether the device wants to hear of the requests made available
+    /// since we last asked (virtio 1.x, 2.7.10; as Linux's driver does):
+    /// with EVENT_IDX, once the avail index passed the device's avail
+    /// event; without, unless it set VIRTQ_USED_F_NO_NOTIFY in the used
+    /// ring's flags because it polls the avail ring anyway.
+    pub fn wants_notification(&mut self) -> bool {
         // The avail index written by `push` must be seen before we look.
         fence(Ordering::SeqCst);
+        let (new, old) = (self.avail_idx, core::mem::replace(&mut self.notify_checked, self.avail_idx));
+        if self.event_idx {
+            // SAFETY: the avail event, after the used ring, in RAM we own.
+            let event = unsafe { read_volatile((self.used + 4 + 8 * self.size as u64) as *const u16) };
+            return new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
+        }
         // SAFETY: the used ring's flags, in RAM we own.
         unsafe { read_volatile(self.used as *const u16) & USED_F_NO_NOTIFY == 0 }
     }
@@ -326,6 +386,11 @@ impl Queue {
         // SAFETY: as above.
         let (head, len) = unsafe { (read_volatile(elem as *const u32), read_volatile((elem + 4) as *const u32)) };
         self.used_seen = self.used_seen.wrapping_add(1);
+        if self.interrupts && self.event_idx {
+            // The next completion interrupts.
+            // SAFETY: the used event, after the avail ring, in RAM we own.
+            unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, self.used_seen) };
+        }
         Some((head as u16, len))
     }
 
