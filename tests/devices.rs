@@ -831,30 +831,38 @@ fn a_polling_device_spares_the_driver_its_notifications() {
 /// and Linux's) or the avail ring's NO_INTERRUPT flag (`event-idx=0`), and
 /// gets none: each one costs the device an irqfd write on its request's
 /// path, and an interrupt-driven guest its handler. A driver that asks for
-/// them (`interrupts=1`) gets them. `rpc-dma`, which would need a memory
-/// call to read what the driver asked, raises one after every batch.
+/// them through the flag (`interrupts=1 event-idx=0`) gets one after each
+/// batch, here each request. Through the used event it gets them only where
+/// a completion passes the event: a polling driver often takes a completion,
+/// and moves its event past it, before the device looks (4-1,801 of 2,000
+/// seen, by timing), so those decisions are checked exactly in the unit
+/// test `interrupts_follow_the_drivers_used_event_or_flag`. `rpc-dma`,
+/// which would need a memory call to read what the driver asked, raises one
+/// after every batch.
 #[test]
 fn interrupts_come_only_when_the_driver_asks_for_them() {
+    const OPS: u64 = 2000;
     for mode in MODES {
         for (event_idx, wanted) in [("1", "0"), ("0", "0"), ("1", "1"), ("0", "1")] {
             let path = disk(&format!("irq-{mode}-{event_idx}-{wanted}.img"), 4 << 20);
             let stats = temp_path(&format!("irq-{mode}-{event_idx}-{wanted}.json"));
             let extra = ["--stats-file", stats.to_str().unwrap()];
             let cmdline =
-                format!("scenario=blk-bench rw=randread qd=32 ops=4000 event-idx={event_idx} interrupts={wanted}");
+                format!("scenario=blk-bench rw=randread qd=1 ops={OPS} event-idx={event_idx} interrupts={wanted}");
             let out = guest_with_disk(mode, &path, "", &extra, &cmdline);
             let what = format!("{mode}, event-idx={event_idx}, interrupts={wanted}");
             assert_eq!(out.code(), Some(0), "{what}: {} {}", out.stdout, out.stderr);
             let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
             let counters = &stats["devices"][0]["counters"];
             let raised = counters["interrupts"].as_u64().unwrap_or_else(|| panic!("{what}: {counters}"));
-            eprintln!("devices: {what}: {raised} interrupts for 4,000 requests");
-            match (mode, wanted) {
-                // One batch at most has the first completion, which passes a used event of 0.
-                ("rpc" | "shared" | "inprocess", "0") => assert!(raised <= 2, "{what}: {raised} interrupts"),
-                // 125 batches or more, most of them completed after the
-                // driver took the last (108-184 seen): far from none.
-                _ => assert!(raised >= 20, "{what}: {raised} interrupts"),
+            eprintln!("devices: {what}: {raised} interrupts for {OPS} requests");
+            match (mode, event_idx, wanted) {
+                // The first completion passes a used event of 0, and a device's first decision interrupts.
+                ("rpc" | "shared" | "inprocess", _, "0") => assert!(raised <= 2, "{what}: {raised} interrupts"),
+                // The first decision at least; the rest by timing (above).
+                ("rpc" | "shared" | "inprocess", "1", "1") => assert!(raised >= 1, "{what}"),
+                // One per batch of one request.
+                _ => assert!(raised >= OPS, "{what}: {raised} interrupts for {OPS} requests"),
             }
         }
     }

@@ -419,6 +419,49 @@ mod tests {
     }
 
     #[test]
+    fn interrupts_follow_the_drivers_used_event_or_flag() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let config = QueueConfig { index: 0, size: 8, desc: 0x1000, avail: 0x2000, used: 0x3000 };
+        let used_event = |value: u16| mem.write_obj(value, GuestAddress(0x2000 + 4 + 2 * 8)).unwrap();
+        let flags = |value: u16| mem.write_obj(value, GuestAddress(0x2000)).unwrap();
+        // EVENT_IDX: the first decision interrupts whatever the driver asked.
+        let mut queue = SplitQueue::new(config, true, false);
+        used_event(100);
+        queue.complete(&[(0, 1)]);
+        assert!(queue.wants_interrupt(&mem), "the first decision");
+        // Nothing completed since: no interrupt.
+        assert!(!queue.wants_interrupt(&mem));
+        // Used index 1 -> 3 passes a used event of 1 and 2, not of 3 or 0.
+        for (event, wanted) in [(1, true), (2, true), (3, false), (0, false)] {
+            let mut queue = SplitQueue::new(config, true, false);
+            queue.complete(&[(0, 1)]);
+            queue.wants_interrupt(&mem);
+            used_event(event);
+            queue.complete(&[(1, 1), (2, 1)]);
+            assert_eq!(queue.wants_interrupt(&mem), wanted, "used event {event}");
+        }
+        // Across the index's wrap: 65535 -> 1 passes 65535 and 0.
+        let state = QueueState { config, next_avail: 0, next_used: 65534 };
+        let mut queue = SplitQueue::restore(&state, true, false);
+        queue.complete(&[(0, 1)]);
+        queue.wants_interrupt(&mem);
+        used_event(0);
+        queue.complete(&[(1, 1), (2, 1)]);
+        assert!(queue.wants_interrupt(&mem), "across the wrap");
+        // Without EVENT_IDX: the flag, read at each decision.
+        let mut queue = SplitQueue::new(config, false, false);
+        flags(AVAIL_F_NO_INTERRUPT);
+        queue.complete(&[(0, 1)]);
+        assert!(queue.wants_interrupt(&mem), "the first decision");
+        queue.complete(&[(1, 1)]);
+        assert!(!queue.wants_interrupt(&mem), "the driver wants none");
+        flags(0);
+        queue.complete(&[(2, 1)]);
+        assert!(queue.wants_interrupt(&mem), "the driver wants one");
+    }
+
+    #[test]
     fn queue_configs_are_checked() {
         let ok = QueueConfig { index: 0, size: 256, desc: 0x1000, avail: 0x2000, used: 0x3000 };
         assert!(validate(&ok, 256).is_ok());
