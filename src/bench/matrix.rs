@@ -13,13 +13,18 @@ pub enum Kind {
     /// The guest's `blk-bench`: `rw` is randread, randwrite, read, write or mixed.
     /// `host_disk`: on a file of the host's own filesystem with `direct=on`
     /// (the host-disk group, beside the host's fio), not in tmpfs.
-    Disk { rw: &'static str, block_size: u64, depth: u16, quick_ops: u64, full_ops: u64, host_disk: bool },
+    /// `sleeps`: the guest sleeps until the device interrupts (`halt=1`)
+    /// rather than polling on its vCPU, as an OS kernel idles.
+    Disk { rw: &'static str, block_size: u64, depth: u16, quick_ops: u64, full_ops: u64, host_disk: bool, sleeps: bool },
     /// The guest does nothing for a while: what the VMM and devices cost at rest.
     Idle { quick_ms: u64, full_ms: u64 },
 }
 
 const fn disk(name: &'static str, rw: &'static str, block_size: u64, depth: u16, quick: u64, full: u64) -> Workload {
-    Workload { name, kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: false } }
+    Workload {
+        name,
+        kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: false, sleeps: false },
+    }
 }
 
 const fn host_disk(
@@ -30,10 +35,32 @@ const fn host_disk(
     quick: u64,
     full: u64,
 ) -> Workload {
-    Workload { name, kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: true } }
+    Workload {
+        name,
+        kind: Kind::Disk { rw, block_size, depth, quick_ops: quick, full_ops: full, host_disk: true, sleeps: false },
+    }
 }
 
-pub const WORKLOADS: [Workload; 14] = [
+/// A host-disk workload whose guest sleeps between completions: the
+/// polling vCPU holds one of a small host's CPUs, which the disk's own
+/// completion work needs.
+const fn host_disk_sleeping(name: &'static str, depth: u16, quick: u64, full: u64) -> Workload {
+    let rw = "randread";
+    Workload {
+        name,
+        kind: Kind::Disk {
+            rw,
+            block_size: 4096,
+            depth,
+            quick_ops: quick,
+            full_ops: full,
+            host_disk: true,
+            sleeps: true,
+        },
+    }
+}
+
+pub const WORKLOADS: [Workload; 15] = [
     disk("4K randread QD1", "randread", 4096, 1, 300, 3000),
     disk("4K randread QD8", "randread", 4096, 8, 1000, 10000),
     disk("4K randread QD32", "randread", 4096, 32, 2000, 20000),
@@ -46,6 +73,7 @@ pub const WORKLOADS: [Workload; 14] = [
     Workload { name: "idle", kind: Kind::Idle { quick_ms: 100, full_ms: 1000 } },
     host_disk("host disk 4K randread QD1", "randread", 4096, 1, 300, 3000),
     host_disk("host disk 4K randread QD32", "randread", 4096, 32, 2000, 20000),
+    host_disk_sleeping("host disk 4K randread QD32, guest sleeps", 32, 2000, 20000),
     host_disk("host disk 128K seq read QD4", "read", 128 << 10, 4, 150, 1500),
     host_disk("host disk 128K seq write QD4", "write", 128 << 10, 4, 150, 1500),
 ];
@@ -65,9 +93,10 @@ impl Workload {
     /// The test guest's command line for this workload.
     pub fn cmdline(&self, quick: bool, tsc_hz: f64) -> String {
         match self.kind {
-            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, .. } => {
+            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, sleeps, .. } => {
                 let ops = if quick { quick_ops } else { full_ops };
-                format!("scenario=blk-bench rw={rw} bs={block_size} qd={depth} ops={ops}")
+                let sleeps = if sleeps { " halt=1" } else { "" };
+                format!("scenario=blk-bench rw={rw} bs={block_size} qd={depth} ops={ops}{sleeps}")
             }
             Kind::Idle { quick_ms, full_ms } => {
                 let ms = if quick { quick_ms } else { full_ms };
@@ -93,7 +122,7 @@ impl Workload {
     /// size, queue depth, I/Os). Only the host-disk group has one.
     pub fn fio_job(&self, quick: bool) -> Option<(&'static str, u64, u16, u64)> {
         match self.kind {
-            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, host_disk: true } => {
+            Kind::Disk { rw, block_size, depth, quick_ops, full_ops, host_disk: true, .. } => {
                 Some((rw, block_size, depth, if quick { quick_ops } else { full_ops }))
             }
             _ => None,

@@ -80,7 +80,7 @@ fn host_disk_table(results: &Results) -> String {
         MODES.join(" | "),
         "---:|".repeat(MODES.len())
     );
-    for workload in WORKLOADS.iter().filter(|w| w.on_host_disk()) {
+    for workload in WORKLOADS.iter().filter(|w| w.on_host_disk() && ran(results, w)) {
         let unit = if workload.reports_throughput() { "MiB/s" } else { "IOPS" };
         let v = |column| value(results, column, workload, 1);
         let modes: Vec<String> = MODES.iter().map(|m| figure(v(m))).collect();
@@ -419,7 +419,8 @@ pub fn markdown(results: &Results) -> String {
         "\n## Host CPU per request (1 vCPU)\n\n\
          User plus system CPU time of the VMM process and every device process, from start to exit, divided \
          by the guest's requests. The test guest polls for completions, so its vCPU is busy for the whole run \
-         and that time is in the total; in brackets, for skvm, the part outside the vCPU threads: what the \
+         and that time is in the total (except where a workload says the guest sleeps: it halts until the \
+         device interrupts); in brackets, for skvm, the part outside the vCPU threads: what the \
          I/O path itself costs the host.\n\n",
     );
     out.push_str(&cpu_table(results));

@@ -86,6 +86,9 @@ impl Blk {
         if features & crate::virtio::F_EVENT_IDX != 0 {
             queue.use_event_idx();
         }
+        if crate::interrupts::halt_wanted() && device.route_interrupts() {
+            queue.sleep_when_idle();
+        }
         device.setup_queue(0, &queue)?;
         let headers = arena.take(16 * SLOTS as u64 + SLOTS as u64).ok_or("out of memory")?;
         device.driver_ok();
@@ -193,6 +196,11 @@ impl Blk {
         } else {
             self.unwanted += 1;
         }
+    }
+
+    /// Whether waits sleep until an interrupt (`halt=1`) rather than poll.
+    pub fn sleeps(&self) -> bool {
+        self.queue.sleeps()
     }
 
     /// Waits for one completion: (slot, status byte, used length).

@@ -293,7 +293,8 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         };
         (kind, block * bs / SECTOR)
     };
-    println!("blk-bench: start rw={} bs={} qd={} ops={}", p.rw, bs, depth, p.ops);
+    let wait = if blk.sleeps() { "halt" } else { "poll" };
+    println!("blk-bench: start rw={} bs={} qd={} ops={} wait={}", p.rw, bs, depth, p.ops, wait);
     // Per-request latency, in log2 buckets of TSC ticks.
     let mut histogram = [0u64; 48];
     let mut submitted_at = [0u64; SLOTS as usize];

@@ -1,6 +1,7 @@
 /*
  * Ring-0 part of the skvm test guest: PVH entry, long mode, GDT/TSS/IDT,
- * then iretq to ring 3 with IOPL=3 and interrupts off.
+ * then iretq to ring 3 with IOPL=3 and interrupts off; and the #UD gate
+ * ring 3 uses to sleep until a device interrupts (`halt=1`).
  *
  * Everything here runs at CPL0, which PVM hosts emulate instruction by
  * instruction (and where popcnt, cmpxchg16b, xsave/xrstor, int3, clac/stac,
@@ -22,6 +23,12 @@
 .set ACPI_S5, 0x34               /* SLP_TYP=5, SLP_EN */
 .set I8042_CMD_PORT, 0x64
 .set I8042_RESET, 0xfe
+.set LAPIC_EOI, 0xfee000b0
+.set IRQ_STUB, ISR_BASE + 0x800  /* every vector from 32 up */
+.set UD_GATE, ISR_BASE + 0x840   /* #UD, and ring 3's way to sleep */
+.set TICK_STUB, ISR_BASE + 0x880 /* the local APIC timer's vector */
+.set TICK_VECTOR, 0x2f
+.set IDT_VECTORS, 0x90           /* up to the local APIC's spurious vector, 0x8f */
 
 /* ---------------------------------------------------------------- entry */
 .section .boot.text, "ax"
@@ -145,6 +152,47 @@ fault_err:  .asciz " error 0x"
 fault_rip:  .asciz " rip 0x"
 fault_end:  .asciz "\r\n"
 
+/* A device interrupt only wakes the halt below: acknowledge it at the
+ * local APIC and return. (The address does not fit a sign-extended imm32.) */
+    .org 0x800
+.globl irq_stub
+irq_stub:
+    pushq %rax
+    movl $LAPIC_EOI, %eax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+/* #UD: ring 3's way to sleep until an interrupt is a ud2 at halt_trap (PVM
+ * hosts refuse `int n` from ring 3, and syscall does not reach CPL0);
+ * any other #UD is a fault. Ring 3 runs with IF=0, so an interrupt that
+ * came after its last look at the rings is still pending here: sti's
+ * one-instruction shadow lets hlt start first, and that interrupt ends it
+ * at once. iretq returns past the ud2 and restores IF=0. */
+    .org 0x840
+.globl ud_gate
+ud_gate:
+    pushq %rax
+    movq $halt_trap, %rax
+    cmpq %rax, 8(%rsp)
+    popq %rax
+    jne 6f
+    addq $2, (%rsp)
+    sti
+    hlt
+    iretq
+6:  pushq $0
+    pushq $6
+    jmp isr_common
+
+/* The local APIC's watchdog tick: like irq_stub, and it tells ring 3 that
+ * this wake-up was the tick's, not a device's. */
+    .org 0x880
+.globl tick_stub
+tick_stub:
+    movl $1, tick_seen
+    jmp irq_stub
+
 /* --------------------------------------------------------------- tables */
 .section .boot.data, "aw"
 .globl tss
@@ -188,12 +236,21 @@ gdt_ptr:
 .globl idt
 idt:
 .set vec, 0
-.rept 32
-    .word (ISR_BASE + vec * 16) & 0xffff
+.rept IDT_VECTORS
+    .if vec == 6
+    .set target, UD_GATE
+    .elseif vec == TICK_VECTOR
+    .set target, TICK_STUB
+    .elseif vec < 32
+    .set target, ISR_BASE + vec * 16
+    .else
+    .set target, IRQ_STUB
+    .endif
+    .word target & 0xffff
     .word KERNEL_CS
     .byte 0
     .byte 0x8e                           /* present, DPL0, interrupt gate */
-    .word (ISR_BASE + vec * 16) >> 16
+    .word target >> 16
     .long 0
     .long 0
     .set vec, vec + 1
@@ -206,6 +263,10 @@ idt_ptr:
 
 .globl start_info_ptr
 start_info_ptr:
+    .long 0
+
+.globl tick_seen
+tick_seen:
     .long 0
 
 /* Identity map of the low 4 GiB with 2 MiB pages, user-accessible so that

@@ -14,6 +14,7 @@ mod acpi;
 mod blk;
 mod blk_scenarios;
 mod console;
+mod interrupts;
 mod mem;
 mod mem_scenarios;
 mod net;

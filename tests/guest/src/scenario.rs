@@ -79,6 +79,7 @@ fn report(info: &pvh::StartInfo) {
 pub fn run(info: &pvh::StartInfo) -> ! {
     let cmdline = info.cmdline();
     crate::virtio::configure(cmdline);
+    crate::interrupts::configure(cmdline);
     let status = param(cmdline, "exit").and_then(parse_u8).unwrap_or(0);
     let scenario = param(cmdline, "scenario").unwrap_or("hello");
     if scenario == "shutdown" {
@@ -172,6 +173,10 @@ pub fn run(info: &pvh::StartInfo) -> ! {
             platform::exit(0xd1);
         }
     }
+    if crate::interrupts::halt_wanted() {
+        let (sleeps, tick_wakes) = crate::interrupts::sleeps();
+        println!("sleeps: {} woken-by-tick: {}", sleeps, tick_wakes);
+    }
     println!("exit: {}", status);
     platform::exit(status)
 }
@@ -252,7 +257,7 @@ fn virtio_fuzz(cmdline: &str, seed: u64) {
         state
     };
     let mut devices = 0;
-    for base in crate::virtio::mmio_windows(cmdline) {
+    for (base, _) in crate::virtio::mmio_windows(cmdline) {
         devices += 1;
         for _ in 0..ROUNDS {
             let r = next();

@@ -56,7 +56,11 @@ const MAX_QUEUES: usize = 4;
 /// the windows a modern virtio-pci device's capabilities describe.
 #[derive(Clone, Copy)]
 enum Transport {
-    Mmio { base: u64 },
+    /// `irq`: the GSI the command line gives, if any.
+    Mmio {
+        base: u64,
+        irq: Option<u32>,
+    },
     Pci(VirtioWindows),
 }
 
@@ -72,16 +76,17 @@ pub struct Device {
 /// entries of the command line, then virtio-pci devices on PCI bus 0.
 pub fn devices(cmdline: &str) -> impl Iterator<Item = Device> + '_ {
     let pci = crate::pci::virtio_devices().map(|windows| Device::new(Transport::Pci(windows)));
-    mmio_windows(cmdline).map(|base| Device::new(Transport::Mmio { base })).chain(pci)
+    mmio_windows(cmdline).map(|(base, irq)| Device::new(Transport::Mmio { base, irq })).chain(pci)
 }
 
-/// The base addresses of the command line's virtio-mmio windows.
-pub fn mmio_windows(cmdline: &str) -> impl Iterator<Item = u64> + '_ {
+/// The base addresses and GSIs of the command line's virtio-mmio windows.
+pub fn mmio_windows(cmdline: &str) -> impl Iterator<Item = (u64, Option<u32>)> + '_ {
     cmdline.split_ascii_whitespace().filter_map(|word| {
         let spec = word.strip_prefix("virtio_mmio.device=")?;
         let (_, rest) = spec.split_once('@')?;
-        let base = rest.split(':').next()?.strip_prefix("0x")?;
-        u64::from_str_radix(base, 16).ok()
+        let mut parts = rest.split(':');
+        let base = u64::from_str_radix(parts.next()?.strip_prefix("0x")?, 16).ok()?;
+        Some((base, parts.next().and_then(|irq| irq.parse().ok())))
     })
 }
 
@@ -123,35 +128,35 @@ impl Device {
     /// The transport's name and where its registers start, for reports.
     pub fn transport(&self) -> (&'static str, u64) {
         match self.transport {
-            Transport::Mmio { base } => ("mmio", base),
+            Transport::Mmio { base, .. } => ("mmio", base),
             Transport::Pci(windows) => ("pci", windows.common),
         }
     }
 
     pub fn is_virtio(&self) -> bool {
         match self.transport {
-            Transport::Mmio { base } => mmio_read32(base) == MAGIC && mmio_read32(base + 0x004) == 2,
+            Transport::Mmio { base, .. } => mmio_read32(base) == MAGIC && mmio_read32(base + 0x004) == 2,
             Transport::Pci(_) => true,
         }
     }
 
     pub fn device_id(&self) -> u32 {
         match self.transport {
-            Transport::Mmio { base } => mmio_read32(base + MMIO_DEVICE_ID),
+            Transport::Mmio { base, .. } => mmio_read32(base + MMIO_DEVICE_ID),
             Transport::Pci(windows) => windows.device_id,
         }
     }
 
     pub fn status(&self) -> u32 {
         match self.transport {
-            Transport::Mmio { base } => mmio_read32(base + MMIO_STATUS),
+            Transport::Mmio { base, .. } => mmio_read32(base + MMIO_STATUS),
             Transport::Pci(w) => mmio_read8(w.common + PCI_DEVICE_STATUS) as u32,
         }
     }
 
     pub fn set_status(&self, status: u32) {
         match self.transport {
-            Transport::Mmio { base } => mmio_write32(base + MMIO_STATUS, status),
+            Transport::Mmio { base, .. } => mmio_write32(base + MMIO_STATUS, status),
             Transport::Pci(w) => mmio_write8(w.common + PCI_DEVICE_STATUS, status as u8),
         }
     }
@@ -159,7 +164,7 @@ impl Device {
     /// Word `select` (0: features 0-31, 1: 32-63) of what the device offers.
     fn device_features_word(&self, select: u32) -> u32 {
         match self.transport {
-            Transport::Mmio { base } => {
+            Transport::Mmio { base, .. } => {
                 mmio_write32(base + MMIO_DEVICE_FEATURES_SEL, select);
                 mmio_read32(base + MMIO_DEVICE_FEATURES)
             }
@@ -178,7 +183,7 @@ impl Device {
     pub fn set_driver_features(&self, features: u64) {
         for (select, word) in [(0u32, features as u32), (1, (features >> 32) as u32)] {
             match self.transport {
-                Transport::Mmio { base } => {
+                Transport::Mmio { base, .. } => {
                     mmio_write32(base + MMIO_DRIVER_FEATURES_SEL, select);
                     mmio_write32(base + MMIO_DRIVER_FEATURES, word);
                 }
@@ -211,7 +216,7 @@ impl Device {
     /// Gives queue `index` its size and ring addresses, and enables it.
     pub fn activate_queue(&mut self, index: u32, size: u16, rings: [u64; 3]) -> Result<(), &'static str> {
         match self.transport {
-            Transport::Mmio { base } => {
+            Transport::Mmio { base, .. } => {
                 mmio_write32(base + MMIO_QUEUE_SEL, index);
                 if (mmio_read32(base + MMIO_QUEUE_NUM_MAX) as u16) < size {
                     return Err("queue too small");
@@ -243,6 +248,16 @@ impl Device {
         Ok(())
     }
 
+    /// Routes the device's interrupt line to this CPU, for drivers that
+    /// sleep between completions (`halt=1`). Only virtio-mmio devices
+    /// whose line the command line names: false for the others.
+    pub fn route_interrupts(&self) -> bool {
+        match self.transport {
+            Transport::Mmio { irq: Some(gsi), .. } => crate::interrupts::route(gsi),
+            _ => false,
+        }
+    }
+
     pub fn driver_ok(&self) {
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     }
@@ -250,7 +265,7 @@ impl Device {
     pub fn notify(&self, queue: u32) {
         fence(Ordering::SeqCst);
         match self.transport {
-            Transport::Mmio { base } => mmio_write32(base + MMIO_QUEUE_NOTIFY, queue),
+            Transport::Mmio { base, .. } => mmio_write32(base + MMIO_QUEUE_NOTIFY, queue),
             Transport::Pci(_) => {
                 if let Some(&at) = self.notify_at.get(queue as usize).filter(|&&at| at != 0) {
                     mmio_write16(at, queue as u16);
@@ -262,7 +277,7 @@ impl Device {
     /// 32 bits of the device-specific configuration at `offset`.
     pub fn config_read32(&self, offset: u64) -> u32 {
         match self.transport {
-            Transport::Mmio { base } => mmio_read32(base + MMIO_CONFIG + offset),
+            Transport::Mmio { base, .. } => mmio_read32(base + MMIO_CONFIG + offset),
             Transport::Pci(w) if w.device != 0 => mmio_read32(w.device + offset),
             Transport::Pci(_) => 0,
         }
@@ -301,6 +316,8 @@ pub struct Queue {
     notify_checked: u16,
     /// Ask for an interrupt after each completion (`interrupts=1`).
     interrupts: bool,
+    /// Sleep until an interrupt when nothing completed ([`Queue::sleep_when_idle`]).
+    sleeps: bool,
 }
 
 impl Queue {
@@ -319,7 +336,18 @@ impl Queue {
             // SAFETY: the avail ring's flags, in RAM we own.
             unsafe { write_volatile(avail as *mut u16, AVAIL_F_NO_INTERRUPT) };
         }
-        Queue { size, desc, avail, used, avail_idx: 0, used_seen: 0, event_idx: false, notify_checked: 0, interrupts }
+        Queue {
+            size,
+            desc,
+            avail,
+            used,
+            avail_idx: 0,
+            used_seen: 0,
+            event_idx: false,
+            notify_checked: 0,
+            interrupts,
+            sleeps: false,
+        }
     }
 
     /// Bytes the queue occupies from its base.
@@ -355,6 +383,25 @@ impl Queue {
         self.event_idx = true;
     }
 
+    /// Waits by sleeping until the device interrupts, not by polling (the
+    /// device's line must be routed: [`Device::route_interrupts`]).
+    pub fn sleep_when_idle(&mut self) {
+        self.sleeps = true;
+        // SAFETY: the avail ring's flags, in RAM we own.
+        unsafe { write_volatile(self.avail as *mut u16, 0) };
+    }
+
+    /// Asks for an interrupt at the next completion, as Linux's
+    /// virtio-blk driver does when it re-enables its callback.
+    fn ask_for_interrupt(&self) {
+        if self.event_idx {
+            // SAFETY: the used event, after the avail ring, in RAM we own.
+            unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, self.used_seen) };
+        }
+        // The wish must be visible before we look at the used index again.
+        fence(Ordering::SeqCst);
+    }
+
     /// Whether the device wants to hear of the requests made available
     /// since we last asked (virtio 1.x, 2.7.10; as Linux's driver does):
     /// with EVENT_IDX, once the avail index passed the device's avail
@@ -374,6 +421,11 @@ impl Queue {
     }
 
     /// The next completion (head, length), if the device has published one.
+    /// Whether waits sleep ([`Queue::sleep_when_idle`]) rather than poll.
+    pub fn sleeps(&self) -> bool {
+        self.sleeps
+    }
+
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: inside the used ring we own.
         let idx = unsafe { read_volatile((self.used + 2) as *const u16) };
@@ -406,6 +458,22 @@ impl Queue {
         loop {
             if let Some(done) = self.pop_used() {
                 return Some(done);
+            }
+            if self.sleeps {
+                self.ask_for_interrupt();
+                if let Some(done) = self.pop_used() {
+                    return Some(done);
+                }
+                // The local APIC's tick ends this within about 10 ms.
+                crate::interrupts::halt();
+                if let Some(done) = self.pop_used() {
+                    return Some(done);
+                }
+                // Woken with nothing done: the tick, or a device in trouble.
+                if device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > patience {
+                    return None;
+                }
+                continue;
             }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(65536) && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > patience)
