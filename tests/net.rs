@@ -200,7 +200,7 @@ fn a_guest_streaming_to_the_host_seldom_notifies_in_every_memory_mode() {
         let received = ns
             .within(|| {
                 let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
-                common::force_receive_buffer(&socket, 64 << 20);
+                common::force_receive_buffer(&socket, 64 << 20).expect("SO_RCVBUFFORCE");
                 socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 socket.connect((GUEST, 10)).unwrap();
                 let mut request = DATAGRAMS.to_le_bytes().to_vec();

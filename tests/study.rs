@@ -188,7 +188,13 @@ fn bench_refuses_a_missing_results_file_and_an_unknown_peer() {
 /// a change to the report's format cannot leave one stale.
 #[test]
 fn the_published_reports_render_from_their_results_files() {
-    for study in ["study-2026-11-30", "study-2026-12-01", "study-2026-12-01-staging", "study-2026-12-01-event-idx"] {
+    for study in [
+        "study-2026-11-30",
+        "study-2026-12-01",
+        "study-2026-12-01-staging",
+        "study-2026-12-01-event-idx",
+        "study-2026-12-01-halt",
+    ] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(study);
         let again = temp_path(&format!("published-render-{study}"));
         let results = dir.join("results.json");

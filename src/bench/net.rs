@@ -136,17 +136,10 @@ fn start(ns: &Netns, system: &System, guest: &Path, scratch: &Path) -> Result<Ru
 }
 
 fn socket() -> Result<UdpSocket, String> {
-    use std::os::fd::AsRawFd;
     let socket = UdpSocket::bind("10.0.0.1:0").map_err(|e| format!("cannot bind 10.0.0.1: {e}"))?;
     socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     // Room for a whole blast, so the host's socket does not drop what the guest sent.
-    let size: libc::c_int = 32 << 20;
-    // SAFETY: setsockopt with an int of the size we pass (root may exceed rmem_max).
-    unsafe {
-        let at = &size as *const libc::c_int as *const libc::c_void;
-        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, at, len);
-    }
+    super::netns::force_receive_buffer(&socket, 32 << 20).map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
     Ok(socket)
 }
 

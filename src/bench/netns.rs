@@ -4,6 +4,22 @@
 //! this file by path and do the same.
 use std::process::Command;
 
+/// Gives `socket` a receive buffer of `bytes` (root may exceed rmem_max),
+/// so that a stream is not dropped while it is read.
+pub fn force_receive_buffer(socket: &std::net::UdpSocket, bytes: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: setsockopt with an int of the size we pass.
+    let done = unsafe {
+        let at = &bytes as *const i32 as *const libc::c_void;
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, at, len)
+    };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 pub struct Netns(pub String);
 
 impl Netns {

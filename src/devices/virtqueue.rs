@@ -159,9 +159,9 @@ pub struct SplitQueue {
 }
 
 /// In the used ring's flags: the driver need not notify (virtio 1.x, 2.7.10).
-const USED_F_NO_NOTIFY: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
 /// In the avail ring's flags: the device need not interrupt (virtio 1.x, 2.7.6).
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const AVAIL_F_NO_INTERRUPT: u16 = virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// Whether the used index moving from `old` to `new` passed `event`
 /// (virtio 1.x, 2.7.7.2; the same test as Linux's `vring_need_event`).

@@ -403,21 +403,8 @@ pub fn threads_report(pid: u32) -> String {
 /// A network namespace with a tap, shared with `skvm bench --net`.
 #[path = "../../src/bench/netns.rs"]
 mod netns;
-#[allow(unused_imports)] // only the net tests use it
-pub use netns::Netns;
-
-/// Gives `socket` a receive buffer of `bytes` (root may exceed rmem_max),
-/// so that a stream is not dropped while the test reads it.
-pub fn force_receive_buffer(socket: &std::net::UdpSocket, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    let len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: setsockopt with an int of the size we pass.
-    let done = unsafe {
-        let at = &bytes as *const i32 as *const libc::c_void;
-        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, at, len)
-    };
-    assert_eq!(done, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
-}
+#[allow(unused_imports)] // only the net tests use them
+pub use netns::{force_receive_buffer, Netns};
 
 /// Bytes the test guest's `blk-pattern` writes at the start of each disk.
 pub const PATTERN_BYTES: u64 = 1 << 20;

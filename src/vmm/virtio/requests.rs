@@ -568,7 +568,7 @@ impl Engine {
 /// does not read the avail ring's VIRTQ_AVAIL_F_NO_INTERRUPT, we do
 /// (virtio 1.x, 2.7.7.2: a driver that polls says it wants none).
 fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
-    const AVAIL_F_NO_INTERRUPT: u16 = 1;
+    use crate::devices::virtqueue::AVAIL_F_NO_INTERRUPT;
     // After the fence in needs_notification, which orders the used index before this load.
     let wanted = queue.needs_notification(mem)?;
     if !wanted || queue.event_idx_enabled() {

@@ -30,10 +30,11 @@ const LAPIC_TIMER_DIVIDE: u64 = LAPIC + 0x3e0;
 const TIMER_PERIODIC: u32 = 1 << 17;
 /// boot.S's TICK_VECTOR.
 const TIMER_VECTOR: u32 = 0x2f;
-/// A periodic tick of about 10 ms (bus clock ticks, divided by 1; KVM's
+/// A periodic tick of about a second (bus clock ticks, divided by 1; KVM's
 /// APIC bus runs at 1 GHz), so that a sleeping driver still notices a
-/// device that stopped answering.
-const TIMER_TICKS: u32 = 10_000_000;
+/// device that stopped answering. Rare, so that even on a slow nested host
+/// a device's wake-ups far outnumber the tick's.
+const TIMER_TICKS: u32 = 1_000_000_000;
 const DIVIDE_BY_1: u32 = 0xb;
 
 static HALT: AtomicBool = AtomicBool::new(false);

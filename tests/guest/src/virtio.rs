@@ -464,7 +464,7 @@ impl Queue {
                 if let Some(done) = self.pop_used() {
                     return Some(done);
                 }
-                // The local APIC's tick ends this within about 10 ms.
+                // The local APIC's tick ends this within about a second.
                 crate::interrupts::halt();
                 if let Some(done) = self.pop_used() {
                     return Some(done);
