@@ -248,7 +248,9 @@ impl LiveVm {
     pub fn try_api(&self, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value), String> {
         use std::io::Write;
         let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        // Long enough for the nested tier, where a device restart that holds
+        // the device's state took over 30 s under load (a hang still fails).
+        stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
         let request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
         let mut reply = String::new();
