@@ -41,25 +41,6 @@ const fn host_disk(
     }
 }
 
-/// A host-disk workload whose guest sleeps between completions: the
-/// polling vCPU holds one of a small host's CPUs, which the disk's own
-/// completion work needs.
-const fn host_disk_sleeping(name: &'static str, depth: u16, quick: u64, full: u64) -> Workload {
-    let rw = "randread";
-    Workload {
-        name,
-        kind: Kind::Disk {
-            rw,
-            block_size: 4096,
-            depth,
-            quick_ops: quick,
-            full_ops: full,
-            host_disk: true,
-            sleeps: true,
-        },
-    }
-}
-
 pub const WORKLOADS: [Workload; 15] = [
     disk("4K randread QD1", "randread", 4096, 1, 300, 3000),
     disk("4K randread QD8", "randread", 4096, 8, 1000, 10000),
@@ -73,7 +54,7 @@ pub const WORKLOADS: [Workload; 15] = [
     Workload { name: "idle", kind: Kind::Idle { quick_ms: 100, full_ms: 1000 } },
     host_disk("host disk 4K randread QD1", "randread", 4096, 1, 300, 3000),
     host_disk("host disk 4K randread QD32", "randread", 4096, 32, 2000, 20000),
-    host_disk_sleeping("host disk 4K randread QD32, guest sleeps", 32, 2000, 20000),
+    host_disk("host disk 4K randread QD32, guest sleeps", "randread", 4096, 32, 2000, 20000).sleeping(),
     host_disk("host disk 128K seq read QD4", "read", 128 << 10, 4, 150, 1500),
     host_disk("host disk 128K seq write QD4", "write", 128 << 10, 4, 150, 1500),
 ];
@@ -90,6 +71,16 @@ pub fn repeats(quick: bool) -> usize {
 }
 
 impl Workload {
+    /// The same disk workload with a guest that sleeps between completions:
+    /// a polling vCPU holds one of a small host's CPUs, which the disk's own
+    /// completion work needs.
+    const fn sleeping(mut self) -> Workload {
+        if let Kind::Disk { sleeps, .. } = &mut self.kind {
+            *sleeps = true;
+        }
+        self
+    }
+
     /// The test guest's command line for this workload.
     pub fn cmdline(&self, quick: bool, tsc_hz: f64) -> String {
         match self.kind {

@@ -395,8 +395,7 @@ impl Queue {
     /// virtio-blk driver does when it re-enables its callback.
     fn ask_for_interrupt(&self) {
         if self.event_idx {
-            // SAFETY: the used event, after the avail ring, in RAM we own.
-            unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, self.used_seen) };
+            self.set_used_event(self.used_seen);
         }
         // The wish must be visible before we look at the used index again.
         fence(Ordering::SeqCst);
@@ -420,12 +419,18 @@ impl Queue {
         unsafe { read_volatile(self.used as *const u16) & USED_F_NO_NOTIFY == 0 }
     }
 
-    /// The next completion (head, length), if the device has published one.
     /// Whether waits sleep ([`Queue::sleep_when_idle`]) rather than poll.
     pub fn sleeps(&self) -> bool {
         self.sleeps
     }
 
+    /// With EVENT_IDX: the device interrupts once its used index passes `idx`.
+    fn set_used_event(&self, idx: u16) {
+        // SAFETY: the used event, after the avail ring, in RAM we own.
+        unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, idx) };
+    }
+
+    /// The next completion (head, length), if the device has published one.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: inside the used ring we own.
         let idx = unsafe { read_volatile((self.used + 2) as *const u16) };
@@ -440,8 +445,7 @@ impl Queue {
         self.used_seen = self.used_seen.wrapping_add(1);
         if self.interrupts && self.event_idx {
             // The next completion interrupts.
-            // SAFETY: the used event, after the avail ring, in RAM we own.
-            unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, self.used_seen) };
+            self.set_used_event(self.used_seen);
         }
         Some((head as u16, len))
     }
