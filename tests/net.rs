@@ -406,8 +406,9 @@ fn a_killed_rpc_net_device_is_replaced_and_the_guest_keeps_its_network() {
 }
 
 /// `skvm bench --net --quick` measures every memory mode in namespaces of
-/// its own: each row has a round trip and traffic both ways, and the
-/// report compares each mode with `shared`.
+/// its own, in rounds: each row has a round trip and traffic both ways in
+/// every round, and the report gives the spread and compares each mode
+/// with `shared` round by round.
 #[test]
 fn bench_net_measures_every_memory_mode() {
     if let Some(why) = Netns::unavailable() {
@@ -436,10 +437,20 @@ fn bench_net_measures_every_memory_mode() {
         ] {
             assert!(row[figure].as_f64().unwrap() > 0.0, "{figure}: {row}");
         }
+        let rounds = row["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 2, "the quick preset's two rounds: {row}");
+        assert_eq!(row["runs"], 2, "{row}");
+        for round in rounds {
+            let figures: Vec<f64> = round.as_array().unwrap().iter().map(|f| f.as_f64().unwrap()).collect();
+            assert!(figures.len() == 6 && figures.iter().all(|&f| f > 0.0), "{row}");
+        }
     }
     let report = std::fs::read_to_string(out.join("net.md")).unwrap();
     assert!(report.contains("## Each mode against `shared`"), "{report}");
     assert!(report.contains("| rpc | "), "{report}");
+    assert!(report.contains("## Spread across the rounds"), "{report}");
+    // Each mode against `shared`, with the rounds it did better in.
+    assert!(report.lines().any(|l| l.starts_with("| inprocess | ") && l.contains("/2)")), "{report}");
     // Nothing is left behind: every namespace the run made is gone.
     let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let namespaces = String::from_utf8_lossy(&namespaces.stdout);

@@ -49,7 +49,9 @@ pub struct BenchArgs {
     /// --no-qemu) and the Firecracker and Cloud Hypervisor given with --peer. Each
     /// system gets its own network namespace and tap; the test guest answers UDP
     /// round trips and takes and sends 64-byte and 1,472-byte datagrams (frames per
-    /// second, MiB/s). Writes net.md and net.json. Needs root and iproute2.
+    /// second, MiB/s). In 9 rounds (2 with --quick), the systems taking turns, so a
+    /// slow spell of the host falls on all of them; medians, spread, and the rounds
+    /// each system did better in. Writes net.md and net.json. Needs root and iproute2.
     #[arg(long, conflicts_with_all = ["linux", "render"])]
     pub net: bool,
     /// The Linux kit for --linux (scripts/linux-kit.sh builds it).

@@ -30,14 +30,16 @@ const CMDLINE: &str = "scenario=net-bench pings=1";
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 
 struct Preset {
-    repeats: usize,
+    /// Every system is booted and measured once per round, the systems
+    /// taking turns, so a slow spell of the host falls on all of them.
+    rounds: usize,
     /// A multiple of 64, so the last datagram is acknowledged.
     datagrams: u32,
     echoes: usize,
 }
 
-const FULL: Preset = Preset { repeats: 5, datagrams: 20_480, echoes: 2_000 };
-const QUICK: Preset = Preset { repeats: 1, datagrams: 4_096, echoes: 500 };
+const FULL: Preset = Preset { rounds: 9, datagrams: 20_480, echoes: 2_000 };
+const QUICK: Preset = Preset { rounds: 2, datagrams: 4_096, echoes: 500 };
 
 /// Who runs the guest: skvm in one of its modes, or a peer VMM.
 enum System {
@@ -223,7 +225,7 @@ fn from_guest(size: usize, datagrams: u32) -> Result<f64, String> {
     Ok((received - 1) as f64 / (last - first).as_secs_f64())
 }
 
-/// One system's figures: medians over the runs.
+/// One system's figures: medians over the rounds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NetRow {
     pub system: String,
@@ -234,8 +236,30 @@ pub struct NetRow {
     pub host_to_guest_1472b_mibs: f64,
     pub guest_to_host_64b_fps: f64,
     pub guest_to_host_1472b_mibs: f64,
+    /// Each round's figures, in the order above (RTT p50 and p99, then the
+    /// four throughputs): round i of every system ran in the same turn.
+    #[serde(default)]
+    pub rounds: Vec<[f64; 6]>,
     /// Why the system did not run, when it did not.
     pub error: Option<String>,
+}
+
+impl NetRow {
+    fn from_rounds(system: String, rounds: Vec<[f64; 6]>) -> NetRow {
+        let pick = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
+        NetRow {
+            system,
+            runs: rounds.len(),
+            rtt_p50_us: pick(0),
+            rtt_p99_us: pick(1),
+            host_to_guest_64b_fps: pick(2),
+            host_to_guest_1472b_mibs: pick(3),
+            guest_to_host_64b_fps: pick(4),
+            guest_to_host_1472b_mibs: pick(5),
+            rounds,
+            error: None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -265,43 +289,66 @@ fn measure(ns: &Netns, preset: &Preset) -> Result<[f64; 6], String> {
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
-/// Boots `system` once and measures it `repeats` times.
-fn bench_system(system: &System, preset: &Preset, guest: &Path, scratch: &Path) -> Result<NetRow, String> {
-    let ns = Netns::create(&format!("bench-{}", system.name()))?;
-    let running = start(&ns, system, guest, scratch)?;
-    let mut runs = Vec::new();
-    for run in 0..preset.repeats {
-        let figures = measure(&ns, preset)?;
-        eprintln!(
-            "skvm bench --net: {} run {}/{}: RTT p50 {:.0} µs, host->guest {:.0} fps / {:.1} MiB/s, \
-             guest->host {:.0} fps / {:.1} MiB/s",
-            system.name(),
-            run + 1,
-            preset.repeats,
-            figures[0],
-            figures[2],
-            figures[3],
-            figures[4],
-            figures[5]
-        );
-        runs.push(figures);
+/// One system through the rounds: its namespace, and what it measured.
+struct Contender {
+    system: System,
+    ns: Netns,
+    rounds: Vec<[f64; 6]>,
+    error: Option<String>,
+}
+
+impl Contender {
+    /// Boots the guest, measures once and shuts it down.
+    fn run_round(&mut self, preset: &Preset, guest: &Path, scratch: &Path) -> Result<[f64; 6], String> {
+        let running = start(&self.ns, &self.system, guest, scratch)?;
+        let figures = measure(&self.ns, preset)?;
+        drop(running);
+        self.rounds.push(figures);
+        Ok(figures)
     }
-    drop(running);
-    let pick = |i: usize| median(runs.iter().map(|r| r[i]).collect());
-    Ok(NetRow {
-        system: system.name(),
-        runs: runs.len(),
-        rtt_p50_us: pick(0),
-        rtt_p99_us: pick(1),
-        host_to_guest_64b_fps: pick(2),
-        host_to_guest_1472b_mibs: pick(3),
-        guest_to_host_64b_fps: pick(4),
-        guest_to_host_1472b_mibs: pick(5),
-        error: None,
-    })
+
+    fn into_row(self) -> NetRow {
+        match self.error {
+            Some(why) => NetRow { system: self.system.name(), error: Some(why), ..NetRow::default() },
+            None => NetRow::from_rounds(self.system.name(), self.rounds),
+        }
+    }
+}
+
+/// Runs the rounds: in each, every system that has not failed boots and
+/// measures once, starting one further along each time so that no system
+/// always follows the same one.
+fn run_rounds(contenders: &mut [Contender], preset: &Preset, guest: &Path, scratch: &Path) {
+    let count = contenders.len();
+    for round in 0..preset.rounds {
+        for turn in 0..count {
+            let contender = &mut contenders[(round + turn) % count];
+            if contender.error.is_some() {
+                continue;
+            }
+            let name = contender.system.name();
+            match contender.run_round(preset, guest, scratch) {
+                Ok(f) => eprintln!(
+                    "skvm bench --net: round {}/{}, {name}: RTT p50 {:.0} µs, host->guest {:.0} fps / {:.1} MiB/s, \
+                     guest->host {:.0} fps / {:.1} MiB/s",
+                    round + 1,
+                    preset.rounds,
+                    f[0],
+                    f[2],
+                    f[3],
+                    f[4],
+                    f[5]
+                ),
+                Err(why) => {
+                    eprintln!("skvm bench --net: {name} failed in round {}: {why}", round + 1);
+                    contender.error = Some(format!("round {}: {why}", round + 1));
+                }
+            }
+        }
+    }
 }
 
 /// skvm's modes, then QEMU (unless `--no-qemu`) and the peers given.
@@ -347,14 +394,21 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     std::fs::write(&guest, crate::test_guest::IMAGE).map_err(|e| format!("cannot write the test guest: {e}"))?;
     let started_utc = super::runner::today();
     let (systems, mut rows) = systems(args, &scratch);
-    for (i, system) in systems.iter().enumerate() {
-        eprintln!("skvm bench --net: {} ({} of {})", system.name(), i + 1, systems.len());
-        let row = bench_system(system, preset, &guest, &scratch).unwrap_or_else(|why| {
-            eprintln!("skvm bench --net: {} failed: {why}", system.name());
-            NetRow { system: system.name(), error: Some(why), ..NetRow::default() }
-        });
-        rows.push(row);
+    let mut contenders = Vec::new();
+    for system in systems {
+        match Netns::create(&format!("bench-{}", system.name())) {
+            Ok(ns) => contenders.push(Contender { system, ns, rounds: Vec::new(), error: None }),
+            Err(why) => rows.push(NetRow { system: system.name(), error: Some(why), ..NetRow::default() }),
+        }
     }
+    eprintln!(
+        "skvm bench --net: {} rounds of {} systems ({})",
+        preset.rounds,
+        contenders.len(),
+        contenders.iter().map(|c| c.system.name()).collect::<Vec<_>>().join(", ")
+    );
+    run_rounds(&mut contenders, preset, &guest, &scratch);
+    rows.extend(contenders.into_iter().map(Contender::into_row));
     let _ = std::fs::remove_dir_all(&scratch);
     let results = NetResults {
         machine: machine::describe(),
@@ -390,20 +444,58 @@ fn pct(a: f64, b: f64) -> String {
     }
 }
 
-/// net.md: the figures, each mode against `shared`, and `shared` and
-/// `inprocess` against each peer.
+/// The figures' columns in a round's array, in the tables' order, and
+/// whether lower is better.
+const COLUMNS: [(usize, bool); 5] = [(0, true), (3, false), (5, false), (2, false), (4, false)];
+
+/// `row` against `base` on one figure: the ratio of the medians, and in how
+/// many rounds `row` did better (each round's figures were taken in the
+/// same turn, so the pairs share the host's mood).
+fn against(row: &NetRow, base: &NetRow, (column, lower_is_better): (usize, bool)) -> String {
+    let median = |r: &NetRow| {
+        [
+            r.rtt_p50_us,
+            r.rtt_p99_us,
+            r.host_to_guest_64b_fps,
+            r.host_to_guest_1472b_mibs,
+            r.guest_to_host_64b_fps,
+            r.guest_to_host_1472b_mibs,
+        ][column]
+    };
+    let ratio = pct(median(row), median(base));
+    let pairs: Vec<(f64, f64)> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| (r[column], b[column])).collect();
+    if pairs.is_empty() || std::ptr::eq(row, base) {
+        return ratio;
+    }
+    let better = pairs.iter().filter(|(r, b)| if lower_is_better { r < b } else { r > b }).count();
+    format!("{ratio} ({better}/{})", pairs.len())
+}
+
+/// Lowest-highest across the rounds of one column, with `decimals`.
+fn spread(row: &NetRow, column: usize, decimals: usize) -> String {
+    let values = row.rounds.iter().map(|r| r[column]);
+    let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
+    match row.rounds.is_empty() {
+        true => "-".into(),
+        false => format!("{low:.decimals$}-{high:.decimals$}"),
+    }
+}
+
+/// net.md: the figures, their spread, each mode against `shared`, and
+/// `shared` and `inprocess` against each peer.
 fn markdown(results: &NetResults, preset: &Preset) -> String {
     let m = &results.machine;
     let mut out = format!(
-        "# virtio-net across memory modes and peers\n\nRun {} with the {} preset ({} run{} per system, \
-         medians; {} datagrams per throughput figure, {} echoes for the round trip). Machine: {}, {} CPUs, \
-         {} GiB, Linux {}, KVM: {}.\n\nThe test guest (`net-bench`, 1 vCPU, 256 MiB) on a tap in its own \
-         network namespace; UDP from the host at 10.0.0.1 to the guest at 10.0.0.2. Host->guest counts \
-         datagrams the guest acknowledged; guest->host counts datagrams a host socket received.\n\n",
+        "# virtio-net across memory modes and peers\n\nRun {} with the {} preset: {} round{}, each booting \
+         every system once and measuring it once, the systems taking turns; medians over the rounds. {} \
+         datagrams per throughput figure, {} echoes for the round trip. Machine: {}, {} CPUs, {} GiB, \
+         Linux {}, KVM: {}.\n\nThe test guest (`net-bench`, 1 vCPU, 256 MiB) on a tap in its own network \
+         namespace; UDP from the host at 10.0.0.1 to the guest at 10.0.0.2. Host->guest counts datagrams \
+         the guest acknowledged; guest->host counts datagrams a host socket received.\n\n",
         results.started_utc,
         results.preset,
-        preset.repeats,
-        if preset.repeats == 1 { "" } else { "s" },
+        preset.rounds,
+        if preset.rounds == 1 { "" } else { "s" },
         preset.datagrams,
         preset.echoes,
         m.cpu_model,
@@ -436,24 +528,34 @@ fn markdown(results: &NetResults, preset: &Preset) -> String {
             }
         }
     }
+    out.push_str(
+        "\n## Spread across the rounds (lowest-highest)\n\n| system | RTT p50 µs | host->guest 64 B fps | \
+         host->guest 1472 B MiB/s | guest->host 64 B fps | guest->host 1472 B MiB/s |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for row in results.rows.iter().filter(|r| r.error.is_none()) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.system,
+            spread(row, 0, 0),
+            spread(row, 2, 0),
+            spread(row, 3, 1),
+            spread(row, 4, 0),
+            spread(row, 5, 1)
+        );
+    }
     let ran = |name: &str| results.rows.iter().find(|r| r.system == name && r.error.is_none());
     let comparison = |out: &mut String, title: &str, base: &NetRow, others: &[&NetRow]| {
         let _ = write!(
             out,
-            "\n{title}\n\n| system | RTT p50 (lower is better) | host->guest 1472 B | guest->host 1472 B | \
+            "\n{title}\n\nThe ratio of the medians, and (in brackets) the rounds in which the system did \
+             better.\n\n| system | RTT p50 (lower is better) | host->guest 1472 B | guest->host 1472 B | \
              host->guest 64 B | guest->host 64 B |\n|---|---:|---:|---:|---:|---:|\n"
         );
         for row in others {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                row.system,
-                pct(row.rtt_p50_us, base.rtt_p50_us),
-                pct(row.host_to_guest_1472b_mibs, base.host_to_guest_1472b_mibs),
-                pct(row.guest_to_host_1472b_mibs, base.guest_to_host_1472b_mibs),
-                pct(row.host_to_guest_64b_fps, base.host_to_guest_64b_fps),
-                pct(row.guest_to_host_64b_fps, base.guest_to_host_64b_fps)
-            );
+            let cells: Vec<String> = COLUMNS.iter().map(|&column| against(row, base, column)).collect();
+            let _ = writeln!(out, "| {} | {} |", row.system, cells.join(" | "));
         }
     };
     if let Some(shared) = ran("shared") {
