@@ -63,9 +63,10 @@ fn print_info(info: &Value) {
     }
     for d in devices {
         let pid = d["pid"].as_u64().map_or("in skvm".to_string(), |p| format!("pid {p}"));
-        let health = match d["failure"].as_str() {
-            Some(why) => format!("FAILED: {why}"),
-            None => "healthy".into(),
+        let health = match (d["failure"].as_str(), d["driver_ok"].as_bool()) {
+            (Some(why), _) => format!("FAILED: {why}"),
+            (None, Some(false)) => "healthy, not started by the driver yet".into(),
+            (None, _) => "healthy".into(),
         };
         let requests = match d["counters"]["requests"].as_u64() {
             Some(n) => format!(", {n} requests ({} errors)", d["counters"]["errors"]),

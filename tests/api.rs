@@ -297,7 +297,7 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
 
 #[test]
 fn a_pause_that_times_out_leaves_the_vm_running() {
-    // A device that takes 6 s to activate keeps the driver's vCPU inside its
+    // A device that takes 8 s to activate keeps the driver's vCPU inside its
     // MMIO write, so a pause cannot park it within its 2 s: the API says 409,
     // and a refused pause must change nothing (the guest then runs on).
     let socket = temp_path("api-pause-timeout.sock");
@@ -344,8 +344,16 @@ fn a_pause_that_times_out_leaves_the_vm_running() {
     }
     let refused = refused.expect("no pause was refused while the device activated");
     assert!(refused.contains("stopped in time"), "{refused}");
+    // The API answers while the vCPU still holds the device's transport, and
+    // says the driver has not brought the device up yet: it does not wait
+    // for the activation (a reply after it would say driver_ok).
     let info = run(&["ctl", "--api-socket", &socket_arg, "--json", "info"]);
-    assert!(info.stdout.contains("\"state\":\"running\""), "{}", info.stdout);
+    let json: serde_json::Value = serde_json::from_str(info.stdout.trim()).unwrap();
+    assert_eq!(json["state"], "running", "{json}");
+    assert_eq!(json["devices"][0]["driver_ok"], false, "{json}");
+    assert_eq!(json["devices"][0]["healthy"], true, "{json}");
+    let summary = run(&["ctl", "--api-socket", &socket_arg, "info"]);
+    assert!(summary.stdout.contains("not started by the driver yet"), "{}", summary.stdout);
     // The guest finishes its disk work once the activation ends.
     let out = wait_with_deadline(vm.0.take().unwrap(), Duration::from_secs(60));
     assert_eq!(out.code(), Some(0), "stdout {} stderr {}", out.stdout, out.stderr);

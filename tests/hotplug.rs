@@ -153,6 +153,7 @@ fn churn(mode: &str, cycles: u64) {
             let (_, info) = vm.api("GET", "/vm", "");
             let blk = &info["devices"][0];
             assert_eq!(blk["healthy"], true, "{info}");
+            assert_eq!(blk["driver_ok"], true, "{info}");
             assert!(blk["counters"]["requests"].as_u64().unwrap() > 0, "{info}");
             assert_eq!(blk["counters"]["errors"], 0, "{info}");
             if mode.starts_with("rpc") {

@@ -82,7 +82,7 @@ pub enum Misbehaviour {
     /// virtio-mem, request level: replay the guest's first plug and unplug
     /// thousands of times with 2 ms deadlines.
     HotplugFlood,
-    /// Take 6 s to answer `activate`, keeping the driver's vCPU in its MMIO write.
+    /// Take 8 s to answer `activate`, keeping the driver's vCPU in its MMIO write.
     SlowActivation,
     /// `rpc-dma`: from its start, keep 64 reads of 1 MiB of guest RAM in
     /// flight, forever (a fair-share test for the VMM's memory service).
@@ -250,7 +250,7 @@ fn name_process(device: &str) {
 
 impl DeviceProcess {
     fn slow_activation(&self) -> Option<std::time::Duration> {
-        (self.misbehave == Some(Misbehaviour::SlowActivation)).then(|| std::time::Duration::from_secs(6))
+        (self.misbehave == Some(Misbehaviour::SlowActivation)).then(|| std::time::Duration::from_secs(8))
     }
 
     fn fds(&self) -> Vec<RawFd> {

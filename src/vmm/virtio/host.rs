@@ -338,6 +338,30 @@ pub struct DeviceHost {
     irq: EventFd,
 }
 
+/// What a status report reads about a device, shared with its host so
+/// that the report never takes the device's transport: a vCPU may hold
+/// that for seconds (an activation, or a reset waiting for a restart).
+pub struct HostView {
+    pub name: String,
+    /// The device runs in a process of its own (not an `inprocess` thread).
+    pub own_process: bool,
+    pub health: Arc<DeviceHealth>,
+    pub access: Option<Arc<DeviceAccess>>,
+    lifeline: Arc<Lifeline>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl HostView {
+    /// A request for the device's counters, to send without holding
+    /// anything a vCPU needs. None when the device has failed or is stopping.
+    pub fn counters_query(&self) -> Option<CountersQuery> {
+        if self.health.failed.load(Ordering::SeqCst) || self.health.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(CountersQuery { client: lock(&self.lifeline.control).clone()?, runtime: self.runtime.clone() })
+    }
+}
+
 pub struct CountersQuery {
     client: DeviceControlClient,
     runtime: tokio::runtime::Handle,
@@ -498,14 +522,17 @@ impl DeviceHost {
         }
     }
 
-    /// A request for the device's counters, to send once the caller has let
-    /// go of the transport (a vCPU may need it meanwhile). None when the
-    /// device has failed or is stopping.
-    pub fn counters_query(&self) -> Option<CountersQuery> {
-        if self.health.failed.load(Ordering::SeqCst) || self.health.stopping.load(Ordering::SeqCst) {
-            return None;
+    /// What a status report reads, without the transport. Take it once the
+    /// host is complete (its memory access set).
+    pub fn view(&self) -> HostView {
+        HostView {
+            name: self.name.clone(),
+            own_process: self.pid.is_some(),
+            health: self.health.clone(),
+            access: self.access.clone(),
+            lifeline: self.lifeline.clone(),
+            runtime: self.runtime.clone(),
         }
-        Some(CountersQuery { client: lock(&self.lifeline.control).clone()?, runtime: self.runtime.clone() })
     }
 
     /// The driver's reset. A device that had failed comes back as a fresh

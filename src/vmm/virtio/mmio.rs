@@ -7,7 +7,7 @@ use super::host::DeviceHost;
 use crate::vmm::hotplug::HotplugRegion;
 use crate::vmm::throttle::{held_back, Throttle};
 use rpc_schema::{DeviceInfo, QueueConfig};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
@@ -52,10 +52,35 @@ pub struct MmioTransport {
     config_changed: bool,
     /// virtio-mem: the config space is the hotplug region's live state.
     live_config: Option<Arc<HotplugRegion>>,
+    /// What the driver has done with the device, for status reports.
+    driver: Arc<DriverState>,
+    log_limit: Throttle,
+}
+
+/// The driver's side of a transport as status reports see it, published
+/// by the transport so that a report never waits for it.
+#[derive(Debug, Default)]
+pub struct DriverState {
+    /// The device status the driver last saw (virtio 1.x, 2.1).
+    status: AtomicU32,
     /// Driver requests refused (unoffered features, failed activations):
     /// counted all, logged a few at a time (a guest can repeat them at will).
-    pub driver_errors: u64,
-    log_limit: Throttle,
+    errors: AtomicU64,
+}
+
+impl DriverState {
+    /// The driver has brought the device up (DRIVER_OK) and not reset it since.
+    pub fn driver_ok(&self) -> bool {
+        self.status.load(Ordering::Relaxed) & STATUS_DRIVER_OK != 0
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn refused(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -82,7 +107,7 @@ impl MmioTransport {
             needs_reset_seen: false,
             config_changed: false,
             live_config,
-            driver_errors: 0,
+            driver: Arc::default(),
             log_limit: Throttle::default(),
         }
     }
@@ -112,6 +137,10 @@ impl MmioTransport {
 
     pub fn host(&self) -> &DeviceHost {
         &self.host
+    }
+
+    pub fn driver_state(&self) -> Arc<DriverState> {
+        self.driver.clone()
     }
 
     fn queue(&mut self) -> Option<&mut QueueRegs> {
@@ -245,7 +274,7 @@ impl MmioTransport {
             if acceptable {
                 status |= STATUS_FEATURES_OK;
             } else {
-                self.driver_errors += 1;
+                self.driver.refused();
                 if let Some(skipped) = self.log_limit.allow() {
                     warn!(
                         "virtio-mmio: {}: the driver asked for features {:#x} of {:#x}{}",
@@ -268,7 +297,7 @@ impl MmioTransport {
             match self.host.activate(self.driver_features, queues) {
                 Ok(()) => status |= STATUS_DRIVER_OK,
                 Err(e) => {
-                    self.driver_errors += 1;
+                    self.driver.refused();
                     if let Some(skipped) = self.log_limit.allow() {
                         warn!("virtio-mmio: {} refused activation: {e}{}", self.host.name, held_back(skipped));
                     }
@@ -277,7 +306,12 @@ impl MmioTransport {
                 }
             }
         }
+        self.set_status(status);
+    }
+
+    fn set_status(&mut self, status: u32) {
         self.status = status;
+        self.driver.status.store(status, Ordering::Relaxed);
     }
 
     fn reset(&mut self) {
@@ -286,7 +320,7 @@ impl MmioTransport {
                 debug!("virtio-mmio: reset of {}: {e}", self.host.name);
             }
         }
-        self.status = 0;
+        self.set_status(0);
         self.driver_features = 0;
         self.queue_sel = 0;
         self.needs_reset_seen = false;

@@ -52,6 +52,37 @@ pub struct VirtioDevice {
     pub transport: Mutex<MmioTransport>,
     /// The lock on a disk's backing file (block devices only).
     disk_lock: Option<DiskLock>,
+    /// What status reports read, without the transport.
+    view: DeviceView,
+}
+
+/// A device as status reports see it. A vCPU holds the transport through
+/// the driver's control writes, for seconds when a device activates slowly
+/// or a reset waits for a restart; the API and the exit log must not wait
+/// behind it.
+struct DeviceView {
+    kind: &'static str,
+    mac: Option<String>,
+    host: host::HostView,
+    driver: Arc<mmio::DriverState>,
+}
+
+impl DeviceView {
+    fn of(transport: &MmioTransport) -> Self {
+        DeviceView {
+            kind: match transport.device_id() {
+                crate::devices::blk::DEVICE_ID => "block",
+                crate::devices::rng::DEVICE_ID => "rng",
+                crate::devices::mem::DEVICE_ID => "mem",
+                crate::devices::net::DEVICE_ID => "net",
+                crate::devices::console::DEVICE_ID => "console",
+                _ => "other",
+            },
+            mac: transport.mac().map(|mac| crate::devices::net::format_mac(&mac)),
+            host: transport.host().view(),
+            driver: transport.driver_state(),
+        }
+    }
 }
 
 /// What the VMM knows about a device, for the control API and the exit log.
@@ -64,6 +95,8 @@ pub struct DeviceStatus {
     pub pid: Option<u32>,
     pub healthy: bool,
     pub failure: Option<String>,
+    /// The driver has brought the device up (DRIVER_OK) and not reset it since.
+    pub driver_ok: bool,
     /// The device's own counters: requests, errors, memory calls and where
     /// its time went (absent when it has failed or does not answer).
     pub counters: Option<rpc_schema::DeviceCounters>,
@@ -95,42 +128,32 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
     devices
         .iter()
         .map(|device| {
-            let (mut status, query, engine_interrupts) = {
-                let transport = lock(&device.transport);
-                let host = transport.host();
-                let access = host.access.as_ref();
-                let status = DeviceStatus {
-                    name: host.name.clone(),
-                    kind: match transport.device_id() {
-                        crate::devices::blk::DEVICE_ID => "block",
-                        crate::devices::rng::DEVICE_ID => "rng",
-                        crate::devices::mem::DEVICE_ID => "mem",
-                        crate::devices::net::DEVICE_ID => "net",
-                        crate::devices::console::DEVICE_ID => "console",
-                        _ => "other",
-                    },
-                    mac: transport.mac().map(|mac| crate::devices::net::format_mac(&mac)),
-                    pid: host.pid.and(host.health.pid()),
-                    healthy: !host.health.failed.load(Relaxed),
-                    failure: lock(&host.health.reason).clone(),
-                    counters: None,
-                    memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
-                    memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
-                    memory_refused: access.map(|a| a.refused.load(Relaxed)),
-                    memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
-                    batches: access.filter(|a| a.request_level).map(|a| a.batches.load(Relaxed)),
-                    grants_outstanding: access.filter(|a| a.request_level).map(|a| lock(&a.grants).outstanding()),
-                    restarts: host.health.restarts.load(Relaxed),
-                    driver_errors: transport.driver_errors,
-                    last_failure: lock(&host.health.last_failure).clone(),
-                    recovery_ms: lock(&host.health.recovery_ns).iter().map(|&ns| ns as f64 / 1e6).collect(),
-                };
-                let engine_interrupts = access.filter(|a| a.request_level).map(|a| a.interrupts.load(Relaxed));
-                (status, host.counters_query(), engine_interrupts)
+            let DeviceView { kind, mac, host, driver } = &device.view;
+            let access = host.access.as_ref();
+            let mut status = DeviceStatus {
+                name: host.name.clone(),
+                kind,
+                mac: mac.clone(),
+                pid: host.health.pid().filter(|_| host.own_process),
+                healthy: !host.health.failed.load(Relaxed),
+                failure: lock(&host.health.reason).clone(),
+                driver_ok: driver.driver_ok(),
+                counters: None,
+                memory_rpcs: access.map(|a| a.rpcs.load(Relaxed)),
+                memory_bytes: access.map(|a| a.bytes.load(Relaxed)),
+                memory_refused: access.map(|a| a.refused.load(Relaxed)),
+                memory_service_ns: access.map(|a| a.service_ns.load(Relaxed)),
+                batches: access.filter(|a| a.request_level).map(|a| a.batches.load(Relaxed)),
+                grants_outstanding: access.filter(|a| a.request_level).map(|a| lock(&a.grants).outstanding()),
+                restarts: host.health.restarts.load(Relaxed),
+                driver_errors: driver.errors(),
+                last_failure: lock(&host.health.last_failure).clone(),
+                recovery_ms: lock(&host.health.recovery_ns).iter().map(|&ns| ns as f64 / 1e6).collect(),
             };
-            // Asked with the transport free: the device may take its time.
-            status.counters = query.and_then(|q| q.send());
+            // The device may take its time (within the query's deadline).
+            status.counters = host.counters_query().and_then(|q| q.send());
             // In `rpc` the VMM's engine raises the device's interrupts.
+            let engine_interrupts = access.filter(|a| a.request_level).map(|a| a.interrupts.load(Relaxed));
             if let (Some(counters), Some(raised)) = (status.counters.as_mut(), engine_interrupts) {
                 counters.interrupts += raised;
             }
@@ -291,7 +314,8 @@ pub fn launch(config: &VmConfig, context: &LaunchContext) -> Result<Vec<VirtioDe
             };
             let slot = slot(index);
             let (transport, disk_lock) = launch_device(index, name, slot, spec, config, &launcher)?;
-            Ok(VirtioDevice { slot, transport: Mutex::new(transport), disk_lock })
+            let view = DeviceView::of(&transport);
+            Ok(VirtioDevice { slot, transport: Mutex::new(transport), disk_lock, view })
         })
         .collect()
 }
