@@ -325,10 +325,13 @@ impl HotplugRegion {
         for (block, region) in range.clone().zip(regions) {
             state.blocks[block] = Some(region);
         }
-        self.plugged.store(plugged, Ordering::SeqCst);
         let stall = self.remap_shared(&state);
         let total = started.elapsed();
         let mut history = lock(&self.history);
+        // Counted plugged once every device can use it (shared-mode rebuilds
+        // done), together with the plug: a client that waits for the size
+        // then finds the devices as the plug left them.
+        self.plugged.store(plugged, Ordering::SeqCst);
         history.plugs += 1;
         history.last_plug = Some(OperationTimes {
             blocks: range.len() as u64,
@@ -373,7 +376,6 @@ impl HotplugRegion {
             self.remove_slots(block..block + 1);
         }
         let kvm = started.elapsed() - visible;
-        self.plugged.fetch_sub(blocks.len() as u64 * self.block, Ordering::SeqCst);
         let stall = self.remap_shared(state);
         let rebuilt = started.elapsed() - visible - kvm;
         for &block in &blocks {
@@ -381,6 +383,8 @@ impl HotplugRegion {
         }
         let total = started.elapsed();
         let mut history = lock(&self.history);
+        // As for a plug: the size changes with the count, once all is done.
+        self.plugged.fetch_sub(blocks.len() as u64 * self.block, Ordering::SeqCst);
         history.unplugs += 1;
         history.last_unplug = Some(OperationTimes {
             blocks: blocks.len() as u64,
