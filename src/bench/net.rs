@@ -260,6 +260,18 @@ impl NetRow {
             error: None,
         }
     }
+
+    /// The medians, in a round's order.
+    fn medians(&self) -> [f64; 6] {
+        [
+            self.rtt_p50_us,
+            self.rtt_p99_us,
+            self.host_to_guest_64b_fps,
+            self.host_to_guest_1472b_mibs,
+            self.guest_to_host_64b_fps,
+            self.guest_to_host_1472b_mibs,
+        ]
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -452,17 +464,7 @@ const COLUMNS: [(usize, bool); 5] = [(0, true), (3, false), (5, false), (2, fals
 /// many rounds `row` did better (each round's figures were taken in the
 /// same turn, so the pairs share the host's mood).
 fn against(row: &NetRow, base: &NetRow, (column, lower_is_better): (usize, bool)) -> String {
-    let median = |r: &NetRow| {
-        [
-            r.rtt_p50_us,
-            r.rtt_p99_us,
-            r.host_to_guest_64b_fps,
-            r.host_to_guest_1472b_mibs,
-            r.guest_to_host_64b_fps,
-            r.guest_to_host_1472b_mibs,
-        ][column]
-    };
-    let ratio = pct(median(row), median(base));
+    let ratio = pct(row.medians()[column], base.medians()[column]);
     let pairs: Vec<(f64, f64)> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| (r[column], b[column])).collect();
     if pairs.is_empty() || std::ptr::eq(row, base) {
         return ratio;
