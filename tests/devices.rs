@@ -467,6 +467,8 @@ fn inprocess_mode_starts_no_device_process() {
     let (status, info) = vm.api("GET", "/vm", "");
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["devices"][0]["healthy"], true, "{info}");
+    // A thread of skvm's: no process of its own to report.
+    assert!(info["devices"][0]["pid"].is_null(), "{info}");
     let pid = vm.child.id();
     let children = child_pids(pid);
     assert!(children.is_empty(), "inprocess mode started child processes: {children:?}");

@@ -343,8 +343,7 @@ pub struct DeviceHost {
 /// that for seconds (an activation, or a reset waiting for a restart).
 pub struct HostView {
     pub name: String,
-    /// The device runs in a process of its own (not an `inprocess` thread).
-    pub own_process: bool,
+    /// Its current process (none for an `inprocess` thread) is `health.pid()`.
     pub health: Arc<DeviceHealth>,
     pub access: Option<Arc<DeviceAccess>>,
     lifeline: Arc<Lifeline>,
@@ -527,7 +526,6 @@ impl DeviceHost {
     pub fn view(&self) -> HostView {
         HostView {
             name: self.name.clone(),
-            own_process: self.pid.is_some(),
             health: self.health.clone(),
             access: self.access.clone(),
             lifeline: self.lifeline.clone(),

@@ -134,7 +134,7 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
                 name: host.name.clone(),
                 kind,
                 mac: mac.clone(),
-                pid: host.health.pid().filter(|_| host.own_process),
+                pid: host.health.pid(),
                 healthy: !host.health.failed.load(Relaxed),
                 failure: lock(&host.health.reason).clone(),
                 driver_ok: driver.driver_ok(),
