@@ -81,13 +81,14 @@ impl Workload {
         self
     }
 
-    /// The test guest's command line for this workload.
-    pub fn cmdline(&self, quick: bool, tsc_hz: f64) -> String {
+    /// The test guest's command line for this workload; `seed` picks its
+    /// random blocks.
+    pub fn cmdline(&self, quick: bool, tsc_hz: f64, seed: u64) -> String {
         match self.kind {
             Kind::Disk { rw, block_size, depth, quick_ops, full_ops, sleeps, .. } => {
                 let ops = if quick { quick_ops } else { full_ops };
                 let sleeps = if sleeps { " halt=1" } else { "" };
-                format!("scenario=blk-bench rw={rw} bs={block_size} qd={depth} ops={ops}{sleeps}")
+                format!("scenario=blk-bench rw={rw} bs={block_size} qd={depth} ops={ops} seed={seed}{sleeps}")
             }
             Kind::Idle { quick_ms, full_ms } => {
                 let ms = if quick { quick_ms } else { full_ms };

@@ -245,7 +245,7 @@ impl Peer {
             },
             None => None,
         };
-        let command = self.command(&cell.workload.cmdline(quick, machine.tsc_hz), cell.vcpus, scratch, true);
+        let command = self.command(&cell.workload.cmdline(quick, machine.tsc_hz, cell.seed), cell.vcpus, scratch, true);
         let finished = match run_process(command) {
             Ok(f) => f,
             Err(e) => return failed(row, e),
@@ -254,7 +254,7 @@ impl Peer {
         // The backend's CPU counts with the VMM's, as skvm's device processes do.
         let backend_cpu = backend.as_ref().map_or(0.0, Backend::cpu_seconds);
         row.host_cpu_seconds = Some(finished.cpu.as_secs_f64() + backend_cpu);
-        if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
+        if let Err(e) = fill_guest(&mut row, &finished.stdout, machine, cell) {
             let detail = finished.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             return failed(row, format!("{e} ({} exited {:?}: {detail})", self.name, finished.code));
         }

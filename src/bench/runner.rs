@@ -24,6 +24,8 @@ pub struct GuestReport {
     pub tsc: u64,
     pub latency_sum: u64,
     pub histogram: Vec<u64>,
+    /// The seed the guest's random blocks came from (disk workloads).
+    pub seed: Option<u64>,
 }
 
 fn field(line: &str, key: &str) -> Option<u64> {
@@ -47,6 +49,7 @@ pub fn parse_guest(console: &str) -> Result<GuestReport, String> {
     report.errors = get("errors")?;
     report.tsc = get("tsc")?;
     report.latency_sum = get("latency-tsc-sum")?;
+    report.seed = console.lines().find(|l| l.starts_with("blk-bench: start")).and_then(|l| field(l, "seed"));
     if let Some(hist) = console.lines().find_map(|l| l.strip_prefix("blk-bench: latency-log2-tsc")) {
         for pair in hist.split_whitespace() {
             if let Some((bucket, count)) = pair.split_once(':') {
@@ -142,6 +145,19 @@ pub struct Cell<'a> {
     pub workload: &'static Workload,
     pub vcpus: u8,
     pub repeat: usize,
+    /// Where the guest's random blocks start: every run reads its own, as
+    /// fio's `randrepeat=0` does. With one seed for all, every run after
+    /// the first read blocks the host's caches (and the disk's, below
+    /// it) held, while fio read fresh ones.
+    pub seed: u64,
+}
+
+/// The `n`th run's seed (splitmix64: neighbouring runs get unrelated blocks).
+fn run_seed(n: usize) -> u64 {
+    let mut z = (n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 #[derive(Clone, Copy)]
@@ -287,7 +303,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
         .arg(disk)
         .arg("--stats-file")
         .arg(&stats)
-        .args(["--cmdline", &cell.workload.cmdline(quick, machine.tsc_hz)]);
+        .args(["--cmdline", &cell.workload.cmdline(quick, machine.tsc_hz, cell.seed)]);
     let mut row = empty_row("skvm", mode, cell);
     let finished = match run_process(command) {
         Ok(f) => f,
@@ -298,7 +314,7 @@ fn skvm_row(cell: &Cell, mode: &str, scratch: &Scratch, machine: &Machine, quick
     if finished.code != Some(0) {
         return failed(row, format!("skvm exited with {:?}: {}", finished.code, last_line(&finished.stderr)));
     }
-    if let Err(e) = fill_guest(&mut row, &finished.stdout, machine) {
+    if let Err(e) = fill_guest(&mut row, &finished.stdout, machine, cell) {
         return failed(row, e);
     }
     match std::fs::read_to_string(&stats).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
@@ -356,9 +372,13 @@ pub fn failed(mut row: Row, why: String) -> Row {
     row
 }
 
-/// Fills the guest's figures into `row`; Err when the guest reported none or had errors.
-pub fn fill_guest(row: &mut Row, console: &str, machine: &Machine) -> Result<(), String> {
+/// Fills the guest's figures into `row`; Err when the guest reported none,
+/// had errors, or read other blocks than `cell`'s seed picks.
+pub fn fill_guest(row: &mut Row, console: &str, machine: &Machine, cell: &Cell) -> Result<(), String> {
     let report = parse_guest(console)?;
+    if cell.workload.is_disk() && report.seed != Some(cell.seed) {
+        return Err(format!("the guest did not take its seed={} (it says {:?}): rebuild it", cell.seed, report.seed));
+    }
     row.ops = report.ops;
     row.bytes = report.bytes;
     row.errors = report.errors;
@@ -436,14 +456,17 @@ pub fn study(args: &BenchArgs) -> Result<Results, String> {
     for &vcpus in &VCPUS {
         for workload in &WORKLOADS {
             for repeat in 0..repeats {
+                let mut add = |system| {
+                    let seed = run_seed(cells.len());
+                    cells.push(Cell { system, workload, vcpus, repeat, seed });
+                };
                 // Modes interleaved per repeat, so drift on a shared host hits them alike.
-                cells.extend(MODES.iter().map(|&m| Cell { system: System::Skvm(m), workload, vcpus, repeat }));
+                MODES.iter().for_each(|&m| add(System::Skvm(m)));
                 if workload.on_host_disk() {
                     // The group compares skvm with the host itself, not with other VMMs.
-                    cells.push(Cell { system: System::Fio, workload, vcpus, repeat });
+                    add(System::Fio);
                 } else {
-                    let peers = peers.iter().filter(|p| p.runs(workload));
-                    cells.extend(peers.map(|p| Cell { system: System::Peer(p), workload, vcpus, repeat }));
+                    peers.iter().filter(|p| p.runs(workload)).for_each(|p| add(System::Peer(p)));
                 }
             }
         }
@@ -496,4 +519,18 @@ pub fn today() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_run_reads_its_own_random_blocks() {
+        let seeds: std::collections::HashSet<u64> = (0..100_000).map(run_seed).collect();
+        assert_eq!(seeds.len(), 100_000, "a seed repeats");
+        assert!(!seeds.contains(&0), "xorshift stays at zero");
+        let workload = WORKLOADS.iter().find(|w| w.on_host_disk()).unwrap();
+        assert!(workload.cmdline(true, 1e9, run_seed(7)).ends_with(&format!("seed={}", run_seed(7))));
+    }
 }

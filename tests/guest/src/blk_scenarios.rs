@@ -264,7 +264,14 @@ pub struct BenchParams<'a> {
     pub block_size: u64,
     pub depth: u16,
     pub ops: u64,
+    /// Where the random blocks start: runs with the same seed read the same
+    /// blocks, which a host's caches then hold (the study gives each run its
+    /// own, as fio's `randrepeat=0` does).
+    pub seed: u64,
 }
+
+/// The seed a run without `seed=` uses.
+pub const DEFAULT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static str> {
     let (mut blk, mut arena) = first_disk(info)?;
@@ -275,7 +282,8 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         return Err("disk smaller than one block");
     }
     let buffers = arena.take(bs * depth as u64).ok_or("out of memory")?;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // xorshift never leaves zero.
+    let mut rng = Rng(if p.seed == 0 { DEFAULT_SEED } else { p.seed });
     let mut next_seq = 0u64;
     let mut pick = |rng: &mut Rng| -> (u32, u64) {
         let random = matches!(p.rw, "randread" | "randwrite" | "mixed");
@@ -294,7 +302,7 @@ pub fn run_bench(info: &pvh::StartInfo, p: &BenchParams) -> Result<(), &'static 
         (kind, block * bs / SECTOR)
     };
     let wait = if blk.sleeps() { "halt" } else { "poll" };
-    println!("blk-bench: start rw={} bs={} qd={} ops={} wait={}", p.rw, bs, depth, p.ops, wait);
+    println!("blk-bench: start rw={} bs={} qd={} ops={} wait={} seed={}", p.rw, bs, depth, p.ops, wait, rng.0);
     // Per-request latency, in log2 buckets of TSC ticks.
     let mut histogram = [0u64; 48];
     let mut submitted_at = [0u64; SLOTS as usize];

@@ -134,6 +134,7 @@ pub fn run(info: &pvh::StartInfo) -> ! {
                 block_size: number("bs", 4096),
                 depth: number("qd", 1) as u16,
                 ops: number("ops", 1000),
+                seed: number("seed", blk_scenarios::DEFAULT_SEED),
             };
             check(blk_scenarios::run_bench(info, &params));
         }
