@@ -88,6 +88,11 @@ impl InFlight {
         self.running.len() + self.waiting.len()
     }
 
+    /// As many transfers run as the reserve allows.
+    fn full(&self) -> bool {
+        self.running.len() >= self.reserve.limit()
+    }
+
     fn blocked(&self, plan: &Plan) -> bool {
         self.running.iter().any(|r| clash(plan.extent(), r.1))
             || self.waiting.iter().any(|p| clash(plan.extent(), p.extent()))
@@ -98,7 +103,7 @@ impl InFlight {
     /// [`InFlight::submit`]).
     pub fn start(&mut self, plan: Plan) {
         self.reserve.seen(self.outstanding() + 1);
-        if self.blocked(&plan) || self.running.len() >= self.reserve.limit() {
+        if self.blocked(&plan) || self.full() {
             self.waiting.push_back(plan);
         } else {
             self.launch(plan);
@@ -224,8 +229,7 @@ impl InFlight {
         let mut still: VecDeque<Plan> = VecDeque::new();
         while let Some(plan) = self.waiting.pop_front() {
             let ahead = self.running.iter().map(|r| r.1).chain(still.iter().map(Plan::extent));
-            let full = self.running.len() >= self.reserve.limit();
-            if full || ahead.into_iter().any(|other| clash(plan.extent(), other)) {
+            if self.full() || ahead.into_iter().any(|other| clash(plan.extent(), other)) {
                 still.push_back(plan);
             } else {
                 self.launch(plan);
@@ -238,8 +242,8 @@ impl InFlight {
 /// How many transfers may run at once: all but a quarter of the guest's
 /// queue depth, as the most requests outstanding at once recently shows it.
 /// Held back, that quarter keeps a disk that completes together busy while
-/// the guest answers (by hand, 2026-12-02, AMD EPYC, a sleeping guest at
-/// QD32: 52-63k IOPS against 43-49k with every request running).
+/// the guest answers (docs/architecture.md, "A quarter held back", has
+/// what it measured).
 #[derive(Default)]
 struct Reserve {
     /// The most outstanding at once in this window and the last.
