@@ -14,6 +14,7 @@
 use super::blk::{clash, DiskIo};
 use super::disk_ring::{DiskRing, Owner};
 use super::io_threads::IoThreads;
+use super::reserve::Reserve;
 use super::zero_copy::{Plan, Served};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -239,42 +240,6 @@ impl InFlight {
     }
 }
 
-/// How many transfers may run at once: all but a quarter of the guest's
-/// queue depth, as the most requests outstanding at once recently shows it.
-/// Held back, that quarter keeps a disk that completes together busy while
-/// the guest answers (docs/architecture.md, "A quarter held back", has
-/// what it measured).
-#[derive(Default)]
-struct Reserve {
-    /// The most outstanding at once in this window and the last.
-    peak: usize,
-    last_peak: usize,
-    /// Transfers ended in this window.
-    ended: usize,
-}
-
-impl Reserve {
-    /// Completions per window: a guest that goes shallower is believed
-    /// after one or two.
-    const WINDOW: usize = 1024;
-
-    fn seen(&mut self, outstanding: usize) {
-        self.peak = self.peak.max(outstanding);
-    }
-
-    fn ended(&mut self, count: usize) {
-        self.ended += count;
-        if self.ended >= Self::WINDOW {
-            (self.last_peak, self.peak, self.ended) = (self.peak, 0, 0);
-        }
-    }
-
-    fn limit(&self) -> usize {
-        let depth = self.peak.max(self.last_peak);
-        (depth - depth / 4).max(1)
-    }
-}
-
 /// Runs `wake` on the device's event loop whenever transfers on `ring`
 /// have ended (its completion eventfd). Once per ring.
 pub fn watch_ring(ring: &Mutex<DiskRing>, wake: impl Fn() + Send + 'static) -> std::io::Result<()> {
@@ -330,24 +295,6 @@ fn advance(submitted: &mut Submitted, result: i32) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_quarter_of_a_deep_queue_is_held_back_until_the_guest_goes_shallower() {
-        let mut reserve = Reserve::default();
-        assert_eq!(reserve.limit(), 1);
-        let limit_at = |reserve: &mut Reserve, depth| {
-            reserve.seen(depth);
-            reserve.limit()
-        };
-        assert_eq!([1, 2, 3].map(|d| limit_at(&mut reserve, d)), [1, 2, 3], "shallow queues run whole");
-        assert_eq!(limit_at(&mut reserve, 8), 6);
-        assert_eq!(limit_at(&mut reserve, 32), 24);
-        assert_eq!(limit_at(&mut reserve, 4), 24, "the deepest recently counts");
-        reserve.ended(Reserve::WINDOW);
-        assert_eq!(limit_at(&mut reserve, 4), 24, "still the last window's depth");
-        reserve.ended(Reserve::WINDOW);
-        assert_eq!(reserve.limit(), 3, "two windows at depth 4");
-    }
 
     #[test]
     fn a_short_transfer_goes_on_from_where_it_stopped() {

@@ -19,6 +19,7 @@ pub mod poll_window;
 mod posted;
 pub mod process;
 pub mod request;
+mod reserve;
 mod ring;
 pub mod rng;
 pub mod runner;
@@ -48,6 +49,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The disk, if this is one.
+    pub fn block(&mut self) -> Option<&mut blk::BlockDevice> {
+        match self {
+            Backend::Block(blk) => Some(blk),
+            _ => None,
+        }
+    }
+
     pub fn info(&self) -> DeviceInfo {
         match self {
             Backend::Block(blk) => blk.info(),

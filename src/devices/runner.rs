@@ -1,7 +1,7 @@
 //! A device's event loop, the same in every memory mode: serve the VMM's
 //! control requests, wait for queue notifications (an ioeventfd), process
 //! the queue through [`DeviceMemory`], and raise the interrupt (an irqfd).
-use super::blk::{Started, StartedBatch};
+use super::blk::{BlockDevice, Started, StartedBatch};
 use super::features;
 use super::in_flight::InFlight;
 use super::memory::AccessError;
@@ -442,31 +442,45 @@ enum Stage {
 }
 
 /// Request level: serves a batch the VMM posted. A disk batch whose
-/// transfers run on the ring lets go of the core while they run, so the
-/// batches posted behind it start meanwhile.
+/// transfers run on the ring waits for room among those running (a quarter
+/// of a deep queue is held back, see [`super::blk`]'s `staged`), then lets
+/// go of the core while they run, so the batches posted behind it start
+/// meanwhile.
 async fn serve_posted<M: DeviceMemory>(
     core: &Mutex<Core<M>>,
     batch: Vec<PostedRequest>,
 ) -> Result<Vec<CompletedRequest>, DeviceError> {
+    let waiting = {
+        let mut core = core.lock().await;
+        match core.watch_disk() {
+            true => core.backend.block().and_then(|blk| blk.arrive(batch.len())),
+            false => None,
+        }
+    };
+    if let Some(waiting) = waiting {
+        on_disk_until(core, |blk| blk.has_room(&waiting)).await;
+    }
     let (posted, on_disk) = match core.lock().await.serve_posted(batch).await? {
         Stage::Served(completions) => return Ok(completions),
         Stage::OnDisk(posted, on_disk) => (posted, on_disk),
     };
+    on_disk_until(core, |blk| blk.has_ended(&on_disk)).await;
+    core.lock().await.finish_posted(posted, on_disk).await
+}
+
+/// Waits until `ready`, asked of the disk (with the core held) at first and
+/// whenever transfers on its ring end, says so.
+async fn on_disk_until<M: DeviceMemory>(core: &Mutex<Core<M>>, mut ready: impl FnMut(&mut BlockDevice) -> bool) {
     let io_done = core.lock().await.io_done.clone();
     loop {
         let ended = io_done.notified();
         tokio::pin!(ended);
         // Listening before looking: an end between the two still wakes us.
         ended.as_mut().enable();
-        let mut core = core.lock().await;
-        if let Backend::Block(blk) = &mut core.backend {
-            if !blk.has_ended(&on_disk) {
-                drop(core);
-                ended.await;
-                continue;
-            }
+        if core.lock().await.backend.block().is_none_or(&mut ready) {
+            return;
         }
-        return core.finish_posted(posted, on_disk).await;
+        ended.await;
     }
 }
 

@@ -6,11 +6,19 @@
 //! else (a flush, an overlap with a transfer running, a lone request with
 //! nothing running, which is cheapest waited for in the kernel) is served
 //! in order on the device's thread after every transfer running has ended.
+//!
+//! A quarter of a deep queue is held back ([`Reserve`]): a batch that would
+//! take the transfers running past the limit waits for room. The VMM posts
+//! a `direct=on` disk's requests in small batches, so the rest of a queue
+//! runs while one batch waits, and answered batches go round the guest
+//! (and the VMM, twice) while the disk works on it.
 use super::{BlockDevice, DiskIo, Transfer, S_IOERR, S_OK};
 use crate::devices::aligned::AlignedBuffer;
 use crate::devices::disk_ring::{DiskRing, Owner};
 use crate::devices::request::{Reply, Request};
-use std::sync::Mutex;
+use crate::devices::reserve::Reserve;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Transfers of started batches, across batches.
 #[derive(Default)]
@@ -19,6 +27,23 @@ pub(super) struct Staged {
     running: Vec<Running>,
     /// Ring completions taken, not yet collected by their batch: (tag, result).
     ended: Vec<(u64, i32)>,
+    reserve: Reserve,
+    /// Requests of batches waiting for room (see [`Waiting`]).
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A batch waiting for room on the disk: its requests count toward the
+/// guest's depth until it starts or is dropped (a batch whose caller went
+/// away never leaves its count behind).
+pub struct Waiting {
+    count: Arc<AtomicUsize>,
+    requests: usize,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.requests, Ordering::SeqCst);
+    }
 }
 
 struct Running {
@@ -51,12 +76,18 @@ pub enum Started {
     Running(StartedBatch),
 }
 
+/// Whether `requests` more transfers may start beside `live` running,
+/// under `limit`: a batch never waits with nothing running.
+fn fits(live: usize, requests: usize, limit: usize) -> bool {
+    live == 0 || live + requests <= limit
+}
+
 fn batch_of(tag: u64) -> u32 {
     (tag >> 32) as u32
 }
 
 impl BlockDevice {
-    fn ring(&self) -> Option<std::sync::Arc<Mutex<DiskRing>>> {
+    fn ring(&self) -> Option<Arc<Mutex<DiskRing>>> {
         match self.disk_io()? {
             DiskIo::Ring(ring) => Some(ring.clone()),
             DiskIo::Threads(_) => None,
@@ -89,6 +120,39 @@ impl BlockDevice {
         Started::Running(StartedBatch { id, replies })
     }
 
+    /// A posted batch of `requests` arrives: it waits, counted, until
+    /// [`Self::has_room`] lets it start. None where nothing waits (no ring).
+    pub fn arrive(&mut self, requests: usize) -> Option<Waiting> {
+        self.ring()?;
+        let count = self.staged.waiting.clone();
+        let outstanding = self.live() + count.fetch_add(requests, Ordering::SeqCst) + requests;
+        self.staged.reserve.seen(outstanding);
+        Some(Waiting { count, requests })
+    }
+
+    /// Whether the waiting batch may start: nothing runs, or it fits within
+    /// the reserve's limit beside what does (takes the ring's completions).
+    pub fn has_room(&mut self, batch: &Waiting) -> bool {
+        self.take_completions();
+        fits(self.live(), batch.requests, self.staged.reserve.limit())
+    }
+
+    /// Transfers running whose completion has not been taken.
+    fn live(&self) -> usize {
+        let ended = &self.staged.ended;
+        self.staged.running.iter().filter(|r| !ended.iter().any(|e| e.0 == r.tag)).count()
+    }
+
+    /// Takes the ring's completions (and submits what a failed submit left queued).
+    fn take_completions(&mut self) {
+        let Some(ring) = self.ring() else { return };
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = ring.submit();
+        let taken = ring.completions(Owner::Batch);
+        self.staged.reserve.ended(taken.len());
+        self.staged.ended.extend(taken);
+    }
+
     /// Whether `batch`'s transfers have all ended (takes the ring's completions).
     pub fn has_ended(&mut self, batch: &StartedBatch) -> bool {
         self.ended_where(|tag| batch_of(tag) == batch.id)
@@ -103,11 +167,7 @@ impl BlockDevice {
     /// after taking the ring's completions (and submitting what a failed
     /// submit left queued).
     fn ended_where(&mut self, which: impl Fn(u64) -> bool) -> bool {
-        if let Some(ring) = self.ring() {
-            let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = ring.submit();
-            self.staged.ended.extend(ring.completions(Owner::Batch));
-        }
+        self.take_completions();
         let ended = &self.staged.ended;
         self.staged.running.iter().filter(|r| which(r.tag)).all(|r| ended.iter().any(|e| e.0 == r.tag))
     }
@@ -235,5 +295,31 @@ mod tests {
         }
         // A lone request with nothing running is served here.
         assert_eq!(status(&served(disk.start(&[request(T_IN, 0, &[], 4096)]))[0]), S_OK);
+    }
+
+    #[test]
+    fn a_batch_that_would_run_past_the_reserve_waits_until_transfers_end() {
+        let Some(mut disk) = threaded_disk(1 << 20, Aio::IoUring) else { return };
+        let reads = |k: u64| -> Vec<Request> { (0..8u64).map(|b| request(T_IN, (k * 8 + b) * 8, &[], 4096)).collect() };
+        let batches: Vec<Vec<Request>> = (0..4).map(reads).collect();
+        // Four batches of 8 arrive at once: the guest's queue is 32 deep, so 24 run.
+        let waiting: Vec<Waiting> = batches.iter().map(|b| disk.arrive(b.len()).expect("a disk on a ring")).collect();
+        assert_eq!(disk.staged.reserve.limit(), 24);
+        assert!(fits(16, 8, 24) && !fits(24, 8, 24), "the fourth batch waits while three run");
+        assert!(fits(0, 64, 24), "with nothing running, a batch deeper than the limit starts whole");
+        // On the disk (whose transfers may end at once), each starts once
+        // there is room, and every read is answered.
+        let mut started = Vec::new();
+        for (batch, waits) in batches.iter().zip(&waiting) {
+            while !disk.has_room(waits) {
+                disk.wait_for(&started[0]);
+            }
+            started.push(running(disk.start(batch)));
+        }
+        for (batch, requests) in started.into_iter().zip(&batches) {
+            assert!(finished(&mut disk, batch, requests).iter().all(|r| status(r) == S_OK));
+        }
+        drop(waiting);
+        assert_eq!(disk.staged.waiting.load(Ordering::SeqCst), 0, "a batch counts as waiting until dropped");
     }
 }

@@ -314,6 +314,8 @@ pub struct Posting {
     /// The queue whose requests the device holds until input comes (a
     /// network or console device's receive queue).
     pub held_queue: Option<u16>,
+    /// A `direct=on` disk (see [`QueueContext::direct_disk`]).
+    pub direct_disk: bool,
 }
 
 /// Work the VMM does itself when the driver accepts these features.
@@ -500,6 +502,7 @@ impl DeviceHost {
             irq: self.irq.try_clone().map_err(|e| e.to_string())?,
             poll: self.posting.as_ref().map_or(Duration::ZERO, |p| p.poll),
             held_queue: self.posting.as_ref().and_then(|p| p.held_queue),
+            direct_disk: self.posting.as_ref().is_some_and(|p| p.direct_disk),
         };
         let Some(posting) = self.posting.as_mut() else { return Err("not a request-level device".into()) };
         let event_idx = features & crate::devices::features::RING_EVENT_IDX != 0;

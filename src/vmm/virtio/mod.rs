@@ -487,6 +487,7 @@ fn launch_device(
             held_queue: [crate::devices::net::DEVICE_ID, crate::devices::console::DEVICE_ID]
                 .contains(&info.device_id)
                 .then_some(crate::devices::net::RX_QUEUE),
+            direct_disk: matches!(spec, DeviceSpec::Block(disk) if disk.direct),
         });
     }
     if !is_mem {
