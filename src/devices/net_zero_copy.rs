@@ -27,13 +27,15 @@ type Pieces = Vec<(*mut u8, usize)>;
 
 /// Fills held receive buffers with frames from the tap, front first, while
 /// both last; returns each filled buffer with its reply (no writes: the
-/// bytes are in place). `ring_full`: the driver has posted all it can.
+/// bytes are in place), and whether the tap ran dry (then the copying path
+/// has nothing to read either, and a read of its own would cost a system
+/// call that finds nothing). `ring_full`: the driver has posted all it can.
 pub fn receive(
     net: &mut NetDevice,
     mem: &GuestMemoryMmap,
     held: &mut VecDeque<Held<Chain>>,
     ring_full: bool,
-) -> Vec<(Chain, Reply)> {
+) -> (Vec<(Chain, Reply)>, bool) {
     let mut done = Vec::new();
     // Filled afresh for each frame, allocated once per call.
     let (mut header_at, mut pieces) = (Vec::new(), Vec::new());
@@ -43,14 +45,14 @@ pub fn receive(
             done.push((held.pop_front().unwrap().buffer, Reply::default()));
         }
         if held.is_empty() || net.waits_for_buffers() {
-            return done;
+            return (done, false);
         }
         if frame_pieces(mem, held, net.mergeable(), &mut header_at, &mut pieces).is_none() {
-            return done;
+            return (done, false);
         }
         let mut header = [0u8; HEADER];
         // SAFETY: the pieces lie in guest RAM mapped by `mem`, which we hold.
-        let Some(got) = (unsafe { net.read_scattered(&mut header, &pieces) }) else { return done };
+        let Some(got) = (unsafe { net.read_scattered(&mut header, &pieces) }) else { return (done, true) };
         if got < HEADER + MIN_FRAME {
             // A runt: nothing reaches the driver (its buffer is still ours).
             continue;
@@ -62,7 +64,7 @@ pub fn receive(
             _ => {
                 // SAFETY: as for the read.
                 unsafe { net.keep_overflow(&header, &pieces, got) };
-                return done;
+                return (done, false);
             }
         };
         let header = net.header_for_driver(&header, lens.len() as u16);
@@ -195,7 +197,8 @@ mod tests {
         let (small, large) = (frame(100), frame(1500));
         host.send(&small).unwrap();
         host.send(&large).unwrap();
-        let done = receive(&mut net, &mem, &mut buffers, false);
+        let (done, dry) = receive(&mut net, &mem, &mut buffers, false);
+        assert!(dry, "the tap ran dry: the copying path has nothing to read");
         let used: Vec<(u16, u32)> = done.iter().map(|(c, r)| (c.head, r.used_len)).collect();
         assert_eq!(used, [(0, 112), (1, 1024), (2, 1512 - 1024)]);
         let mut got = vec![0u8; 112];
@@ -218,8 +221,9 @@ mod tests {
         let mut buffers: VecDeque<_> = [held(0, 0x1000, 256)].into();
         let long = frame(1000);
         host.send(&long).unwrap();
-        assert!(receive(&mut net, &mem, &mut buffers, false).is_empty());
-        assert!(net.waits_for_buffers());
+        let (done, dry) = receive(&mut net, &mem, &mut buffers, false);
+        assert!(done.is_empty());
+        assert!(net.waits_for_buffers() && !dry, "the frame waits, for the copying path");
         buffers.extend([held(1, 0x2000, 1024)]);
         let done = net.receive(&mut buffers, false, u64::MAX);
         let mut bytes: Vec<u8> = done.iter().flat_map(|(_, r)| r.writes[0].1.clone()).collect();
@@ -229,7 +233,7 @@ mod tests {
         let (mut net, host, mem) = setup(0);
         let mut buffers: VecDeque<_> = [held(0, 0x1000, 256)].into();
         host.send(&frame(1000)).unwrap();
-        assert!(receive(&mut net, &mem, &mut buffers, false).is_empty());
+        assert!(receive(&mut net, &mem, &mut buffers, false).0.is_empty());
         assert!(net.receive(&mut buffers, false, u64::MAX).is_empty());
         assert_eq!((net.counters.rx_dropped_too_big, net.counters.rx_frames), (1, 0));
         assert_eq!(buffers.len(), 1, "the buffer is still held");

@@ -276,11 +276,13 @@ impl<M: DeviceMemory> Core<M> {
             Held { buffer: chain, capacity }
         }));
         let ring_full = rx_chains.len() >= rx.state().config.size as usize;
-        let mut filled = match (&mut *backend, mem.mapped()) {
+        let (mut filled, dry) = match (&mut *backend, mem.mapped()) {
             (Backend::Net(net), Some(map)) => net_zero_copy::receive(net, &map, rx_chains, ring_full),
-            _ => Vec::new(),
+            _ => (Vec::new(), false),
         };
-        filled.extend(backend.receive(rx_chains, ring_full, u64::MAX));
+        if !dry {
+            filled.extend(backend.receive(rx_chains, ring_full, u64::MAX));
+        }
         let starving = rx_chains.is_empty() || backend.waits_for_buffers();
         let mut look_again = false;
         if starving == *rx_quiet {
