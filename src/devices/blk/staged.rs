@@ -139,8 +139,12 @@ impl BlockDevice {
 
     /// Transfers running whose completion has not been taken.
     fn live(&self) -> usize {
-        let ended = &self.staged.ended;
-        self.staged.running.iter().filter(|r| !ended.iter().any(|e| e.0 == r.tag)).count()
+        self.staged.running.iter().filter(|r| !self.completed(r.tag)).count()
+    }
+
+    /// Whether the completion of the transfer tagged `tag` has been taken.
+    fn completed(&self, tag: u64) -> bool {
+        self.staged.ended.iter().any(|e| e.0 == tag)
     }
 
     /// Takes the ring's completions (and submits what a failed submit left queued).
@@ -168,8 +172,7 @@ impl BlockDevice {
     /// submit left queued).
     fn ended_where(&mut self, which: impl Fn(u64) -> bool) -> bool {
         self.take_completions();
-        let ended = &self.staged.ended;
-        self.staged.running.iter().filter(|r| which(r.tag)).all(|r| ended.iter().any(|e| e.0 == r.tag))
+        self.staged.running.iter().filter(|r| which(r.tag)).all(|r| self.completed(r.tag))
     }
 
     /// Waits in the kernel until the transfers `which` picks have ended.

@@ -599,13 +599,13 @@ impl Engine {
 /// request would cost an exit each, and the batches would shrink to one or
 /// two requests, each a round trip to the device.
 fn notify_after(queue: &mut Queue, mem: &GuestMemoryMmap, more: u16) -> Result<bool, String> {
-    let next = queue.next_avail();
+    let (next, more) = (queue.next_avail(), more.max(1));
+    // The used ring's last field (virtio-queue keeps its own setter private).
     let avail_event = queue.used_ring() + 4 + 8 * u64::from(queue.size());
-    mem.store(next.wrapping_add(more.max(1) - 1).to_le(), GuestAddress(avail_event), Ordering::Relaxed)
-        .map_err(broken)?;
+    mem.store(next.wrapping_add(more - 1).to_le(), GuestAddress(avail_event), Ordering::Relaxed).map_err(broken)?;
     std::sync::atomic::fence(Ordering::SeqCst);
     let idx = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
-    Ok(idx.0.wrapping_sub(next) >= more.max(1))
+    Ok(idx.0.wrapping_sub(next) >= more)
 }
 
 /// Whether the driver wants an interrupt for what was just completed on
