@@ -446,11 +446,30 @@ fn bench_net_measures_every_memory_mode() {
             let figures: Vec<f64> = round.as_array().unwrap().iter().map(|f| f.as_f64().unwrap()).collect();
             assert!(figures.len() == 6 && figures.iter().all(|&f| f > 0.0), "{row}");
         }
+        // The host CPU its VMM spent per frame, each throughput phase, each round.
+        let cpu: Vec<f64> = row["cpu_us_per_frame"].as_array().unwrap().iter().map(|f| f.as_f64().unwrap()).collect();
+        assert!(cpu.len() == 4 && cpu.iter().all(|&us| us > 0.0 && us < 1e4), "{row}");
+        assert_eq!(row["cpu_rounds"].as_array().unwrap().len(), 2, "{row}");
     }
+    // Frames in `rpc` cross from the device process to the VMM's memory
+    // service: more host CPU per frame than `shared`, whose device writes
+    // them into guest RAM itself (README's "Host CPU per frame").
+    let cpu = |mode: &str, phase: usize| {
+        let row = rows.iter().find(|r| r["system"] == mode).unwrap();
+        row["cpu_us_per_frame"][phase].as_f64().unwrap()
+    };
+    assert!(
+        cpu("rpc", 1) > cpu("shared", 1),
+        "host->guest 1472 B: rpc {} µs, shared {} µs",
+        cpu("rpc", 1),
+        cpu("shared", 1)
+    );
     let report = std::fs::read_to_string(out.join("net.md")).unwrap();
     assert!(report.contains("## Each mode against `shared`"), "{report}");
     assert!(report.contains("| rpc | "), "{report}");
     assert!(report.contains("## Spread across the rounds"), "{report}");
+    assert!(report.contains("## Host CPU per frame"), "{report}");
+    assert!(report.lines().any(|l| l.starts_with("| shared | ") && l.matches(" (").count() == 4), "{report}");
     // Each mode against `shared`, with the rounds it did better in.
     assert!(report.lines().any(|l| l.starts_with("| inprocess | ") && l.contains("/2)")), "{report}");
     // Nothing is left behind: every namespace the run made is gone.

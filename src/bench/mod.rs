@@ -2,6 +2,7 @@
 //! mode (and QEMU or other VMMs where they run) on the same test guest and
 //! workloads, and writes the results (JSON, CSV), a Markdown report and SVG
 //! plots. A results file can be rendered again without re-running.
+mod host_cpu;
 pub mod linux;
 mod machine;
 mod matrix;
@@ -54,6 +55,11 @@ pub struct BenchArgs {
     /// each system did better in. Writes net.md and net.json. Needs root and iproute2.
     #[arg(long, conflicts_with_all = ["linux", "render"])]
     pub net: bool,
+    /// With --net: run only these systems, by the names the report gives them (skvm's
+    /// modes rpc, rpc-dma, shared, inprocess; qemu, firecracker, cloud-hypervisor), to
+    /// compare a few side by side in less time. Peers still need --peer.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "net")]
+    pub systems: Vec<String>,
     /// The Linux kit for --linux (scripts/linux-kit.sh builds it).
     #[arg(long, value_name = "DIR", default_value = "build/linux-kit")]
     pub linux_kit: PathBuf,

@@ -10,6 +10,7 @@
 //!
 //! 64-byte datagrams give frames per second, 1,472-byte ones (a full
 //! 1,500-byte MTU) MiB/s. Writes net.json and net.md into `--out`.
+use super::host_cpu;
 use super::machine::{self, Machine};
 use super::matrix::MODES;
 use super::netns::Netns;
@@ -166,7 +167,7 @@ fn round_trips(echoes: usize) -> Result<Vec<f64>, String> {
 /// acknowledgement and sleeps on its socket while the window is full, as a
 /// paced sender does: a sender that spun would take a CPU from whoever moves
 /// the frames (on a 2-CPU host, the device, the VMM and the vCPU).
-fn to_guest(size: usize, datagrams: u32) -> Result<f64, String> {
+fn to_guest(size: usize, datagrams: u32) -> Result<Moved, String> {
     let socket = socket()?;
     socket.connect((GUEST, 9)).map_err(|e| e.to_string())?;
     socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
@@ -197,11 +198,11 @@ fn to_guest(size: usize, datagrams: u32) -> Result<f64, String> {
             last_progress = Instant::now();
         }
     }
-    Ok(acked as f64 / started.elapsed().as_secs_f64())
+    Ok(Moved { rate: acked as f64 / started.elapsed().as_secs_f64(), frames: acked })
 }
 
 /// Guest -> host: datagrams per second the host received.
-fn from_guest(size: usize, datagrams: u32) -> Result<f64, String> {
+fn from_guest(size: usize, datagrams: u32) -> Result<Moved, String> {
     let socket = socket()?;
     socket.connect((GUEST, 10)).map_err(|e| e.to_string())?;
     let mut request = datagrams.to_le_bytes().to_vec();
@@ -222,7 +223,22 @@ fn from_guest(size: usize, datagrams: u32) -> Result<f64, String> {
         return Err("the guest sent one datagram only".into());
     }
     // The first datagram starts the clock: count the ones after it.
-    Ok((received - 1) as f64 / (last - first).as_secs_f64())
+    Ok(Moved { rate: (received - 1) as f64 / (last - first).as_secs_f64(), frames: received })
+}
+
+/// What a throughput phase moved: datagrams per second, and how many.
+struct Moved {
+    rate: f64,
+    frames: u64,
+}
+
+/// A throughput phase's rate, and the host CPU the VMM `vmm` spent per
+/// frame through it, in µs ([`host_cpu`]: its vCPUs left out).
+fn with_cpu(vmm: u32, phase: impl FnOnce() -> Result<Moved, String>) -> Result<(f64, f64), String> {
+    let before = host_cpu::vmm_cpu_ns(vmm);
+    let moved = phase()?;
+    let spent = host_cpu::vmm_cpu_ns(vmm).saturating_sub(before);
+    Ok((moved.rate, spent as f64 / 1e3 / moved.frames.max(1) as f64))
 }
 
 /// One system's figures: medians over the rounds.
@@ -236,6 +252,15 @@ pub struct NetRow {
     pub host_to_guest_1472b_mibs: f64,
     pub guest_to_host_64b_fps: f64,
     pub guest_to_host_1472b_mibs: f64,
+    /// Host CPU the VMM spent per frame, in µs (every thread of its process
+    /// and of those it started, its vCPUs left out), medians over the
+    /// rounds: host->guest 64 B and 1,472 B, guest->host 64 B and 1,472 B.
+    /// None in runs from before it was measured.
+    #[serde(default)]
+    pub cpu_us_per_frame: Option<[f64; 4]>,
+    /// Each round's CPU figures, in that order (round i as in `rounds`).
+    #[serde(default)]
+    pub cpu_rounds: Vec<[f64; 4]>,
     /// Each round's figures, in the order above (RTT p50 and p99, then the
     /// four throughputs): round i of every system ran in the same turn.
     #[serde(default)]
@@ -245,8 +270,10 @@ pub struct NetRow {
 }
 
 impl NetRow {
-    fn from_rounds(system: String, rounds: Vec<[f64; 6]>) -> NetRow {
+    fn from_rounds(system: String, rounds: Vec<[f64; 6]>, cpu_rounds: Vec<[f64; 4]>) -> NetRow {
         let pick = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
+        let cpu = |i: usize| median(cpu_rounds.iter().map(|r| r[i]).collect());
+        let cpu_us_per_frame = (!cpu_rounds.is_empty()).then(|| [cpu(0), cpu(1), cpu(2), cpu(3)]);
         NetRow {
             system,
             runs: rounds.len(),
@@ -257,6 +284,8 @@ impl NetRow {
             guest_to_host_64b_fps: pick(4),
             guest_to_host_1472b_mibs: pick(5),
             rounds,
+            cpu_us_per_frame,
+            cpu_rounds,
             error: None,
         }
     }
@@ -282,20 +311,22 @@ pub struct NetResults {
     pub rows: Vec<NetRow>,
 }
 
-fn measure(ns: &Netns, preset: &Preset) -> Result<[f64; 6], String> {
+/// One round of a system whose VMM is process `vmm`: its figures, and the
+/// host CPU per frame of each throughput phase.
+fn measure(ns: &Netns, preset: &Preset, vmm: u32) -> Result<([f64; 6], [f64; 4]), String> {
     let (echoes, datagrams) = (preset.echoes, preset.datagrams);
     ns.within(move || {
         let mib = |rate: f64| rate * 1472.0 / (1 << 20) as f64;
         let rtt = round_trips(echoes)?;
         let (p50, p99) = (rtt[rtt.len() / 2], rtt[rtt.len() * 99 / 100]);
-        Ok([
-            p50,
-            p99,
-            to_guest(64, datagrams)?,
-            mib(to_guest(1472, datagrams)?),
-            from_guest(64, datagrams)?,
-            mib(from_guest(1472, datagrams)?),
-        ])
+        let (in_small, in_small_cpu) = with_cpu(vmm, || to_guest(64, datagrams))?;
+        let (in_large, in_large_cpu) = with_cpu(vmm, || to_guest(1472, datagrams))?;
+        let (out_small, out_small_cpu) = with_cpu(vmm, || from_guest(64, datagrams))?;
+        let (out_large, out_large_cpu) = with_cpu(vmm, || from_guest(1472, datagrams))?;
+        Ok((
+            [p50, p99, in_small, mib(in_large), out_small, mib(out_large)],
+            [in_small_cpu, in_large_cpu, out_small_cpu, out_large_cpu],
+        ))
     })?
 }
 
@@ -309,6 +340,7 @@ struct Contender {
     system: System,
     ns: Netns,
     rounds: Vec<[f64; 6]>,
+    cpu_rounds: Vec<[f64; 4]>,
     error: Option<String>,
 }
 
@@ -316,16 +348,17 @@ impl Contender {
     /// Boots the guest, measures once and shuts it down.
     fn run_round(&mut self, preset: &Preset, guest: &Path, scratch: &Path) -> Result<[f64; 6], String> {
         let running = start(&self.ns, &self.system, guest, scratch)?;
-        let figures = measure(&self.ns, preset)?;
+        let (figures, cpu) = measure(&self.ns, preset, running.0.id())?;
         drop(running);
         self.rounds.push(figures);
+        self.cpu_rounds.push(cpu);
         Ok(figures)
     }
 
     fn into_row(self) -> NetRow {
         match self.error {
             Some(why) => NetRow { system: self.system.name(), error: Some(why), ..NetRow::default() },
-            None => NetRow::from_rounds(self.system.name(), self.rounds),
+            None => NetRow::from_rounds(self.system.name(), self.rounds, self.cpu_rounds),
         }
     }
 }
@@ -390,6 +423,22 @@ fn systems(args: &BenchArgs, scratch: &Path) -> (Vec<System>, Vec<NetRow>) {
     (systems, not_run)
 }
 
+/// The systems `--systems` names, in the usual order (all when it names
+/// none); a name that is not one of them is an error, not an empty run.
+fn chosen(systems: Vec<System>, names: &[String]) -> Result<Vec<System>, String> {
+    if names.is_empty() {
+        return Ok(systems);
+    }
+    let known: Vec<String> = systems.iter().map(System::name).collect();
+    if let Some(unknown) = names.iter().find(|name| !known.contains(name)) {
+        return Err(format!(
+            "--systems: no system `{unknown}` here (these can run: {}; a peer needs --peer NAME=PATH)",
+            known.join(", ")
+        ));
+    }
+    Ok(systems.into_iter().filter(|system| names.contains(&system.name())).collect())
+}
+
 pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if let Some(why) = Netns::unavailable() {
         return Err(format!("--net needs network namespaces and taps: {why}"));
@@ -406,10 +455,14 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     std::fs::write(&guest, crate::test_guest::IMAGE).map_err(|e| format!("cannot write the test guest: {e}"))?;
     let started_utc = super::runner::today();
     let (systems, mut rows) = systems(args, &scratch);
+    let systems = chosen(systems, &args.systems)?;
+    rows.retain(|row| args.systems.is_empty() || args.systems.contains(&row.system));
     let mut contenders = Vec::new();
     for system in systems {
         match Netns::create(&format!("bench-{}", system.name())) {
-            Ok(ns) => contenders.push(Contender { system, ns, rounds: Vec::new(), error: None }),
+            Ok(ns) => {
+                contenders.push(Contender { system, ns, rounds: Vec::new(), cpu_rounds: Vec::new(), error: None })
+            }
             Err(why) => rows.push(NetRow { system: system.name(), error: Some(why), ..NetRow::default() }),
         }
     }
@@ -483,6 +536,33 @@ fn spread(row: &NetRow, column: usize, decimals: usize) -> String {
     }
 }
 
+/// The host CPU each VMM spent per frame, when the run measured it.
+fn cpu_table(out: &mut String, results: &NetResults) {
+    let measured: Vec<&NetRow> = results.rows.iter().filter(|r| r.cpu_us_per_frame.is_some()).collect();
+    if measured.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\n## Host CPU per frame\n\nMicroseconds of host CPU the VMM spent per datagram moved in each \
+         throughput phase: every thread of its process and of the processes it started (skvm's device \
+         processes), less its vCPU threads, which the polling guest keeps busy whatever the VMM does. \
+         Medians over the rounds, lowest-highest in brackets. The host's sender (skvm bench itself) is \
+         not counted.\n\n| system | host->guest 64 B | host->guest 1472 B | guest->host 64 B | guest->host \
+         1472 B |\n|---|---:|---:|---:|---:|\n",
+    );
+    for row in measured {
+        let cells: Vec<String> = (0..4)
+            .map(|i| {
+                let median = row.cpu_us_per_frame.map_or(0.0, |m| m[i]);
+                let values = row.cpu_rounds.iter().map(|r| r[i]);
+                let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
+                format!("{median:.2} ({low:.2}-{high:.2})")
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", row.system, cells.join(" | "));
+    }
+}
+
 /// net.md: the figures, their spread, each mode against `shared`, and
 /// `shared` and `inprocess` against each peer.
 fn markdown(results: &NetResults, preset: &Preset) -> String {
@@ -547,6 +627,7 @@ fn markdown(results: &NetResults, preset: &Preset) -> String {
             spread(row, 5, 1)
         );
     }
+    cpu_table(&mut out, results);
     let ran = |name: &str| results.rows.iter().find(|r| r.system == name && r.error.is_none());
     let comparison = |out: &mut String, title: &str, base: &NetRow, others: &[&NetRow]| {
         let _ = write!(
@@ -570,4 +651,23 @@ fn markdown(results: &NetResults, preset: &Preset) -> String {
         comparison(&mut out, &format!("## `shared` and `inprocess` against {}", peer.system), peer, &modes);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(systems: &[System]) -> Vec<String> {
+        systems.iter().map(System::name).collect()
+    }
+
+    #[test]
+    fn systems_picks_by_name_in_the_usual_order_and_refuses_an_unknown_one() {
+        let all = || MODES.into_iter().map(System::Skvm).collect::<Vec<_>>();
+        assert_eq!(names(&chosen(all(), &[]).unwrap()), MODES);
+        let picked = chosen(all(), &["shared".into(), "rpc".into()]).unwrap();
+        assert_eq!(names(&picked), ["rpc", "shared"]);
+        let why = chosen(all(), &["firecracker".into()]).err().unwrap();
+        assert!(why.contains("`firecracker`") && why.contains("--peer"), "{why}");
+    }
 }

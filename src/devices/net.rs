@@ -89,6 +89,8 @@ pub struct NetDevice {
     spare: Vec<Vec<u8>>,
     /// The vectored calls' iovecs, reused: no allocation per frame.
     iovecs: Iovecs,
+    /// The copy-free receive's host pieces, reused likewise.
+    pub(super) rx_pieces: super::net_zero_copy::PieceBuffers,
 }
 
 /// iovecs kept between vectored calls for their allocation only: emptied
@@ -131,11 +133,15 @@ pub struct Held<T> {
     pub capacity: u64,
 }
 
-/// Where a frame goes: which held buffers (from the front), and how many of
-/// its bytes each takes.
+/// Where a frame goes: in the `buffers` front held buffers, each filled to
+/// its capacity but the last, which takes the `last` bytes left (see
+/// [`take_placed`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Placement {
-    Fits(Vec<u64>),
+    Fits {
+        buffers: usize,
+        last: u64,
+    },
     /// Not enough buffers yet: wait for the driver to post more.
     Wait,
     /// No buffers the driver could post would take it.
@@ -149,23 +155,30 @@ pub fn place(len: u64, capacities: impl IntoIterator<Item = u64>, mergeable: boo
     let mut capacities = capacities.into_iter().peekable();
     let Some(&first) = capacities.peek() else { return Placement::Wait };
     if !mergeable {
-        return if first >= len { Placement::Fits(vec![len]) } else { Placement::TooBig };
+        return if first >= len { Placement::Fits { buffers: 1, last: len } } else { Placement::TooBig };
     }
-    let mut lens = Vec::new();
     let mut left = len;
-    for capacity in capacities {
-        let take = capacity.min(left);
-        lens.push(take);
-        left -= take;
-        if left == 0 {
-            return Placement::Fits(lens);
+    for (buffers, capacity) in (1..).zip(capacities) {
+        if capacity >= left {
+            return Placement::Fits { buffers, last: left };
         }
+        left -= capacity;
     }
     if ring_full {
         Placement::TooBig
     } else {
         Placement::Wait
     }
+}
+
+/// Takes the held buffers a frame was placed in, front first, each with
+/// the bytes it takes ([`Placement::Fits`]).
+pub fn take_placed<T>(held: &mut VecDeque<Held<T>>, buffers: usize, last: u64) -> impl Iterator<Item = (T, u64)> + '_ {
+    (1..=buffers).map_while(move |nth| {
+        let next = held.pop_front()?;
+        let len = if nth == buffers { last } else { next.capacity };
+        Some((next.buffer, len))
+    })
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx`.
@@ -216,6 +229,7 @@ impl NetDevice {
             scratch: vec![0; HEADER + MAX_FRAME],
             spare: Vec::new(),
             iovecs: Iovecs::default(),
+            rx_pieces: Default::default(),
         })
     }
 
@@ -442,8 +456,8 @@ impl NetDevice {
                 return done;
             }
             let capacities = held.iter().map(|h| h.capacity);
-            let lens = match place(frame.len() as u64, capacities, self.mergeable(), ring_full) {
-                Placement::Fits(lens) => lens,
+            let (buffers, last) = match place(frame.len() as u64, capacities, self.mergeable(), ring_full) {
+                Placement::Fits { buffers, last } => (buffers, last),
                 Placement::Wait => {
                     self.pending = Some(frame);
                     return done;
@@ -454,21 +468,20 @@ impl NetDevice {
                 }
             };
             // Only the offload state the driver accepted reaches it.
-            let header = receive_header(&frame[..HEADER], self.negotiated, lens.len() as u16);
+            let header = receive_header(&frame[..HEADER], self.negotiated, buffers as u16);
             frame[..HEADER].copy_from_slice(&header);
             self.delivered(frame.len());
             delivered += frame.len() as u64;
-            if let [len] = lens[..] {
+            if buffers == 1 {
                 // The usual case: the whole frame in one buffer, no copy.
-                let buffer = held.pop_front().unwrap().buffer;
-                done.push((buffer, Reply { writes: vec![(0, frame)], used_len: len as u32, failed: false }));
+                let buffer = held.pop_front().expect("placed in a held buffer").buffer;
+                done.push((buffer, Reply { writes: vec![(0, frame)], used_len: last as u32, failed: false }));
                 continue;
             }
             let mut at = 0usize;
-            for len in lens {
+            for (buffer, len) in take_placed(held, buffers, last) {
                 let piece = frame[at..at + len as usize].to_vec();
                 at += len as usize;
-                let buffer = held.pop_front().unwrap().buffer;
                 done.push((buffer, Reply { writes: vec![(0, piece)], used_len: len as u32, failed: false }));
             }
         }
@@ -558,9 +571,17 @@ mod tests {
 
     #[test]
     fn frames_go_in_one_buffer_or_merge_across_several() {
-        assert_eq!(place(100, [200], false, false), Placement::Fits(vec![100]));
+        assert_eq!(place(100, [200], false, false), Placement::Fits { buffers: 1, last: 100 });
         assert_eq!(place(300, [200, 200], false, false), Placement::TooBig);
-        assert_eq!(place(300, [200, 200], true, false), Placement::Fits(vec![200, 100]));
+        assert_eq!(place(300, [200, 200], true, false), Placement::Fits { buffers: 2, last: 100 });
+        assert_eq!(place(400, [200, 200, 50], true, false), Placement::Fits { buffers: 2, last: 200 });
+        let mut held: VecDeque<Held<char>> = [('a', 200), ('b', 150), ('c', 200)]
+            .into_iter()
+            .map(|(buffer, capacity)| Held { buffer, capacity })
+            .collect();
+        let taken: Vec<(char, u64)> = take_placed(&mut held, 2, 100).collect();
+        assert_eq!(taken, [('a', 200), ('b', 100)], "each full but the last");
+        assert_eq!(held.len(), 1);
         assert_eq!(place(500, [200, 200], true, false), Placement::Wait);
         assert_eq!(place(500, [200, 200], true, true), Placement::TooBig);
         assert_eq!(place(10, [], true, false), Placement::Wait);

@@ -15,7 +15,7 @@
 //! way ([`NetDevice::receive`]): a frame longer than the buffers held (it
 //! waits for more, or is dropped as too big), a buffer outside RAM, or a
 //! frame already waiting.
-use super::net::{place, Held, NetDevice, Placement, HEADER, MAX_FRAME, MIN_FRAME, MTU_FRAME};
+use super::net::{place, take_placed, Held, NetDevice, Placement, HEADER, MAX_FRAME, MIN_FRAME, MTU_FRAME};
 use super::request::Reply;
 use super::virtqueue::Chain;
 use super::zero_copy::host_pieces_into;
@@ -36,9 +36,39 @@ pub fn receive(
     held: &mut VecDeque<Held<Chain>>,
     ring_full: bool,
 ) -> (Vec<(Chain, Reply)>, bool) {
+    // Filled afresh for each frame, and allocated once for the device's life.
+    let mut scratch = std::mem::take(&mut net.rx_pieces);
+    let received = receive_with(net, mem, held, ring_full, &mut scratch.header, &mut scratch.frame);
+    scratch.header.clear();
+    scratch.frame.clear();
+    net.rx_pieces = scratch;
+    received
+}
+
+/// Host memory pieces kept between receives for their allocation only:
+/// emptied before [`receive`] returns, so no pointer outlives the call
+/// that stored it.
+#[derive(Default)]
+pub struct PieceBuffers {
+    header: Pieces,
+    frame: Pieces,
+}
+
+// SAFETY: empty between calls (see above): nothing is shared or sent but
+// the allocations.
+unsafe impl Send for PieceBuffers {}
+// SAFETY: as above.
+unsafe impl Sync for PieceBuffers {}
+
+fn receive_with(
+    net: &mut NetDevice,
+    mem: &GuestMemoryMmap,
+    held: &mut VecDeque<Held<Chain>>,
+    ring_full: bool,
+    header_at: &mut Pieces,
+    pieces: &mut Pieces,
+) -> (Vec<(Chain, Reply)>, bool) {
     let mut done = Vec::new();
-    // Filled afresh for each frame, allocated once per call.
-    let (mut header_at, mut pieces) = (Vec::new(), Vec::new());
     loop {
         while held.front().is_some_and(|h| (h.capacity as usize) < HEADER) {
             net.counters.rx_bad_buffers += 1;
@@ -47,38 +77,38 @@ pub fn receive(
         if held.is_empty() || net.waits_for_buffers() {
             return (done, false);
         }
-        if frame_pieces(mem, held, net.mergeable(), &mut header_at, &mut pieces).is_none() {
+        if frame_pieces(mem, held, net.mergeable(), header_at, pieces).is_none() {
             return (done, false);
         }
         let mut header = [0u8; HEADER];
         // SAFETY: the pieces lie in guest RAM mapped by `mem`, which we hold.
-        let Some(got) = (unsafe { net.read_scattered(&mut header, &pieces) }) else { return (done, true) };
+        let Some(got) = (unsafe { net.read_scattered(&mut header, pieces) }) else { return (done, true) };
         if got < HEADER + MIN_FRAME {
             // A runt: nothing reaches the driver (its buffer is still ours).
             continue;
         }
         let capacities = held.iter().map(|h| h.capacity);
         let in_place = pieces.iter().map(|p| p.1).sum::<usize>() + HEADER;
-        let lens = match place(got as u64, capacities, net.mergeable(), ring_full) {
-            Placement::Fits(lens) if got <= in_place => lens,
+        let (buffers, last) = match place(got as u64, capacities, net.mergeable(), ring_full) {
+            Placement::Fits { buffers, last } if got <= in_place => (buffers, last),
             _ => {
                 // SAFETY: as for the read.
-                unsafe { net.keep_overflow(&header, &pieces, got) };
+                unsafe { net.keep_overflow(&header, pieces, got) };
                 return (done, false);
             }
         };
-        let header = net.header_for_driver(&header, lens.len() as u16);
+        let header = net.header_for_driver(&header, buffers as u16);
         let mut header = &header[..];
-        for &(ptr, len) in &header_at {
+        for &(ptr, len) in header_at.iter() {
             // SAFETY: checked guest RAM, mapped by `mem`, within the buffer.
             unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), ptr, len) };
             header = &header[len..];
         }
         net.delivered(got);
-        for len in lens {
-            let buffer = held.pop_front().expect("placed in a held buffer").buffer;
-            done.push((buffer, Reply { writes: Vec::new(), used_len: len as u32, failed: false }));
-        }
+        let placed = take_placed(held, buffers, last);
+        done.extend(
+            placed.map(|(buffer, len)| (buffer, Reply { writes: Vec::new(), used_len: len as u32, failed: false })),
+        );
     }
 }
 

@@ -17,6 +17,7 @@
 use super::memory::{AccessError, DeviceMemory};
 use rpc_schema::{QueueConfig, QueueState, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const DESC_SIZE: u64 = 16;
 const DESC_F_NEXT: u16 = 1;
@@ -93,15 +94,39 @@ fn parse_descriptor(table: &[u8], index: usize) -> Descriptor {
     }
 }
 
+/// A chain as walked: its buffers, or the indirect table its one
+/// descriptor names (checked for its length, not yet read).
+enum Walked {
+    Buffers(Vec<Buffer>),
+    Indirect(Segment),
+}
+
+impl Walked {
+    /// The buffers of a walk that could not meet an indirect table.
+    fn direct(self, head: u16) -> Result<Vec<Buffer>, QueueError> {
+        match self {
+            Walked::Buffers(buffers) => Ok(buffers),
+            Walked::Indirect(_) => Err(QueueError::BadIndirect(head)),
+        }
+    }
+}
+
 /// Follows `next` links through `table` from `start`, at most `limit` steps.
-fn walk(
-    table: &[u8],
+fn walk(table: &[u8], start: u16, limit: usize, head: u16, allow_indirect: bool) -> Result<Walked, QueueError> {
+    let count = table.len() / DESC_SIZE as usize;
+    walk_by(count, |index| Some(parse_descriptor(table, index)), start, limit, head, allow_indirect)
+}
+
+/// [`walk`] through a table of `count` descriptors that `desc` reads by
+/// index; each buffer as it is met, with no copy of the descriptors.
+fn walk_by(
+    count: usize,
+    desc: impl Fn(usize) -> Option<Descriptor>,
     start: u16,
     limit: usize,
     head: u16,
     allow_indirect: bool,
-) -> Result<Vec<Descriptor>, QueueError> {
-    let count = table.len() / DESC_SIZE as usize;
+) -> Result<Walked, QueueError> {
     let mut out = Vec::new();
     let mut index = start;
     loop {
@@ -111,20 +136,24 @@ fn walk(
         if out.len() >= limit {
             return Err(QueueError::ChainTooLong(head));
         }
-        let desc = parse_descriptor(table, index as usize);
-        if desc.flags & DESC_F_INDIRECT != 0 && (!allow_indirect || desc.flags & DESC_F_NEXT != 0 || !out.is_empty()) {
-            return Err(QueueError::BadIndirect(head));
+        let desc = desc(index as usize).ok_or(QueueError::BadIndex(index))?;
+        if desc.flags & DESC_F_INDIRECT != 0 {
+            // Only alone, at the head, and not inside another table.
+            if !allow_indirect || desc.flags & DESC_F_NEXT != 0 || !out.is_empty() {
+                return Err(QueueError::BadIndirect(head));
+            }
+            let len = desc.len;
+            if len == 0 || len % DESC_SIZE as u32 != 0 || len / DESC_SIZE as u32 > MAX_INDIRECT {
+                return Err(QueueError::BadIndirect(head));
+            }
+            return Ok(Walked::Indirect(Segment { addr: desc.addr, len }));
         }
-        out.push(desc);
+        out.push(Buffer { addr: desc.addr, len: desc.len, writable: desc.flags & DESC_F_WRITE != 0 });
         if desc.flags & DESC_F_NEXT == 0 {
-            return Ok(out);
+            return Ok(Walked::Buffers(out));
         }
         index = desc.next;
     }
-}
-
-fn to_buffers(descs: &[Descriptor]) -> Vec<Buffer> {
-    descs.iter().map(|d| Buffer { addr: d.addr, len: d.len, writable: d.flags & DESC_F_WRITE != 0 }).collect()
 }
 
 /// Buffer contents fetched ahead of need (see the module notes).
@@ -235,8 +264,13 @@ impl SplitQueue {
     pub async fn pop_all<M: DeviceMemory>(&mut self, mem: &M) -> Result<(Vec<Chain>, Prefetched), QueueError> {
         // Where guest RAM is mapped a look is a load: an empty ring costs no
         // copies (a ring that is not RAM fails below, as before).
-        if mem.mapped().is_some_and(|mapped| self.avail_idx(&mapped) == Some(self.next_avail)) {
-            return Ok((Vec::new(), Prefetched(Vec::new())));
+        if let Some(mapped) = mem.mapped() {
+            if self.avail_idx(&mapped) == Some(self.next_avail) {
+                return Ok((Vec::new(), Prefetched(Vec::new())));
+            }
+            if let Some(popped) = self.pop_mapped(&mapped) {
+                return popped.map(|chains| (chains, Prefetched(Vec::new())));
+            }
         }
         let size = self.size();
         let avail_len = 4 + 2 * size as u32;
@@ -265,24 +299,33 @@ impl SplitQueue {
         for i in 0..pending {
             let slot = (self.next_avail.wrapping_add(i) % size) as usize;
             let head = u16::from_le_bytes([avail[4 + 2 * slot], avail[5 + 2 * slot]]);
-            let descs = walk(table, head, size as usize, head, self.indirect)?;
-            if descs[0].flags & DESC_F_INDIRECT != 0 {
-                let len = descs[0].len;
-                if len == 0 || len % DESC_SIZE as u32 != 0 || len / DESC_SIZE as u32 > MAX_INDIRECT {
-                    return Err(QueueError::BadIndirect(head));
+            let buffers = match walk(table, head, size as usize, head, self.indirect)? {
+                Walked::Buffers(buffers) => buffers,
+                Walked::Indirect(segment) => {
+                    // Its buffers come with the tables' read, below.
+                    indirect.push((chains.len(), segment));
+                    Vec::new()
                 }
-                indirect.push((chains.len(), Segment { addr: descs[0].addr, len }));
-            }
-            chains.push(Chain { head, buffers: to_buffers(&descs) });
+            };
+            chains.push(Chain { head, buffers });
         }
         if !indirect.is_empty() {
             let tables = mem.read(indirect.iter().map(|(_, s)| *s).collect()).await?;
             for ((at, _), table) in indirect.iter().zip(tables) {
                 let head = chains[*at].head;
-                let descs = walk(&table, 0, MAX_INDIRECT as usize, head, false)?;
-                chains[*at].buffers = to_buffers(&descs);
+                chains[*at].buffers = walk(&table, 0, MAX_INDIRECT as usize, head, false)?.direct(head)?;
             }
         }
+        self.take_within_batch(&mut chains);
+        if !chains.is_empty() {
+            self.predict(&chains);
+        }
+        Ok((chains, Prefetched(prefetched)))
+    }
+
+    /// Keeps the chains within [`MAX_BATCH_BYTES`] (at least one) and moves
+    /// past them.
+    fn take_within_batch(&mut self, chains: &mut Vec<Chain>) {
         let mut bytes = 0u64;
         let taken = chains
             .iter()
@@ -294,10 +337,60 @@ impl SplitQueue {
             .count();
         chains.truncate(taken);
         self.next_avail = self.next_avail.wrapping_add(taken as u16);
-        if !chains.is_empty() {
-            self.predict(&chains);
+    }
+
+    /// [`SplitQueue::pop_all`] where guest RAM is mapped here: the avail
+    /// entries and descriptors it needs read in place, checked the same
+    /// way, with no snapshot of the whole rings and no memory call (at a
+    /// frame or two per look, the snapshot's copy and allocations were most
+    /// of a network device's own work per frame). None when a ring or an
+    /// indirect table is not wholly RAM: the copying way then fails the
+    /// queue as it always has.
+    fn pop_mapped(&mut self, mapped: &GuestMemoryMmap) -> Option<Result<Vec<Chain>, QueueError>> {
+        let size = self.size();
+        let ram = |addr: u64, len: u64| mapped.check_range(GuestAddress(addr), len as usize);
+        if !ram(self.config.avail, 4 + 2 * size as u64) || !ram(self.config.desc, DESC_SIZE * size as u64) {
+            return None;
         }
-        Ok((chains, Prefetched(prefetched)))
+        let avail_idx = self.avail_idx(mapped)?;
+        // What the driver wrote before publishing the index is seen after it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending > size {
+            return Some(Err(QueueError::AvailOverrun { avail: avail_idx, pending, size }));
+        }
+        let desc_in = |table: u64| {
+            move |index: usize| {
+                let mut bytes = [0u8; DESC_SIZE as usize];
+                let at = GuestAddress(table.wrapping_add(index as u64 * DESC_SIZE));
+                mapped.read_slice(&mut bytes, at).ok()?;
+                Some(parse_descriptor(&bytes, 0))
+            }
+        };
+        let mut chains = Vec::with_capacity(pending as usize);
+        for i in 0..pending {
+            let slot = self.next_avail.wrapping_add(i) % size;
+            let entry = GuestAddress(self.config.avail + 4 + 2 * slot as u64);
+            let head = u16::from_le(mapped.read_obj::<u16>(entry).ok()?);
+            let walked = walk_by(size as usize, desc_in(self.config.desc), head, size as usize, head, self.indirect);
+            let buffers = match walked {
+                Ok(Walked::Buffers(buffers)) => Ok(buffers),
+                Ok(Walked::Indirect(table)) if ram(table.addr, table.len as u64) => {
+                    let count = (table.len / DESC_SIZE as u32) as usize;
+                    let walked = walk_by(count, desc_in(table.addr), 0, MAX_INDIRECT as usize, head, false);
+                    walked.and_then(|walked| walked.direct(head))
+                }
+                // Not RAM: the copying way reports it.
+                Ok(Walked::Indirect(_)) => return None,
+                Err(e) => Err(e),
+            };
+            match buffers {
+                Ok(buffers) => chains.push(Chain { head, buffers }),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        self.take_within_batch(&mut chains);
+        Some(Ok(chains))
     }
 
     fn predict(&mut self, chains: &[Chain]) {
@@ -333,6 +426,30 @@ impl SplitQueue {
             writes.push(self.avail_event());
         }
         writes
+    }
+
+    /// [`SplitQueue::complete`] written in place where guest RAM is mapped
+    /// here: the entries, then the index (released after them), then with
+    /// EVENT_IDX the avail event. False, with nothing written, when the
+    /// used ring is not wholly RAM (the copying way then fails as before).
+    pub fn complete_mapped(&mut self, mapped: &GuestMemoryMmap, done: &[(u16, u32)]) -> bool {
+        let (used, size) = (self.config.used, self.size());
+        // Flags, index, the entries and the avail event after them.
+        if !mapped.check_range(GuestAddress(used), 6 + 8 * size as usize) {
+            return false;
+        }
+        // Within the range just checked, which the caller's snapshot keeps mapped.
+        for &(head, len) in done {
+            let entry = used + 4 + 8 * (self.next_used % size) as u64;
+            let _ = mapped.write_obj((head as u32).to_le(), GuestAddress(entry));
+            let _ = mapped.write_obj(len.to_le(), GuestAddress(entry + 4));
+            self.next_used = self.next_used.wrapping_add(1);
+        }
+        let _ = mapped.store(self.next_used.to_le(), GuestAddress(used + 2), std::sync::atomic::Ordering::Release);
+        if self.event_idx && !self.polling {
+            let _ = mapped.write_obj(self.next_avail.to_le(), GuestAddress(used + 4 + 8 * size as u64));
+        }
+        true
     }
 
     /// With EVENT_IDX: notify us once the driver makes available beyond what we have taken.
@@ -393,15 +510,26 @@ mod tests {
             (0x2000, 512, DESC_F_NEXT | DESC_F_WRITE, 2),
             (0x3000, 1, DESC_F_WRITE, 0),
         ]);
-        let chain = walk(&t, 0, 3, 0, true).unwrap();
+        let chain = walk(&t, 0, 3, 0, true).unwrap().direct(0).unwrap();
         assert_eq!(chain.len(), 3);
-        assert!(to_buffers(&chain)[2].writable);
+        assert!(chain[2].writable && !chain[0].writable);
         let looped = table(&[(0, 1, DESC_F_NEXT, 1), (0, 1, DESC_F_NEXT, 0)]);
         assert!(matches!(walk(&looped, 0, 2, 0, true), Err(QueueError::ChainTooLong(0))));
         let bad = table(&[(0, 1, DESC_F_NEXT, 7)]);
         assert!(matches!(walk(&bad, 0, 1, 0, true), Err(QueueError::BadIndex(7))));
         let nested = table(&[(0, 16, DESC_F_INDIRECT | DESC_F_NEXT, 0)]);
         assert!(matches!(walk(&nested, 0, 1, 0, true), Err(QueueError::BadIndirect(0))));
+        // An indirect descriptor alone names its table, of whole descriptors,
+        // where indirect tables are allowed (not inside one).
+        let indirect = table(&[(0x9000, 32, DESC_F_INDIRECT, 0)]);
+        let named = match walk(&indirect, 0, 1, 5, true) {
+            Ok(Walked::Indirect(segment)) => segment,
+            _ => panic!("an indirect table"),
+        };
+        assert_eq!((named.addr, named.len), (0x9000, 32));
+        assert!(matches!(walk(&indirect, 0, 1, 5, false), Err(QueueError::BadIndirect(5))));
+        let ragged = table(&[(0x9000, 24, DESC_F_INDIRECT, 0)]);
+        assert!(matches!(walk(&ragged, 0, 1, 5, true), Err(QueueError::BadIndirect(5))));
     }
 
     #[test]
@@ -475,7 +603,7 @@ mod tests {
 mod ring_tests {
     use super::*;
     use crate::devices::memory::MappedMemory;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::GuestMemoryAtomic;
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
@@ -494,10 +622,29 @@ mod ring_tests {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
     }
 
-    #[test]
-    fn pops_direct_and_indirect_chains_and_publishes_avail_event() {
+    /// The same memory, not mapped here: the copying way, as `rpc-dma`
+    /// walks its rings (one snapshot of both rings, prefetched buffers).
+    struct Copied(MappedMemory);
+
+    impl DeviceMemory for Copied {
+        async fn read(&self, segments: Vec<Segment>) -> Result<Vec<ByteBuf>, AccessError> {
+            self.0.read(segments).await
+        }
+        async fn write(&self, segments: Vec<WriteSegment>) -> Result<(), AccessError> {
+            self.0.write(segments).await
+        }
+        async fn read_granted(&self, ranges: Vec<rpc_schema::GrantRange>) -> Result<Vec<ByteBuf>, AccessError> {
+            self.0.read_granted(ranges).await
+        }
+        async fn write_granted(&self, writes: Vec<rpc_schema::GrantWrite>) -> Result<(), AccessError> {
+            self.0.write_granted(writes).await
+        }
+    }
+
+    /// Head 0: a direct chain 0 -> 1. Head 2: an indirect table of two
+    /// descriptors. Both available, in a queue of 4.
+    fn two_chains() -> GuestMemoryMmap {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        // Head 0: a direct chain 0 -> 1. Head 2: an indirect table of two descriptors.
         put_desc(&mem, DESC, 0, 0x5000, 16, DESC_F_NEXT, 1);
         put_desc(&mem, DESC, 1, 0x6000, 512, DESC_F_WRITE, 0);
         put_desc(&mem, DESC, 2, INDIRECT, 32, DESC_F_INDIRECT, 0);
@@ -506,11 +653,15 @@ mod ring_tests {
         mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
         mem.write_obj(2u16, GuestAddress(AVAIL + 6)).unwrap();
         mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap(); // avail idx
-        let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
+        mem
+    }
+
+    /// Pops [`two_chains`], then head 0 again, and completes both: the same
+    /// chains and used ring whichever way the device reaches the rings.
+    fn pop_and_complete<M: DeviceMemory>(memory: &M, mem: &GuestMemoryMmap) -> (Vec<Chain>, Prefetched) {
         let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
         let mut queue = SplitQueue::new(config, true, true);
-
-        let (chains, _) = block_on(queue.pop_all(&memory)).unwrap();
+        let (chains, _) = block_on(queue.pop_all(memory)).unwrap();
         assert_eq!(chains.len(), 2);
         assert_eq!(
             chains[0].buffers,
@@ -518,25 +669,79 @@ mod ring_tests {
         );
         assert_eq!(chains[1].head, 2);
         assert_eq!(chains[1].buffers[1], Buffer { addr: 0x8000, len: 1, writable: true });
-        // With nothing new, a pop of mapped memory copies nothing at all.
-        let (chains, mut prefetched) = block_on(queue.pop_all(&memory)).unwrap();
-        assert!(chains.is_empty() && prefetched.take(0x5000, 8).is_none(), "nothing new the second time");
-        // The readable buffers just seen come back prefetched on the next pop
-        // that has something (head 0 again).
+        let (chains, _) = block_on(queue.pop_all(memory)).unwrap();
+        assert!(chains.is_empty(), "nothing new the second time");
         mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x5000)).unwrap();
         mem.write_obj(0u16, GuestAddress(AVAIL + 8)).unwrap();
         mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
-        let (chains, mut prefetched) = block_on(queue.pop_all(&memory)).unwrap();
-        assert_eq!(chains.len(), 1, "head 0 again");
+        let popped = block_on(queue.pop_all(memory)).unwrap();
+        assert_eq!(popped.0.len(), 1, "head 0 again");
+
+        assert!(block_on(super::super::ring::deliver_all(memory, &mut queue, &[(0, 513), (2, 1)], Vec::new())).unwrap());
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "used idx");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4)).unwrap(), 0, "first used element's head");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 8)).unwrap(), 513, "first used element's length");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8)).unwrap(), 2, "second used element's head");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 3, "avail_event");
+        popped
+    }
+
+    #[test]
+    fn pops_direct_and_indirect_chains_and_publishes_avail_event() {
+        // The copying way: the readable buffers just seen come back
+        // prefetched on the next pop that has something (head 0 again).
+        let mem = two_chains();
+        let (_, mut prefetched) =
+            pop_and_complete(&Copied(MappedMemory::new(GuestMemoryAtomic::new(mem.clone()))), &mem);
         assert_eq!(prefetched.take(0x5000, 8), Some(0x1122_3344_5566_7788u64.to_le_bytes().to_vec()));
         assert_eq!(prefetched.take(0x7000, 16).map(|b| b.len()), Some(16));
         assert_eq!(prefetched.take(0x6000, 1), None, "writable buffers are not prefetched");
+        // Where guest RAM is mapped, the same, read and written in place:
+        // nothing is copied ahead (a buffer is read where it lies).
+        let mem = two_chains();
+        let (_, mut prefetched) = pop_and_complete(&MappedMemory::new(GuestMemoryAtomic::new(mem.clone())), &mem);
+        assert_eq!(prefetched.take(0x5000, 8), None);
+    }
 
-        let writes = queue.complete(&[(0, 513), (2, 1)]);
-        block_on(memory.write(writes)).unwrap();
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "used idx");
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8)).unwrap(), 2, "second used element's head");
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 4)).unwrap(), 3, "avail_event");
+    /// Where guest RAM is mapped, a broken chain fails the queue just as it
+    /// does the copying way, and a used ring outside RAM is left to it.
+    #[test]
+    fn mapped_rings_are_checked_as_copied_ones_are() {
+        let broken = |setup: &dyn Fn(&GuestMemoryMmap)| {
+            let mem = two_chains();
+            setup(&mem);
+            let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: USED };
+            let mapped = block_on(
+                SplitQueue::new(config, true, true).pop_all(&MappedMemory::new(GuestMemoryAtomic::new(mem.clone()))),
+            )
+            .err();
+            let copied = block_on(
+                SplitQueue::new(config, true, true).pop_all(&Copied(MappedMemory::new(GuestMemoryAtomic::new(mem)))),
+            )
+            .err();
+            (mapped.map(|e| e.to_string()), copied.map(|e| e.to_string()))
+        };
+        type Breaks<'a> = &'a dyn Fn(&GuestMemoryMmap);
+        let cases: [(&str, Breaks); 5] = [
+            ("a loop", &|mem| put_desc(mem, DESC, 1, 0x6000, 512, DESC_F_WRITE | DESC_F_NEXT, 0)),
+            ("an index outside the queue", &|mem| put_desc(mem, DESC, 1, 0x6000, 512, DESC_F_NEXT, 9)),
+            ("a bad indirect length", &|mem| put_desc(mem, DESC, 2, INDIRECT, 24, DESC_F_INDIRECT, 0)),
+            ("an indirect table outside RAM", &|mem| put_desc(mem, DESC, 2, 0xfff0, 32, DESC_F_INDIRECT, 0)),
+            ("an avail index past the queue", &|mem| mem.write_obj(9u16, GuestAddress(AVAIL + 2)).unwrap()),
+        ];
+        for (case, setup) in cases {
+            let (mapped, copied) = broken(setup);
+            assert!(mapped.is_some(), "{case}: the mapped pop took it");
+            assert_eq!(mapped, copied, "{case}");
+        }
+        // A used ring that is not RAM: nothing written in place, and the queue unmoved.
+        let mem = two_chains();
+        let memory = MappedMemory::new(GuestMemoryAtomic::new(mem.clone()));
+        let config = QueueConfig { index: 0, size: 4, desc: DESC, avail: AVAIL, used: 0xfff8 };
+        let mut queue = SplitQueue::new(config, true, true);
+        let before = queue.state();
+        assert!(!queue.complete_mapped(&memory.mapped().unwrap(), &[(0, 1)]));
+        assert_eq!(queue.state().next_used, before.next_used);
     }
 
     #[test]
