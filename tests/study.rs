@@ -195,6 +195,7 @@ fn the_published_reports_render_from_their_results_files() {
         "study-2026-12-01-event-idx",
         "study-2026-12-01-halt",
         "study-2026-12-02",
+        "study-2026-12-02-rings",
     ] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(study);
         let again = temp_path(&format!("published-render-{study}"));
