@@ -6,14 +6,17 @@
 //!
 //! Round trips: one read fetches the avail ring and the whole descriptor
 //! table, a second fetches indirect tables when there are any, and the used
-//! ring is updated together with the request's data in one write.
+//! ring is updated together with the request's data in one write. Where
+//! guest RAM is mapped here there are no round trips to save: a pop reads
+//! the entries and descriptors it needs in place, and a completion with no
+//! data of its own writes the used ring in place (same checks, same errors).
 //!
-//! Prefetch: drivers reuse their request buffers, so the first read also
-//! fetches the device-readable buffers of the chains seen last time. Where
-//! the new chains name the same buffers, the device has their contents
-//! without another round trip; where not, it reads them as usual. (The read
-//! comes after the avail index in the same request, so it sees whatever the
-//! driver wrote before publishing.)
+//! Prefetch (the copying way): drivers reuse their request buffers, so the
+//! first read also fetches the device-readable buffers of the chains seen
+//! last time. Where the new chains name the same buffers, the device has
+//! their contents without another round trip; where not, it reads them as
+//! usual. (The read comes after the avail index in the same request, so it
+//! sees whatever the driver wrote before publishing.)
 use super::memory::{AccessError, DeviceMemory};
 use rpc_schema::{QueueConfig, QueueState, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
