@@ -528,12 +528,16 @@ fn against(row: &NetRow, base: &NetRow, (column, lower_is_better): (usize, bool)
 
 /// Lowest-highest across the rounds of one column, with `decimals`.
 fn spread(row: &NetRow, column: usize, decimals: usize) -> String {
-    let values = row.rounds.iter().map(|r| r[column]);
-    let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
-    match row.rounds.is_empty() {
-        true => "-".into(),
-        false => format!("{low:.decimals$}-{high:.decimals$}"),
+    low_high(row.rounds.iter().map(|r| r[column]), decimals)
+}
+
+/// `values` as lowest-highest with `decimals`; "-" when there are none.
+fn low_high(values: impl ExactSizeIterator<Item = f64>, decimals: usize) -> String {
+    if values.len() == 0 {
+        return "-".into();
     }
+    let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
+    format!("{low:.decimals$}-{high:.decimals$}")
 }
 
 /// The host CPU each VMM spent per frame, when the run measured it.
@@ -554,9 +558,7 @@ fn cpu_table(out: &mut String, results: &NetResults) {
         let cells: Vec<String> = (0..4)
             .map(|i| {
                 let median = row.cpu_us_per_frame.map_or(0.0, |m| m[i]);
-                let values = row.cpu_rounds.iter().map(|r| r[i]);
-                let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
-                format!("{median:.2} ({low:.2}-{high:.2})")
+                format!("{median:.2} ({})", low_high(row.cpu_rounds.iter().map(|r| r[i]), 2))
             })
             .collect();
         let _ = writeln!(out, "| {} | {} |", row.system, cells.join(" | "));
