@@ -122,6 +122,41 @@ fn a_device_killed_by_its_seccomp_filter_mid_io_comes_back_in_rpc_mode() {
     assert_eq!(vm.shutdown(), Some(0));
 }
 
+/// A device that stops answering (SIGSTOP here) does not hold up `GET /vm`:
+/// the report comes without its counters, the device is not failed for
+/// it, and once it runs again it carries on with nothing lost.
+#[test]
+fn a_stopped_device_does_not_hold_up_the_report() {
+    let (path, arg) = disk("stopped-report.img");
+    let args =
+        ["--memory", "64M", "--disk", &arg, "--cmdline", "scenario=blk-verify ops=1000000000 qd=8 hold=1 stop=1"];
+    let mut vm = LiveVm::start("stopped-report", &args);
+    vm.wait_console("blk-verify: start", LONG);
+    let pid = device_pid(vm.child.id()).expect("blk0 has a process");
+    // SAFETY: stops and continues our own grandchild, the device process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    for _ in 0..3 {
+        let (status, info) = vm.api("GET", "/vm", "");
+        let blk = &info["devices"][0];
+        assert_eq!((status, &blk["healthy"], blk["pid"].as_i64()), (200, &true.into(), Some(pid as i64)), "{info}");
+        assert!(blk["counters"].is_null(), "a stopped device answered: {info}");
+    }
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let deadline = std::time::Instant::now() + LONG;
+    while vm.api("GET", "/vm", "").1["devices"][0]["counters"]["requests"].as_u64().unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the device never answered again: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_verify(&path);
+    let console = vm.wait_console("blk-verify: done", LONG);
+    let (errors, corrupt, hash) = verify_report(&console);
+    assert_eq!((errors, corrupt), (0, 0), "{console}");
+    assert_eq!(hash, first_mib_hash(&path), "the host file differs from the guest's record");
+    let (_, info) = vm.api("GET", "/vm", "");
+    assert_eq!(info["devices"][0]["restarts"], 0, "{info}");
+    assert_eq!(vm.shutdown(), Some(0));
+}
+
 /// Durability: what the guest flushed is on the host file even if the whole
 /// VMM is killed right after.
 #[test]

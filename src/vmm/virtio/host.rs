@@ -370,9 +370,21 @@ pub struct CountersQuery {
 
 impl CountersQuery {
     /// The counters; None when the device does not answer in time. A report
-    /// must not hang on a busy or stuck device, nor fail it.
+    /// must not hang on a busy or stuck device, nor fail it. The wait is
+    /// this thread's own: tarpc times a request out only once its channel
+    /// has written it, and the RPC thread drives that channel and every
+    /// timer, so neither a device that stops reading nor a busy RPC thread
+    /// can hold the report past the deadline.
     pub fn send(self) -> Option<rpc_schema::DeviceCounters> {
-        self.runtime.block_on(self.client.counters(within(COUNTERS_DEADLINE))).ok()
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let client = self.client;
+        self.runtime.spawn(async move {
+            let asked = client.counters(within(COUNTERS_DEADLINE));
+            // Dropping the call on time cancels it, so none piles up.
+            let counters = tokio::time::timeout(COUNTERS_DEADLINE, asked).await;
+            let _ = reply.send(counters.ok().and_then(|r| r.ok()));
+        });
+        answer.recv_timeout(COUNTERS_DEADLINE).ok().flatten()
     }
 }
 
