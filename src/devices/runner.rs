@@ -725,10 +725,17 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
         // A network device may hold new receive buffers: its receive loop looks again.
         self.kick.notify_one();
         let completions = completions?;
+        let mut spent = Vec::new();
         let mut answer = match &self.staging {
-            Some(area) => area.stage(completions),
+            Some(area) => area.stage(completions, &mut spent),
             None => Answer { completions, ..Default::default() },
         };
+        // Received frames' buffers, whose bytes are in the slot now, take the next frames.
+        if !spent.is_empty() && self.info.device_id == super::net::DEVICE_ID {
+            if let Backend::Net(net) = &mut self.core.lock().await.backend {
+                net.recycle_bytes(spent.into_iter());
+            }
+        }
         if let Some(tamper) = &self.tamper_answer {
             (tamper.lock().unwrap_or_else(|e| e.into_inner()))(&mut answer);
         }

@@ -66,8 +66,9 @@ impl StagingArea {
     }
 
     /// The answer to a batch: its completions' bytes in a free slot, or
-    /// inline when there are none, none is free, or they do not fit.
-    pub fn stage(&self, completions: Vec<CompletedRequest>) -> Answer {
+    /// inline when there are none, none is free, or they do not fit. The
+    /// buffers of bytes staged go to `spent`, for the device to reuse.
+    pub fn stage(&self, completions: Vec<CompletedRequest>, spent: &mut Vec<Vec<u8>>) -> Answer {
         let total: u64 = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
         let slot = match total {
             MIN_STAGED_BYTES..=STAGING_SLOT_BYTES => self.free.lock().unwrap_or_else(|e| e.into_inner()).pop(),
@@ -76,14 +77,15 @@ impl StagingArea {
         let Some(slot) = slot else { return Answer { completions, ..Default::default() } };
         let area = self.map.as_volatile_slice();
         let mut at = slot as usize * STAGING_SLOT_BYTES as usize;
-        let staged = completions.iter().map(|c| {
-            let writes = c.writes.iter().map(|w| {
+        let staged = completions.into_iter().map(|c| {
+            let writes = c.writes.into_iter().map(|w| {
                 let len = w.data.len();
                 // Within the slot: their sum fits, checked above.
                 if let Ok(room) = area.subslice(at, len) {
                     room.copy_from(&w.data[..]);
                 }
                 let write = StagedWrite { buffer: w.buffer, offset: w.offset, at: at as u32, len: len as u32 };
+                spent.push(w.data.into_vec());
                 at += len;
                 write
             });
@@ -135,8 +137,10 @@ mod tests {
             CompletedRequest { grant: 9, used_len: 0, writes: vec![] },
             CompletedRequest { grant: 8, used_len: 4, writes: vec![write(0, b"next")] },
         ];
-        let answer = area.stage(completions.clone());
+        let mut spent = Vec::new();
+        let answer = area.stage(completions.clone(), &mut spent);
         let slot = answer.slot.expect("a slot");
+        assert_eq!(spent, [&b"header"[..], &frame, b"next"].map(<[u8]>::to_vec), "the staged bytes' buffers, to reuse");
         assert!(answer.completions.is_empty());
         let base = slot as u32 * STAGING_SLOT_BYTES as u32;
         let at = |buffer, at, len| StagedWrite { buffer, offset: 12, at: base + at, len };
@@ -152,28 +156,33 @@ mod tests {
         // Every slot taken: the next answer goes inline, until one comes back.
         let mut taken = vec![slot];
         for _ in 1..STAGING_SLOTS {
-            taken.push(area.stage(completions.clone()).slot.expect("a free slot"));
+            taken.push(area.stage(completions.clone(), &mut Vec::new()).slot.expect("a free slot"));
         }
         taken.sort_unstable();
         assert_eq!(taken, (0..STAGING_SLOTS).collect::<Vec<_>>(), "each slot once");
-        let inline = area.stage(completions.clone());
-        assert_eq!((inline.slot, &inline.completions), (None, &completions));
+        let mut spent = Vec::new();
+        let inline = area.stage(completions.clone(), &mut spent);
+        assert_eq!((inline.slot, &inline.completions, spent.len()), (None, &completions, 0));
         area.free(&[slot, slot, 200]);
-        assert_eq!(area.stage(completions.clone()).slot, Some(slot), "handed back once; 200 is no slot");
-        assert_eq!(area.stage(completions.clone()).slot, None);
+        assert_eq!(
+            area.stage(completions.clone(), &mut Vec::new()).slot,
+            Some(slot),
+            "handed back once; 200 is no slot"
+        );
+        assert_eq!(area.stage(completions.clone(), &mut Vec::new()).slot, None);
 
         // Nothing to stage, too little to be worth a slot, or more than a slot: inline.
         area.free(&[slot]);
         let empty = vec![CompletedRequest { grant: 1, used_len: 0, writes: vec![] }];
-        assert_eq!(area.stage(empty).slot, None);
+        assert_eq!(area.stage(empty, &mut Vec::new()).slot, None);
         let status = vec![CompletedRequest { grant: 1, used_len: 1, writes: vec![write(0, &[0])] }];
-        assert_eq!(area.stage(status).slot, None);
+        assert_eq!(area.stage(status, &mut Vec::new()).slot, None);
         let big = vec![CompletedRequest {
             grant: 1,
             used_len: 0,
             writes: vec![write(0, &vec![0; STAGING_SLOT_BYTES as usize + 1])],
         }];
-        assert_eq!(area.stage(big).slot, None);
+        assert_eq!(area.stage(big, &mut Vec::new()).slot, None);
     }
 
     #[test]

@@ -293,7 +293,7 @@ mod tests {
         serve(runtime.handle(), vmm_end, memory.clone(), health.clone()).unwrap();
         let readable = GrantedBuffer { addr: 0x100, len: 16, writable: false };
         let writable = GrantedBuffer { addr: 0x20000, len: 8, writable: true };
-        let id = lock(&access.grants).issue(Grant { queue: 0, head: 0, buffers: vec![readable, writable] });
+        let (id, _) = lock(&access.grants).issue(Grant { queue: 0, head: 0, buffers: vec![readable, writable] });
         runtime.block_on(async {
             let client = GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn();
             let ctx = tarpc::context::current;
