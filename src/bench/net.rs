@@ -34,12 +34,17 @@ struct Preset {
     /// Every system is booted and measured once per round, the systems
     /// taking turns, so a slow spell of the host falls on all of them.
     rounds: usize,
-    /// A multiple of 64, so the last datagram is acknowledged.
+    /// A multiple of 64, so the last datagram is acknowledged. The full
+    /// preset's phases last about half a second each: at 20,480 they took
+    /// 80-150 ms, and one slow spell of the host moved a round's figure by
+    /// a fifth (`shared`+Firecracker, 9 rounds each way, 2026-12-02 AMD
+    /// EPYC: `shared` host->guest 1,472 B spread 187-353 MiB/s at 20,480,
+    /// 245-328 at 102,400).
     datagrams: u32,
     echoes: usize,
 }
 
-const FULL: Preset = Preset { rounds: 9, datagrams: 20_480, echoes: 2_000 };
+const FULL: Preset = Preset { rounds: 9, datagrams: 102_400, echoes: 2_000 };
 const QUICK: Preset = Preset { rounds: 2, datagrams: 4_096, echoes: 500 };
 
 /// Who runs the guest: skvm in one of its modes, or a peer VMM.
