@@ -418,10 +418,11 @@ fn bench_net_measures_every_memory_mode() {
         return;
     }
     let out = common::temp_path("bench-net");
-    let outcome = common::wait_with_deadline(
-        common::skvm(&["bench", "--net", "--quick", "--no-qemu", "--out", out.to_str().unwrap()]).spawn().unwrap(),
-        Duration::from_secs(600),
-    );
+    let bench =
+        common::skvm(&["bench", "--net", "--quick", "--no-qemu", "--out", out.to_str().unwrap()]).spawn().unwrap();
+    // Its namespaces are named after its process (others' may come and go meanwhile).
+    let made_here = format!("skvm-{}-bench-", bench.id());
+    let outcome = common::wait_with_deadline(bench, Duration::from_secs(600));
     assert_eq!(outcome.code(), Some(0), "{}", outcome.stderr);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("net.json")).unwrap()).unwrap();
@@ -475,5 +476,5 @@ fn bench_net_measures_every_memory_mode() {
     // Nothing is left behind: every namespace the run made is gone.
     let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let namespaces = String::from_utf8_lossy(&namespaces.stdout);
-    assert!(!namespaces.lines().any(|ns| ns.contains("-bench-")), "left behind: {namespaces}");
+    assert!(!namespaces.lines().any(|ns| ns.starts_with(&made_here)), "left behind: {namespaces}");
 }
