@@ -37,7 +37,7 @@ struct Preset {
     /// A multiple of 64, so the last datagram is acknowledged. The full
     /// preset's phases last about half a second each: at 20,480 they took
     /// 80-150 ms, and one slow spell of the host moved a round's figure by
-    /// a fifth (`shared`+Firecracker, 9 rounds each way, 2026-12-02 AMD
+    /// a fifth (`shared` and Firecracker, 9 rounds at each, 2026-12-02 AMD
     /// EPYC: `shared` host->guest 1,472 B spread 187-353 MiB/s at 20,480,
     /// 245-328 at 102,400).
     datagrams: u32,
