@@ -239,9 +239,16 @@ impl LiveVm {
         }
     }
 
-    /// One API request: the HTTP status and the JSON body.
+    /// One API request: the HTTP status and the JSON body. A request that
+    /// fails (a reply that never came, say) panics with where every thread
+    /// of skvm and of its device processes was then.
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-        self.try_api(method, path, body).unwrap()
+        self.try_api(method, path, body).unwrap_or_else(|e| {
+            let pid = self.child.id();
+            let devices: String =
+                child_pids(pid).iter().map(|&p| format!("process {p}:\n{}", threads_report(p as u32))).collect();
+            panic!("{method} {path}: {e}\nskvm's threads:\n{}{devices}stderr:\n{}", threads_report(pid), self.stderr())
+        })
     }
 
     /// One API request; Err when skvm is gone or the reply is not HTTP with JSON.
