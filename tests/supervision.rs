@@ -32,6 +32,21 @@ fn verify_report(console: &str) -> (u64, u64, String) {
     (field("errors=").parse().unwrap(), field("corrupt=").parse().unwrap(), field("hash="))
 }
 
+/// Checks a `blk-verify` report: no errors, nothing corrupt, and the host
+/// file holds what the guest recorded. `what` names the case in a failure.
+fn assert_verified(console: &str, path: &Path, what: &str) {
+    let (errors, corrupt, hash) = verify_report(console);
+    assert_eq!((errors, corrupt), (0, 0), "{what}: {console}");
+    assert_eq!(hash, first_mib_hash(path), "{what}: the host file differs from the guest's record");
+}
+
+/// Tells a guest running `blk-verify stop=1` to finish, and checks its report.
+fn finish_verify(vm: &mut LiveVm, path: &Path, what: &str) {
+    stop_verify(path);
+    let console = vm.wait_console("blk-verify: done", LONG);
+    assert_verified(&console, path, what);
+}
+
 /// The device process under skvm (its only child, started by any of its threads).
 fn device_pid(vmm: u32) -> Option<i32> {
     child_pids(vmm).first().copied()
@@ -77,11 +92,7 @@ fn killed_50_times(direct: bool) {
         }
         assert!(!vm.console().contains("blk-verify: done"), "the guest finished before 50 kills");
     }
-    stop_verify(&path);
-    let console = vm.wait_console("blk-verify: done", LONG);
-    let (errors, corrupt, hash) = verify_report(&console);
-    assert_eq!((errors, corrupt), (0, 0), "{console}");
-    assert_eq!(hash, first_mib_hash(&path), "the host file differs from the guest's record");
+    finish_verify(&mut vm, &path, &format!("killed 50 times, direct {direct}"));
     let (_, info) = vm.api("GET", "/vm", "");
     let blk = &info["devices"][0];
     assert_eq!(blk["healthy"], true, "{info}");
@@ -110,9 +121,7 @@ fn a_device_killed_by_its_seccomp_filter_mid_io_comes_back_in_rpc_mode() {
     ];
     let mut vm = LiveVm::start("sigsys-mid-io", &args);
     let console = vm.wait_console("blk-verify: done", LONG);
-    let (errors, corrupt, hash) = verify_report(&console);
-    assert_eq!((errors, corrupt), (0, 0), "{console}");
-    assert_eq!(hash, first_mib_hash(&path));
+    assert_verified(&console, &path, "SIGSYS mid-I/O");
     let (_, info) = vm.api("GET", "/vm", "");
     let blk = &info["devices"][0];
     assert_eq!(blk["healthy"], true, "{info}");
@@ -147,11 +156,7 @@ fn a_stopped_device_does_not_hold_up_the_report() {
         assert!(std::time::Instant::now() < deadline, "the device never answered again: {}", vm.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
-    stop_verify(&path);
-    let console = vm.wait_console("blk-verify: done", LONG);
-    let (errors, corrupt, hash) = verify_report(&console);
-    assert_eq!((errors, corrupt), (0, 0), "{console}");
-    assert_eq!(hash, first_mib_hash(&path), "the host file differs from the guest's record");
+    finish_verify(&mut vm, &path, "stopped and continued");
     let (_, info) = vm.api("GET", "/vm", "");
     assert_eq!(info["devices"][0]["restarts"], 0, "{info}");
     assert_eq!(vm.shutdown(), Some(0));
@@ -185,9 +190,7 @@ fn flushed_writes_survive_kill_9_of_the_vmm() {
             let console = vm.wait_console("blk-verify: done", LONG);
             vm.child.kill().unwrap();
             vm.child.wait().unwrap();
-            let (errors, corrupt, hash) = verify_report(&console);
-            assert_eq!((errors, corrupt), (0, 0), "{mode}, direct {direct}: {console}");
-            assert_eq!(hash, first_mib_hash(&path), "{mode}, direct {direct}: flushed data missing after kill -9");
+            assert_verified(&console, &path, &format!("{mode}, direct {direct}, flushed, then kill -9 of the VMM"));
         }
     }
 }
@@ -215,10 +218,8 @@ fn a_killed_device_in_a_ring_walking_mode_comes_back_at_the_drivers_reset() {
         }
         stop_verify(&path);
         let console = vm.wait_console("blk-verify: done", Duration::from_secs(300));
-        let (errors, corrupt, hash) = verify_report(&console);
-        assert_eq!((errors, corrupt), (0, 0), "{mode}: {console}");
+        assert_verified(&console, &path, mode);
         assert!(console.contains("resets=3 "), "{mode}: the guest did not see each death: {console}");
-        assert_eq!(hash, first_mib_hash(&path), "{mode}");
         let (_, info) = vm.api("GET", "/vm", "");
         assert_eq!(
             (&info["devices"][0]["healthy"], &info["devices"][0]["restarts"]),

@@ -730,7 +730,8 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
             Some(area) => area.stage(completions, &mut spent),
             None => Answer { completions, ..Default::default() },
         };
-        // Received frames' buffers, whose bytes are in the slot now, take the next frames.
+        // Received frames' buffers, whose bytes are in the slot now, take
+        // the next frames (a disk's just go: its core is not locked for them).
         if !spent.is_empty() && self.info.device_id == super::net::DEVICE_ID {
             if let Backend::Net(net) = &mut self.core.lock().await.backend {
                 net.recycle_bytes(spent.into_iter());
