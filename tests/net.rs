@@ -451,6 +451,23 @@ fn bench_net_measures_every_memory_mode() {
         let cpu: Vec<f64> = row["cpu_us_per_frame"].as_array().unwrap().iter().map(|f| f.as_f64().unwrap()).collect();
         assert!(cpu.len() == 4 && cpu.iter().all(|&us| us > 0.0 && us < 1e4), "{row}");
         assert_eq!(row["cpu_rounds"].as_array().unwrap().len(), 2, "{row}");
+        // Split by process: what its device processes took (none in
+        // `inprocess`, whose devices are VMM threads), and the host's end.
+        let figures = |name: &str| -> Vec<f64> {
+            row[name]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name}: {row}"))
+                .iter()
+                .map(|f| f.as_f64().unwrap())
+                .collect()
+        };
+        let (started, host_end) = (figures("started_cpu_us_per_frame"), figures("host_end_cpu_us_per_frame"));
+        match mode {
+            "inprocess" => assert!(started.iter().all(|&us| us == 0.0), "{row}"),
+            _ => assert!(started.iter().all(|&us| us > 0.0), "{row}"),
+        }
+        assert!(started.iter().zip(&cpu).all(|(s, all)| s <= all), "{row}");
+        assert!(host_end.len() == 4 && host_end.iter().all(|&us| us > 0.0 && us < 1e4), "{row}");
     }
     // Frames in `rpc` cross from the device process to the VMM's memory
     // service: more host CPU per frame than `shared`, whose device writes
@@ -470,6 +487,8 @@ fn bench_net_measures_every_memory_mode() {
     assert!(report.contains("| rpc | "), "{report}");
     assert!(report.contains("## Spread across the rounds"), "{report}");
     assert!(report.contains("## Host CPU per frame"), "{report}");
+    assert!(report.contains("## Host CPU per frame, by process"), "{report}");
+    assert!(report.lines().any(|l| l.starts_with("| rpc | ") && l.matches(" + ").count() == 4), "{report}");
     assert!(report.lines().any(|l| l.starts_with("| shared | ") && l.matches(" (").count() == 4), "{report}");
     // Each mode against `shared`, with the rounds it did better in.
     assert!(report.lines().any(|l| l.starts_with("| inprocess | ") && l.contains("/2)")), "{report}");

@@ -8,9 +8,30 @@
 use std::collections::HashMap;
 use std::fs;
 
-/// Nanoseconds on a CPU of `root` and its descendants, vCPU threads left out.
-pub fn vmm_cpu_ns(root: u32) -> u64 {
-    tree(root).into_iter().map(process_cpu_ns).sum()
+/// Nanoseconds on a CPU of `root` and its descendants, vCPU threads left
+/// out; and of those, the descendants' (skvm's device processes; the peers
+/// run their devices as threads of their own process).
+pub fn vmm_cpu_ns(root: u32) -> VmmCpu {
+    let mut processes = tree(root).into_iter();
+    let own = processes.next().map_or(0, process_cpu_ns);
+    let started: u64 = processes.map(process_cpu_ns).sum();
+    VmmCpu { all: own + started, started }
+}
+
+/// What [`vmm_cpu_ns`] reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmmCpu {
+    pub all: u64,
+    /// Of `all`, the processes the VMM started.
+    pub started: u64,
+}
+
+/// Nanoseconds on a CPU of the calling thread.
+pub fn this_thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes the one timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// `root` and every process under it, by parent pid.
@@ -115,18 +136,37 @@ mod tests {
         assert!(total >= counted && total < counted + of("vcpu7"), "{total} against {counted} ({seen:?})");
     }
 
-    /// A child process (as skvm's device processes are) counts toward its parent.
+    /// A child process (as skvm's device processes are) counts toward its
+    /// parent, as a process it started.
     #[test]
     fn a_child_process_counts_toward_its_parent() {
         let mut child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh runs");
         std::thread::sleep(Duration::from_millis(300));
         let child_ns = process_cpu_ns(child.id());
-        let all = vmm_cpu_ns(std::process::id());
+        let tree_cpu = vmm_cpu_ns(std::process::id());
         let under = tree(std::process::id()).contains(&child.id());
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(child_ns > 50_000_000, "the spinning child counted {child_ns} ns");
         assert!(under, "the child is not under its parent");
-        assert!(all >= child_ns, "the tree counted {all} ns, the child alone {child_ns}");
+        assert!(tree_cpu.started >= child_ns, "the started processes counted {tree_cpu:?}, the child alone {child_ns}");
+        // This process's own time (the test harness's) is in `all`, not in `started`.
+        assert!(tree_cpu.all > tree_cpu.started, "{tree_cpu:?}");
+    }
+
+    /// The calling thread's time grows while it works, not while it sleeps.
+    #[test]
+    fn this_threads_time_is_its_work() {
+        let start = this_thread_cpu_ns();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(200) {
+            std::hint::spin_loop();
+        }
+        let worked = this_thread_cpu_ns() - start;
+        std::thread::sleep(Duration::from_millis(200));
+        let slept = this_thread_cpu_ns() - start - worked;
+        // A good part of the 200 ms spin (other tests share the host); next to nothing asleep.
+        assert!(worked > 50_000_000, "spinning 200 ms counted {worked} ns");
+        assert!(slept < 20_000_000, "sleeping 200 ms counted {slept} ns");
     }
 }

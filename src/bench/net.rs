@@ -237,13 +237,30 @@ struct Moved {
     frames: u64,
 }
 
-/// A throughput phase's rate, and the host CPU the VMM `vmm` spent per
-/// frame through it, in µs ([`host_cpu`]: its vCPUs left out).
-fn with_cpu(vmm: u32, phase: impl FnOnce() -> Result<Moved, String>) -> Result<(f64, f64), String> {
-    let before = host_cpu::vmm_cpu_ns(vmm);
+/// Host CPU per frame of one throughput phase, in µs.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseCpu {
+    /// The VMM's ([`host_cpu`]: its vCPUs left out).
+    vmm: f64,
+    /// Of `vmm`, the processes it started (skvm's device processes).
+    started: f64,
+    /// The host's end: this thread, sending or receiving the datagrams.
+    host_end: f64,
+}
+
+/// A throughput phase's rate, and the host CPU the VMM `vmm` and this
+/// thread spent per frame through it.
+fn with_cpu(vmm: u32, phase: impl FnOnce() -> Result<Moved, String>) -> Result<(f64, PhaseCpu), String> {
+    let (before, host_before) = (host_cpu::vmm_cpu_ns(vmm), host_cpu::this_thread_cpu_ns());
     let moved = phase()?;
-    let spent = host_cpu::vmm_cpu_ns(vmm).saturating_sub(before);
-    Ok((moved.rate, spent as f64 / 1e3 / moved.frames.max(1) as f64))
+    let (after, host_after) = (host_cpu::vmm_cpu_ns(vmm), host_cpu::this_thread_cpu_ns());
+    let per_frame = |ns: u64| ns as f64 / 1e3 / moved.frames.max(1) as f64;
+    let cpu = PhaseCpu {
+        vmm: per_frame(after.all.saturating_sub(before.all)),
+        started: per_frame(after.started.saturating_sub(before.started)),
+        host_end: per_frame(host_after.saturating_sub(host_before)),
+    };
+    Ok((moved.rate, cpu))
 }
 
 /// One system's figures: medians over the rounds.
@@ -266,6 +283,20 @@ pub struct NetRow {
     /// Each round's CPU figures, in that order (round i as in `rounds`).
     #[serde(default)]
     pub cpu_rounds: Vec<[f64; 4]>,
+    /// Of `cpu_us_per_frame`, the processes the VMM started (skvm's device
+    /// processes; the peers run their devices as threads): medians, then
+    /// each round's.
+    #[serde(default)]
+    pub started_cpu_us_per_frame: Option<[f64; 4]>,
+    #[serde(default)]
+    pub started_cpu_rounds: Vec<[f64; 4]>,
+    /// The host's end (skvm bench's thread sending or receiving the
+    /// datagrams) per frame, the same work whatever the VMM: medians, then
+    /// each round's.
+    #[serde(default)]
+    pub host_end_cpu_us_per_frame: Option<[f64; 4]>,
+    #[serde(default)]
+    pub host_end_cpu_rounds: Vec<[f64; 4]>,
     /// Each round's figures, in the order above (RTT p50 and p99, then the
     /// four throughputs): round i of every system ran in the same turn.
     #[serde(default)]
@@ -275,11 +306,20 @@ pub struct NetRow {
 }
 
 impl NetRow {
-    fn from_rounds(system: String, rounds: Vec<[f64; 6]>, cpu_rounds: Vec<[f64; 4]>) -> NetRow {
+    fn from_rounds(system: String, rounds: Vec<[f64; 6]>, cpu: Vec<[PhaseCpu; 4]>) -> NetRow {
         let pick = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
-        let cpu = |i: usize| median(cpu_rounds.iter().map(|r| r[i]).collect());
-        let cpu_us_per_frame = (!cpu_rounds.is_empty()).then(|| [cpu(0), cpu(1), cpu(2), cpu(3)]);
+        let of = |field: fn(&PhaseCpu) -> f64| cpu.iter().map(|r| r.each_ref().map(field)).collect::<Vec<_>>();
+        let (cpu_rounds, started_cpu_rounds, host_end_cpu_rounds) =
+            (of(|c| c.vmm), of(|c| c.started), of(|c| c.host_end));
+        let medians = |rounds: &[[f64; 4]]| {
+            (!rounds.is_empty()).then(|| std::array::from_fn(|i| median(rounds.iter().map(|r| r[i]).collect())))
+        };
         NetRow {
+            cpu_us_per_frame: medians(&cpu_rounds),
+            started_cpu_us_per_frame: medians(&started_cpu_rounds),
+            host_end_cpu_us_per_frame: medians(&host_end_cpu_rounds),
+            started_cpu_rounds,
+            host_end_cpu_rounds,
             system,
             runs: rounds.len(),
             rtt_p50_us: pick(0),
@@ -289,7 +329,6 @@ impl NetRow {
             guest_to_host_64b_fps: pick(4),
             guest_to_host_1472b_mibs: pick(5),
             rounds,
-            cpu_us_per_frame,
             cpu_rounds,
             error: None,
         }
@@ -318,7 +357,7 @@ pub struct NetResults {
 
 /// One round of a system whose VMM is process `vmm`: its figures, and the
 /// host CPU per frame of each throughput phase.
-fn measure(ns: &Netns, preset: &Preset, vmm: u32) -> Result<([f64; 6], [f64; 4]), String> {
+fn measure(ns: &Netns, preset: &Preset, vmm: u32) -> Result<([f64; 6], [PhaseCpu; 4]), String> {
     let (echoes, datagrams) = (preset.echoes, preset.datagrams);
     ns.within(move || {
         let mib = |rate: f64| rate * 1472.0 / (1 << 20) as f64;
@@ -345,7 +384,7 @@ struct Contender {
     system: System,
     ns: Netns,
     rounds: Vec<[f64; 6]>,
-    cpu_rounds: Vec<[f64; 4]>,
+    cpu_rounds: Vec<[PhaseCpu; 4]>,
     error: Option<String>,
 }
 
@@ -570,6 +609,35 @@ fn cpu_table(out: &mut String, results: &NetResults) {
     }
 }
 
+/// Where each VMM's host CPU per frame goes: its own process and the
+/// processes it started, beside what the host's end of the traffic costs.
+fn cpu_split_table(out: &mut String, results: &NetResults) {
+    let measured: Vec<&NetRow> = results.rows.iter().filter(|r| r.started_cpu_us_per_frame.is_some()).collect();
+    if measured.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\n## Host CPU per frame, by process\n\nThe figures above split: the VMM's own process + the processes \
+         it started (skvm's device processes; the peers run their devices as threads of their own), then, \
+         after the semicolon, skvm bench's thread at the host's end (sending the datagrams, or receiving \
+         them), which does the same work whatever the VMM. Microseconds per datagram, medians over the \
+         rounds.\n\n| system | host->guest 64 B | host->guest 1472 B | guest->host 64 B | guest->host \
+         1472 B |\n|---|---:|---:|---:|---:|\n",
+    );
+    for row in measured {
+        let cells: Vec<String> = (0..4)
+            .map(|i| {
+                // The VMM's own process, round by round: all it spent less what it started.
+                let own = row.cpu_rounds.iter().zip(&row.started_cpu_rounds).map(|(all, started)| all[i] - started[i]);
+                let started = row.started_cpu_us_per_frame.map_or(0.0, |m| m[i]);
+                let host = row.host_end_cpu_us_per_frame.map_or(0.0, |m| m[i]);
+                format!("{:.2} + {started:.2}; {host:.2}", median(own.collect()).max(0.0))
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", row.system, cells.join(" | "));
+    }
+}
+
 /// net.md: the figures, their spread, each mode against `shared`, and
 /// `shared` and `inprocess` against each peer.
 fn markdown(results: &NetResults, preset: &Preset) -> String {
@@ -635,6 +703,7 @@ fn markdown(results: &NetResults, preset: &Preset) -> String {
         );
     }
     cpu_table(&mut out, results);
+    cpu_split_table(&mut out, results);
     let ran = |name: &str| results.rows.iter().find(|r| r.system == name && r.error.is_none());
     let comparison = |out: &mut String, title: &str, base: &NetRow, others: &[&NetRow]| {
         let _ = write!(
