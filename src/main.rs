@@ -13,6 +13,7 @@ mod devices;
 mod guest_access;
 mod rpc_bench;
 mod sandbox;
+mod scheduling;
 mod size;
 mod test_guest;
 mod vmm;

@@ -33,6 +33,26 @@ fn counter(counters: &serde_json::Value, key: &str) -> u64 {
     counters[key].as_u64().unwrap_or_else(|| panic!("no {key} in {counters}"))
 }
 
+/// `SCHED_BATCH`, sched(7).
+const SCHED_BATCH: u32 = 3;
+
+/// The scheduling policy of each thread of process `pid` named `name` (of
+/// every thread, for None), from `/proc`.
+fn policies(pid: u64, name: Option<&str>) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.is_some_and(|name| comm.trim() != name) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        // Field 41; the fields after the command's closing parenthesis start at 3.
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        found.push(after_comm.split(' ').nth(38).unwrap().parse().unwrap());
+    }
+    found
+}
+
 /// Boots the guest's `net-ping` in `mode` inside `ns`; returns once it has
 /// pinged the host 5 times and serves.
 fn ping_guest(ns: &Netns, mode: &str) -> LiveVm {
@@ -63,6 +83,19 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
         for drop in ["tx_dropped_malformed", "tx_dropped_oversized", "tx_dropped_refused", "rx_dropped_too_big"] {
             assert_eq!(counter(&counters, drop), 0, "{mode}: {counters}");
         }
+        // The threads that move frames do not preempt on wake-up: the
+        // device's, and in `rpc` modes the VMM's RPC thread; the vCPU does.
+        let (_, info) = vm.api("GET", "/vm", "");
+        let vmm = u64::from(vm.child.id());
+        let device = match mode {
+            "inprocess" => policies(vmm, Some("net0")),
+            _ => policies(info["devices"][0]["pid"].as_u64().unwrap(), None),
+        };
+        assert!(!device.is_empty() && device.iter().all(|&p| p == SCHED_BATCH), "{mode}: {device:?}");
+        if mode.starts_with("rpc") {
+            assert_eq!(policies(vmm, Some("rpc")), [SCHED_BATCH], "{mode}");
+        }
+        assert_eq!(policies(vmm, Some("vcpu0")), [0], "{mode}");
         assert_eq!(vm.shutdown(), Some(0), "{mode}");
         // The stats file written at the end holds the same counters and the MAC.
         let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();

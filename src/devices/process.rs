@@ -278,6 +278,12 @@ impl DeviceProcess {
     /// Runs the device; returns when the VMM is done with it.
     pub fn run(self) -> Result<(), String> {
         name_process(&self.name);
+        if let DeviceKind::Net { .. } = self.kind {
+            // Before confinement, which forbids it (see `scheduling`).
+            if let Err(e) = crate::scheduling::batch_this_thread() {
+                tracing::warn!("device {} keeps the default scheduling policy: {e}", self.name);
+            }
+        }
         let fds = self.fds();
         sandbox::close_other_fds(&fds).map_err(|e| e.to_string())?;
         // Mapping guest RAM (shared mode) needs mmap of a new file, which the

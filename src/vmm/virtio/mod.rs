@@ -196,7 +196,13 @@ pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
         .name("rpc".into())
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .spawn(move || {
+            // It carries rpc devices' data: see `scheduling`.
+            if let Err(e) = crate::scheduling::batch_this_thread() {
+                tracing::warn!("the RPC thread keeps the default scheduling policy: {e}");
+            }
+            runtime.block_on(std::future::pending::<()>())
+        })
         .map_err(|e| Error::Host("starting the RPC thread".into(), e))?;
     Ok(handle)
 }
@@ -577,6 +583,11 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
+            if let ProcessKind::Net { .. } = kind {
+                if let Err(e) = crate::scheduling::batch_this_thread() {
+                    tracing::warn!("device {name} keeps the default scheduling policy: {e}");
+                }
+            }
             let run = async {
                 let mut aio = crate::devices::blk::Aio::Auto;
                 let mut backend = match kind {
