@@ -1,4 +1,6 @@
-//! The scheduling policy of the threads that move a network device's data.
+//! The scheduling policy of the threads that move a network device's
+//! frames: its process (or `inprocess` thread), and in the `rpc` modes its
+//! own RPC thread in the VMM.
 //!
 //! On a small host the guest's vCPU holds one CPU, and the tap's sender,
 //! the device and the VMM's RPC thread share the other. Under the default
@@ -7,8 +9,8 @@
 //! sides, and a woken thread that lands on the vCPU's CPU preempts the vCPU.
 //! `SCHED_BATCH` (sched(7)) keeps the fair share but does not preempt on
 //! wake-up: the woken thread runs once the running one sleeps or its slice
-//! ends, and finds several frames waiting. `skvm bench --net` measures the
-//! effect (README, "Wake-ups and `SCHED_BATCH`").
+//! ends, and finds several frames waiting. README ("Wake-ups and
+//! `SCHED_BATCH`") has what it changed, and `skvm bench --net` the figures.
 
 /// Puts the calling thread under `SCHED_BATCH`; threads it starts inherit it.
 pub fn batch_this_thread() -> std::io::Result<()> {

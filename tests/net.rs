@@ -84,7 +84,8 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
             assert_eq!(counter(&counters, drop), 0, "{mode}: {counters}");
         }
         // The threads that move frames do not preempt on wake-up: the
-        // device's, and in `rpc` modes the VMM's RPC thread; the vCPU does.
+        // device's, and in `rpc` modes the device's own RPC thread in the
+        // VMM; the vCPU and the other devices' RPC thread do.
         let (_, info) = vm.api("GET", "/vm", "");
         let vmm = u64::from(vm.child.id());
         let device = match mode {
@@ -93,7 +94,8 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
         };
         assert!(!device.is_empty() && device.iter().all(|&p| p == SCHED_BATCH), "{mode}: {device:?}");
         if mode.starts_with("rpc") {
-            assert_eq!(policies(vmm, Some("rpc")), [SCHED_BATCH], "{mode}");
+            assert_eq!(policies(vmm, Some("rpc-net0")), [SCHED_BATCH], "{mode}");
+            assert_eq!(policies(vmm, Some("rpc")), [0], "{mode}");
         }
         assert_eq!(policies(vmm, Some("vcpu0")), [0], "{mode}");
         assert_eq!(vm.shutdown(), Some(0), "{mode}");

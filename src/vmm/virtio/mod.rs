@@ -189,17 +189,31 @@ pub fn stop_all(devices: &[VirtioDevice]) {
 
 /// The VMM's tokio runtime for device RPC: one thread, current-thread scheduler.
 pub fn start_rpc_runtime() -> Result<tokio::runtime::Handle> {
+    rpc_runtime("rpc".into(), false)
+}
+
+/// A network device's own RPC thread (`rpc` modes): its frames never wait
+/// behind another device's requests, and it runs under `SCHED_BATCH` (see
+/// `scheduling`), which a disk's thread does not: there a woken thread
+/// that waits for the running one to sleep leaves the driver notifying
+/// more often.
+fn frames_runtime(device: &str) -> Result<tokio::runtime::Handle> {
+    rpc_runtime(format!("rpc-{device}"), true)
+}
+
+fn rpc_runtime(name: String, batch: bool) -> Result<tokio::runtime::Handle> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Host("starting the RPC runtime".into(), e))?;
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
-        .name("rpc".into())
+        .name(name.clone())
         .spawn(move || {
-            // It carries rpc devices' data: see `scheduling`.
-            if let Err(e) = crate::scheduling::batch_this_thread() {
-                tracing::warn!("the RPC thread keeps the default scheduling policy: {e}");
+            if batch {
+                if let Err(e) = crate::scheduling::batch_this_thread() {
+                    tracing::warn!("RPC thread {name} keeps the default scheduling policy: {e}");
+                }
             }
             runtime.block_on(std::future::pending::<()>())
         })
@@ -405,6 +419,14 @@ fn launch_device(
 ) -> Result<(MmioTransport, Option<DiskLock>)> {
     let context = launcher.context;
     let LaunchContext { vm, ram, runtime, .. } = *context;
+    let frames;
+    let runtime = match (&spec, config.memory_mode) {
+        (DeviceSpec::Net(_), MemoryMode::Rpc | MemoryMode::RpcDma) => {
+            frames = frames_runtime(&name)?;
+            &frames
+        }
+        _ => runtime,
+    };
     // The VMM opens the backend; the device only ever gets the descriptor.
     let mut disk_lock = None;
     let mut on_activate: Option<host::OnActivate> = None;
@@ -466,7 +488,7 @@ fn launch_device(
     };
 
     let recipe = Arc::new(recipe);
-    let starter = starter(config.memory_mode, &recipe, context)?;
+    let starter = starter(config.memory_mode, &recipe, context, runtime)?;
     let control = starter().map_err(device_error(&name, "start"))?;
     let pid = health.pid().filter(|_| config.memory_mode != MemoryMode::Inprocess);
     // virtio-mem's own queue lives in boot RAM, which never changes: it is not
@@ -523,7 +545,12 @@ fn launch_device(
 /// control channel. Used at launch, and again when the device is restarted.
 pub type Starter = Arc<dyn Fn() -> std::result::Result<UnixStream, String> + Send + Sync>;
 
-fn starter(mode: MemoryMode, recipe: &Arc<ProcessRecipe>, context: &LaunchContext) -> Result<Starter> {
+fn starter(
+    mode: MemoryMode,
+    recipe: &Arc<ProcessRecipe>,
+    context: &LaunchContext,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Starter> {
     let recipe = recipe.clone();
     let ram = context.ram.atomic();
     Ok(match mode {
@@ -533,7 +560,7 @@ fn starter(mode: MemoryMode, recipe: &Arc<ProcessRecipe>, context: &LaunchContex
             Ok(control_vmm)
         }),
         MemoryMode::Rpc | MemoryMode::RpcDma => {
-            let runtime = context.runtime.clone();
+            let runtime = runtime.clone();
             Arc::new(move || {
                 let (vmm_end, device_end) = UnixStream::pair().map_err(|e| e.to_string())?;
                 // A fresh staging area per process: nothing a dead one left behind carries over.
