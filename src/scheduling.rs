@@ -12,8 +12,16 @@
 //! ends, and finds several frames waiting. README ("Wake-ups and
 //! `SCHED_BATCH`") has what it changed, and `skvm bench --net` the figures.
 
-/// Puts the calling thread under `SCHED_BATCH`; threads it starts inherit it.
-pub fn batch_this_thread() -> std::io::Result<()> {
+/// Puts the calling thread under `SCHED_BATCH` (threads it starts inherit
+/// it); where the host refuses, `who` runs on under the default policy,
+/// with a warning.
+pub fn batch_this_thread(who: &str) {
+    if let Err(e) = set_batch() {
+        tracing::warn!("{who} keeps the default scheduling policy: {e}");
+    }
+}
+
+fn set_batch() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; the parameter is valid for SCHED_BATCH.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
@@ -36,7 +44,7 @@ mod tests {
     #[test]
     fn a_thread_put_under_batch_runs_under_batch_and_its_siblings_do_not() {
         let inside = std::thread::spawn(|| {
-            batch_this_thread().unwrap();
+            set_batch().unwrap();
             let child = std::thread::spawn(this_thread_policy).join().unwrap();
             (this_thread_policy(), child)
         });

@@ -943,15 +943,7 @@ fn a_polling_device_sleeps_while_the_guest_does_no_io() {
 
 /// CPU ticks of the threads of `pid` whose name contains `name`.
 fn thread_ticks(pid: u32, name: &str) -> u64 {
-    let (mut ticks, mut found) = (0, false);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.contains(name) {
-            found = true;
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            ticks += stat_ticks(&stat).unwrap_or(0);
-        }
-    }
-    assert!(found, "no thread of {pid} is named like {name}");
-    ticks
+    let threads = common::thread_stats(pid, |comm| comm.contains(name));
+    assert!(!threads.is_empty(), "no thread of {pid} is named like {name}");
+    threads.iter().map(|(_, stat)| stat_ticks(stat).unwrap_or(0)).sum()
 }

@@ -38,19 +38,11 @@ const SCHED_BATCH: u32 = 3;
 
 /// The scheduling policy of each thread of process `pid` named `name` (of
 /// every thread, for None), from `/proc`.
-fn policies(pid: u64, name: Option<&str>) -> Vec<u32> {
-    let mut found = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if name.is_some_and(|name| comm.trim() != name) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-        // Field 41; the fields after the command's closing parenthesis start at 3.
-        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-        found.push(after_comm.split(' ').nth(38).unwrap().parse().unwrap());
-    }
-    found
+fn policies(pid: u32, name: Option<&str>) -> Vec<u32> {
+    let threads = common::thread_stats(pid, |comm| name.is_none_or(|name| comm == name));
+    // Field 41; the fields after the command's closing parenthesis start at 3.
+    let policy = |stat: &str| stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(38).unwrap().parse().unwrap();
+    threads.iter().map(|(_, stat)| policy(stat)).collect()
 }
 
 /// Boots the guest's `net-ping` in `mode` inside `ns`; returns once it has
@@ -87,10 +79,10 @@ fn guest_and_host_ping_each_other_in_every_memory_mode() {
         // device's, and in `rpc` modes the device's own RPC thread in the
         // VMM; the vCPU and the other devices' RPC thread do.
         let (_, info) = vm.api("GET", "/vm", "");
-        let vmm = u64::from(vm.child.id());
+        let vmm = vm.child.id();
         let device = match mode {
             "inprocess" => policies(vmm, Some("net0")),
-            _ => policies(info["devices"][0]["pid"].as_u64().unwrap(), None),
+            _ => policies(info["devices"][0]["pid"].as_u64().unwrap() as u32, None),
         };
         assert!(!device.is_empty() && device.iter().all(|&p| p == SCHED_BATCH), "{mode}: {device:?}");
         if mode.starts_with("rpc") {

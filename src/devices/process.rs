@@ -280,9 +280,7 @@ impl DeviceProcess {
         name_process(&self.name);
         if let DeviceKind::Net { .. } = self.kind {
             // Before confinement, which forbids it (see `scheduling`).
-            if let Err(e) = crate::scheduling::batch_this_thread() {
-                tracing::warn!("device {} keeps the default scheduling policy: {e}", self.name);
-            }
+            crate::scheduling::batch_this_thread(&format!("device {}", self.name));
         }
         let fds = self.fds();
         sandbox::close_other_fds(&fds).map_err(|e| e.to_string())?;

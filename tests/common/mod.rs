@@ -391,6 +391,19 @@ pub fn run_watched(args: &[&str], stall: Duration, limit: Duration) -> Result<Ou
 
 /// One line per thread of `pid`: name, state, the system call it is in,
 /// and the top of its kernel stack.
+/// Each thread of process `pid` whose name `wanted` picks: its name and
+/// its `/proc` stat line.
+pub fn thread_stats(pid: u32, wanted: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        if wanted(&comm) {
+            found.push((comm, std::fs::read_to_string(task.path().join("stat")).unwrap_or_default()));
+        }
+    }
+    found
+}
+
 pub fn threads_report(pid: u32) -> String {
     let mut out = String::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {

@@ -211,9 +211,7 @@ fn rpc_runtime(name: String, batch: bool) -> Result<tokio::runtime::Handle> {
         .name(name.clone())
         .spawn(move || {
             if batch {
-                if let Err(e) = crate::scheduling::batch_this_thread() {
-                    tracing::warn!("RPC thread {name} keeps the default scheduling policy: {e}");
-                }
+                crate::scheduling::batch_this_thread(&format!("RPC thread {name}"));
             }
             runtime.block_on(std::future::pending::<()>())
         })
@@ -611,9 +609,7 @@ fn spawn_thread(ram: &GuestMemoryAtomic<GuestMemoryMmap>, recipe: &ProcessRecipe
         .name(name.clone())
         .spawn(move || {
             if let ProcessKind::Net { .. } = kind {
-                if let Err(e) = crate::scheduling::batch_this_thread() {
-                    tracing::warn!("device {name} keeps the default scheduling policy: {e}");
-                }
+                crate::scheduling::batch_this_thread(&format!("device {name}"));
             }
             let run = async {
                 let mut aio = crate::devices::blk::Aio::Auto;
