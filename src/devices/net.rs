@@ -298,9 +298,10 @@ impl NetDevice {
     }
 
     /// Sends a frame whose header the driver gave as `header` and whose
-    /// bytes lie in `pieces` (None: some byte is not guest RAM, and the
-    /// frame is malformed), `readable_len` bytes in all; checked and
-    /// counted as [`NetDevice::transmit`] does, the header rebuilt.
+    /// bytes lie in `pieces` (None: they cannot be had, as where some byte
+    /// is not guest RAM, and the frame is malformed), `readable_len` bytes
+    /// in all: dropped and counted if oversized or malformed, else written
+    /// to the tap after a header rebuilt from the checked fields.
     ///
     /// # Safety
     /// Every piece must be readable memory that stays mapped for the call.
@@ -375,40 +376,20 @@ impl NetDevice {
         requests.iter().map(|r| Reply { failed: !self.send(r), ..Reply::default() }).collect()
     }
 
+    /// [`NetDevice::send_scattered`] for a request whose bytes came with it:
+    /// the same checks and counters, and the frame goes to the tap from
+    /// where it lies, after the rebuilt header.
     fn send(&mut self, request: &Request) -> bool {
-        let counters = &mut self.counters;
-        if request.readable_len > (HEADER + MAX_FRAME) as u64 {
-            counters.tx_dropped_oversized += 1;
-            return false;
+        let within = request.readable_len <= (HEADER + MAX_FRAME) as u64;
+        let bytes = request.readable.as_deref().filter(|_| within);
+        match bytes.and_then(|b| b.split_first_chunk::<HEADER>().map(|(header, frame)| (b.len(), header, frame))) {
+            // SAFETY: our own bytes, which outlive the call (the tap only reads them).
+            Some((len, header, frame)) => unsafe {
+                self.send_scattered(len as u64, header, Some(&[(frame.as_ptr().cast_mut(), frame.len())]))
+            },
+            // SAFETY: no pieces: it is dropped (oversized or malformed) and counted.
+            None => unsafe { self.send_scattered(request.readable_len, &[0; HEADER], None) },
         }
-        let Some(bytes) = &request.readable else {
-            counters.tx_dropped_malformed += 1;
-            return false;
-        };
-        let header = match bytes.len() >= HEADER + MIN_FRAME {
-            true => transmit_header(&bytes[..HEADER], bytes.len() - HEADER, self.negotiated),
-            false => None,
-        };
-        let Some(header) = header else {
-            counters.tx_dropped_malformed += 1;
-            return false;
-        };
-        // The tap gets a header rebuilt from the checked fields, then the
-        // frame where it lies (no copy of it to put the header in front).
-        let frame = &bytes[HEADER..];
-        let iovecs = [
-            libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: HEADER },
-            libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() },
-        ];
-        // SAFETY: writes our own buffers, which outlive the call, to the tap we own.
-        let written = unsafe { libc::writev(self.tap.as_raw_fd(), iovecs.as_ptr(), 2) };
-        if written != bytes.len() as isize {
-            counters.tx_dropped_refused += 1;
-            return false;
-        }
-        counters.tx_frames += 1;
-        counters.tx_bytes += frame.len() as u64;
-        true
     }
 
     /// The next frame from the tap (header included), if one is waiting:
