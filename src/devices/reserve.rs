@@ -9,7 +9,7 @@
 /// How many transfers may run at once: all but a quarter of the guest's
 /// queue depth, as the most requests outstanding at once recently shows it.
 /// Held back, that quarter keeps a disk that completes together busy while
-/// the guest answers (docs/architecture.md, "A quarter held back", has
+/// the guest answers (docs/performance.md, "A quarter held back", has
 /// what it measured).
 #[derive(Default)]
 pub struct Reserve {
