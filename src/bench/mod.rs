@@ -2,6 +2,7 @@
 //! mode (and QEMU or other VMMs where they run) on the same test guest and
 //! workloads, and writes the results (JSON, CSV), a Markdown report and SVG
 //! plots. A results file can be rendered again without re-running.
+mod child;
 mod host_cpu;
 pub mod linux;
 mod machine;

@@ -118,7 +118,7 @@ impl Drop for Running {
 /// Boots the guest and waits until it serves.
 fn start(ns: &Netns, system: &System, guest: &Path, scratch: &Path) -> Result<Running, String> {
     let mut command = system.command(ns, guest, scratch)?;
-    let mut child = command
+    let mut child = super::child::dies_with_study(&mut command)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -735,6 +735,22 @@ mod tests {
 
     fn names(systems: &[System]) -> Vec<String> {
         systems.iter().map(System::name).collect()
+    }
+
+    #[test]
+    fn a_namespace_left_by_a_process_that_is_gone_is_deleted() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || Netns::unavailable().is_some() {
+            eprintln!("skipped: making network namespaces needs root and iproute2");
+            return;
+        }
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let stale = format!("skvm-{}-stale", gone.id());
+        assert!(std::process::Command::new("ip").args(["netns", "add", &stale]).status().unwrap().success());
+        let ours = Netns::create("kept").unwrap();
+        assert!(!std::path::Path::new(&format!("/run/netns/{stale}")).exists(), "{stale} is still there");
+        assert!(std::path::Path::new(&format!("/run/netns/{}", ours.0)).exists(), "our own went too");
     }
 
     #[test]

@@ -32,8 +32,10 @@ impl Netns {
         (!iproute2).then(|| "`ip` is not iproute2's (no network namespaces); scripts/setup.sh installs it".into())
     }
 
-    /// Makes the namespace `skvm-PID-name` with its tap.
+    /// Makes the namespace `skvm-PID-name` with its tap, after deleting
+    /// those of processes that are gone.
     pub fn create(name: &str) -> Result<Netns, String> {
+        remove_stale();
         let ns = Netns(format!("skvm-{}-{name}", std::process::id()));
         let steps: [&[&str]; 6] = [
             &["netns", "add", &ns.0],
@@ -81,6 +83,18 @@ impl Netns {
     /// Runs `work` inside the namespace and returns what it returns.
     pub fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
         self.spawn_within(work).join().map_err(|_| "the namespace's thread panicked".to_string())?
+    }
+}
+
+/// Deletes the namespaces of processes that were killed before they could
+/// delete theirs, so that they do not pile up.
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for name in entries.flatten().filter_map(|entry| entry.file_name().into_string().ok()) {
+        let owner = name.strip_prefix("skvm-").and_then(|rest| rest.split('-').next()?.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
     }
 }
 

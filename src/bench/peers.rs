@@ -76,7 +76,7 @@ impl Backend {
     fn start(path: &Path, disk: &Path, socket: &Path) -> Result<Backend, String> {
         let _ = std::fs::remove_file(socket);
         let spec = format!("path={},socket={},num_queues=1,queue_size=256", disk.display(), socket.display());
-        let child = Command::new(path)
+        let child = super::child::dies_with_study(&mut Command::new(path))
             .args(["--block-backend", &spec])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

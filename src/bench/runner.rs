@@ -83,7 +83,7 @@ pub fn run_process(command: Command) -> Result<Finished, String> {
 /// Runs `command` to the end, or kills it after `limit`.
 pub fn run_process_within(mut command: Command, limit: Duration) -> Result<Finished, String> {
     let started = Instant::now();
-    let mut child = command
+    let mut child = super::child::dies_with_study(&mut command)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
