@@ -209,6 +209,20 @@ impl Device {
         Ok(features)
     }
 
+    /// The largest ring queue `index` takes (0: the queue does not exist).
+    pub fn queue_max(&self, index: u32) -> u16 {
+        match self.transport {
+            Transport::Mmio { base, .. } => {
+                mmio_write32(base + MMIO_QUEUE_SEL, index);
+                mmio_read32(base + MMIO_QUEUE_NUM_MAX).min(u16::MAX as u32) as u16
+            }
+            Transport::Pci(w) => {
+                mmio_write16(w.common + PCI_QUEUE_SELECT, index as u16);
+                mmio_read16(w.common + PCI_QUEUE_SIZE)
+            }
+        }
+    }
+
     pub fn setup_queue(&mut self, index: u32, queue: &Queue) -> Result<(), &'static str> {
         self.activate_queue(index, queue.size, [queue.desc, queue.avail, queue.used])
     }
