@@ -38,8 +38,6 @@ pub struct Net {
     pub device: Device,
     rx: Queue,
     tx: Queue,
-    /// Both rings' size: a power of two.
-    size: u16,
     rx_buffers: u64,
     tx_buffers: u64,
     /// Transmit slots in use, and the next to use.
@@ -112,7 +110,6 @@ impl Net {
             device,
             rx,
             tx,
-            size,
             rx_buffers,
             tx_buffers,
             tx_busy: 0,
@@ -150,7 +147,7 @@ impl Net {
     /// device gave back empty). The buffers are posted again.
     pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
         let (head, len) = self.rx.pop_used()?;
-        let mut slot = head % self.size;
+        let mut slot = head % self.rx.size;
         let mut at = self.rx_buffers + slot as u64 * BUFFER;
         let mut len = (len as usize).min(BUFFER as usize);
         if len < HEADER {
@@ -181,7 +178,7 @@ impl Net {
                         return Some(filled);
                     }
                 };
-                slot = next % self.size;
+                slot = next % self.rx.size;
                 at = self.rx_buffers + slot as u64 * BUFFER;
                 len = (next_len as usize).min(BUFFER as usize);
                 skip = 0;
@@ -218,7 +215,7 @@ impl Net {
         while self.tx_busy > 0 {
             self.reclaim();
         }
-        let base = self.size - descs.len() as u16;
+        let base = self.tx.size - descs.len() as u16;
         for (i, &(addr, len)) in descs.iter().enumerate() {
             let last = i + 1 == descs.len();
             let (flags, next) = if last { (0, 0) } else { (crate::virtio::DESC_F_NEXT, base + i as u16 + 1) };
@@ -235,9 +232,9 @@ impl Net {
         true
     }
 
-    /// Both rings' size.
+    /// Both rings' size (a power of two).
     pub fn queue_size(&self) -> u16 {
-        self.size
+        self.rx.size
     }
 
     /// A transmit buffer of ours (slot 0), for hand-made chains.
@@ -259,13 +256,13 @@ impl Net {
         }
         self.reclaim();
         let start = rdtsc();
-        while self.tx_busy == self.size {
+        while self.tx_busy == self.tx.size {
             self.reclaim();
             if rdtsc() - start > 1 << 34 {
                 return Err("the device never finished transmitting");
             }
         }
-        let slot = self.tx_next % self.size;
+        let slot = self.tx_next % self.tx.size;
         self.tx_next = self.tx_next.wrapping_add(1);
         let at = self.tx_buffers + slot as u64 * BUFFER;
         // SAFETY: our own transmit buffer, BUFFER bytes long.
@@ -642,7 +639,7 @@ fn print_mac(net: &Net) {
         m[4],
         m[5],
         net.mergeable,
-        net.size
+        net.queue_size()
     );
 }
 
