@@ -261,6 +261,7 @@ fn a_device_that_steps_outside_its_grants_fails_alone() {
         ("staged-slot", "staging slot 8 does not exist"),
         ("staged-elsewhere", "are outside slot 0"),
         ("staged-repeated", "are outside slot 0"),
+        ("staged-held", "staging slot 8 does not exist"),
     ] {
         let (out, _, d1) = two_disks_first_misbehaving("rpc", attack, 8);
         assert_eq!(out.code(), Some(1), "{attack}: stdout {} stderr {}", out.stdout, out.stderr);

@@ -199,6 +199,14 @@ pub fn grant_attack(
                     done.push(again);
                     report("grant duplicate", "sent".into());
                 }
+                StagedHeld => {
+                    use rpc_schema::{StagedCompletion, StagedWrite, STAGING_SLOTS};
+                    let write = StagedWrite { buffer: last, offset: 0, at: 0, len: 1 };
+                    let staged = vec![StagedCompletion { grant, used_len: 1, writes: vec![write] }];
+                    let answer = Answer { completions: Vec::new(), staged, slot: Some(STAGING_SLOTS) };
+                    let refused = client.complete_staged(context::current(), answer).await;
+                    report("staged held", format!("{refused:?}"));
+                }
                 GrantFlood => {
                     let calls = (0..2000).map(|_| read(u64::MAX / 5, 0, 0, 1));
                     let answers = futures::future::join_all(calls).await;

@@ -75,6 +75,8 @@ pub enum Misbehaviour {
     StagedElsewhere,
     /// Answer with one staged write repeated past a slot's worth of bytes.
     StagedRepeated,
+    /// Complete a held request with staged bytes in a slot that does not exist.
+    StagedHeld,
     /// Stay alive when the VMM closes the control channel (its request to exit).
     Linger,
     /// Write its disk past the disk's size, then try to grow it with fallocate.

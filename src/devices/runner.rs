@@ -333,6 +333,29 @@ impl<M: DeviceMemory> Core<M> {
             .collect()
     }
 
+    /// Request level: completes receive buffers filled outside a batch's
+    /// answer, their bytes in a free slot of the answer area where there is
+    /// one (else inline): the frames then cross with one copy in and one
+    /// out, as a batch answer's do. The slot is free again once the VMM
+    /// replies, and the frames' buffers take the next frames.
+    async fn complete_held(
+        &mut self,
+        completions: Vec<CompletedRequest>,
+        staging: Option<&StagingArea>,
+    ) -> Result<(), AccessError> {
+        let Some(area) = staging else { return self.mem.complete(completions).await };
+        let mut spent = Vec::new();
+        let answer = area.stage(completions, &mut spent);
+        let Some(slot) = answer.slot else { return self.mem.complete(answer.completions).await };
+        let done = self.mem.complete_staged(answer).await;
+        // Whatever the reply, the VMM reads the slot no more.
+        area.free(&[slot]);
+        if let Backend::Net(net) = &mut self.backend {
+            net.recycle_bytes(spent.into_iter());
+        }
+        done
+    }
+
     /// Request level: serves a batch the VMM posted, or starts it when it
     /// is a disk's transfers on its ring ([`super::blk::BlockDevice::start`]).
     async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Stage, DeviceError> {
@@ -852,7 +875,7 @@ where
         kick: kick.clone(),
         info,
         request_level: notify.is_none(),
-        staging,
+        staging: staging.clone(),
         tamper_answer: hooks.tamper_answer.map(|t| Arc::new(std::sync::Mutex::new(t))),
         slow_activation: hooks.slow_activation,
     };
@@ -886,7 +909,8 @@ where
                     if completions.is_empty() {
                         break;
                     }
-                    core.mem.complete(completions).await.map_err(|e| format!("completing received frames: {e}"))?;
+                    let done = core.complete_held(completions, staging.as_deref()).await;
+                    done.map_err(|e| format!("completing received frames: {e}"))?;
                 }
             }
         };

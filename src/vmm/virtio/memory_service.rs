@@ -9,7 +9,7 @@ pub use super::host::DeviceHealth;
 use crate::guest_access;
 use futures::StreamExt;
 use rpc_schema::{
-    CompletedRequest, GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS,
+    Answer, CompletedRequest, GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS,
     PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
@@ -89,6 +89,22 @@ struct MemoryServer {
 }
 
 impl MemoryServer {
+    /// Completes requests the device held past their batch with `apply`,
+    /// on the engine of its queues.
+    fn complete_held(
+        &self,
+        apply: impl FnOnce(&super::requests::Engine) -> Result<(), String>,
+    ) -> Result<(), MemoryError> {
+        self.admit(true)?;
+        let engine = super::super::lock(&self.access.engine).as_ref().and_then(std::sync::Weak::upgrade);
+        // No active queues: the driver reset the device, and took the grants back.
+        let Some(engine) = engine else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let result = apply(&engine);
+        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result.map_err(|_| MemoryError::Revoked)
+    }
+
     /// Admits a call by address (`by_grant` false) or by grant.
     fn admit(&self, by_grant: bool) -> Result<(), MemoryError> {
         self.access.rpcs.fetch_add(1, Ordering::Relaxed);
@@ -203,14 +219,11 @@ impl GuestMemory for MemoryServer {
     }
 
     async fn complete(self, _: tarpc::context::Context, completions: Vec<CompletedRequest>) -> Result<(), MemoryError> {
-        self.admit(true)?;
-        let engine = super::super::lock(&self.access.engine).as_ref().and_then(std::sync::Weak::upgrade);
-        // No active queues: the driver reset the device, and took the grants back.
-        let Some(engine) = engine else { return Ok(()) };
-        let started = std::time::Instant::now();
-        let result = engine.complete_held(completions);
-        self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        result.map_err(|_| MemoryError::Revoked)
+        self.complete_held(|engine| engine.complete_held(completions))
+    }
+
+    async fn complete_staged(self, _: tarpc::context::Context, answer: Answer) -> Result<(), MemoryError> {
+        self.complete_held(|engine| engine.complete_held_staged(answer))
     }
 }
 

@@ -340,7 +340,11 @@ impl Engine {
         }
         let started = Instant::now();
         let outcome = match reply {
-            Ok(Ok(answer)) => self.complete_answer(answer, staging.as_deref()),
+            Ok(Ok(answer)) => {
+                let slot = answer.slot;
+                // Its bytes are in guest RAM: the slot goes back with the next batch.
+                self.apply_answer(answer, staging.as_deref()).map(|()| staging.iter().for_each(|a| a.answered(slot)))
+            }
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
             Err(e) => {
                 // A dead process is the likely cause: give its watcher a
@@ -461,6 +465,18 @@ impl Engine {
         self.complete(completions).inspect_err(|reason| self.fail(reason.clone()))
     }
 
+    /// [`Engine::complete_held`] with the bytes staged in a slot of the
+    /// device's answer area, as a batch's answer stages them. The device
+    /// takes the slot back when we reply, so it is never handed back with
+    /// a batch.
+    pub fn complete_held_staged(&self, answer: Answer) -> Result<(), String> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let staging = lock(&self.connection).staging.clone();
+        self.apply_answer(answer, staging.as_deref()).inspect_err(|reason| self.fail(reason.clone()))
+    }
+
     /// A restart begins: nothing more goes to the old process, and what it
     /// still answers is dropped. `since`: when its death was seen.
     pub fn disconnect(&self, since: Instant) {
@@ -506,10 +522,9 @@ impl Engine {
         self.apply(&all, &writes)
     }
 
-    /// [`Engine::complete`] for a batch's answer, whose staged bytes are
-    /// read from the device's answer area; its slot is handed back with
-    /// the next batch once they are in guest RAM.
-    fn complete_answer(&self, answer: Answer, staging: Option<&Staging>) -> Result<(), String> {
+    /// [`Engine::complete`] for an answer, whose staged bytes are read from
+    /// the device's answer area, each within the answer's one slot.
+    fn apply_answer(&self, answer: Answer, staging: Option<&Staging>) -> Result<(), String> {
         let Answer { completions, staged, slot } = answer;
         let mut writes = Vec::new();
         let mut all: Vec<Completion> = completions.iter().map(|c| inline(c, &mut writes)).collect();
@@ -540,11 +555,7 @@ impl Engine {
         } else if !staged.is_empty() {
             return Err(protocol("staged completions without a slot".into()));
         }
-        self.apply(&all, &writes)?;
-        if let Some(area) = staging {
-            area.answered(slot);
-        }
-        Ok(())
+        self.apply(&all, &writes)
     }
 
     /// Applies `completions`, whose writes are ranges of `writes`.
