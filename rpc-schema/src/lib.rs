@@ -54,7 +54,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the protocol. A device and a VMM talk only when theirs match;
 /// any change to a message's meaning or encoding bumps it.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Most bytes one memory request may move (sum over its segments).
 pub const MAX_TRANSFER: u64 = 1 << 20;
@@ -338,13 +338,11 @@ pub trait GuestMemory {
     /// checked before any is written.
     async fn write_granted(writes: Vec<GrantWrite>) -> Result<(), MemoryError>;
     /// Request level: completes requests held past their batch (each grant
-    /// once, checked as a batch reply's completions are).
-    async fn complete(completions: Vec<CompletedRequest>) -> Result<(), MemoryError>;
-    /// Request level: as `complete`, with the bytes staged in a slot of
-    /// the answer area as a batch's answer stages them. The VMM has taken
-    /// them once it replies, so the slot is the device's again then (it is
-    /// never handed back with a batch).
-    async fn complete_staged(answer: Answer) -> Result<(), MemoryError>;
+    /// once), checked as a batch's answer is: inline, or staged in one slot
+    /// of the answer area. The VMM has taken a staged answer's bytes once
+    /// it replies, so its slot is the device's again then (it is never
+    /// handed back with a batch).
+    async fn complete(answer: Answer) -> Result<(), MemoryError>;
 }
 
 /// One virtqueue as the driver set it up.

@@ -204,7 +204,7 @@ pub fn grant_attack(
                     let write = StagedWrite { buffer: last, offset: 0, at: 0, len: 1 };
                     let staged = vec![StagedCompletion { grant, used_len: 1, writes: vec![write] }];
                     let answer = Answer { completions: Vec::new(), staged, slot: Some(STAGING_SLOTS) };
-                    let refused = client.complete_staged(context::current(), answer).await;
+                    let refused = client.complete(context::current(), answer).await;
                     report("staged held", format!("{refused:?}"));
                 }
                 GrantFlood => {

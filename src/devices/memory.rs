@@ -1,8 +1,6 @@
 //! How a device reaches guest memory: an async trait with one implementation
 //! per memory mode. Devices never see more than this.
-use rpc_schema::{
-    Answer, CompletedRequest, GrantRange, GrantWrite, GuestMemoryClient, MemoryError, Segment, WriteSegment,
-};
+use rpc_schema::{Answer, GrantRange, GrantWrite, GuestMemoryClient, MemoryError, Segment, WriteSegment};
 use serde_bytes::ByteBuf;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -30,13 +28,9 @@ pub trait DeviceMemory: Send + Sync + 'static {
     fn read_granted(&self, ranges: Vec<GrantRange>) -> impl Future<Output = Result<Vec<ByteBuf>, AccessError>> + Send;
     /// Writes into granted buffers.
     fn write_granted(&self, writes: Vec<GrantWrite>) -> impl Future<Output = Result<(), AccessError>> + Send;
-    /// Completes granted requests held past their batch (`rpc` only).
-    fn complete(&self, _completions: Vec<CompletedRequest>) -> impl Future<Output = Result<(), AccessError>> + Send {
-        async { Err(AccessError::Transport("only a request-level device holds requests".into())) }
-    }
-    /// Completes held requests whose bytes are staged in `answer`'s slot
-    /// (`rpc` only); the slot is free again once this returns.
-    fn complete_staged(&self, _answer: Answer) -> impl Future<Output = Result<(), AccessError>> + Send {
+    /// Completes granted requests held past their batch (`rpc` only); a
+    /// slot the answer's bytes are staged in is free again once this returns.
+    fn complete(&self, _answer: Answer) -> impl Future<Output = Result<(), AccessError>> + Send {
         async { Err(AccessError::Transport("only a request-level device holds requests".into())) }
     }
     /// Guest RAM as this process maps it, for zero-copy transfers: only in
@@ -89,14 +83,9 @@ impl DeviceMemory for RpcMemory {
         rpc_reply(self.client.write_granted(context::current(), writes).await)
     }
 
-    async fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), AccessError> {
+    async fn complete(&self, answer: Answer) -> Result<(), AccessError> {
         let _turn = self.turn().await?;
-        rpc_reply(self.client.complete(context::current(), completions).await)
-    }
-
-    async fn complete_staged(&self, answer: Answer) -> Result<(), AccessError> {
-        let _turn = self.turn().await?;
-        rpc_reply(self.client.complete_staged(context::current(), answer).await)
+        rpc_reply(self.client.complete(context::current(), answer).await)
     }
 }
 
@@ -233,19 +222,11 @@ impl<M: DeviceMemory> DeviceMemory for Timed<M> {
         result
     }
 
-    async fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), AccessError> {
-        let started = Instant::now();
-        let bytes = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
-        let result = self.inner.complete(completions).await;
-        self.record(started, 0, bytes);
-        result
-    }
-
-    async fn complete_staged(&self, answer: Answer) -> Result<(), AccessError> {
+    async fn complete(&self, answer: Answer) -> Result<(), AccessError> {
         let started = Instant::now();
         let staged = answer.staged.iter().flat_map(|c| &c.writes).map(|w| u64::from(w.len));
         let bytes = staged.chain(answer.completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64)).sum();
-        let result = self.inner.complete_staged(answer).await;
+        let result = self.inner.complete(answer).await;
         self.record(started, 0, bytes);
         result
     }

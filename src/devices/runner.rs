@@ -343,13 +343,17 @@ impl<M: DeviceMemory> Core<M> {
         completions: Vec<CompletedRequest>,
         staging: Option<&StagingArea>,
     ) -> Result<(), AccessError> {
-        let Some(area) = staging else { return self.mem.complete(completions).await };
         let mut spent = Vec::new();
-        let answer = area.stage(completions, &mut spent);
-        let Some(slot) = answer.slot else { return self.mem.complete(answer.completions).await };
-        let done = self.mem.complete_staged(answer).await;
+        let answer = match staging {
+            Some(area) => area.stage(completions, &mut spent),
+            None => Answer { completions, ..Default::default() },
+        };
+        let slot = answer.slot;
+        let done = self.mem.complete(answer).await;
         // Whatever the reply, the VMM reads the slot no more.
-        area.free(&[slot]);
+        if let (Some(area), Some(slot)) = (staging, slot) {
+            area.free(&[slot]);
+        }
         if let Backend::Net(net) = &mut self.backend {
             net.recycle_bytes(spent.into_iter());
         }

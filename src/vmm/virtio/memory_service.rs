@@ -9,8 +9,7 @@ pub use super::host::DeviceHealth;
 use crate::guest_access;
 use futures::StreamExt;
 use rpc_schema::{
-    Answer, CompletedRequest, GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS,
-    PROTOCOL_VERSION,
+    Answer, GrantRange, GrantWrite, GuestMemory, MemoryError, Segment, WriteSegment, MAX_SEGMENTS, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,18 +88,15 @@ struct MemoryServer {
 }
 
 impl MemoryServer {
-    /// Completes requests the device held past their batch with `apply`,
-    /// on the engine of its queues.
-    fn complete_held(
-        &self,
-        apply: impl FnOnce(&super::requests::Engine) -> Result<(), String>,
-    ) -> Result<(), MemoryError> {
+    /// Completes requests the device held past their batch, on the engine
+    /// of its queues.
+    fn complete_held(&self, answer: Answer) -> Result<(), MemoryError> {
         self.admit(true)?;
         let engine = super::super::lock(&self.access.engine).as_ref().and_then(std::sync::Weak::upgrade);
         // No active queues: the driver reset the device, and took the grants back.
         let Some(engine) = engine else { return Ok(()) };
         let started = std::time::Instant::now();
-        let result = apply(&engine);
+        let result = engine.complete_held(answer);
         self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result.map_err(|_| MemoryError::Revoked)
     }
@@ -218,12 +214,8 @@ impl GuestMemory for MemoryServer {
         self.account(result, bytes)
     }
 
-    async fn complete(self, _: tarpc::context::Context, completions: Vec<CompletedRequest>) -> Result<(), MemoryError> {
-        self.complete_held(|engine| engine.complete_held(completions))
-    }
-
-    async fn complete_staged(self, _: tarpc::context::Context, answer: Answer) -> Result<(), MemoryError> {
-        self.complete_held(|engine| engine.complete_held_staged(answer))
+    async fn complete(self, _: tarpc::context::Context, answer: Answer) -> Result<(), MemoryError> {
+        self.complete_held(answer)
     }
 }
 

@@ -456,20 +456,11 @@ impl Engine {
             .collect()
     }
 
-    /// Completions for requests the device held past their batch: applied
-    /// as a batch reply's are; a device that breaks the protocol fails.
-    pub fn complete_held(&self, completions: Vec<CompletedRequest>) -> Result<(), String> {
-        if self.stopped.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.complete(completions).inspect_err(|reason| self.fail(reason.clone()))
-    }
-
-    /// [`Engine::complete_held`] with the bytes staged in a slot of the
-    /// device's answer area, as a batch's answer stages them. The device
-    /// takes the slot back when we reply, so it is never handed back with
-    /// a batch.
-    pub fn complete_held_staged(&self, answer: Answer) -> Result<(), String> {
+    /// Completions for requests the device held past their batch, checked
+    /// and applied as a batch's answer is; a device that breaks the
+    /// protocol fails. The device takes a staged answer's slot back when we
+    /// reply, so it is never handed back with a batch.
+    pub fn complete_held(&self, answer: Answer) -> Result<(), String> {
         if self.stopped.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -514,16 +505,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Revokes each completed grant, checks and applies its writes, and
-    /// returns its chain to the driver; then interrupts if the driver asked.
-    fn complete(&self, completions: Vec<CompletedRequest>) -> Result<(), String> {
-        let mut writes = Vec::new();
-        let all: Vec<Completion> = completions.iter().map(|c| inline(c, &mut writes)).collect();
-        self.apply(&all, &writes)
-    }
-
-    /// [`Engine::complete`] for an answer, whose staged bytes are read from
-    /// the device's answer area, each within the answer's one slot.
+    /// Checks an answer's completions, inline ones and those whose bytes
+    /// are staged in the device's answer area (each within the answer's
+    /// one slot), and applies them.
     fn apply_answer(&self, answer: Answer, staging: Option<&Staging>) -> Result<(), String> {
         let Answer { completions, staged, slot } = answer;
         let mut writes = Vec::new();
