@@ -6,6 +6,7 @@ use super::disk_ring::{DiskRing, Owner};
 use super::features;
 use super::io_threads::IoThreads;
 use super::request::{Reply, Request};
+use super::staging::Lease;
 use rpc_schema::DeviceInfo;
 use serde_bytes::ByteBuf;
 use std::fs::File;
@@ -270,7 +271,9 @@ impl BlockDevice {
     /// the status byte (the writable stream's last), if there is one.
     pub fn refuse(writable_len: u64) -> Reply {
         match writable_len.checked_sub(1) {
-            Some(status_at) => Reply { writes: vec![(status_at, vec![S_IOERR])], used_len: 1, failed: true },
+            Some(status_at) => {
+                Reply { writes: vec![(status_at, vec![S_IOERR])], used_len: 1, failed: true, ..Reply::default() }
+            }
             None => Reply { failed: true, ..Reply::default() },
         }
     }
@@ -278,10 +281,11 @@ impl BlockDevice {
     /// Serves the requests: reads and writes of a `direct=on` disk many at
     /// once on its ring or I/O threads, anything else (a flush waits for
     /// every transfer before it) in order on this thread.
-    pub fn serve(&mut self, requests: &[Request]) -> Vec<Reply> {
+    /// `lease`: `rpc`'s answer slot for the batch, which reads land in.
+    pub fn serve(&mut self, requests: &[Request], mut lease: Option<&mut Lease>) -> Vec<Reply> {
         let threaded = self.direct.as_ref().is_some_and(|d| d.io.is_some());
         if !threaded || requests.len() < 2 {
-            return requests.iter().map(|r| self.serve_one(r)).collect();
+            return requests.iter().map(|r| self.serve_one(r, lease.as_deref_mut())).collect();
         }
         let mut replies: Vec<Option<Reply>> = requests.iter().map(|_| None).collect();
         let (report, done) = channel();
@@ -295,12 +299,12 @@ impl BlockDevice {
                     if self.start_transfer(index, request, transfer, &mut in_flight).is_none() {
                         // No buffer for it: it runs here instead.
                         self.collect(&mut in_flight, &mut replies);
-                        replies[index] = Some(self.serve_one(request));
+                        replies[index] = Some(self.serve_one(request, lease.as_deref_mut()));
                     }
                 }
                 None => {
                     self.collect(&mut in_flight, &mut replies);
-                    replies[index] = Some(self.serve_one(request));
+                    replies[index] = Some(self.serve_one(request, lease.as_deref_mut()));
                 }
             }
         }
@@ -407,7 +411,7 @@ impl BlockDevice {
         };
         for (index, ok, mut buffer) in ended {
             let Some(&(_, status_at, t)) = in_flight.transfers.iter().find(|(i, _, _)| *i == index) else { continue };
-            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| b.to_vec())).flatten();
+            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| Data::Bytes(b.to_vec()))).flatten();
             let status = if ok { S_OK } else { S_IOERR };
             replies[index] = Some(Self::reply(status, data, status_at));
             if let Some(direct) = self.direct.as_mut() {
@@ -444,11 +448,19 @@ impl BlockDevice {
         ended
     }
 
-    fn reply(status: u8, data: Option<Vec<u8>>, status_at: u64) -> Reply {
-        let mut reply = Reply { used_len: 1, failed: status != S_OK, writes: Vec::with_capacity(2) };
-        if let Some(data) = data {
-            reply.used_len += data.len() as u32;
-            reply.writes.push((0, data));
+    fn reply(status: u8, data: Option<Data>, status_at: u64) -> Reply {
+        let mut reply =
+            Reply { used_len: 1, failed: status != S_OK, writes: Vec::with_capacity(2), ..Reply::default() };
+        match data {
+            Some(Data::Bytes(data)) => {
+                reply.used_len += data.len() as u32;
+                reply.writes.push((0, data));
+            }
+            Some(Data::Staged { at, len }) => {
+                reply.used_len += len;
+                reply.staged.push((0, at, len));
+            }
+            None => {}
         }
         reply.writes.push((status_at, vec![status]));
         reply
@@ -477,7 +489,7 @@ impl BlockDevice {
         fits.then_some(Transfer { write, offset, len })
     }
 
-    fn serve_one(&mut self, request: &Request) -> Reply {
+    fn serve_one(&mut self, request: &Request, lease: Option<&mut Lease>) -> Reply {
         let wanted = Self::wanted(request.readable_len, request.writable_len);
         let readable = match &request.readable {
             Some(bytes) if wanted > 0 && bytes.len() as u64 == wanted => bytes,
@@ -485,21 +497,21 @@ impl BlockDevice {
         };
         let status_at = request.writable_len - 1;
         let (status, data) =
-            self.execute(&readable[..HEADER_SIZE as usize], &readable[HEADER_SIZE as usize..], status_at);
+            self.execute(&readable[..HEADER_SIZE as usize], &readable[HEADER_SIZE as usize..], status_at, lease);
         Self::reply(status, data, status_at)
     }
 
     /// Runs one request: `out` is the driver's data after the header, and
     /// `room` the writable bytes before the status byte. Returns the status
     /// and any data for the driver (at the start of the writable stream).
-    fn execute(&mut self, header: &[u8], out: &[u8], room: u64) -> (u8, Option<Vec<u8>>) {
+    fn execute(&mut self, header: &[u8], out: &[u8], room: u64, lease: Option<&mut Lease>) -> (u8, Option<Data>) {
         let (kind, sector) = Self::header(header);
         let done = |result: std::io::Result<()>| if result.is_ok() { S_OK } else { S_IOERR };
         match self.transfer(kind, sector, out.len() as u64, room) {
             Some(t) if t.write => return (done(self.write_at(out, t.offset)), None),
             Some(t) => {
-                return match self.read_at(t.len as usize, t.offset) {
-                    Ok(bytes) => (S_OK, Some(bytes)),
+                return match self.read_at(t.len as usize, t.offset, lease) {
+                    Ok(data) => (S_OK, Some(data)),
                     Err(_) => (S_IOERR, None),
                 }
             }
@@ -509,7 +521,7 @@ impl BlockDevice {
             T_FLUSH => (done(self.file.sync_data()), None),
             T_GET_ID if room > 0 => {
                 let len = (room as usize).min(ID_SIZE);
-                (S_OK, Some(self.id[..len].to_vec()))
+                (S_OK, Some(Data::Bytes(self.id[..len].to_vec())))
             }
             T_DISCARD | T_WRITE_ZEROES if !self.readonly => (self.zero_range(kind, out), None),
             T_IN | T_OUT | T_GET_ID | T_DISCARD | T_WRITE_ZEROES => (S_IOERR, None),
@@ -552,15 +564,23 @@ impl BlockDevice {
     }
 
     /// `len` bytes of the disk at `offset` (through the aligned buffer with O_DIRECT).
-    fn read_at(&mut self, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    /// Straight into the lease's slot where it has room (aligned there, so
+    /// `direct=on` needs no bounce buffer either).
+    fn read_at(&mut self, len: usize, offset: u64, lease: Option<&mut Lease>) -> std::io::Result<Data> {
+        if let Some((at, address)) = lease.and_then(|l| l.room(len as u64)) {
+            // SAFETY: `room` gave us `len` bytes of the slot, which nothing
+            // else touches until the answer that names them.
+            unsafe { read_exact_into(&self.file, address, len, offset) }?;
+            return Ok(Data::Staged { at, len: len as u32 });
+        }
         match self.direct.as_mut() {
             None => {
                 let mut bytes = vec![0u8; len];
-                self.file.read_exact_at(&mut bytes, offset).map(|()| bytes)
+                self.file.read_exact_at(&mut bytes, offset).map(|()| Data::Bytes(bytes))
             }
             Some(direct) => {
                 let buffer = direct.buffer.get(len).ok_or(std::io::ErrorKind::OutOfMemory)?;
-                self.file.read_exact_at(buffer, offset).map(|()| buffer.to_vec())
+                self.file.read_exact_at(buffer, offset).map(|()| Data::Bytes(buffer.to_vec()))
             }
         }
     }
@@ -576,6 +596,38 @@ impl BlockDevice {
             }
         }
     }
+}
+
+/// A read's data for the driver: bytes of our own, or bytes already in
+/// the batch's answer slot (offset in the answer area, length).
+enum Data {
+    Bytes(Vec<u8>),
+    Staged { at: u32, len: u32 },
+}
+
+/// `read_exact_at` into memory named by address.
+///
+/// # Safety
+/// `address` must name `len` writable bytes that nothing else uses meanwhile.
+unsafe fn read_exact_into(file: &File, address: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: within the `len` bytes the caller vouches for.
+        let moved = unsafe {
+            libc::pread(file.as_raw_fd(), address.add(done).cast(), len - done, (offset + done as u64) as i64)
+        };
+        match moved {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -602,16 +654,51 @@ mod tests {
         assert_ne!(info.features & F_BLK_SIZE, 0, "the driver is told the block size");
         assert_eq!(u32::from_le_bytes(info.config[CONFIG_BLK_SIZE..CONFIG_BLK_SIZE + 4].try_into().unwrap()), 4096);
 
-        let replies = disk.serve(&[
-            request(T_OUT, 8, &[7u8; 4096], 0),
-            request(T_IN, 8, &[], 4096),
-            request(T_IN, 1, &[], 4096),
-            request(T_OUT, 8, &[7u8; 512], 0),
-        ]);
+        let replies = disk.serve(
+            &[
+                request(T_OUT, 8, &[7u8; 4096], 0),
+                request(T_IN, 8, &[], 4096),
+                request(T_IN, 1, &[], 4096),
+                request(T_OUT, 8, &[7u8; 512], 0),
+            ],
+            None,
+        );
         assert_eq!(status(&replies[0]), S_OK);
         assert_eq!((status(&replies[1]), &replies[1].writes[0].1[..]), (S_OK, &[7u8; 4096][..]));
         assert_eq!(status(&replies[2]), S_IOERR, "an offset off the 4 KiB grid");
         assert_eq!(status(&replies[3]), S_IOERR, "a length off the 4 KiB grid");
+    }
+
+    #[test]
+    fn rpc_reads_land_in_the_answer_slot_where_the_lease_has_room() {
+        let (area, vmm_view) = crate::devices::staging::tests::area_for_test();
+        let mut disk = BlockDevice::new(tempfile_with(4 << 20), false, "d").unwrap();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(status(&disk.serve(&[request(T_OUT, 0, &pattern, 0)], None)[0]), S_OK);
+        let mut lease = area.lease().unwrap();
+        let all = rpc_schema::STAGING_SLOT_BYTES;
+        let replies = disk.serve(
+            &[
+                request(T_IN, 0, &[], 4096),
+                request(T_IN, 8, &[], 512),
+                request(T_IN, 0, &[], all),
+                request(T_GET_ID, 0, &[], 20),
+            ],
+            Some(&mut lease),
+        );
+        let [(start, at, len)] = replies[0].staged[..] else { panic!("{:?}", replies[0].staged) };
+        assert_eq!((start, len, replies[0].used_len, status(&replies[0])), (0, 4096, 4097, S_OK));
+        let mut seen = vec![0u8; 4096];
+        vmm_view.read_exact_at(&mut seen, at as u64).unwrap();
+        assert_eq!(seen, pattern[..4096], "the read's bytes, in the slot");
+        let [(_, at, 512)] = replies[1].staged[..] else { panic!("{:?}", replies[1].staged) };
+        vmm_view.read_exact_at(&mut seen[..512], at as u64).unwrap();
+        assert_eq!(seen[..512], pattern[4096..4608]);
+        assert!(
+            replies[2].staged.is_empty() && replies[2].writes[0].1.len() == all as usize,
+            "a slot's worth does not fit"
+        );
+        assert!(replies[3].staged.is_empty() && replies[3].writes[0].1.len() == 20, "get-id: inline");
     }
 
     /// A `direct=on` disk with its ring or I/O threads, on a file in the temp
@@ -653,7 +740,7 @@ mod tests {
         batch.push(request(T_OUT, 0, &[0xee; 4096], 0));
         batch.push(request(T_FLUSH, 0, &[], 0));
         batch.push(request(T_IN, 0, &[], 8192));
-        let replies = disk.serve(&batch);
+        let replies = disk.serve(&batch, None);
         for block in 0..64usize {
             assert_eq!(status(&replies[2 * block]), S_OK);
             let read = &replies[2 * block + 1];
@@ -663,8 +750,8 @@ mod tests {
         let last = &replies[130].writes[0].1;
         assert_eq!((&last[..4096], &last[4096..]), (&[0xee; 4096][..], &[2u8; 4096][..]));
         // A transfer past the end fails alone, beside others that succeed.
-        let replies =
-            disk.serve(&[request(T_IN, 0, &[], 4096), request(T_IN, 2048, &[], 4096), request(T_IN, 8, &[], 512)]);
+        let replies = disk
+            .serve(&[request(T_IN, 0, &[], 4096), request(T_IN, 2048, &[], 4096), request(T_IN, 8, &[], 512)], None);
         assert_eq!([status(&replies[0]), status(&replies[1]), status(&replies[2])], [S_OK, S_IOERR, S_OK]);
     }
 

@@ -108,7 +108,10 @@ impl ConsoleDevice {
             bytes.truncate(got as usize);
             delivered += got as u64;
             let buffer = held.pop_front().unwrap().buffer;
-            done.push((buffer, Reply { used_len: got as u32, writes: vec![(0, bytes)], failed: false }));
+            done.push((
+                buffer,
+                Reply { used_len: got as u32, writes: vec![(0, bytes)], failed: false, ..Reply::default() },
+            ));
         }
         done
     }

@@ -145,7 +145,12 @@ impl MemDevice {
                 None => (RESP_ERROR, 0),
             };
             let reply = if request.writable_len >= RESPONSE_SIZE as u64 {
-                Reply { writes: vec![(0, response(kind, state))], used_len: RESPONSE_SIZE, failed: kind == RESP_ERROR }
+                Reply {
+                    writes: vec![(0, response(kind, state))],
+                    used_len: RESPONSE_SIZE,
+                    failed: kind == RESP_ERROR,
+                    ..Reply::default()
+                }
             } else {
                 Reply { failed: true, ..Reply::default() }
             };

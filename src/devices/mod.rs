@@ -104,7 +104,7 @@ impl Backend {
     /// to the VMM is an error; a bad request gets an error reply.
     pub async fn serve(&mut self, requests: &[Request]) -> Result<Vec<Reply>, AccessError> {
         match self {
-            Backend::Block(blk) => Ok(blk.serve(requests)),
+            Backend::Block(blk) => Ok(blk.serve(requests, None)),
             Backend::Rng(rng) => Ok(rng.serve(requests)),
             Backend::Mem(device) => device.serve(requests).await,
             // The transmit queue's requests; receive buffers are held instead.

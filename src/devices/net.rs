@@ -471,14 +471,20 @@ impl NetDevice {
             if buffers == 1 {
                 // The usual case: the whole frame in one buffer, no copy.
                 let buffer = held.pop_front().expect("placed in a held buffer").buffer;
-                done.push((buffer, Reply { writes: vec![(0, frame)], used_len: last as u32, failed: false }));
+                done.push((
+                    buffer,
+                    Reply { writes: vec![(0, frame)], used_len: last as u32, failed: false, ..Reply::default() },
+                ));
                 continue;
             }
             let mut at = 0usize;
             for (buffer, len) in take_placed(held, buffers, last) {
                 let piece = frame[at..at + len as usize].to_vec();
                 at += len as usize;
-                done.push((buffer, Reply { writes: vec![(0, piece)], used_len: len as u32, failed: false }));
+                done.push((
+                    buffer,
+                    Reply { writes: vec![(0, piece)], used_len: len as u32, failed: false, ..Reply::default() },
+                ));
             }
         }
     }

@@ -106,9 +106,9 @@ fn receive_with(
         }
         net.delivered(got);
         let placed = take_placed(held, buffers, last);
-        done.extend(
-            placed.map(|(buffer, len)| (buffer, Reply { writes: Vec::new(), used_len: len as u32, failed: false })),
-        );
+        done.extend(placed.map(|(buffer, len)| {
+            (buffer, Reply { writes: Vec::new(), used_len: len as u32, failed: false, ..Reply::default() })
+        }));
     }
 }
 

@@ -7,16 +7,17 @@ use super::memory::{AccessError, DeviceMemory};
 use super::request::{pieces, stream_lengths, Reply, Request};
 use super::Backend;
 use rpc_schema::{
-    BufferWrite, CompletedRequest, GrantRange, GrantWrite, PostedBuffer, PostedRequest, MAX_BATCH_INLINE, MAX_SEGMENTS,
-    MAX_TRANSFER,
+    BufferWrite, CompletedRequest, GrantRange, GrantWrite, PostedBuffer, PostedRequest, StagedWrite, MAX_BATCH_INLINE,
+    MAX_SEGMENTS, MAX_TRANSFER,
 };
 use serde_bytes::ByteBuf;
 
-/// The requests device logic sees, one per chain of the batch.
+/// The requests device logic sees, one per chain of the batch; each takes
+/// its chain's readable bytes (no copy), which the answer does not need.
 pub async fn requests<M: DeviceMemory>(
     mem: &M,
     backend: &Backend,
-    batch: &[PostedRequest],
+    batch: &mut [PostedRequest],
 ) -> Result<Vec<Request>, AccessError> {
     let mut requests = Vec::with_capacity(batch.len());
     for posted in batch {
@@ -25,15 +26,17 @@ pub async fn requests<M: DeviceMemory>(
     Ok(requests)
 }
 
-/// A batch's completions from its replies; how many ended in an error.
+/// A batch's completions from its replies; the bytes its replies left in
+/// the answer slot, as staged writes by grant; how many ended in an error.
 pub async fn answer<M: DeviceMemory>(
     mem: &M,
     backend: &mut Backend,
     batch: &[PostedRequest],
     requests: &[Request],
     replies: Vec<Reply>,
-) -> Result<(Vec<CompletedRequest>, u64), AccessError> {
+) -> Result<(Vec<CompletedRequest>, Vec<(u64, Vec<StagedWrite>)>, u64), AccessError> {
     let mut failed = 0;
+    let mut prestaged = Vec::new();
     let mut budget = MAX_BATCH_INLINE;
     let mut completions = Vec::with_capacity(batch.len());
     for ((posted, request), mut reply) in batch.iter().zip(requests).zip(replies) {
@@ -53,21 +56,43 @@ pub async fn answer<M: DeviceMemory>(
             }
         }
         failed += u64::from(reply.failed);
+        let staged = staged_writes(&posted.buffers, std::mem::take(&mut reply.staged));
+        if !staged.is_empty() {
+            prestaged.push((posted.grant, staged));
+        }
         completions.push(CompletedRequest { grant: posted.grant, used_len: reply.used_len, writes });
     }
-    Ok((completions, failed))
+    Ok((completions, prestaged, failed))
+}
+
+/// A reply's bytes already in the answer slot as pieces of the chain's
+/// writable buffers, each piece named where it lies in the slot.
+fn staged_writes(buffers: &[PostedBuffer], staged: Vec<(u64, u32, u32)>) -> Vec<StagedWrite> {
+    let mut out = Vec::new();
+    for (start, mut at, len) in staged {
+        // Bytes past the writable stream go nowhere.
+        for (buffer, offset, len) in pieces(buffers, true, start, u64::from(len)) {
+            out.push(StagedWrite { buffer, offset, at, len });
+            at += len;
+        }
+    }
+    out
 }
 
 /// The request device logic sees: its readable bytes inline, topped up by
 /// grant reads to what the device wants; none when a buffer is not RAM.
-async fn request<M: DeviceMemory>(mem: &M, backend: &Backend, posted: &PostedRequest) -> Result<Request, AccessError> {
+async fn request<M: DeviceMemory>(
+    mem: &M,
+    backend: &Backend,
+    posted: &mut PostedRequest,
+) -> Result<Request, AccessError> {
     let (readable_len, writable_len) = stream_lengths(&posted.buffers);
     let wanted = backend.wanted(readable_len, writable_len);
     let mut request = Request { readable_len, writable_len, readable: None };
     if posted.faulty {
         return Ok(request);
     }
-    let mut bytes = posted.readable.to_vec();
+    let mut bytes = std::mem::take(&mut posted.readable).into_vec();
     bytes.truncate(wanted as usize);
     let have = bytes.len() as u64;
     if have < wanted {
@@ -188,7 +213,8 @@ mod tests {
             PostedBuffer { len: 4, writable: true },
             PostedBuffer { len: 1, writable: true },
         ];
-        let reply = Reply { writes: vec![(0, vec![1, 2, 3, 4]), (4, vec![0])], used_len: 5, failed: false };
+        let reply =
+            Reply { writes: vec![(0, vec![1, 2, 3, 4]), (4, vec![0])], used_len: 5, failed: false, ..Reply::default() };
         let writes = buffer_writes(&buffers, reply.writes);
         assert_eq!(writes.len(), 2);
         assert_eq!((writes[0].buffer, writes[0].offset, writes[0].data.as_slice()), (1, 0, &[1, 2, 3, 4][..]));

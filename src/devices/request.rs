@@ -32,6 +32,9 @@ impl Request {
 pub struct Reply {
     /// (offset into the writable stream, bytes), in any order, within the stream.
     pub writes: Vec<(u64, Vec<u8>)>,
+    /// `rpc`: bytes read straight into the batch's answer slot, as
+    /// (offset into the writable stream, offset in the answer area, length).
+    pub staged: Vec<(u64, u32, u32)>,
     /// What the driver sees as the used length.
     pub used_len: u32,
     /// The request ended with an error status (for the counters).

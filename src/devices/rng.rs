@@ -46,7 +46,7 @@ impl RngDevice {
             .iter()
             .map(|r| {
                 let bytes = random_bytes((r.writable_len as usize).min(MAX_PER_REQUEST));
-                Reply { used_len: bytes.len() as u32, writes: vec![(0, bytes)], failed: false }
+                Reply { used_len: bytes.len() as u32, writes: vec![(0, bytes)], failed: false, ..Reply::default() }
             })
             .collect()
     }

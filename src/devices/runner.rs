@@ -9,13 +9,13 @@ use super::memory::{DeviceMemory, Timed};
 use super::net::{Held, RX_QUEUE, TX_QUEUE};
 use super::poll_window::PollWindow;
 use super::request::{stream_lengths, Reply, Request};
-use super::staging::StagingArea;
+use super::staging::{Lease, StagingArea};
 use super::virtqueue::{validate, Chain, QueueError, SplitQueue};
 use super::{net_zero_copy, posted, ring, Backend};
 use futures::StreamExt;
 use rpc_schema::{
     Answer, CompletedRequest, DeviceControl, DeviceControlRequest, DeviceControlResponse, DeviceCounters, DeviceError,
-    DeviceInfo, DeviceState, PostedRequest, QueueConfig, PROTOCOL_VERSION,
+    DeviceInfo, DeviceState, PostedRequest, QueueConfig, StagedWrite, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 use std::collections::VecDeque;
@@ -362,7 +362,11 @@ impl<M: DeviceMemory> Core<M> {
 
     /// Request level: serves a batch the VMM posted, or starts it when it
     /// is a disk's transfers on its ring ([`super::blk::BlockDevice::start`]).
-    async fn serve_posted(&mut self, batch: Vec<PostedRequest>) -> Result<Stage, DeviceError> {
+    async fn serve_posted(
+        &mut self,
+        batch: Vec<PostedRequest>,
+        lease: Option<&mut Lease<'_>>,
+    ) -> Result<Stage, DeviceError> {
         if !self.posting {
             return Err(DeviceError::NotActive);
         }
@@ -370,7 +374,7 @@ impl<M: DeviceMemory> Core<M> {
         let started = std::time::Instant::now();
         let seen = self.tamper.is_some().then(|| batch.clone());
         // A network or console device holds its receive buffers for input to come.
-        let (held, batch): (Vec<_>, Vec<_>) = match self.backend.holds_receive_buffers() {
+        let (held, mut batch): (Vec<_>, Vec<_>) = match self.backend.holds_receive_buffers() {
             true => batch.into_iter().partition(|p| p.queue == RX_QUEUE),
             false => (Vec::new(), batch),
         };
@@ -387,11 +391,11 @@ impl<M: DeviceMemory> Core<M> {
             }
         }
         let failed = |e: AccessError| DeviceError::Failed(e.to_string());
-        let requests = posted::requests(&self.mem, &self.backend, &batch).await.map_err(failed)?;
+        let requests = posted::requests(&self.mem, &self.backend, &mut batch).await.map_err(failed)?;
         let posted = Posted { batch, requests, given_back, seen };
         let watched = self.watch_disk();
         let replies = match &mut self.backend {
-            Backend::Block(blk) => match blk.start(&posted.requests) {
+            Backend::Block(blk) => match blk.start(&posted.requests, lease) {
                 Started::Served(replies) => replies,
                 Started::Running(on_disk) if watched => {
                     self.counters.busy_ns += started.elapsed().as_nanos() as u64;
@@ -409,11 +413,7 @@ impl<M: DeviceMemory> Core<M> {
     }
 
     /// Request level: answers a disk batch whose transfers have ended.
-    async fn finish_posted(
-        &mut self,
-        posted: Posted,
-        on_disk: StartedBatch,
-    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+    async fn finish_posted(&mut self, posted: Posted, on_disk: StartedBatch) -> Result<Answered, DeviceError> {
         let started = std::time::Instant::now();
         let Backend::Block(blk) = &mut self.backend else {
             return Err(DeviceError::Failed("a disk batch on a device that is not a disk".into()));
@@ -444,12 +444,12 @@ impl<M: DeviceMemory> Core<M> {
         posted: Posted,
         replies: Vec<Reply>,
         started: std::time::Instant,
-    ) -> Result<Vec<CompletedRequest>, DeviceError> {
+    ) -> Result<Answered, DeviceError> {
         let Posted { batch, requests, given_back, seen } = posted;
         let count = batch.len() as u64 + given_back.len() as u64;
         let result = posted::answer(&self.mem, &mut self.backend, &batch, &requests, replies).await;
         self.counters.busy_ns += started.elapsed().as_nanos() as u64;
-        let (mut completions, failed) = result.map_err(|e| DeviceError::Failed(e.to_string()))?;
+        let (mut completions, prestaged, failed) = result.map_err(|e| DeviceError::Failed(e.to_string()))?;
         completions.extend(given_back);
         let inline: u64 = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
         completions.extend(self.receive_posted(rpc_schema::MAX_BATCH_INLINE.saturating_sub(inline)));
@@ -458,7 +458,7 @@ impl<M: DeviceMemory> Core<M> {
         if let (Some(tamper), Some(batch)) = (self.tamper.as_mut(), seen) {
             completions = tamper(batch, completions).await;
         }
-        Ok(completions)
+        Ok(Answered { completions, prestaged })
     }
 }
 
@@ -472,8 +472,15 @@ struct Posted {
     seen: Option<Vec<PostedRequest>>,
 }
 
+/// A batch's completions, and the bytes its reads left in the batch's
+/// answer slot, as staged writes by grant (see [`Lease`]).
+struct Answered {
+    completions: Vec<CompletedRequest>,
+    prestaged: Vec<(u64, Vec<StagedWrite>)>,
+}
+
 enum Stage {
-    Served(Vec<CompletedRequest>),
+    Served(Answered),
     /// A disk batch whose transfers run on the ring.
     OnDisk(Posted, StartedBatch),
 }
@@ -486,7 +493,8 @@ enum Stage {
 async fn serve_posted<M: DeviceMemory>(
     core: &Mutex<Core<M>>,
     batch: Vec<PostedRequest>,
-) -> Result<Vec<CompletedRequest>, DeviceError> {
+    lease: Option<&mut Lease<'_>>,
+) -> Result<Answered, DeviceError> {
     let waiting = {
         let mut core = core.lock().await;
         match core.watch_disk() {
@@ -497,8 +505,8 @@ async fn serve_posted<M: DeviceMemory>(
     if let Some(waiting) = waiting {
         on_disk_until(core, |blk| blk.has_room(&waiting)).await;
     }
-    let (posted, on_disk) = match core.lock().await.serve_posted(batch).await? {
-        Stage::Served(completions) => return Ok(completions),
+    let (posted, on_disk) = match core.lock().await.serve_posted(batch, lease).await? {
+        Stage::Served(answered) => return Ok(answered),
         Stage::OnDisk(posted, on_disk) => (posted, on_disk),
     };
     on_disk_until(core, |blk| blk.has_ended(&on_disk)).await;
@@ -748,14 +756,18 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
             area.free(&freed);
             area.take_posted(&mut batch).map_err(DeviceError::Failed)?;
         }
-        let completions = serve_posted(&self.core, batch).await;
+        // A disk's reads land straight in the answer's slot, taken now.
+        let is_disk = self.info.device_id == super::blk::DEVICE_ID;
+        let mut lease = self.staging.as_ref().filter(|_| is_disk).and_then(|area| area.lease());
+        let answered = serve_posted(&self.core, batch, lease.as_mut()).await;
         // A network device may hold new receive buffers: its receive loop looks again.
         self.kick.notify_one();
-        let completions = completions?;
+        let Answered { completions, prestaged } = answered?;
         let mut spent = Vec::new();
-        let mut answer = match &self.staging {
-            Some(area) => area.stage(completions, &mut spent),
-            None => Answer { completions, ..Default::default() },
+        let mut answer = match (lease, &self.staging) {
+            (Some(lease), _) => lease.answer(completions, prestaged, &mut spent),
+            (None, Some(area)) => area.stage(completions, &mut spent),
+            (None, None) => Answer { completions, ..Default::default() },
         };
         // Received frames' buffers, whose bytes are in the slot now, take
         // the next frames (a disk's just go: its core is not locked for them).

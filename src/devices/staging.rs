@@ -9,8 +9,8 @@
 //! posting area is the other way round: the VMM writes the readable bytes
 //! of the requests it posts there, and this process may only read it.
 use rpc_schema::{
-    Answer, CompletedRequest, PostedRequest, StagedCompletion, StagedWrite, MIN_STAGED_BYTES, STAGING_BYTES,
-    STAGING_SLOTS, STAGING_SLOT_BYTES,
+    Answer, BufferWrite, CompletedRequest, PostedRequest, StagedCompletion, StagedWrite, MIN_STAGED_BYTES,
+    STAGING_BYTES, STAGING_SLOTS, STAGING_SLOT_BYTES,
 };
 use serde_bytes::ByteBuf;
 use std::fs::File;
@@ -69,29 +69,122 @@ impl StagingArea {
     /// inline when there are none, none is free, or they do not fit. The
     /// buffers of bytes staged go to `spent`, for the device to reuse.
     pub fn stage(&self, completions: Vec<CompletedRequest>, spent: &mut Vec<Vec<u8>>) -> Answer {
-        let total: u64 = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
-        let slot = match total {
-            MIN_STAGED_BYTES..=STAGING_SLOT_BYTES => self.free.lock().unwrap_or_else(|e| e.into_inner()).pop(),
-            _ => None,
-        };
-        let Some(slot) = slot else { return Answer { completions, ..Default::default() } };
-        let area = self.map.as_volatile_slice();
-        let mut at = slot as usize * STAGING_SLOT_BYTES as usize;
-        let staged = completions.into_iter().map(|c| {
-            let writes = c.writes.into_iter().map(|w| {
+        match self.lease() {
+            Some(lease) => lease.answer(completions, Vec::new(), spent),
+            None => Answer { completions, ..Default::default() },
+        }
+    }
+
+    /// Takes a free slot for one batch before it is served (see [`Lease`]).
+    pub fn lease(&self) -> Option<Lease<'_>> {
+        let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(Lease { area: self, slot, used: 0, kept: false })
+    }
+}
+
+/// A free answer slot taken for one batch before it is served, so a disk
+/// reads straight into it ([`Lease::room`]) rather than into a buffer of
+/// its own copied there later. The batch's answer stages the rest of its
+/// bytes after them ([`Lease::answer`]); a slot the answer does not use is
+/// free again when the lease goes.
+pub struct Lease<'a> {
+    area: &'a StagingArea,
+    slot: u8,
+    /// Bytes of the slot handed out by `room`.
+    used: u64,
+    /// The answer names the slot: it is the VMM's until handed back.
+    kept: bool,
+}
+
+/// What `room` leaves free at the end of a slot, for the answer's small
+/// inline bytes (a disk's status bytes, one per request).
+const HEADROOM: u64 = 4096;
+
+/// Where `room` starts each piece: the disk's block grid, as `O_DIRECT` needs.
+const ROOM_ALIGN: u64 = 4096;
+
+impl Lease<'_> {
+    /// `len` bytes of the slot for a read to land in, at an aligned offset:
+    /// their offset in the area and their address here. None for a piece
+    /// too small to be worth a slot, or that does not fit. Nothing else
+    /// writes them until the answer that names them (the VMM reads a slot
+    /// only once an answer hands it over).
+    pub fn room(&mut self, len: u64) -> Option<(u32, *mut u8)> {
+        let start = self.used.next_multiple_of(ROOM_ALIGN);
+        if len < MIN_STAGED_BYTES || start + len + HEADROOM > STAGING_SLOT_BYTES {
+            return None;
+        }
+        self.used = start + len;
+        let at = self.slot as u64 * STAGING_SLOT_BYTES + start;
+        // Within the mapping: the slot's end bounds it.
+        let address = self.area.map.as_ptr().wrapping_add(at as usize);
+        Some((at as u32, address))
+    }
+
+    /// The batch's answer: `prestaged`, by grant, names bytes already in
+    /// this slot (from [`Lease::room`]); each completion's own bytes follow
+    /// back to back. A completion whose bytes do not fit goes inline, its
+    /// prestaged bytes copied out; with nothing prestaged, the answer is
+    /// staged only as [`StagingArea::stage`] would stage it.
+    pub fn answer(
+        mut self,
+        completions: Vec<CompletedRequest>,
+        mut prestaged: Vec<(u64, Vec<StagedWrite>)>,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> Answer {
+        let inline: u64 = completions.iter().flat_map(|c| &c.writes).map(|w| w.data.len() as u64).sum();
+        if prestaged.is_empty() && !(MIN_STAGED_BYTES..=STAGING_SLOT_BYTES).contains(&inline) {
+            return Answer { completions, ..Default::default() };
+        }
+        let area = self.area.map.as_volatile_slice();
+        let end = (self.slot as usize + 1) * STAGING_SLOT_BYTES as usize;
+        let mut at = self.slot as usize * STAGING_SLOT_BYTES as usize + self.used as usize;
+        let mut answer = Answer::default();
+        for mut c in completions {
+            let bytes: usize = c.writes.iter().map(|w| w.data.len()).sum();
+            let mut writes = match prestaged.iter().position(|p| p.0 == c.grant) {
+                Some(i) => prestaged.swap_remove(i).1,
+                None => Vec::new(),
+            };
+            if at + bytes > end {
+                // Inline, every byte of it.
+                let copied = writes.iter().map(|w| {
+                    let mut data = vec![0u8; w.len as usize];
+                    if let Ok(from) = area.subslice(w.at as usize, w.len as usize) {
+                        from.copy_to(&mut data[..]);
+                    }
+                    BufferWrite { buffer: w.buffer, offset: w.offset, data: ByteBuf::from(data) }
+                });
+                let mut all: Vec<BufferWrite> = copied.collect();
+                all.append(&mut c.writes);
+                answer.completions.push(CompletedRequest { writes: all, ..c });
+                continue;
+            }
+            for w in c.writes {
                 let len = w.data.len();
-                // Within the slot: their sum fits, checked above.
+                // Within the slot: checked above.
                 if let Ok(room) = area.subslice(at, len) {
                     room.copy_from(&w.data[..]);
                 }
-                let write = StagedWrite { buffer: w.buffer, offset: w.offset, at: at as u32, len: len as u32 };
+                writes.push(StagedWrite { buffer: w.buffer, offset: w.offset, at: at as u32, len: len as u32 });
                 spent.push(w.data.into_vec());
                 at += len;
-                write
-            });
-            StagedCompletion { grant: c.grant, used_len: c.used_len, writes: writes.collect() }
-        });
-        Answer { completions: Vec::new(), staged: staged.collect(), slot: Some(slot) }
+            }
+            answer.staged.push(StagedCompletion { grant: c.grant, used_len: c.used_len, writes });
+        }
+        if !answer.staged.is_empty() {
+            answer.slot = Some(self.slot);
+            self.kept = true;
+        }
+        answer
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.area.free(&[self.slot]);
+        }
     }
 }
 
@@ -108,7 +201,7 @@ fn map_area(fd: RawFd, prot: i32) -> Result<MmapRegion, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rpc_schema::BufferWrite;
     use serde_bytes::ByteBuf;
@@ -183,6 +276,60 @@ mod tests {
             writes: vec![write(0, &vec![0; STAGING_SLOT_BYTES as usize + 1])],
         }];
         assert_eq!(area.stage(big, &mut Vec::new()).slot, None);
+    }
+
+    /// An area, and the VMM's view of its answers.
+    pub(in crate::devices) fn area_for_test() -> (StagingArea, File) {
+        let file = memfd(STAGING_BYTES);
+        let vmm_view = file.try_clone().unwrap();
+        (StagingArea::map(file.into_raw_fd(), memfd(STAGING_BYTES).into_raw_fd()).unwrap(), vmm_view)
+    }
+
+    #[test]
+    fn a_lease_answers_with_the_bytes_read_into_it_and_frees_a_slot_it_did_not_use() {
+        let (area, vmm_view) = area_for_test();
+        let free = |area: &StagingArea| area.free.lock().unwrap().len();
+        drop(area.lease().expect("a slot"));
+        assert_eq!(free(&area), STAGING_SLOTS as usize, "a lease that answers nothing gives its slot back");
+
+        let mut lease = area.lease().unwrap();
+        let (slot, base) = (lease.slot, lease.slot as u32 * STAGING_SLOT_BYTES as u32);
+        assert_eq!(lease.room(MIN_STAGED_BYTES - 1), None, "too small to be worth it");
+        assert_eq!(lease.room(STAGING_SLOT_BYTES), None, "more than a slot");
+        let (first, address) = lease.room(600).unwrap();
+        // SAFETY: the 600 bytes `room` gave.
+        unsafe { std::ptr::write_bytes(address, 0xab, 600) };
+        let (second, _) = lease.room(512).unwrap();
+        assert_eq!((first, second), (base, base + 4096), "each piece on the 4 KiB grid");
+        let prestaged = StagedWrite { buffer: 0, offset: 0, at: first, len: 600 };
+        let completions = vec![
+            CompletedRequest { grant: 7, used_len: 601, writes: vec![write(1, &[0])] },
+            CompletedRequest { grant: 8, used_len: 4, writes: vec![write(0, b"next")] },
+        ];
+        let answer = lease.answer(completions, vec![(7, vec![prestaged])], &mut Vec::new());
+        assert_eq!(answer.slot, Some(slot));
+        assert!(answer.completions.is_empty());
+        let at = |buffer, at, len| StagedWrite { buffer, offset: 12, at, len };
+        let named: Vec<_> = answer.staged.iter().map(|c| (c.grant, c.writes.clone())).collect();
+        let after = base + 4096 + 512;
+        assert_eq!(named, vec![(7, vec![prestaged, at(1, after, 1)]), (8, vec![at(0, after + 1, 4)])]);
+        let mut seen = vec![0u8; 600];
+        vmm_view.read_exact_at(&mut seen, first as u64).unwrap();
+        assert_eq!(seen, [0xab; 600]);
+        assert_eq!(free(&area), STAGING_SLOTS as usize - 1, "the answer's slot is the VMM's now");
+
+        // A completion whose bytes no longer fit goes inline, its read bytes copied out.
+        let mut lease = area.lease().unwrap();
+        let (full, address) = lease.room(STAGING_SLOT_BYTES - HEADROOM).unwrap();
+        // SAFETY: the first bytes of those `room` gave.
+        unsafe { std::ptr::write_bytes(address, 0xcd, 4) };
+        let prestaged = StagedWrite { buffer: 0, offset: 0, at: full, len: 4 };
+        let big = CompletedRequest { grant: 9, used_len: 0, writes: vec![write(1, &[1; HEADROOM as usize + 1])] };
+        let answer = lease.answer(vec![big], vec![(9, vec![prestaged])], &mut Vec::new());
+        assert_eq!((answer.slot, answer.staged.len()), (None, 0));
+        let inline = &answer.completions[0].writes;
+        assert_eq!((&inline[0].data[..], inline[0].buffer, inline[1].data.len()), (&[0xcd; 4][..], 0, 4097));
+        assert_eq!(free(&area), STAGING_SLOTS as usize - 1, "an answer all inline gives its slot back");
     }
 
     #[test]

@@ -12,11 +12,12 @@
 //! a `direct=on` disk's requests in small batches, so the rest of a queue
 //! runs while one batch waits, and answered batches go round the guest
 //! (and the VMM, twice) while the disk works on it.
-use super::{BlockDevice, DiskIo, Transfer, S_IOERR, S_OK};
+use super::{BlockDevice, Data, DiskIo, Transfer, S_IOERR, S_OK};
 use crate::devices::aligned::AlignedBuffer;
 use crate::devices::disk_ring::{DiskRing, Owner};
 use crate::devices::request::{Reply, Request};
 use crate::devices::reserve::Reserve;
+use crate::devices::staging::Lease;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -94,14 +95,15 @@ impl BlockDevice {
         }
     }
 
-    /// Starts a posted batch (see the module's doc).
-    pub fn start(&mut self, requests: &[Request]) -> Started {
-        let Some(ring) = self.ring() else { return Started::Served(self.serve(requests)) };
+    /// Starts a posted batch (see the module's doc); what is served here
+    /// reads into `lease`, the batch's answer slot.
+    pub fn start(&mut self, requests: &[Request], mut lease: Option<&mut Lease>) -> Started {
+        let Some(ring) = self.ring() else { return Started::Served(self.serve(requests, lease)) };
         let transfers: Option<Vec<Transfer>> = requests.iter().map(|r| self.threaded_transfer(r)).collect();
         let lone = requests.len() < 2 && self.staged.running.is_empty();
         let Some(transfers) = transfers.filter(|t| !lone && !self.overlaps(t)) else {
             self.wait_where(|_| true);
-            return Started::Served(self.serve(requests));
+            return Started::Served(self.serve(requests, lease));
         };
         self.staged.last_batch = self.staged.last_batch.wrapping_add(1).max(1);
         let id = self.staged.last_batch;
@@ -110,7 +112,7 @@ impl BlockDevice {
             let tag = (id as u64) << 32 | index as u64;
             if self.launch(&ring, tag, request, t).is_none() {
                 // No buffer or no room on the ring: it overlaps nothing, so it runs here.
-                replies[index] = Some(self.serve_one(request));
+                replies[index] = Some(self.serve_one(request, lease.as_deref_mut()));
             }
         }
         if let Err(e) = ring.lock().unwrap_or_else(|e| e.into_inner()).submit() {
@@ -200,7 +202,7 @@ impl BlockDevice {
             };
             let moved = self.staged.ended.swap_remove(at).1;
             let ok = self.rest_of(t, moved, &mut buffer);
-            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| b.to_vec())).flatten();
+            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| Data::Bytes(b.to_vec()))).flatten();
             replies[tag as u32 as usize] = Some(Self::reply(if ok { S_OK } else { S_IOERR }, data, status_at));
             if let Some(direct) = self.direct.as_mut() {
                 direct.spare.push(buffer);
@@ -264,14 +266,14 @@ mod tests {
         // Two batches of writes at once: the second starts while the first runs.
         let first: Vec<Request> = (0..8u64).map(|b| request(T_OUT, b * 8, &[b as u8 + 1; 4096], 0)).collect();
         let second: Vec<Request> = (8..16u64).map(|b| request(T_OUT, b * 8, &[b as u8 + 1; 4096], 0)).collect();
-        let a = running(disk.start(&first));
-        let b = running(disk.start(&second));
+        let a = running(disk.start(&first, None));
+        let b = running(disk.start(&second, None));
         assert_eq!(disk.staged.running.len(), 16, "both batches on the disk at once");
         // Answered in either order, each with its own replies.
         assert!(finished(&mut disk, b, &second).iter().all(|r| status(r) == S_OK));
         // A read over a write still running waits for it, and sees it whole.
         let over = [request(T_IN, 0, &[], 4096), request(T_IN, 8, &[], 4096)];
-        let reads = served(disk.start(&over));
+        let reads = served(disk.start(&over, None));
         assert!(disk.has_ended(&a), "the first batch ended first");
         assert_eq!(&reads[0].writes[0].1[..], &[1u8; 4096][..]);
         assert_eq!(&reads[1].writes[0].1[..], &[2u8; 4096][..]);
@@ -280,15 +282,15 @@ mod tests {
         assert!(disk.staged.ended.is_empty());
         // A flush waits for every write running before it.
         let writes: Vec<Request> = (0..4u64).map(|b| request(T_OUT, b * 8, &[0xee; 4096], 0)).collect();
-        let c = running(disk.start(&writes));
-        let flush = served(disk.start(&[request(T_FLUSH, 0, &[], 0)]));
+        let c = running(disk.start(&writes, None));
+        let flush = served(disk.start(&[request(T_FLUSH, 0, &[], 0)], None));
         assert_eq!(status(&flush[0]), S_OK);
         assert!(disk.has_ended(&c), "the flush came after the writes ended");
         assert!(finished(&mut disk, c, &writes).iter().all(|r| status(r) == S_OK));
         // Reads of many batches, finished out of order, each get their own bytes.
         let batches: Vec<Vec<Request>> =
             (0..4u64).map(|k| (0..4u64).map(|b| request(T_IN, (k * 4 + b) * 8, &[], 4096)).collect()).collect();
-        let started: Vec<StartedBatch> = batches.iter().map(|r| running(disk.start(r))).collect();
+        let started: Vec<StartedBatch> = batches.iter().map(|r| running(disk.start(r, None))).collect();
         for (k, batch) in started.into_iter().enumerate().rev() {
             for (b, reply) in finished(&mut disk, batch, &batches[k]).iter().enumerate() {
                 let block = k * 4 + b;
@@ -297,7 +299,7 @@ mod tests {
             }
         }
         // A lone request with nothing running is served here.
-        assert_eq!(status(&served(disk.start(&[request(T_IN, 0, &[], 4096)]))[0]), S_OK);
+        assert_eq!(status(&served(disk.start(&[request(T_IN, 0, &[], 4096)], None))[0]), S_OK);
     }
 
     #[test]
@@ -317,7 +319,7 @@ mod tests {
             while !disk.has_room(waits) {
                 disk.wait_for(&started[0]);
             }
-            started.push(running(disk.start(batch)));
+            started.push(running(disk.start(batch, None)));
         }
         for (batch, requests) in started.into_iter().zip(&batches) {
             assert!(finished(&mut disk, batch, requests).iter().all(|r| status(r) == S_OK));
