@@ -294,21 +294,21 @@ impl BlockDevice {
             match self.threaded_transfer(request) {
                 Some(transfer) => {
                     if in_flight.conflicts(&transfer) {
-                        self.collect(&mut in_flight, &mut replies);
+                        self.collect(&mut in_flight, &mut replies, lease.as_deref_mut());
                     }
                     if self.start_transfer(index, request, transfer, &mut in_flight).is_none() {
                         // No buffer for it: it runs here instead.
-                        self.collect(&mut in_flight, &mut replies);
+                        self.collect(&mut in_flight, &mut replies, lease.as_deref_mut());
                         replies[index] = Some(self.serve_one(request, lease.as_deref_mut()));
                     }
                 }
                 None => {
-                    self.collect(&mut in_flight, &mut replies);
+                    self.collect(&mut in_flight, &mut replies, lease.as_deref_mut());
                     replies[index] = Some(self.serve_one(request, lease.as_deref_mut()));
                 }
             }
         }
-        self.collect(&mut in_flight, &mut replies);
+        self.collect(&mut in_flight, &mut replies, lease);
         let unanswered =
             |(reply, request): (Option<Reply>, &Request)| reply.unwrap_or_else(|| Self::refuse(request.writable_len));
         replies.into_iter().zip(requests).map(unanswered).collect()
@@ -404,14 +404,14 @@ impl BlockDevice {
     }
 
     /// Waits for every transfer in flight and fills in its reply.
-    fn collect(&mut self, in_flight: &mut InFlight, replies: &mut [Option<Reply>]) {
+    fn collect(&mut self, in_flight: &mut InFlight, replies: &mut [Option<Reply>], mut lease: Option<&mut Lease>) {
         let ended = match self.direct.as_ref().and_then(|d| d.io.clone()) {
             Some(DiskIo::Ring(ring)) => self.ring_ended(&ring, in_flight),
             _ => (0..in_flight.transfers.len()).map_while(|_| in_flight.done.recv().ok()).collect(),
         };
         for (index, ok, mut buffer) in ended {
             let Some(&(_, status_at, t)) = in_flight.transfers.iter().find(|(i, _, _)| *i == index) else { continue };
-            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| Data::Bytes(b.to_vec()))).flatten();
+            let data = (ok && !t.write).then(|| Self::landed(&mut buffer, t.len, lease.as_deref_mut())).flatten();
             let status = if ok { S_OK } else { S_IOERR };
             replies[index] = Some(Self::reply(status, data, status_at));
             if let Some(direct) = self.direct.as_mut() {
@@ -446,6 +446,21 @@ impl BlockDevice {
             ended.push((index, ok, buffer));
         }
         ended
+    }
+
+    /// A read's bytes from the aligned buffer the transfer used: copied
+    /// into the lease's slot where it has room (the kernel never writes
+    /// there: a slot goes back once its batch is answered, and a transfer
+    /// may outlive a batch that is given up), else into bytes of their own.
+    fn landed(buffer: &mut AlignedBuffer, len: u64, lease: Option<&mut Lease>) -> Option<Data> {
+        let bytes = buffer.get(len as usize)?;
+        if let Some((at, address)) = lease.and_then(|l| l.room(len)) {
+            // SAFETY: `room` gave us `len` bytes of the slot, which nothing
+            // else touches until the answer that names them.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), address, bytes.len()) };
+            return Some(Data::Staged { at, len: len as u32 });
+        }
+        Some(Data::Bytes(bytes.to_vec()))
     }
 
     fn reply(status: u8, data: Option<Data>, status_at: u64) -> Reply {

@@ -365,7 +365,7 @@ impl<M: DeviceMemory> Core<M> {
     async fn serve_posted(
         &mut self,
         batch: Vec<PostedRequest>,
-        lease: Option<&mut Lease<'_>>,
+        mut lease: Option<&mut Lease<'_>>,
     ) -> Result<Stage, DeviceError> {
         if !self.posting {
             return Err(DeviceError::NotActive);
@@ -395,7 +395,7 @@ impl<M: DeviceMemory> Core<M> {
         let posted = Posted { batch, requests, given_back, seen };
         let watched = self.watch_disk();
         let replies = match &mut self.backend {
-            Backend::Block(blk) => match blk.start(&posted.requests, lease) {
+            Backend::Block(blk) => match blk.start(&posted.requests, lease.as_deref_mut()) {
                 Started::Served(replies) => replies,
                 Started::Running(on_disk) if watched => {
                     self.counters.busy_ns += started.elapsed().as_nanos() as u64;
@@ -404,7 +404,7 @@ impl<M: DeviceMemory> Core<M> {
                 Started::Running(on_disk) => {
                     // Its end cannot be watched: wait for it here.
                     blk.wait_for(&on_disk);
-                    blk.finish(on_disk, &posted.requests)
+                    blk.finish(on_disk, &posted.requests, lease)
                 }
             },
             backend => backend.serve(&posted.requests).await.map_err(failed)?,
@@ -413,12 +413,17 @@ impl<M: DeviceMemory> Core<M> {
     }
 
     /// Request level: answers a disk batch whose transfers have ended.
-    async fn finish_posted(&mut self, posted: Posted, on_disk: StartedBatch) -> Result<Answered, DeviceError> {
+    async fn finish_posted(
+        &mut self,
+        posted: Posted,
+        on_disk: StartedBatch,
+        lease: Option<&mut Lease<'_>>,
+    ) -> Result<Answered, DeviceError> {
         let started = std::time::Instant::now();
         let Backend::Block(blk) = &mut self.backend else {
             return Err(DeviceError::Failed("a disk batch on a device that is not a disk".into()));
         };
-        let replies = blk.finish(on_disk, &posted.requests);
+        let replies = blk.finish(on_disk, &posted.requests, lease);
         self.answer(posted, replies, started).await
     }
 
@@ -493,7 +498,7 @@ enum Stage {
 async fn serve_posted<M: DeviceMemory>(
     core: &Mutex<Core<M>>,
     batch: Vec<PostedRequest>,
-    lease: Option<&mut Lease<'_>>,
+    mut lease: Option<&mut Lease<'_>>,
 ) -> Result<Answered, DeviceError> {
     let waiting = {
         let mut core = core.lock().await;
@@ -505,12 +510,12 @@ async fn serve_posted<M: DeviceMemory>(
     if let Some(waiting) = waiting {
         on_disk_until(core, |blk| blk.has_room(&waiting)).await;
     }
-    let (posted, on_disk) = match core.lock().await.serve_posted(batch, lease).await? {
+    let (posted, on_disk) = match core.lock().await.serve_posted(batch, lease.as_deref_mut()).await? {
         Stage::Served(answered) => return Ok(answered),
         Stage::OnDisk(posted, on_disk) => (posted, on_disk),
     };
     on_disk_until(core, |blk| blk.has_ended(&on_disk)).await;
-    core.lock().await.finish_posted(posted, on_disk).await
+    core.lock().await.finish_posted(posted, on_disk, lease).await
 }
 
 /// Waits until `ready`, asked of the disk (with the core held) at first and

@@ -12,7 +12,7 @@
 //! a `direct=on` disk's requests in small batches, so the rest of a queue
 //! runs while one batch waits, and answered batches go round the guest
 //! (and the VMM, twice) while the disk works on it.
-use super::{BlockDevice, Data, DiskIo, Transfer, S_IOERR, S_OK};
+use super::{BlockDevice, DiskIo, Transfer, S_IOERR, S_OK};
 use crate::devices::aligned::AlignedBuffer;
 use crate::devices::disk_ring::{DiskRing, Owner};
 use crate::devices::request::{Reply, Request};
@@ -187,8 +187,9 @@ impl BlockDevice {
         }
     }
 
-    /// The replies of a batch whose transfers have ended.
-    pub fn finish(&mut self, batch: StartedBatch, requests: &[Request]) -> Vec<Reply> {
+    /// The replies of a batch whose transfers have ended (reads copied
+    /// into `lease`, the batch's answer slot, where it has room).
+    pub fn finish(&mut self, batch: StartedBatch, requests: &[Request], mut lease: Option<&mut Lease>) -> Vec<Reply> {
         let mut replies = batch.replies;
         let (mine, others) =
             std::mem::take(&mut self.staged.running).into_iter().partition(|r| batch_of(r.tag) == batch.id);
@@ -202,7 +203,7 @@ impl BlockDevice {
             };
             let moved = self.staged.ended.swap_remove(at).1;
             let ok = self.rest_of(t, moved, &mut buffer);
-            let data = (ok && !t.write).then(|| buffer.get(t.len as usize).map(|b| Data::Bytes(b.to_vec()))).flatten();
+            let data = (ok && !t.write).then(|| Self::landed(&mut buffer, t.len, lease.as_deref_mut())).flatten();
             replies[tag as u32 as usize] = Some(Self::reply(if ok { S_OK } else { S_IOERR }, data, status_at));
             if let Some(direct) = self.direct.as_mut() {
                 direct.spare.push(buffer);
@@ -257,7 +258,7 @@ mod tests {
     fn finished(disk: &mut BlockDevice, batch: StartedBatch, requests: &[Request]) -> Vec<Reply> {
         disk.wait_for(&batch);
         assert!(disk.has_ended(&batch));
-        disk.finish(batch, requests)
+        disk.finish(batch, requests, None)
     }
 
     #[test]
@@ -300,6 +301,27 @@ mod tests {
         }
         // A lone request with nothing running is served here.
         assert_eq!(status(&served(disk.start(&[request(T_IN, 0, &[], 4096)], None))[0]), S_OK);
+    }
+
+    #[test]
+    fn a_batchs_reads_are_answered_from_its_slot() {
+        use std::os::unix::fs::FileExt;
+        let Some(mut disk) = threaded_disk(1 << 20, Aio::IoUring) else { return };
+        let (area, vmm_view) = crate::devices::staging::tests::area_for_test();
+        let writes: Vec<Request> = (0..4u64).map(|b| request(T_OUT, b * 8, &[b as u8 + 1; 4096], 0)).collect();
+        let written = running(disk.start(&writes, None));
+        assert!(finished(&mut disk, written, &writes).iter().all(|r| status(r) == S_OK));
+        let reads: Vec<Request> = (0..4u64).map(|b| request(T_IN, b * 8, &[], 4096)).collect();
+        let mut lease = area.lease().unwrap();
+        let batch = running(disk.start(&reads, Some(&mut lease)));
+        disk.wait_for(&batch);
+        let replies = disk.finish(batch, &reads, Some(&mut lease));
+        for (b, reply) in replies.iter().enumerate() {
+            let [(0, at, 4096)] = reply.staged[..] else { panic!("read {b}: {:?}", reply.staged) };
+            let mut seen = vec![0u8; 4096];
+            vmm_view.read_exact_at(&mut seen, at as u64).unwrap();
+            assert_eq!((status(reply), seen), (S_OK, vec![b as u8 + 1; 4096]), "read {b}");
+        }
     }
 
     #[test]
