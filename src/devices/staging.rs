@@ -123,9 +123,10 @@ impl Lease<'_> {
 
     /// The batch's answer: `prestaged`, by grant, names bytes already in
     /// this slot (from [`Lease::room`]); each completion's own bytes follow
-    /// back to back. A completion whose bytes do not fit goes inline, its
-    /// prestaged bytes copied out; with nothing prestaged, the answer is
-    /// staged only as [`StagingArea::stage`] would stage it.
+    /// back to back, those of completions with prestaged bytes first. A
+    /// completion whose bytes do not fit goes inline, its prestaged bytes
+    /// copied out; with nothing prestaged, the answer is staged only as
+    /// [`StagingArea::stage`] would stage it.
     pub fn answer(
         mut self,
         completions: Vec<CompletedRequest>,
@@ -140,7 +141,13 @@ impl Lease<'_> {
         let end = (self.slot as usize + 1) * STAGING_SLOT_BYTES as usize;
         let mut at = self.slot as usize * STAGING_SLOT_BYTES as usize + self.used as usize;
         let mut answer = Answer::default();
-        for mut c in completions {
+        // Those with bytes in the slot first: their own few bytes (a disk's
+        // status bytes) then fit in what `room` left free, so none of them
+        // goes inline taking its slot's bytes along.
+        let (mut ordered, rest): (Vec<_>, Vec<_>) =
+            completions.into_iter().partition(|c| prestaged.iter().any(|p| p.0 == c.grant));
+        ordered.extend(rest);
+        for mut c in ordered {
             let bytes: usize = c.writes.iter().map(|w| w.data.len()).sum();
             let mut writes = match prestaged.iter().position(|p| p.0 == c.grant) {
                 Some(i) => prestaged.swap_remove(i).1,
@@ -303,8 +310,8 @@ pub(super) mod tests {
         assert_eq!((first, second), (base, base + 4096), "each piece on the 4 KiB grid");
         let prestaged = StagedWrite { buffer: 0, offset: 0, at: first, len: 600 };
         let completions = vec![
-            CompletedRequest { grant: 7, used_len: 601, writes: vec![write(1, &[0])] },
             CompletedRequest { grant: 8, used_len: 4, writes: vec![write(0, b"next")] },
+            CompletedRequest { grant: 7, used_len: 601, writes: vec![write(1, &[0])] },
         ];
         let answer = lease.answer(completions, vec![(7, vec![prestaged])], &mut Vec::new());
         assert_eq!(answer.slot, Some(slot));
