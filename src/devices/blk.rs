@@ -653,7 +653,7 @@ mod tests {
         let mut readable = [kind.to_le_bytes(), [0; 4]].concat();
         readable.extend_from_slice(&sector.to_le_bytes());
         readable.extend_from_slice(data);
-        Request { readable_len: readable.len() as u64, writable_len: room + 1, readable: Some(readable) }
+        Request { readable_len: readable.len() as u64, writable_len: room + 1, readable: Some(readable.into()) }
     }
 
     pub(super) fn status(reply: &Reply) -> u8 {

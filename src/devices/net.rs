@@ -656,8 +656,11 @@ mod tests {
         let (mine, _theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let file = File::from(std::os::fd::OwnedFd::from(mine));
         let mut net = NetDevice::new(file, default_mac("t"), false).unwrap();
-        let request =
-            |bytes: Vec<u8>| Request { readable_len: bytes.len() as u64, writable_len: 0, readable: Some(bytes) };
+        let request = |bytes: Vec<u8>| Request {
+            readable_len: bytes.len() as u64,
+            writable_len: 0,
+            readable: Some(bytes.into()),
+        };
         let mut offload = vec![0u8; HEADER + 60];
         offload[0] = 1; // NEEDS_CSUM, never offered
         let replies = net.transmit(&[

@@ -4,7 +4,8 @@
 //! by grant first when a reply would outgrow its frame). The device never
 //! sees a guest address.
 use super::memory::{AccessError, DeviceMemory};
-use super::request::{pieces, stream_lengths, Reply, Request};
+use super::request::{pieces, stream_lengths, Readable, Reply, Request};
+use super::staging::StagingArea;
 use super::Backend;
 use rpc_schema::{
     BufferWrite, CompletedRequest, GrantRange, GrantWrite, PostedBuffer, PostedRequest, StagedWrite, MAX_BATCH_INLINE,
@@ -18,10 +19,11 @@ pub async fn requests<M: DeviceMemory>(
     mem: &M,
     backend: &Backend,
     batch: &mut [PostedRequest],
+    staging: Option<&StagingArea>,
 ) -> Result<Vec<Request>, AccessError> {
     let mut requests = Vec::with_capacity(batch.len());
     for posted in batch {
-        requests.push(request(mem, backend, posted).await?);
+        requests.push(request(mem, backend, posted, staging).await?);
     }
     Ok(requests)
 }
@@ -79,12 +81,14 @@ fn staged_writes(buffers: &[PostedBuffer], staged: Vec<(u64, u32, u32)>) -> Vec<
     out
 }
 
-/// The request device logic sees: its readable bytes inline, topped up by
-/// grant reads to what the device wants; none when a buffer is not RAM.
+/// The request device logic sees: its readable bytes inline or where the
+/// VMM staged them in the posting area (read there), topped up by grant
+/// reads to what the device wants; none when a buffer is not RAM.
 async fn request<M: DeviceMemory>(
     mem: &M,
     backend: &Backend,
     posted: &mut PostedRequest,
+    staging: Option<&StagingArea>,
 ) -> Result<Request, AccessError> {
     let (readable_len, writable_len) = stream_lengths(&posted.buffers);
     let wanted = backend.wanted(readable_len, writable_len);
@@ -92,20 +96,26 @@ async fn request<M: DeviceMemory>(
     if posted.faulty {
         return Ok(request);
     }
-    let mut bytes = std::mem::take(&mut posted.readable).into_vec();
+    let mut bytes: Readable = match (posted.staged.take(), staging) {
+        (Some(staged), Some(area)) => Readable::Posted(area.posted_bytes(staged).map_err(AccessError::Transport)?),
+        (Some(_), None) => return Err(AccessError::Transport("bytes posted without a posting area".into())),
+        (None, _) => std::mem::take(&mut posted.readable).into_vec().into(),
+    };
     bytes.truncate(wanted as usize);
     let have = bytes.len() as u64;
     if have < wanted {
+        let mut owned = bytes.into_vec();
         let ranges = pieces(&posted.buffers, false, have, wanted - have)
             .into_iter()
             .flat_map(|(buffer, offset, len)| split(posted.grant, buffer, offset, len))
             .collect::<Vec<_>>();
         let calls = ranges.chunks(MAX_SEGMENTS).flat_map(by_transfer).map(|group| mem.read_granted(group));
         match futures::future::try_join_all(calls).await {
-            Ok(parts) => parts.into_iter().flatten().for_each(|part| bytes.extend_from_slice(&part)),
+            Ok(parts) => parts.into_iter().flatten().for_each(|part| owned.extend_from_slice(&part)),
             Err(AccessError::Refused(e)) if !e.is_violation() => return Ok(request),
             Err(e) => return Err(e),
         }
+        bytes = owned.into();
     }
     request.readable = Some(bytes);
     Ok(request)
@@ -195,6 +205,51 @@ fn by_transfer(ranges: &[GrantRange]) -> Vec<Vec<GrantRange>> {
 mod tests {
     use super::*;
     use crate::devices::request::Reply;
+
+    /// Memory a device cannot reach at all.
+    struct NoMemory;
+
+    impl DeviceMemory for NoMemory {
+        async fn read(&self, _: Vec<rpc_schema::Segment>) -> Result<Vec<ByteBuf>, AccessError> {
+            Err(AccessError::Transport("no memory".into()))
+        }
+        async fn write(&self, _: Vec<rpc_schema::WriteSegment>) -> Result<(), AccessError> {
+            Err(AccessError::Transport("no memory".into()))
+        }
+        async fn read_granted(&self, _: Vec<GrantRange>) -> Result<Vec<ByteBuf>, AccessError> {
+            Err(AccessError::Transport("no memory".into()))
+        }
+        async fn write_granted(&self, _: Vec<GrantWrite>) -> Result<(), AccessError> {
+            Err(AccessError::Transport("no memory".into()))
+        }
+    }
+
+    #[test]
+    fn a_request_reads_its_posted_bytes_where_the_vmm_left_them() {
+        use crate::devices::staging::tests::{areas_for_test, memfd};
+        use std::os::unix::fs::FileExt;
+        let (area, _, posts) = areas_for_test();
+        // A disk write of one sector: the header (type 1, sector 0), then its bytes.
+        let bytes = [&1u32.to_le_bytes()[..], &[0; 12], &[0x5a; 512]].concat();
+        posts.write_all_at(&bytes, 4096).unwrap();
+        let posted = PostedRequest {
+            grant: 1,
+            buffers: vec![PostedBuffer { len: 528, writable: false }, PostedBuffer { len: 1, writable: true }],
+            readable: ByteBuf::new(),
+            staged: Some(rpc_schema::StagedBytes { at: 4096, len: 528 }),
+            faulty: false,
+            queue: 0,
+        };
+        let disk = crate::devices::blk::BlockDevice::new(memfd(1 << 20), false, "d").unwrap();
+        let backend = Backend::Block(disk);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut batch = [posted.clone()];
+        let got = runtime.block_on(requests(&NoMemory, &backend, &mut batch, Some(&area))).unwrap();
+        assert!(matches!(got[0].readable, Some(Readable::Posted(_))), "read in place, not copied");
+        assert_eq!(got[0].readable.as_deref(), Some(&bytes[..]));
+        let unplaced = runtime.block_on(requests(&NoMemory, &backend, &mut [posted], None));
+        assert!(unplaced.is_err(), "bytes posted where there is no posting area");
+    }
 
     #[test]
     fn large_buffers_are_read_in_calls_within_the_limits() {

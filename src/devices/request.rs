@@ -16,8 +16,84 @@ pub struct Request {
     /// The first bytes of the readable stream, as many as the device asked
     /// for ([`super::Backend::wanted`]); None when they cannot be read (a
     /// buffer is not guest RAM).
-    pub readable: Option<Vec<u8>>,
+    pub readable: Option<Readable>,
 }
+
+/// A request's readable bytes: its own, or (`rpc`) where the VMM staged
+/// them in its posting area, read there without a copy.
+#[derive(Debug, Clone)]
+pub enum Readable {
+    Owned(Vec<u8>),
+    Posted(PostedView),
+}
+
+impl Readable {
+    /// Keeps the first `len` bytes at most.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Readable::Owned(bytes) => bytes.truncate(len),
+            Readable::Posted(view) => view.len = view.len.min(len),
+        }
+    }
+
+    /// The bytes as a vector of their own (a copy of a view).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Readable::Owned(bytes) => bytes,
+            Readable::Posted(_) => self.to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Readable {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Readable::Owned(bytes) => bytes,
+            // SAFETY: see `PostedView::new`.
+            Readable::Posted(view) => unsafe { std::slice::from_raw_parts(view.address, view.len) },
+        }
+    }
+}
+
+impl PartialEq for Readable {
+    fn eq(&self, other: &Readable) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for Readable {}
+
+impl From<Vec<u8>> for Readable {
+    fn from(bytes: Vec<u8>) -> Readable {
+        Readable::Owned(bytes)
+    }
+}
+
+/// Bytes of the VMM's posting area, which this process maps read-only for
+/// as long as it runs (see [`super::staging::StagingArea::posted_bytes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PostedView {
+    address: *const u8,
+    len: usize,
+}
+
+impl PostedView {
+    /// # Safety
+    /// `address` names `len` bytes that stay mapped while the view is in
+    /// use and that nothing writes meanwhile. The VMM writes a posting
+    /// slot before it posts the batch that names it, and again only once
+    /// the device has answered that batch or been killed; a request lives
+    /// only while its batch is served.
+    pub unsafe fn new(address: *const u8, len: usize) -> PostedView {
+        PostedView { address, len }
+    }
+}
+
+// SAFETY: read-only bytes nothing writes while the view is used (see `new`).
+unsafe impl Send for PostedView {}
+unsafe impl Sync for PostedView {}
 
 impl Request {
     /// A request of these (readable, writable) lengths whose bytes the

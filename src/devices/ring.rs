@@ -63,7 +63,7 @@ pub async fn gather<M: DeviceMemory>(
                 },
             }
         }
-        let readable = got.into_iter().collect::<Option<Vec<Vec<u8>>>>().map(|parts| parts.concat());
+        let readable = got.into_iter().collect::<Option<Vec<Vec<u8>>>>().map(|parts| parts.concat().into());
         requests.push(Request { readable_len, writable_len, readable });
     }
     Ok(requests)

@@ -30,6 +30,8 @@ use vmm_sys_util::eventfd::EventFd;
 struct Core<M> {
     mem: Timed<M>,
     backend: Backend,
+    /// Request level: where the VMM leaves posted bytes and we our answers.
+    staging: Option<Arc<StagingArea>>,
     /// Ring-walking modes: the queues this device walks, once active (empty before).
     queues: Vec<SplitQueue>,
     /// A network device's receive buffers, held until frames come: chains
@@ -391,7 +393,8 @@ impl<M: DeviceMemory> Core<M> {
             }
         }
         let failed = |e: AccessError| DeviceError::Failed(e.to_string());
-        let requests = posted::requests(&self.mem, &self.backend, &mut batch).await.map_err(failed)?;
+        let staging = self.staging.as_deref();
+        let requests = posted::requests(&self.mem, &self.backend, &mut batch, staging).await.map_err(failed)?;
         let posted = Posted { batch, requests, given_back, seen };
         let watched = self.watch_disk();
         let replies = match &mut self.backend {
@@ -754,12 +757,11 @@ impl<M: DeviceMemory> DeviceControl for Control<M> {
     async fn requests(
         self,
         _: tarpc::context::Context,
-        mut batch: Vec<PostedRequest>,
+        batch: Vec<PostedRequest>,
         freed: Vec<u8>,
     ) -> Result<Answer, DeviceError> {
         if let Some(area) = &self.staging {
             area.free(&freed);
-            area.take_posted(&mut batch).map_err(DeviceError::Failed)?;
         }
         // A disk's reads land straight in the answer's slot, taken now.
         let is_disk = self.info.device_id == super::blk::DEVICE_ID;
@@ -873,6 +875,7 @@ where
     let core = Arc::new(Mutex::new(Core {
         mem: Timed::new(mem),
         backend,
+        staging: staging.clone(),
         queues: Vec::new(),
         rx_chains: VecDeque::new(),
         rx_posted: VecDeque::new(),

@@ -8,9 +8,10 @@
 //! batch; with no slot free, the bytes travel inline as before. The
 //! posting area is the other way round: the VMM writes the readable bytes
 //! of the requests it posts there, and this process may only read it.
+use super::request::PostedView;
 use rpc_schema::{
-    Answer, BufferWrite, CompletedRequest, PostedRequest, StagedCompletion, StagedWrite, MIN_STAGED_BYTES,
-    STAGING_BYTES, STAGING_SLOTS, STAGING_SLOT_BYTES,
+    Answer, BufferWrite, CompletedRequest, StagedBytes, StagedCompletion, StagedWrite, MIN_STAGED_BYTES, STAGING_BYTES,
+    STAGING_SLOTS, STAGING_SLOT_BYTES,
 };
 use serde_bytes::ByteBuf;
 use std::fs::File;
@@ -37,21 +38,16 @@ impl StagingArea {
         Ok(StagingArea { map, posts, free: Mutex::new((0..STAGING_SLOTS).rev().collect()) })
     }
 
-    /// Each request's readable bytes the VMM staged, into the request
-    /// (where device logic finds inline bytes); Err for a range outside
-    /// the posting area.
-    pub fn take_posted(&self, batch: &mut [PostedRequest]) -> Result<(), String> {
+    /// Where the VMM staged a request's readable bytes in the posting
+    /// area, read there without a copy; Err for a range outside the area.
+    pub fn posted_bytes(&self, staged: StagedBytes) -> Result<PostedView, String> {
         let area = self.posts.as_volatile_slice();
-        for request in batch {
-            if let Some(staged) = request.staged.take() {
-                let from = area.subslice(staged.at as usize, staged.len as usize);
-                let from = from.map_err(|_| format!("posted bytes {staged:?} are outside the posting area"))?;
-                let mut bytes = vec![0u8; staged.len as usize];
-                from.copy_to(&mut bytes[..]);
-                request.readable = ByteBuf::from(bytes);
-            }
-        }
-        Ok(())
+        let from = area.subslice(staged.at as usize, staged.len as usize);
+        let from = from.map_err(|_| format!("posted bytes {staged:?} are outside the posting area"))?;
+        // SAFETY: within the posting area, which stays mapped as long as
+        // this area, for the device's life; `PostedView::new` says who
+        // writes it when.
+        Ok(unsafe { PostedView::new(from.ptr_guard().as_ptr(), staged.len as usize) })
     }
 
     /// Takes back the answer slots the VMM is done with.
@@ -215,7 +211,7 @@ pub(super) mod tests {
     use std::os::fd::IntoRawFd;
     use std::os::unix::fs::FileExt;
 
-    fn memfd(size: u64) -> File {
+    pub(in crate::devices) fn memfd(size: u64) -> File {
         // SAFETY: memfd_create with a valid name; owned at once.
         let file = unsafe { File::from_raw_fd(libc::memfd_create(c"test".as_ptr(), 0)) };
         file.set_len(size).unwrap();
@@ -287,9 +283,15 @@ pub(super) mod tests {
 
     /// An area, and the VMM's view of its answers.
     pub(in crate::devices) fn area_for_test() -> (StagingArea, File) {
-        let file = memfd(STAGING_BYTES);
-        let vmm_view = file.try_clone().unwrap();
-        (StagingArea::map(file.into_raw_fd(), memfd(STAGING_BYTES).into_raw_fd()).unwrap(), vmm_view)
+        let (area, answers, _) = areas_for_test();
+        (area, answers)
+    }
+
+    /// An area, and the VMM's views of its answers and of its posts.
+    pub(in crate::devices) fn areas_for_test() -> (StagingArea, File, File) {
+        let (answers, posts) = (memfd(STAGING_BYTES), memfd(STAGING_BYTES));
+        let views = (answers.try_clone().unwrap(), posts.try_clone().unwrap());
+        (StagingArea::map(answers.into_raw_fd(), posts.into_raw_fd()).unwrap(), views.0, views.1)
     }
 
     #[test]
@@ -340,24 +342,15 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn posted_bytes_are_taken_from_the_posting_area_and_checked() {
+    fn posted_bytes_are_read_in_the_posting_area_and_checked() {
+        use crate::devices::request::Readable;
         let posts = memfd(STAGING_BYTES);
         posts.write_all_at(b"readable", 1 << 20).unwrap();
         let area = StagingArea::map(memfd(STAGING_BYTES).into_raw_fd(), posts.into_raw_fd()).unwrap();
-        let posted = |staged| PostedRequest {
-            grant: 1,
-            buffers: vec![],
-            readable: ByteBuf::from(b"inline".to_vec()),
-            staged,
-            faulty: false,
-            queue: 0,
-        };
-        let mut batch = vec![posted(Some(rpc_schema::StagedBytes { at: 1 << 20, len: 8 })), posted(None)];
-        area.take_posted(&mut batch).unwrap();
-        assert_eq!((&batch[0].readable[..], batch[0].staged), (&b"readable"[..], None));
-        assert_eq!(&batch[1].readable[..], b"inline", "inline bytes stay");
-        let mut outside = vec![posted(Some(rpc_schema::StagedBytes { at: STAGING_BYTES as u32 - 4, len: 8 }))];
-        assert!(area.take_posted(&mut outside).unwrap_err().contains("outside the posting area"));
+        let view = area.posted_bytes(StagedBytes { at: 1 << 20, len: 8 }).unwrap();
+        assert_eq!(&Readable::Posted(view)[..], b"readable");
+        let outside = area.posted_bytes(StagedBytes { at: STAGING_BYTES as u32 - 4, len: 8 });
+        assert!(outside.unwrap_err().contains("outside the posting area"));
     }
 
     #[test]
