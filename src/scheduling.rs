@@ -9,7 +9,7 @@
 //! sides, and a woken thread that lands on the vCPU's CPU preempts the vCPU.
 //! `SCHED_BATCH` (sched(7)) keeps the fair share but does not preempt on
 //! wake-up: the woken thread runs once the running one sleeps or its slice
-//! ends, and finds several frames waiting. README ("Wake-ups and
+//! ends, and finds several frames waiting. docs/benchmark-history.md ("Wake-ups and
 //! `SCHED_BATCH`") has what it changed, and `skvm bench --net` the figures.
 
 /// Puts the calling thread under `SCHED_BATCH` (threads it starts inherit
