@@ -488,17 +488,47 @@ impl Queue {
                     return Some(done);
                 }
                 // Woken with nothing done: the tick, or a device in trouble.
-                if device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > patience {
+                if self.gives_up(device, start, patience) {
                     return None;
                 }
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(65536) && (device.status() & STATUS_NEEDS_RESET != 0 || rdtsc() - start > patience)
-            {
+            if spins.is_multiple_of(65536) && self.gives_up(device, start, patience) {
                 return None;
             }
             core::hint::spin_loop();
         }
+    }
+
+    /// Whether a wait begun at `start` ends with nothing: the device needs a
+    /// reset, or `patience` ran out. A timeout prints the ring's indices, so
+    /// that a lost notification (the device's avail event behind our avail
+    /// index, no kick sent) reads apart from a device that took the
+    /// requests and never completed them.
+    fn gives_up(&self, device: &Device, start: u64, patience: u64) -> bool {
+        if device.status() & STATUS_NEEDS_RESET != 0 {
+            return true;
+        }
+        if rdtsc() - start <= patience {
+            return false;
+        }
+        // SAFETY: the used index and (after the used ring) the avail event, in RAM we own.
+        let (used, avail_event) = unsafe {
+            (
+                read_volatile((self.used + 2) as *const u16),
+                read_volatile((self.used + 4 + 8 * self.size as u64) as *const u16),
+            )
+        };
+        crate::println!(
+            "virtqueue: no completion in time: avail index {}, used index {} ({} taken), device's avail event {}{}, notify checked at {}",
+            self.avail_idx,
+            used,
+            self.used_seen,
+            avail_event,
+            if self.event_idx { "" } else { " (no EVENT_IDX)" },
+            self.notify_checked
+        );
+        true
     }
 }
