@@ -425,8 +425,7 @@ impl Queue {
         fence(Ordering::SeqCst);
         let (new, old) = (self.avail_idx, core::mem::replace(&mut self.notify_checked, self.avail_idx));
         if self.event_idx {
-            // SAFETY: the avail event, after the used ring, in RAM we own.
-            let event = unsafe { read_volatile((self.used + 4 + 8 * self.size as u64) as *const u16) };
+            let event = self.avail_event();
             return new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
         }
         // SAFETY: the used ring's flags, in RAM we own.
@@ -438,6 +437,19 @@ impl Queue {
         self.sleeps
     }
 
+    /// With EVENT_IDX: the device wants a notification once our avail
+    /// index passes this.
+    fn avail_event(&self) -> u16 {
+        // SAFETY: the avail event, after the used ring, in RAM we own.
+        unsafe { read_volatile((self.used + 4 + 8 * self.size as u64) as *const u16) }
+    }
+
+    /// How many completions the device has published.
+    fn used_idx(&self) -> u16 {
+        // SAFETY: the used ring's index, in RAM we own.
+        unsafe { read_volatile((self.used + 2) as *const u16) }
+    }
+
     /// With EVENT_IDX: the device interrupts once its used index passes `idx`.
     fn set_used_event(&self, idx: u16) {
         // SAFETY: the used event, after the avail ring, in RAM we own.
@@ -446,9 +458,7 @@ impl Queue {
 
     /// The next completion (head, length), if the device has published one.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
-        // SAFETY: inside the used ring we own.
-        let idx = unsafe { read_volatile((self.used + 2) as *const u16) };
-        if idx == self.used_seen {
+        if self.used_idx() == self.used_seen {
             return None;
         }
         fence(Ordering::SeqCst);
@@ -513,19 +523,12 @@ impl Queue {
         if rdtsc() - start <= patience {
             return false;
         }
-        // SAFETY: the used index and (after the used ring) the avail event, in RAM we own.
-        let (used, avail_event) = unsafe {
-            (
-                read_volatile((self.used + 2) as *const u16),
-                read_volatile((self.used + 4 + 8 * self.size as u64) as *const u16),
-            )
-        };
         crate::println!(
             "virtqueue: no completion in time: avail index {}, used index {} ({} taken), device's avail event {}{}, notify checked at {}",
             self.avail_idx,
-            used,
+            self.used_idx(),
             self.used_seen,
-            avail_event,
+            self.avail_event(),
             if self.event_idx { "" } else { " (no EVENT_IDX)" },
             self.notify_checked
         );
