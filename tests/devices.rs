@@ -199,6 +199,102 @@ fn shared_device_maps_the_guest_ram_memfd() {
     vmm.wait().unwrap();
 }
 
+/// The confined device processes skvm `vmm` started, once `count` are up.
+fn confined_devices(vmm: &mut std::process::Child, count: usize) -> Vec<u32> {
+    let id = vmm.id();
+    for _ in 0..250 {
+        std::thread::sleep(Duration::from_millis(20));
+        let children: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                status.lines().any(|l| l == format!("PPid:\t{id}"))
+                    && cmdline.split(|&b| b == 0).any(|arg| arg == b"device")
+                    && status.contains("Seccomp:\t2")
+            })
+            .collect();
+        if children.len() >= count {
+            return children;
+        }
+    }
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    panic!("fewer than {count} confined device processes appeared under skvm {id}");
+}
+
+/// The soft limit `name` in /proc/PID/limits.
+fn soft_limit(pid: u32, name: &str) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+    line[name.len()..].split_whitespace().next().unwrap().to_string()
+}
+
+/// Every kind of device process (disk, entropy, console, virtio-mem), in
+/// both modes that keep guest RAM out of devices, is confined as README and
+/// docs/architecture.md say: seccomp, no capabilities, its own namespaces,
+/// an empty root, its limits, and no mapping of guest RAM.
+#[test]
+fn every_device_kind_is_confined_and_maps_no_guest_memory() {
+    for mode in ["rpc", "rpc-dma"] {
+        let path = disk(&format!("kinds-{mode}.img"), 1 << 20);
+        let console = temp_path(&format!("kinds-{mode}.console"));
+        let disk = disk_arg(&path, "");
+        let console_arg = format!("file:{}", console.display());
+        let args = ["run", "--memory", "64M,hotplug=128M", "--memory-mode", mode, "--disk", &disk, "--rng"];
+        let mut command = skvm(&args);
+        command.args(["--console", &console_arg, "--cmdline", "scenario=spin"]);
+        let mut vmm = command.spawn().unwrap();
+        let devices = confined_devices(&mut vmm, 4);
+        let mut names: Vec<String> = devices.iter().map(|&pid| status_field(pid, "Name")).collect();
+        names.sort();
+        assert_eq!(names, ["skvm-blk0", "skvm-console0", "skvm-mem0", "skvm-rng0"], "{mode}");
+        for (&pid, name) in devices.iter().zip(devices.iter().map(|&pid| status_field(pid, "Name"))) {
+            let what = format!("{mode} {name}");
+            assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
+            for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(status_field(pid, caps), "0000000000000000", "{what}: {caps}");
+            }
+            for ns in ["user", "mnt", "net", "ipc", "uts"] {
+                let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+                let vmm_ns = std::fs::read_link(format!("/proc/{}/ns/{ns}", vmm.id())).unwrap();
+                assert_ne!(own, vmm_ns, "{what}: {ns} namespace shared with the VMM");
+            }
+            // A device without I/O threads also unshares a pid namespace for
+            // the processes it would start (the filters forbid that), which
+            // the kernel names only once a first one exists.
+            if !name.starts_with("skvm-blk") {
+                let children = std::fs::read_link(format!("/proc/{pid}/ns/pid_for_children"));
+                let vmm_children = std::fs::read_link(format!("/proc/{}/ns/pid_for_children", vmm.id())).unwrap();
+                let apart =
+                    children.as_ref().map_or_else(|e| e.kind() == std::io::ErrorKind::NotFound, |c| *c != vmm_children);
+                assert!(apart, "{what}: children would join the VMM's pid namespace ({children:?})");
+            }
+            // Its root is an empty directory: no file to open, were it allowed to.
+            let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().flatten().collect();
+            assert!(root.is_empty(), "{what}: its root holds {root:?}");
+            assert_eq!(soft_limit(pid, "Max core file size"), "0", "{what}");
+            assert_eq!(soft_limit(pid, "Max locked memory"), "0", "{what}");
+            // A few descriptors past the highest it was given (they keep the VMM's numbers).
+            let open_files: u64 = soft_limit(pid, "Max open files").parse().unwrap();
+            let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten();
+            let highest = fds.filter_map(|fd| fd.file_name().to_string_lossy().parse::<u64>().ok()).max().unwrap();
+            assert!(open_files <= highest + 8, "{what}: may open {open_files} files, holds up to fd {highest}");
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+            assert!(!maps.contains("skvm-guest-ram"), "{what} maps guest RAM:\n{maps}");
+            for line in maps.lines() {
+                let (start, end) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
+                let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+                assert!(size < 32 << 20, "{what}: a mapping as large as guest RAM: {line}");
+            }
+        }
+        vmm.kill().unwrap();
+        vmm.wait().unwrap();
+    }
+}
+
 /// Runs blk-pattern (with `seed`) on two disks in `mode` whose first device misbehaves.
 fn two_disks_first_misbehaving(mode: &str, misbehaviour: &str, seed: u64) -> (Outcome, PathBuf, PathBuf) {
     let name = format!("{misbehaviour}-{mode}");

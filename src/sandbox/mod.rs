@@ -125,9 +125,10 @@ const DATA_LIMIT: u64 = 512 << 20;
 /// `start_threads`, if given, runs once the process is otherwise confined
 /// (namespaces, limits, no capabilities, no_new_privs): the threads it
 /// starts inherit all of that, and the filters then apply to every thread.
-/// Such a process keeps skvm's pid namespace: Linux refuses a thread in a
-/// process that has unshared its own. The filters forbid creating processes
-/// and sending signals, which are what a pid namespace would bound.
+/// Such a process unshares no pid namespace: Linux refuses a thread in a
+/// process that has. (Unsharing one moves only the caller's children, so
+/// every device stays in skvm's; the filters forbid creating processes and
+/// sending signals, which are what a pid namespace would bound.)
 pub fn confine(
     filters: &dyn Fn() -> Result<Vec<seccompiler::BpfProgram>, String>,
     open_fds: u64,

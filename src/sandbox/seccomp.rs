@@ -177,6 +177,31 @@ mod tests {
         {
             assert!(!block.iter().any(|(n, _)| *n == forbidden), "syscall {forbidden} allowed");
         }
+        // No device makes a process or thread, runs a program, or signals
+        // or traces another process (what a pid namespace would bound, for
+        // the disks that keep skvm's).
+        let never = [
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_kill,
+            libc::SYS_tkill,
+            libc::SYS_tgkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::SYS_pidfd_send_signal,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+        ];
+        for list in [&block, &ring, &other, &tap] {
+            for forbidden in never {
+                assert!(!list.iter().any(|(n, _)| *n == forbidden), "syscall {forbidden} allowed");
+            }
+        }
         assert!(device_filter(DeviceFilter::Block { io_uring: true }).is_ok());
         assert!(device_filter(DeviceFilter::NoDisk).is_ok());
         assert!(device_filter(DeviceFilter::Tap).is_ok());
