@@ -83,6 +83,9 @@ impl DeviceHealth {
 
     /// [`Self::fail`], the succession lock held.
     fn fail_now(&self, name: &str, reason: String) {
+        // A reason may carry a device's own text (a refusal's): it reaches
+        // the log and the API only escaped and bounded, as the rest does.
+        let reason = device_text::printable(&reason, MAX_FAILURE_TEXT);
         if let Some(access) = &self.access {
             access.revoke();
         }
@@ -271,7 +274,14 @@ impl DeviceHealth {
     /// A restarted device completed its first batch, `took` after its death.
     pub fn recovered(&self, name: &str, took: Duration) {
         self.consecutive.store(0, Ordering::SeqCst);
-        lock(&self.recovery_ns).push(took.as_nanos() as u64);
+        let mut kept = lock(&self.recovery_ns);
+        // A device that dies after each batch it serves restarts at will:
+        // its report keeps the latest recoveries, not one for each.
+        if kept.len() >= RECOVERIES_KEPT {
+            kept.remove(0);
+        }
+        kept.push(took.as_nanos() as u64);
+        drop(kept);
         tracing::info!("device {name}: serving again {took:?} after it went down");
     }
 }
@@ -390,12 +400,30 @@ impl CountersQuery {
 
 /// Longest error text from a device that the VMM logs or reports.
 const MAX_DEVICE_TEXT: usize = 200;
+/// Recovery times a device's status keeps (the latest).
+pub const RECOVERIES_KEPT: usize = 1000;
+/// A failure's reason: the VMM's words around at most a device's text.
+const MAX_FAILURE_TEXT: usize = 2 * MAX_DEVICE_TEXT;
 
 /// A request context that gives up after `limit`.
 pub fn within(limit: Duration) -> tarpc::context::Context {
     let mut ctx = tarpc::context::current();
     ctx.deadline = Instant::now() + limit;
     ctx
+}
+
+/// How long past its deadline a call to a device may wait to be sent.
+const UNSENT_GRACE: Duration = Duration::from_secs(1);
+
+/// Awaits `call`, made with [`within`]`(limit)`, for at most `limit` and a
+/// grace: tarpc starts a request's deadline only once the request is
+/// written, so one queued behind the full socket of a device that stopped
+/// reading would otherwise wait forever (and a vCPU with it).
+pub async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, tarpc::client::RpcError>>,
+) -> Result<T, tarpc::client::RpcError> {
+    tokio::time::timeout(limit + UNSENT_GRACE, call).await.unwrap_or(Err(tarpc::client::RpcError::DeadlineExceeded))
 }
 
 pub fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
@@ -441,7 +469,7 @@ impl DeviceHost {
         let served_by = self.health.pid();
         let client = lock(&self.lifeline.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
-        let reply = self.runtime.block_on(request(client, ctx));
+        let reply = self.runtime.block_on(bounded(CONTROL_DEADLINE, request(client, ctx)));
         match reply {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(refused)) => Err(device_text::printable(&refused.to_string(), MAX_DEVICE_TEXT)),
@@ -632,7 +660,7 @@ impl DeviceHost {
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         let paused = Instant::now();
         let saved = match old {
-            Some(old) => self.runtime.block_on(old.save(within(CONTROL_DEADLINE))),
+            Some(old) => self.runtime.block_on(bounded(CONTROL_DEADLINE, old.save(within(CONTROL_DEADLINE)))),
             None => return Err("the device is shut down".into()),
         };
         match saved {
@@ -685,6 +713,46 @@ mod tests {
         let child = sleeper();
         register(health, &child);
         child
+    }
+
+    /// A device that refuses a batch with text of its own cannot forge log
+    /// lines or flood the log and the API with the failure's reason.
+    #[test]
+    fn a_failures_reason_is_escaped_and_bounded() {
+        let health = DeviceHealth::new(None);
+        let forged = format!("it refused a batch: no\n\u{1b}[2Kskvm: guest exited{}", "x".repeat(10_000));
+        health.fail("test", forged);
+        let reason = lock(&health.reason).clone().unwrap();
+        assert!(reason.starts_with("it refused a batch: no\\n\\u{1b}[2Kskvm: guest exited"), "{reason}");
+        assert!(!reason.chars().any(char::is_control), "{reason}");
+        // Cut after its bound; the two escapes and the "..." add 1 + 5 + 3.
+        assert_eq!(reason.chars().count(), MAX_FAILURE_TEXT + 9, "{reason}");
+    }
+
+    /// A call that is never sent (queued behind a device's full socket)
+    /// still ends, at its deadline and the grace, as one that timed out.
+    #[test]
+    fn a_call_never_sent_still_ends() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let never = std::future::pending::<Result<(), tarpc::client::RpcError>>();
+        let ended = runtime.block_on(bounded(Duration::from_millis(10), never));
+        assert!(matches!(ended, Err(tarpc::client::RpcError::DeadlineExceeded)), "{ended:?}");
+        let answered = runtime.block_on(bounded(Duration::from_millis(10), async { Ok(7) }));
+        assert_eq!(answered.ok(), Some(7));
+    }
+
+    /// However often a device recovers, its status keeps the latest
+    /// recovery times only.
+    #[test]
+    fn recovery_times_are_bounded() {
+        let health = DeviceHealth::new(None);
+        for ms in 0..RECOVERIES_KEPT as u64 + 10 {
+            health.recovered("test", Duration::from_millis(ms));
+        }
+        let kept = lock(&health.recovery_ns).clone();
+        assert_eq!(kept.len(), RECOVERIES_KEPT);
+        assert_eq!(kept.last(), Some(&((RECOVERIES_KEPT as u64 + 9) * 1_000_000)), "the latest is kept");
+        assert_eq!(kept[0], 10 * 1_000_000, "the oldest went first");
     }
 
     /// A driver that sees DEVICE_NEEDS_RESET may reset at once, and the

@@ -119,7 +119,8 @@ pub struct DeviceStatus {
     /// here and logged only a few at a time.
     pub driver_errors: u64,
     /// For each restart whose new process served (before it went down
-    /// again), from the death seen to the first batch it served.
+    /// again), from the death seen to the first batch it served; the
+    /// latest [`host::RECOVERIES_KEPT`].
     pub recovery_ms: Vec<f64>,
 }
 
@@ -155,7 +156,8 @@ pub fn status(devices: &[VirtioDevice]) -> Vec<DeviceStatus> {
             // In `rpc` the VMM's engine raises the device's interrupts.
             let engine_interrupts = access.filter(|a| a.request_level).map(|a| a.interrupts.load(Relaxed));
             if let (Some(counters), Some(raised)) = (status.counters.as_mut(), engine_interrupts) {
-                counters.interrupts += raised;
+                // The device's own count may be anything: it cannot overflow ours.
+                counters.interrupts = counters.interrupts.saturating_add(raised);
             }
             status
         })

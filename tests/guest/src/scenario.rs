@@ -260,6 +260,19 @@ fn virtio_fuzz(cmdline: &str, seed: u64) {
     let mut devices = 0;
     for (base, _) in crate::virtio::mmio_windows(cmdline) {
         devices += 1;
+        // Registers are 32 bits wide: narrower accesses to a fresh device
+        // read nothing and change nothing (the magic value and status).
+        use crate::platform::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write8};
+        let (magic8, magic16) = (mmio_read8(base), mmio_read16(base));
+        mmio_write8(base + 0x070, 1);
+        mmio_write16(base + 0x070, 1);
+        println!(
+            "fuzz: narrow reads of magic {:#x} {:#x}, of 32 bits {:#x}; status after narrow writes {:#x}",
+            magic8,
+            magic16,
+            mmio_read32(base),
+            mmio_read32(base + 0x070)
+        );
         for _ in 0..ROUNDS {
             let r = next();
             // Mostly the register block, sometimes config space or beyond.
