@@ -96,24 +96,9 @@ fn spinning_vm_with_device(mode: &str, path: &Path, disk_options: &str) -> (std:
         "scenario=spin",
     ]);
     // Something a device must not see.
-    let child = command.env("SKVM_TEST_SECRET", "hunter2").spawn().unwrap();
-    let vmm = child.id();
-    for _ in 0..200 {
-        std::thread::sleep(Duration::from_millis(20));
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let is_child = status.lines().any(|l| l == format!("PPid:\t{vmm}"));
-            if is_child && cmdline.split(|&b| b == 0).any(|arg| arg == b"device") && status.contains("Seccomp:\t2") {
-                return (child, pid);
-            }
-        }
-    }
-    let mut child = child;
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("no confined device process appeared under skvm {vmm}");
+    let mut child = command.env("SKVM_TEST_SECRET", "hunter2").spawn().unwrap();
+    let device = confined_devices(&mut child, 1)[0];
+    (child, device)
 }
 
 fn status_field(pid: u32, key: &str) -> String {
@@ -150,9 +135,7 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (start, end) = fields[0].split_once('-').unwrap();
-            let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
-            fields[1].ends_with('s').then(|| (fields[1], *fields.get(5).unwrap_or(&""), size))
+            fields[1].ends_with('s').then(|| (fields[1], *fields.get(5).unwrap_or(&""), mapping_size(line)))
         })
         .collect();
     let mut shared = shared;
@@ -164,10 +147,7 @@ fn rpc_device_is_confined_and_maps_no_guest_memory() {
     );
     // No mapping anywhere near the size of guest RAM (64 MiB).
     for line in maps.lines() {
-        let range = line.split_whitespace().next().unwrap();
-        let (start, end) = range.split_once('-').unwrap();
-        let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
-        assert!(size < 32 << 20, "large mapping in the rpc device: {line}");
+        assert!(mapping_size(line) < 32 << 20, "large mapping in the rpc device: {line}");
     }
     // Started with an empty environment, whatever the user's holds.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -202,7 +182,7 @@ fn shared_device_maps_the_guest_ram_memfd() {
 /// The confined device processes skvm `vmm` started, once `count` are up.
 fn confined_devices(vmm: &mut std::process::Child, count: usize) -> Vec<u32> {
     let id = vmm.id();
-    for _ in 0..250 {
+    for _ in 0..200 {
         std::thread::sleep(Duration::from_millis(20));
         let children: Vec<u32> = std::fs::read_dir("/proc")
             .unwrap()
@@ -247,11 +227,12 @@ fn every_device_kind_is_confined_and_maps_no_guest_memory() {
         let mut command = skvm(&args);
         command.args(["--console", &console_arg, "--cmdline", "scenario=spin"]);
         let mut vmm = command.spawn().unwrap();
-        let devices = confined_devices(&mut vmm, 4);
-        let mut names: Vec<String> = devices.iter().map(|&pid| status_field(pid, "Name")).collect();
-        names.sort();
+        let mut devices: Vec<(u32, String)> =
+            confined_devices(&mut vmm, 4).into_iter().map(|pid| (pid, status_field(pid, "Name"))).collect();
+        devices.sort_by(|a, b| a.1.cmp(&b.1));
+        let names: Vec<&str> = devices.iter().map(|d| d.1.as_str()).collect();
         assert_eq!(names, ["skvm-blk0", "skvm-console0", "skvm-mem0", "skvm-rng0"], "{mode}");
-        for (&pid, name) in devices.iter().zip(devices.iter().map(|&pid| status_field(pid, "Name"))) {
+        for (pid, name) in devices {
             let what = format!("{mode} {name}");
             assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
             for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
@@ -285,9 +266,7 @@ fn every_device_kind_is_confined_and_maps_no_guest_memory() {
             let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
             assert!(!maps.contains("skvm-guest-ram"), "{what} maps guest RAM:\n{maps}");
             for line in maps.lines() {
-                let (start, end) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
-                let size = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
-                assert!(size < 32 << 20, "{what}: a mapping as large as guest RAM: {line}");
+                assert!(mapping_size(line) < 32 << 20, "{what}: a mapping as large as guest RAM: {line}");
             }
         }
         vmm.kill().unwrap();

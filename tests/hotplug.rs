@@ -98,14 +98,7 @@ fn guest_ram_mapped_by_disk(vm: &LiveVm) -> u64 {
     let (_, info) = vm.api("GET", "/vm", "");
     let pid = info["devices"][0]["pid"].as_u64().unwrap_or_else(|| panic!("no blk0 pid: {info}"));
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let bytes: u64 = maps
-        .lines()
-        .filter(|l| l.contains("memfd:skvm-guest-ram"))
-        .map(|l| {
-            let (start, end) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
-            u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap()
-        })
-        .sum();
+    let bytes: u64 = maps.lines().filter(|l| l.contains("memfd:skvm-guest-ram")).map(mapping_size).sum();
     bytes / MIB
 }
 

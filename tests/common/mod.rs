@@ -118,6 +118,12 @@ pub fn first_mib_hash(path: &std::path::Path) -> String {
     format!("{hash:#x}")
 }
 
+/// The size of the mapping a line of /proc/PID/maps describes.
+pub fn mapping_size(line: &str) -> u64 {
+    let (start, end) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
+    u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap()
+}
+
 pub fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("skvm-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

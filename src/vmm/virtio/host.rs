@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tarpc::client::RpcError;
 use tracing::warn;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -415,15 +416,17 @@ pub fn within(limit: Duration) -> tarpc::context::Context {
 /// How long past its deadline a call to a device may wait to be sent.
 const UNSENT_GRACE: Duration = Duration::from_secs(1);
 
-/// Awaits `call`, made with [`within`]`(limit)`, for at most `limit` and a
-/// grace: tarpc starts a request's deadline only once the request is
-/// written, so one queued behind the full socket of a device that stopped
-/// reading would otherwise wait forever (and a vCPU with it).
-pub async fn bounded<T>(
-    limit: Duration,
-    call: impl std::future::Future<Output = Result<T, tarpc::client::RpcError>>,
-) -> Result<T, tarpc::client::RpcError> {
-    tokio::time::timeout(limit + UNSENT_GRACE, call).await.unwrap_or(Err(tarpc::client::RpcError::DeadlineExceeded))
+/// Makes a call to a device with a context that gives up after `limit`
+/// ([`within`]) and awaits it for at most `limit` and a grace: tarpc starts
+/// a request's deadline only once the request is written, so one queued
+/// behind the full socket of a device that stopped reading would otherwise
+/// wait forever (and a vCPU with it).
+pub async fn bounded<T, Fut>(limit: Duration, call: impl FnOnce(tarpc::context::Context) -> Fut) -> Result<T, RpcError>
+where
+    Fut: std::future::Future<Output = Result<T, RpcError>>,
+{
+    let call = call(within(limit));
+    tokio::time::timeout(limit + UNSENT_GRACE, call).await.unwrap_or(Err(RpcError::DeadlineExceeded))
 }
 
 pub fn control_client(runtime: &tokio::runtime::Handle, control: UnixStream) -> Result<DeviceControlClient, String> {
@@ -465,11 +468,10 @@ impl DeviceHost {
         F: FnOnce(DeviceControlClient, tarpc::context::Context) -> Fut,
         Fut: std::future::Future<Output = Result<Result<T, rpc_schema::DeviceError>, tarpc::client::RpcError>>,
     {
-        let ctx = within(CONTROL_DEADLINE);
         let served_by = self.health.pid();
         let client = lock(&self.lifeline.control).clone();
         let client = client.ok_or_else(|| "the device is shut down".to_string())?;
-        let reply = self.runtime.block_on(bounded(CONTROL_DEADLINE, request(client, ctx)));
+        let reply = self.runtime.block_on(bounded(CONTROL_DEADLINE, |ctx| request(client, ctx)));
         match reply {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(refused)) => Err(device_text::printable(&refused.to_string(), MAX_DEVICE_TEXT)),
@@ -660,7 +662,7 @@ impl DeviceHost {
         self.call(|c, ctx| async move { c.hello(ctx, PROTOCOL_VERSION).await })?;
         let paused = Instant::now();
         let saved = match old {
-            Some(old) => self.runtime.block_on(bounded(CONTROL_DEADLINE, old.save(within(CONTROL_DEADLINE)))),
+            Some(old) => self.runtime.block_on(bounded(CONTROL_DEADLINE, |ctx| old.save(ctx))),
             None => return Err("the device is shut down".into()),
         };
         match saved {
@@ -734,10 +736,10 @@ mod tests {
     #[test]
     fn a_call_never_sent_still_ends() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let never = std::future::pending::<Result<(), tarpc::client::RpcError>>();
+        let never = |_| std::future::pending::<Result<(), RpcError>>();
         let ended = runtime.block_on(bounded(Duration::from_millis(10), never));
-        assert!(matches!(ended, Err(tarpc::client::RpcError::DeadlineExceeded)), "{ended:?}");
-        let answered = runtime.block_on(bounded(Duration::from_millis(10), async { Ok(7) }));
+        assert!(matches!(ended, Err(RpcError::DeadlineExceeded)), "{ended:?}");
+        let answered = runtime.block_on(bounded(Duration::from_millis(10), |_| async { Ok(7) }));
         assert_eq!(answered.ok(), Some(7));
     }
 

@@ -10,7 +10,7 @@
 //! thread in a control call.
 use super::super::lock;
 use super::grants::{Grant, GrantedBuffer};
-use super::host::{bounded, within, DeviceHealth};
+use super::host::{bounded, DeviceHealth};
 use super::memory_service::DeviceAccess;
 use super::staging::Staging;
 use crate::devices::poll_window::PollWindow;
@@ -323,7 +323,7 @@ impl Engine {
         // Answer slots of this process the VMM is done with go back with the batch.
         let freed = staging.as_ref().map(|area| area.take_answered()).unwrap_or_default();
         let requests = std::mem::take(&mut batch.requests);
-        let reply = bounded(BATCH_DEADLINE, client.requests(within(BATCH_DEADLINE), requests, freed)).await;
+        let reply = bounded(BATCH_DEADLINE, |ctx| client.requests(ctx, requests, freed)).await;
         if reply.is_ok() {
             // Answered: the device is done reading the posting slot. One
             // that did not answer may still read it; it is killed or failed

@@ -11,7 +11,7 @@
 //! itself is started, like every device process, on the spawner thread
 //! (`spawn.rs`).
 use super::super::lock;
-use super::host::{bounded, control_client, within, DeviceHealth, Lifeline};
+use super::host::{bounded, control_client, DeviceHealth, Lifeline};
 use super::{Error, Result, Starter};
 use rpc_schema::PROTOCOL_VERSION;
 use std::sync::atomic::Ordering;
@@ -91,14 +91,12 @@ impl Restartable {
         let control = (self.start)().map_err(Retry::Never)?;
         *started = self.health.pid();
         let client = control_client(&self.runtime, control).map_err(Retry::Later)?;
-        let hello =
-            self.runtime.block_on(bounded(START_DEADLINE, client.hello(within(START_DEADLINE), PROTOCOL_VERSION)));
+        let hello = self.runtime.block_on(bounded(START_DEADLINE, |ctx| client.hello(ctx, PROTOCOL_VERSION)));
         hello.map_err(|e| Retry::Later(format!("hello: {e}")))?.map_err(|e| Retry::Never(format!("hello: {e}")))?;
         if let Some(engine) = &engine {
             let features = self.lifeline.features.load(Ordering::SeqCst);
             let sizes = engine.queue_sizes();
-            let asked = client.activate(within(START_DEADLINE), features, sizes);
-            let active = self.runtime.block_on(bounded(START_DEADLINE, asked));
+            let active = self.runtime.block_on(bounded(START_DEADLINE, |ctx| client.activate(ctx, features, sizes)));
             active
                 .map_err(|e| Retry::Later(format!("activate: {e}")))?
                 .map_err(|e| Retry::Never(format!("activate: {e}")))?;

@@ -249,6 +249,7 @@ fn ticker() -> ! {
 
 /// Hammers every virtio-mmio register window with random accesses.
 fn virtio_fuzz(cmdline: &str, seed: u64) {
+    use crate::platform::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write8};
     const ROUNDS: u32 = 1500;
     let mut state = seed | 1;
     let mut next = || {
@@ -262,7 +263,6 @@ fn virtio_fuzz(cmdline: &str, seed: u64) {
         devices += 1;
         // Registers are 32 bits wide: narrower accesses to a fresh device
         // read nothing and change nothing (the magic value and status).
-        use crate::platform::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write8};
         let (magic8, magic16) = (mmio_read8(base), mmio_read16(base));
         mmio_write8(base + 0x070, 1);
         mmio_write16(base + 0x070, 1);
@@ -294,7 +294,7 @@ fn virtio_fuzz(cmdline: &str, seed: u64) {
                 }
             }
         }
-        println!("fuzz: device at {:#x} status {:#x}", base, crate::platform::mmio_read32(base + 0x070));
+        println!("fuzz: device at {:#x} status {:#x}", base, mmio_read32(base + 0x070));
     }
     println!("fuzz: done, {} devices", devices);
 }
