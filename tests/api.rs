@@ -295,6 +295,41 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
     assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
 }
 
+/// Threads of skvm `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let comm = |task: &std::fs::DirEntry| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+    tasks.flatten().filter(|task| comm(task).trim() == name).count()
+}
+
+/// Clients that connect and send nothing are served 16 at a time, each for
+/// its 2 s at most: more of them make a real client wait its turn, never
+/// lock it out, and never cost skvm more than 16 threads.
+#[test]
+fn idle_clients_are_served_16_at_a_time_and_only_delay_the_others() {
+    const SERVED_AT_ONCE: usize = 16;
+    let socket = temp_path("api-idle.sock");
+    let mut vm = start(&socket, &[]);
+    let idle: Vec<UnixStream> = (0..SERVED_AT_ONCE + 8).map(|_| UnixStream::connect(&socket).unwrap()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while threads_named(vm.id(), "api-client") < SERVED_AT_ONCE && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Sampled until the first of them times out (2 s after it was taken).
+    let most = (0..100).map(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        threads_named(vm.id(), "api-client")
+    });
+    assert_eq!(most.max(), Some(SERVED_AT_ONCE), "clients served at once");
+    let info = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "--json", "info"]);
+    assert_eq!(info.code(), Some(0), "{}", info.stderr);
+    drop(idle);
+    let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
+    assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
+    let _ = vm.kill();
+    let _ = vm.wait();
+}
+
 #[test]
 fn a_pause_that_times_out_leaves_the_vm_running() {
     // A device that takes 8 s to activate keeps the driver's vCPU inside its

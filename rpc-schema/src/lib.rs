@@ -516,3 +516,68 @@ pub trait MemoryHotplug {
     async fn unplug_all() -> Result<(), HotplugError>;
     async fn state(addr: u64, blocks: u16) -> Result<BlockState, HotplugError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tarpc::client::RpcError;
+    use tarpc::server::Channel;
+    use tokio::sync::Semaphore;
+
+    /// A service whose calls wait until the test lets them go.
+    #[tarpc::service]
+    trait Hold {
+        async fn hold();
+    }
+
+    #[derive(Clone)]
+    struct Holder(Arc<Semaphore>);
+
+    impl Hold for Holder {
+        async fn hold(self, _: tarpc::context::Context) {
+            let _ = self.0.acquire().await;
+        }
+    }
+
+    /// A client that sends more calls than a server channel works on at
+    /// once gets the extra ones refused at once; the others are served.
+    #[test]
+    fn a_server_channel_works_on_at_most_64_calls_and_refuses_more() {
+        const EXTRA: usize = 6;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (server_end, client_end) = std::os::unix::net::UnixStream::pair().unwrap();
+            let gate = Arc::new(Semaphore::new(0));
+            let served = server_channel(server_end).unwrap().execute(Holder(gate.clone()).serve());
+            tokio::spawn(served.for_each(|response| async move {
+                tokio::spawn(response);
+            }));
+            let client = HoldClient::new(Default::default(), transport(client_end).unwrap()).spawn();
+            let calls: Vec<_> = (0..MAX_CALLS_IN_FLIGHT + EXTRA)
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move { client.hold(tarpc::context::current()).await })
+                })
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while calls.iter().filter(|c| c.is_finished()).count() < EXTRA && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Time for a wrongly refused call to come back too.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (done, held): (Vec<_>, Vec<_>) = calls.into_iter().partition(|c| c.is_finished());
+            assert_eq!((done.len(), held.len()), (EXTRA, MAX_CALLS_IN_FLIGHT));
+            for call in done {
+                let refused = call.await.unwrap();
+                assert!(matches!(&refused, Err(RpcError::Server(e)) if e.detail.contains("throttled")), "{refused:?}");
+            }
+            gate.add_permits(MAX_CALLS_IN_FLIGHT);
+            for call in held {
+                assert!(call.await.unwrap().is_ok(), "a held call was not served");
+            }
+        });
+    }
+}

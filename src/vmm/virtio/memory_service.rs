@@ -63,9 +63,11 @@ impl DeviceAccess {
     }
 
     /// A new process serves the device: only channels opened from now on
-    /// are served, and the revocation of the old one is lifted.
+    /// are served, once that process says hello, and the revocation of the
+    /// old one is lifted.
     pub fn new_generation(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.greeted.store(false, Ordering::SeqCst);
         self.revoked.store(false, Ordering::SeqCst);
     }
 
@@ -101,11 +103,15 @@ impl MemoryServer {
         result.map_err(|_| MemoryError::Revoked)
     }
 
+    /// Opened for an earlier process of the device.
+    fn stale(&self) -> bool {
+        self.access.generation.load(Ordering::SeqCst) != self.generation
+    }
+
     /// Admits a call by address (`by_grant` false) or by grant.
     fn admit(&self, by_grant: bool) -> Result<(), MemoryError> {
         self.access.rpcs.fetch_add(1, Ordering::Relaxed);
-        let stale = self.access.generation.load(Ordering::SeqCst) != self.generation;
-        if stale || self.access.revoked.load(Ordering::SeqCst) {
+        if self.stale() || self.access.revoked.load(Ordering::SeqCst) {
             return Err(MemoryError::Revoked);
         }
         if !self.access.greeted.load(Ordering::SeqCst) {
@@ -160,6 +166,10 @@ impl GuestMemory for MemoryServer {
     async fn hello(self, _: tarpc::context::Context, version: u32, device: String) -> Result<(), MemoryError> {
         if version != PROTOCOL_VERSION {
             return self.account(Err(MemoryError::VersionMismatch { device: version, vmm: PROTOCOL_VERSION }), 0);
+        }
+        // An earlier process's hello must not open the door for its successor's channel.
+        if self.stale() {
+            return self.account(Err(MemoryError::Revoked), 0);
         }
         debug!("{}: memory channel open (device calls itself {device:?})", self.access.name);
         self.access.greeted.store(true, Ordering::SeqCst);
@@ -279,6 +289,55 @@ mod tests {
             assert_eq!(read(0x100, 4).await.unwrap(), Err(MemoryError::Revoked));
         });
         assert_eq!(access.refused.load(Ordering::Relaxed), 4);
+    }
+
+    /// A restarted device's memory channel from its earlier process is
+    /// refused for good, whatever it calls (a held completion too, and a
+    /// hello first); the new process's channel is served once it says hello.
+    #[test]
+    fn a_channel_opened_by_an_earlier_process_is_refused_after_a_restart() {
+        use super::super::grants::{Grant, GrantedBuffer};
+        use rpc_schema::GrantRange;
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let access = DeviceAccess::new("test", true);
+        let health = DeviceHealth::new(Some(access.clone()));
+        let buffer = GrantedBuffer { addr: 0x100, len: 16, writable: false };
+        let (id, _) = lock(&access.grants).issue(Grant { queue: 0, head: 0, buffers: vec![buffer] });
+        let channel = || {
+            let (vmm_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
+            serve(runtime.handle(), vmm_end, memory.clone(), health.clone()).unwrap();
+            let _context = runtime.enter();
+            GuestMemoryClient::new(Default::default(), rpc_schema::transport(device_end).unwrap()).spawn()
+        };
+        let ctx = tarpc::context::current;
+        let read = |client: &GuestMemoryClient| {
+            let client = client.clone();
+            async move { client.read_granted(ctx(), vec![GrantRange { grant: id, buffer: 0, offset: 0, len: 16 }]).await }
+        };
+        let hello = |client: &GuestMemoryClient| {
+            let client = client.clone();
+            async move { client.hello(ctx(), PROTOCOL_VERSION, "x".into()).await }
+        };
+        let empty = || Answer { completions: Vec::new(), staged: Vec::new(), slot: None };
+        let old = channel();
+        runtime.block_on(async {
+            hello(&old).await.unwrap().unwrap();
+            assert_eq!(read(&old).await.unwrap().unwrap()[0].len(), 16);
+        });
+        // The process died; its successor is about to start.
+        health.new_generation();
+        let new = channel();
+        runtime.block_on(async {
+            assert_eq!(read(&old).await.unwrap(), Err(MemoryError::Revoked));
+            assert_eq!(old.complete(ctx(), empty()).await.unwrap(), Err(MemoryError::Revoked));
+            assert_eq!(hello(&old).await.unwrap(), Err(MemoryError::Revoked));
+            assert_eq!(read(&new).await.unwrap(), Err(MemoryError::NoHello), "served before its hello");
+            hello(&new).await.unwrap().unwrap();
+            assert_eq!(read(&new).await.unwrap().unwrap()[0].len(), 16);
+            assert_eq!(read(&old).await.unwrap(), Err(MemoryError::Revoked));
+        });
+        assert!(!health.failed.load(Ordering::SeqCst), "a stale channel is no fault of the device");
     }
 
     /// Request level: only outstanding grants reach memory, only their way

@@ -105,6 +105,10 @@ pub struct Engine {
 }
 
 struct Connection {
+    /// Moves on at every disconnect and reconnect. A batch is sent only in
+    /// the epoch it was popped in: one popped before a reconnect has its
+    /// grants posted by the reconnect itself, so sending it would post them
+    /// twice (and the second completion would fail the device).
     epoch: u64,
     /// None while the device is being restarted: requests wait as grants.
     client: Option<DeviceControlClient>,
@@ -132,38 +136,9 @@ impl RequestQueue {
         max_size: u16,
         event_idx: bool,
     ) -> Result<Self, String> {
-        let mut queues = Vec::with_capacity(configs.len());
-        for config in configs {
-            let i = config.index;
-            let mut queue = Queue::new(max_size).map_err(|e| e.to_string())?;
-            queue.try_set_size(config.size).map_err(|e| format!("queue {i} size {}: {e}", config.size))?;
-            queue
-                .try_set_desc_table_address(GuestAddress(config.desc))
-                .map_err(|e| format!("queue {i} descriptor table: {e}"))?;
-            queue
-                .try_set_avail_ring_address(GuestAddress(config.avail))
-                .map_err(|e| format!("queue {i} avail ring: {e}"))?;
-            queue
-                .try_set_used_ring_address(GuestAddress(config.used))
-                .map_err(|e| format!("queue {i} used ring: {e}"))?;
-            queue.set_event_idx(event_idx);
-            queue.set_ready(true);
-            if !queue.is_valid(&*context.memory.memory()) {
-                return Err(format!("queue {i}'s rings are not in guest RAM"));
-            }
-            queues.push(queue);
-        }
+        let queues = checked_queues(configs, max_size, event_idx, &context.memory.memory())?;
         let notify = context.notify.try_clone().map_err(|e| e.to_string())?;
-        let staging = lock(&context.access.staging).clone();
-        let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None, staging };
-        let poll = context.poll;
-        let engine = Arc::new(Engine {
-            context,
-            queues: Mutex::new(queues),
-            stopped: AtomicBool::new(false),
-            watching: Mutex::new(PollWindow::new(poll)),
-            connection: Mutex::new(connection),
-        });
+        let engine = Engine::new(context, queues);
         let _context = runtime.enter();
         // SAFETY: the AsyncFd owns this clone of the eventfd and closes it only when dropped.
         let notify =
@@ -197,10 +172,38 @@ impl RequestQueue {
 
 impl Drop for RequestQueue {
     fn drop(&mut self) {
-        self.engine.stopped.store(true, Ordering::SeqCst);
         self.task.abort();
-        lock(&self.engine.context.access.grants).revoke_all();
+        self.engine.stop();
     }
+}
+
+/// The driver's queues, each checked: its size, and rings in guest RAM.
+fn checked_queues(
+    configs: &[QueueConfig],
+    max_size: u16,
+    event_idx: bool,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Queue>, String> {
+    let mut queues = Vec::with_capacity(configs.len());
+    for config in configs {
+        let i = config.index;
+        let mut queue = Queue::new(max_size).map_err(|e| e.to_string())?;
+        queue.try_set_size(config.size).map_err(|e| format!("queue {i} size {}: {e}", config.size))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(config.desc))
+            .map_err(|e| format!("queue {i} descriptor table: {e}"))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(config.avail))
+            .map_err(|e| format!("queue {i} avail ring: {e}"))?;
+        queue.try_set_used_ring_address(GuestAddress(config.used)).map_err(|e| format!("queue {i} used ring: {e}"))?;
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(mem) {
+            return Err(format!("queue {i}'s rings are not in guest RAM"));
+        }
+        queues.push(queue);
+    }
+    Ok(queues)
 }
 
 /// Why the VMM gave up on a device's queue.
@@ -209,6 +212,26 @@ fn broken(what: impl std::fmt::Display) -> String {
 }
 
 impl Engine {
+    fn new(context: QueueContext, queues: Vec<Queue>) -> Arc<Self> {
+        let staging = lock(&context.access.staging).clone();
+        let connection = Connection { epoch: 0, client: Some(context.client.clone()), restarting_since: None, staging };
+        let poll = context.poll;
+        Arc::new(Engine {
+            context,
+            queues: Mutex::new(queues),
+            stopped: AtomicBool::new(false),
+            watching: Mutex::new(PollWindow::new(poll)),
+            connection: Mutex::new(connection),
+        })
+    }
+
+    /// Stops for good (a reset), taking back every grant: replies still on
+    /// their way are dropped, and a pop running on meanwhile issues none.
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        lock(&self.context.access.grants).revoke_all();
+    }
+
     fn fail(&self, reason: String) {
         self.stopped.store(true, Ordering::SeqCst);
         self.context.health.fail(&self.context.name, reason);
@@ -242,13 +265,20 @@ impl Engine {
     /// taken after all; on a quiet queue they stay off while the device
     /// holds its requests, whose completion makes us look again, but for a
     /// `direct=on` disk's, which come by the batch).
+    ///
+    /// The connection stays locked throughout, so a reconnect's snapshot of
+    /// the grants sees either none of the batch or all of it.
     fn pop_batch(&self) -> Result<Outgoing, String> {
         let memory = self.context.memory.memory();
         let mem = &*memory;
-        let staging = lock(&self.connection).staging.clone();
+        let connection = lock(&self.connection);
         let mut queues = lock(&self.queues);
         let mut grants = lock(&self.context.access.grants);
-        let mut batch = Batcher::new(staging, self.context.batch_requests());
+        let mut batch = Batcher::new(connection.epoch, connection.staging.clone(), self.context.batch_requests());
+        // A reset stops the engine before it revokes the grants: none are issued after.
+        if self.stopped.load(Ordering::SeqCst) {
+            return Ok(batch.take());
+        }
         for (index, queue) in queues.iter_mut().enumerate() {
             let index = index as u16;
             let quiet = self.context.quiet(index);
@@ -289,25 +319,19 @@ impl Engine {
         Ok(batch.take())
     }
 
-    /// Posts a batch to the current process, unless a restart is under
-    /// way: then its grants wait, and the restart posts them.
+    /// Posts a batch to the process it was popped for. If a restart has
+    /// begun since, its grants wait and the restart posts them; if the
+    /// queue was reset, they are revoked already.
     fn send(self: &Arc<Self>, mut batch: Outgoing) {
         let (epoch, client, staging) = {
             let connection = lock(&self.connection);
             match &connection.client {
-                Some(client) => (connection.epoch, client.clone(), connection.staging.clone()),
-                None => return batch.release(),
+                Some(client) if connection.epoch == batch.epoch && !self.stopped.load(Ordering::SeqCst) => {
+                    (connection.epoch, client.clone(), connection.staging.clone())
+                }
+                _ => return batch.release(),
             }
         };
-        let same_area = match (&batch.staging, &staging) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same_area {
-            // A restart came between popping and posting.
-            batch.unstage();
-        }
         // A client is installed only after its process became current.
         let served_by = self.context.health.pid();
         self.context.access.batches.fetch_add(1, Ordering::Relaxed);
@@ -481,16 +505,18 @@ impl Engine {
     /// to it again (a write may reach the disk twice; each request still
     /// completes once, as its grant is revoked at its first completion).
     pub fn reconnect(self: &Arc<Self>, client: DeviceControlClient) -> Result<(), String> {
-        let staging = {
+        // One step: every batch popped before it is in the snapshot (and
+        // is not sent), every one popped after goes to the new process.
+        let (epoch, staging, held) = {
             let mut connection = lock(&self.connection);
+            connection.epoch += 1;
             connection.client = Some(client);
             connection.staging = lock(&self.context.access.staging).clone();
-            connection.staging.clone()
+            (connection.epoch, connection.staging.clone(), lock(&self.context.access.grants).snapshot())
         };
         let memory = self.context.memory.memory();
         let mem = &*memory;
-        let held = lock(&self.context.access.grants).snapshot();
-        let mut batch = Batcher::new(staging, self.context.batch_requests());
+        let mut batch = Batcher::new(epoch, staging, self.context.batch_requests());
         for (grant, chain) in held {
             if batch.full_for(&chain.buffers) {
                 self.send(batch.take());
@@ -670,6 +696,7 @@ impl Written<'_> {
 /// readable bytes go in a slot of the posting area where the process has
 /// one and a slot is free, else inline.
 struct Batcher {
+    epoch: u64,
     batch: Vec<PostedRequest>,
     buffers: usize,
     /// Readable bytes the batch carries, inline or staged.
@@ -682,6 +709,8 @@ struct Batcher {
 
 /// A batch ready to post, with the posting slot it holds, if any.
 struct Outgoing {
+    /// The connection's epoch it was popped in.
+    epoch: u64,
     requests: Vec<PostedRequest>,
     staging: Option<Arc<Staging>>,
     slot: Option<u8>,
@@ -698,24 +727,11 @@ impl Outgoing {
             area.free_post_slot(slot);
         }
     }
-
-    /// Carries its staged bytes inline instead: the process it goes to is
-    /// not the one whose posting area holds them.
-    fn unstage(&mut self) {
-        if let Some(area) = &self.staging {
-            for request in &mut self.requests {
-                if let Some(staged) = request.staged.take() {
-                    request.readable = ByteBuf::from(area.posted(staged));
-                }
-            }
-        }
-        self.release();
-    }
 }
 
 impl Batcher {
-    fn new(staging: Option<Arc<Staging>>, max_requests: usize) -> Self {
-        Batcher { batch: Vec::new(), buffers: 0, carried: 0, staging, slot: None, max_requests }
+    fn new(epoch: u64, staging: Option<Arc<Staging>>, max_requests: usize) -> Self {
+        Batcher { epoch, batch: Vec::new(), buffers: 0, carried: 0, staging, slot: None, max_requests }
     }
 
     fn is_empty(&self) -> bool {
@@ -773,7 +789,12 @@ impl Batcher {
 
     fn take(&mut self) -> Outgoing {
         (self.buffers, self.carried) = (0, 0);
-        Outgoing { requests: std::mem::take(&mut self.batch), staging: self.staging.clone(), slot: self.slot.take() }
+        Outgoing {
+            epoch: self.epoch,
+            requests: std::mem::take(&mut self.batch),
+            staging: self.staging.clone(),
+            slot: self.slot.take(),
+        }
     }
 }
 
@@ -819,6 +840,237 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+    use rpc_schema::{DeviceControl, DeviceCounters, DeviceError, DeviceInfo, DeviceState};
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use tarpc::context::Context;
+    use tarpc::server::{BaseChannel, Channel};
+
+    const QUEUE_SIZE: u16 = 16;
+    // Where the queue's rings live.
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// A device process that records every grant posted to it and
+    /// completes each at once, writing [`FILL`] at the start of its first
+    /// buffer if told to: inline, or staged in slot 0 of its answer area.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        posted: Arc<Mutex<Vec<u64>>>,
+        fill: Option<Fill>,
+    }
+
+    #[derive(Clone)]
+    enum Fill {
+        Inline,
+        /// The answer area, as the device process sees it.
+        Staged(Arc<File>),
+    }
+
+    const FILL: [u8; 16] = [0xaa; 16];
+
+    impl DeviceControl for Recorder {
+        async fn hello(self, _: Context, _: u32) -> Result<DeviceInfo, DeviceError> {
+            Err(DeviceError::NotActive)
+        }
+        async fn activate(self, _: Context, _: u64, _: Vec<QueueConfig>) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn write_config(self, _: Context, _: u32, _: ByteBuf) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn reset(self, _: Context) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn save(self, _: Context) -> Result<DeviceState, DeviceError> {
+            Err(DeviceError::NotActive)
+        }
+        async fn restore(self, _: Context, _: DeviceState) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn counters(self, _: Context) -> DeviceCounters {
+            DeviceCounters::default()
+        }
+        async fn requests(self, _: Context, batch: Vec<PostedRequest>, _: Vec<u8>) -> Result<Answer, DeviceError> {
+            use rpc_schema::{BufferWrite, StagedCompletion, StagedWrite};
+            use std::os::unix::fs::FileExt;
+            lock(&self.posted).extend(batch.iter().map(|r| r.grant));
+            let len = FILL.len() as u32;
+            let mut answer = Answer { completions: Vec::new(), staged: Vec::new(), slot: None };
+            for (i, r) in batch.iter().enumerate() {
+                let grant = r.grant;
+                match &self.fill {
+                    None => answer.completions.push(CompletedRequest { grant, used_len: 0, writes: Vec::new() }),
+                    Some(Fill::Inline) => {
+                        let data = ByteBuf::from(FILL.to_vec());
+                        let writes = vec![BufferWrite { buffer: 0, offset: 0, data }];
+                        answer.completions.push(CompletedRequest { grant, used_len: len, writes });
+                    }
+                    Some(Fill::Staged(area)) => {
+                        let at = i as u32 * len;
+                        area.write_all_at(&FILL, at.into()).unwrap();
+                        let writes = vec![StagedWrite { buffer: 0, offset: 0, at, len }];
+                        answer.staged.push(StagedCompletion { grant, used_len: len, writes });
+                        answer.slot = Some(0);
+                    }
+                }
+            }
+            Ok(answer)
+        }
+    }
+
+    /// A client whose requests `device` serves (call within a runtime).
+    fn client(device: &Recorder) -> DeviceControlClient {
+        let (ours, theirs) = tarpc::transport::channel::unbounded();
+        let served = BaseChannel::with_defaults(theirs).execute(device.clone().serve());
+        tokio::spawn(served.for_each(|response| async move {
+            tokio::spawn(response);
+        }));
+        DeviceControlClient::new(Default::default(), ours).spawn()
+    }
+
+    /// An engine for one queue in `mem`, posting to `client`.
+    fn engine(mem: &GuestMemoryMmap, client: DeviceControlClient) -> (Arc<Engine>, Arc<DeviceHealth>) {
+        engine_staging(mem, client, None)
+    }
+
+    /// `engine`, for a process with the staging area `staging`.
+    fn engine_staging(
+        mem: &GuestMemoryMmap,
+        client: DeviceControlClient,
+        staging: Option<Arc<Staging>>,
+    ) -> (Arc<Engine>, Arc<DeviceHealth>) {
+        let access = DeviceAccess::new("test", true);
+        *lock(&access.staging) = staging;
+        let health = DeviceHealth::new(Some(access.clone()));
+        let config = QueueConfig { index: 0, size: QUEUE_SIZE, desc: DESC, avail: AVAIL, used: USED };
+        let queues = checked_queues(&[config], QUEUE_SIZE, false, mem).unwrap();
+        let context = QueueContext {
+            name: "test".into(),
+            memory: GuestMemoryAtomic::new(mem.clone()),
+            access,
+            health: health.clone(),
+            client,
+            notify: EventFd::new(0).unwrap(),
+            irq: EventFd::new(0).unwrap(),
+            poll: Duration::ZERO,
+            held_queue: None,
+            direct_disk: false,
+        };
+        (Engine::new(context, queues), health)
+    }
+
+    /// The driver makes a chain of one 16-byte readable buffer available at `head`.
+    fn offer(mem: &GuestMemoryMmap, head: u16) {
+        offer_buffer(mem, head, 0x4000 + 0x100 * u64::from(head), false);
+    }
+
+    /// The driver makes a chain of one 16-byte buffer at `addr` available at `head`.
+    fn offer_buffer(mem: &GuestMemoryMmap, head: u16, addr: u64, writable: bool) {
+        const DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let desc = DESC + 16 * u64::from(head);
+        mem.write_obj(addr, GuestAddress(desc)).unwrap();
+        mem.write_obj(16u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(if writable { DESC_F_WRITE } else { 0 }, GuestAddress(desc + 12)).unwrap();
+        mem.write_obj(0u16, GuestAddress(desc + 14)).unwrap();
+        let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE))).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// The heads in the used ring, in order.
+    fn used(mem: &GuestMemoryMmap) -> Vec<u32> {
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        (0..u64::from(idx)).map(|i| mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap()).collect()
+    }
+
+    /// A batch popped while a restart is under way, and sent only once the
+    /// new process took over, reaches that process once: its grant is
+    /// posted by the takeover itself. Sent as well, the request would be
+    /// served twice, and its second completion would fail the device.
+    #[test]
+    fn a_batch_popped_before_a_takeover_reaches_the_new_process_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let (old, new) = (Recorder::default(), Recorder::default());
+            let (engine, health) = engine(&mem, client(&old));
+            engine.disconnect(Instant::now());
+            offer(&mem, 3);
+            let popped = engine.pop_batch().unwrap();
+            assert_eq!(popped.requests.len(), 1);
+            engine.reconnect(client(&new)).unwrap();
+            engine.send(popped);
+            completed(&mem, 1).await;
+            // Time for a second posting to be answered too.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(*lock(&new.posted), [1], "the grants the new process was posted");
+            assert!(lock(&old.posted).is_empty(), "the old process was posted a request after its death");
+            assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
+            assert_eq!(used(&mem), [3], "the request completed once");
+        });
+    }
+
+    /// Waits (a while at most) for `count` completions in the used ring.
+    async fn completed(mem: &GuestMemoryMmap, count: usize) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used(mem).len() < count && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        used(mem)
+    }
+
+    /// Memory unplugged after a request was posted cannot be written by its
+    /// completion, whether the bytes come inline or staged: the engine
+    /// writes through the map as it is when the answer comes. The request
+    /// still completes (the guest's own loss), the device does not fail,
+    /// and a buffer in RAM that stayed gets its bytes.
+    #[test]
+    fn a_completion_cannot_write_memory_unplugged_since_the_request_was_posted() {
+        const HOT: u64 = 0x10_0000;
+        for staged in [false, true] {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mem =
+                    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(HOT), 0x1000)]).unwrap();
+                let staging = staged.then(|| Arc::new(Staging::new().unwrap()));
+                // SAFETY: dup of the area's own descriptor, owned at once.
+                let area = staging.as_ref().map(|s| unsafe { File::from_raw_fd(libc::dup(s.fds().0)) });
+                let fill = Some(area.map_or(Fill::Inline, |a| Fill::Staged(Arc::new(a))));
+                let device = Recorder { fill, ..Default::default() };
+                let (engine, health) = engine_staging(&mem, client(&device), staging);
+                offer_buffer(&mem, 0, 0x5000, true);
+                offer_buffer(&mem, 1, HOT + 0x100, true);
+                let popped = engine.pop_batch().unwrap();
+                assert_eq!(popped.requests.len(), 2);
+                // The hot block leaves the map, as an unplug does, before the device answers.
+                let (unplugged, _) = mem.remove_region(GuestAddress(HOT), 0x1000).unwrap();
+                engine.context.memory.lock().unwrap().replace(unplugged);
+                engine.send(popped);
+                assert_eq!(completed(&mem, 2).await, [0, 1], "both requests complete ({staged})");
+                assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
+                let read = |addr| mem.read_obj::<[u8; 16]>(GuestAddress(addr)).unwrap();
+                assert_eq!(read(0x5000), FILL, "the buffer in RAM was not written ({staged})");
+                assert_eq!(read(HOT + 0x100), [0; 16], "unplugged memory was written ({staged})");
+            });
+        }
+    }
+
+    /// A reset stops the engine and takes back every grant; a pop that was
+    /// already running (on the RPC thread) issues none after that.
+    #[test]
+    fn nothing_is_granted_once_a_reset_took_the_grants_back() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (engine, _) = engine(&mem, client(&Recorder::default()));
+        offer(&mem, 0);
+        engine.stop();
+        assert!(engine.pop_batch().unwrap().is_empty());
+        assert_eq!(lock(&engine.context.access.grants).outstanding(), 0);
+    }
 
     #[test]
     fn a_direct_disk_driver_is_asked_to_notify_once_a_batch_is_available() {

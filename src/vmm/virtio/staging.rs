@@ -135,6 +135,7 @@ impl Staging {
     }
 
     /// Bytes this side staged with [`Staging::post`].
+    #[cfg(test)]
     pub fn posted(&self, staged: StagedBytes) -> Vec<u8> {
         let mut bytes = vec![0u8; staged.len as usize];
         let area = self.posts.map.as_volatile_slice();
