@@ -308,26 +308,24 @@ fn threads_named(pid: u32, name: &str) -> usize {
 #[test]
 fn idle_clients_are_served_16_at_a_time_and_only_delay_the_others() {
     const SERVED_AT_ONCE: usize = 16;
-    let socket = temp_path("api-idle.sock");
-    let mut vm = start(&socket, &[]);
-    let idle: Vec<UnixStream> = (0..SERVED_AT_ONCE + 8).map(|_| UnixStream::connect(&socket).unwrap()).collect();
+    // Killed when dropped, should an assertion fail first.
+    let vm = LiveVm::start("api-idle", &["--memory", "64M", "--cmdline", "scenario=spin"]);
+    let socket = vm.socket.to_str().unwrap();
+    let idle: Vec<UnixStream> = (0..SERVED_AT_ONCE + 8).map(|_| UnixStream::connect(socket).unwrap()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while threads_named(vm.id(), "api-client") < SERVED_AT_ONCE && std::time::Instant::now() < deadline {
+    while threads_named(vm.child.id(), "api-client") < SERVED_AT_ONCE && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Sampled until the first of them times out (2 s after it was taken).
     let most = (0..100).map(|_| {
         std::thread::sleep(Duration::from_millis(10));
-        threads_named(vm.id(), "api-client")
+        threads_named(vm.child.id(), "api-client")
     });
     assert_eq!(most.max(), Some(SERVED_AT_ONCE), "clients served at once");
-    let info = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "--json", "info"]);
+    let info = run(&["ctl", "--api-socket", socket, "--json", "info"]);
     assert_eq!(info.code(), Some(0), "{}", info.stderr);
     drop(idle);
-    let stop = run(&["ctl", "--api-socket", socket.to_str().unwrap(), "shutdown"]);
-    assert_eq!(stop.code(), Some(0), "{}", stop.stderr);
-    let _ = vm.kill();
-    let _ = vm.wait();
+    assert_eq!(vm.shutdown(), Some(0));
 }
 
 #[test]
