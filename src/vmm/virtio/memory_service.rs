@@ -26,7 +26,10 @@ pub struct DeviceAccess {
     pub request_level: bool,
     /// The chains posted to the device and not yet completed.
     pub grants: Mutex<GrantTable>,
-    greeted: AtomicBool,
+    /// The generation whose process said hello, plus one (0: none has).
+    /// A generation, not a flag: an earlier process's hello that races a
+    /// restart records its own, which admits no channel of the new one.
+    greeted: AtomicU64,
     revoked: AtomicBool,
     /// Memory RPCs the device made.
     pub rpcs: AtomicU64,
@@ -67,8 +70,23 @@ impl DeviceAccess {
     /// old one is lifted.
     pub fn new_generation(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.greeted.store(false, Ordering::SeqCst);
         self.revoked.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether `generation` is the current process's.
+    pub fn is_generation(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::SeqCst) == generation
+    }
+
+    /// A channel of `generation` said hello.
+    fn greet(&self, generation: u64) {
+        // Never back: a late hello from an earlier process must not undo its successor's.
+        self.greeted.fetch_max(generation + 1, Ordering::SeqCst);
+    }
+
+    /// Whether a process of `generation` said hello.
+    fn greeted(&self, generation: u64) -> bool {
+        self.greeted.load(Ordering::SeqCst) == generation + 1
     }
 
     #[cfg(test)]
@@ -98,14 +116,14 @@ impl MemoryServer {
         // No active queues: the driver reset the device, and took the grants back.
         let Some(engine) = engine else { return Ok(()) };
         let started = std::time::Instant::now();
-        let result = engine.complete_held(answer);
+        let result = engine.complete_held(answer, self.generation);
         self.access.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result.map_err(|_| MemoryError::Revoked)
     }
 
     /// Opened for an earlier process of the device.
     fn stale(&self) -> bool {
-        self.access.generation.load(Ordering::SeqCst) != self.generation
+        !self.access.is_generation(self.generation)
     }
 
     /// Admits a call by address (`by_grant` false) or by grant.
@@ -114,7 +132,7 @@ impl MemoryServer {
         if self.stale() || self.access.revoked.load(Ordering::SeqCst) {
             return Err(MemoryError::Revoked);
         }
-        if !self.access.greeted.load(Ordering::SeqCst) {
+        if !self.access.greeted(self.generation) {
             return Err(MemoryError::NoHello);
         }
         if by_grant != self.access.request_level {
@@ -172,7 +190,7 @@ impl GuestMemory for MemoryServer {
             return self.account(Err(MemoryError::Revoked), 0);
         }
         debug!("{}: memory channel open (device calls itself {device:?})", self.access.name);
-        self.access.greeted.store(true, Ordering::SeqCst);
+        self.access.greet(self.generation);
         Ok(())
     }
 
@@ -338,6 +356,24 @@ mod tests {
             assert_eq!(read(&old).await.unwrap(), Err(MemoryError::Revoked));
         });
         assert!(!health.failed.load(Ordering::SeqCst), "a stale channel is no fault of the device");
+    }
+
+    /// A hello counts for its own process only, whenever it lands: one from
+    /// an earlier process that passed its check just before a restart
+    /// neither greets the new process nor undoes the new process's hello.
+    #[test]
+    fn a_late_hello_from_an_earlier_process_greets_no_other() {
+        let access = DeviceAccess::new("test", true);
+        access.greet(0);
+        assert!(access.greeted(0));
+        access.new_generation();
+        assert!(!access.greeted(1), "the new process is served before its hello");
+        access.greet(0);
+        assert!(!access.greeted(1), "an earlier process's hello greeted the new one");
+        access.greet(1);
+        access.greet(0);
+        assert!(access.greeted(1), "a late hello undid the new process's");
+        assert!(!access.greeted(0));
     }
 
     /// Request level: only outstanding grants reach memory, only their way

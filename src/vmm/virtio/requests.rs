@@ -320,8 +320,9 @@ impl Engine {
     }
 
     /// Posts a batch to the process it was popped for. If a restart has
-    /// begun since, its grants wait and the restart posts them; if the
-    /// queue was reset, they are revoked already.
+    /// begun since, its grants wait and the restart posts them; a stopped
+    /// queue sends nothing (a reset takes the grants back, a failure waits
+    /// for the driver's reset).
     fn send(self: &Arc<Self>, mut batch: Outgoing) {
         let (epoch, client, staging) = {
             let connection = lock(&self.connection);
@@ -366,8 +367,20 @@ impl Engine {
         let outcome = match reply {
             Ok(Ok(answer)) => {
                 let slot = answer.slot;
+                // Applied under the connection lock, checked once more: a
+                // restart that began since has posted these grants again,
+                // and completing them now would make the new process's
+                // completions unknown.
+                let connection = lock(&self.connection);
+                if connection.epoch != epoch {
+                    drop(connection);
+                    staging.iter().for_each(|a| a.answered(slot));
+                    return;
+                }
+                let applied = self.apply_answer(answer, staging.as_deref());
+                drop(connection);
                 // Its bytes are in guest RAM: the slot goes back with the next batch.
-                self.apply_answer(answer, staging.as_deref()).map(|()| staging.iter().for_each(|a| a.answered(slot)))
+                applied.map(|()| staging.iter().for_each(|a| a.answered(slot)))
             }
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
             Err(e) => {
@@ -484,12 +497,20 @@ impl Engine {
     /// and applied as a batch's answer is; a device that breaks the
     /// protocol fails. The device takes a staged answer's slot back when we
     /// reply, so it is never handed back with a batch.
-    pub fn complete_held(&self, answer: Answer) -> Result<(), String> {
-        if self.stopped.load(Ordering::SeqCst) {
+    ///
+    /// `from`: the memory-channel generation it came on. It is applied
+    /// under the connection lock, and only while that generation is the
+    /// current one: a restart starts a new generation before it posts the
+    /// grants again, so what the earlier process completes late is dropped
+    /// rather than make its successor's completions unknown.
+    pub fn complete_held(&self, answer: Answer, from: u64) -> Result<(), String> {
+        let connection = lock(&self.connection);
+        if self.stopped.load(Ordering::SeqCst) || !self.context.access.is_generation(from) {
             return Ok(());
         }
-        let staging = lock(&self.connection).staging.clone();
-        self.apply_answer(answer, staging.as_deref()).inspect_err(|reason| self.fail(reason.clone()))
+        let applied = self.apply_answer(answer, connection.staging.as_deref());
+        drop(connection);
+        applied.inspect_err(|reason| self.fail(reason.clone()))
     }
 
     /// A restart begins: nothing more goes to the old process, and what it
@@ -1056,6 +1077,32 @@ mod tests {
                 assert_eq!(read(HOT + 0x100), [0; 16], "unplugged memory was written ({staged})");
             });
         }
+    }
+
+    /// A held request that an earlier process completes on its memory
+    /// channel once a restart has begun is not completed: the restart posts
+    /// it again, and its new process's completion is the one that counts.
+    #[test]
+    fn a_held_completion_from_an_earlier_process_is_dropped() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (engine, health) = engine(&mem, client(&Recorder::default()));
+        offer(&mem, 5);
+        let grant = engine.pop_batch().unwrap().requests[0].grant;
+        let done = || Answer {
+            completions: vec![CompletedRequest { grant, used_len: 0, writes: Vec::new() }],
+            staged: Vec::new(),
+            slot: None,
+        };
+        // The process died: a new generation begins before its grants go to the next.
+        engine.context.access.new_generation();
+        engine.complete_held(done(), 0).unwrap();
+        assert!(used(&mem).is_empty(), "the dead process's completion was applied");
+        assert_eq!(lock(&engine.context.access.grants).outstanding(), 1);
+        engine.complete_held(done(), 1).unwrap();
+        assert_eq!(used(&mem), [5]);
+        assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
     }
 
     /// A reset stops the engine and takes back every grant; a pop that was
