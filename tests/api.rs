@@ -295,25 +295,19 @@ fn the_api_socket_is_owner_only_and_refuses_other_users() {
     assert_eq!(wait_with_deadline(vm, Duration::from_secs(30)).code(), Some(0));
 }
 
-/// Threads of skvm `pid` named `name`.
-fn threads_named(pid: u32, name: &str) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    let comm = |task: &std::fs::DirEntry| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-    tasks.flatten().filter(|task| comm(task).trim() == name).count()
-}
-
 /// Clients that connect and send nothing are served 16 at a time, each for
 /// its 2 s at most: more of them make a real client wait its turn, never
 /// lock it out, and never cost skvm more than 16 threads.
 #[test]
 fn idle_clients_are_served_16_at_a_time_and_only_delay_the_others() {
     const SERVED_AT_ONCE: usize = 16;
+    let api_clients = |pid| thread_stats(pid, |comm| comm == "api-client").len();
     // Killed when dropped, should an assertion fail first.
     let vm = LiveVm::start("api-idle", &["--memory", "64M", "--cmdline", "scenario=spin"]);
     let socket = vm.socket.to_str().unwrap();
     let idle: Vec<UnixStream> = (0..SERVED_AT_ONCE + 8).map(|_| UnixStream::connect(socket).unwrap()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while threads_named(vm.child.id(), "api-client") < SERVED_AT_ONCE && std::time::Instant::now() < deadline {
+    while api_clients(vm.child.id()) < SERVED_AT_ONCE && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Sampled for 1 s, well before the first of them times out (2 s after
@@ -322,7 +316,7 @@ fn idle_clients_are_served_16_at_a_time_and_only_delay_the_others() {
     let until = std::time::Instant::now() + Duration::from_secs(1);
     let mut most = 0;
     while std::time::Instant::now() < until {
-        most = most.max(threads_named(vm.child.id(), "api-client"));
+        most = most.max(api_clients(vm.child.id()));
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(most, SERVED_AT_ONCE, "clients served at once");

@@ -101,16 +101,6 @@ fn spinning_vm_with_device(mode: &str, path: &Path, disk_options: &str) -> (std:
     (child, device)
 }
 
-fn status_field(pid: u32, key: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key}"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn rpc_device_is_confined_and_maps_no_guest_memory() {
     let path = disk("confined.img", 1 << 20);

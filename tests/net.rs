@@ -368,13 +368,6 @@ fn hostile_frames_and_buffers_are_dropped_and_counted_in_every_memory_mode() {
     }
 }
 
-/// A process's peak resident memory in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Frames sent to a guest that posts no receive buffers (its driver never
 /// started) stay in the tap's own queue, which drops what does not fit: the
 /// device does not read them, and neither it nor the VMM grows, in every
@@ -393,7 +386,7 @@ fn frames_for_a_guest_without_receive_buffers_wait_in_the_taps_queue_in_every_me
             let out = ns.exec(&["cat", "/sys/class/net/tap0/statistics/tx_dropped"]).unwrap();
             String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap()
         };
-        let (peak, dropped) = (peak_rss_kib(server), tap_dropped());
+        let (peak, dropped) = (common::status_kib(server, "VmHWM"), tap_dropped());
         ns.within(|| {
             let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
             // Broadcast: no neighbour to resolve, every datagram goes to the tap.
@@ -407,7 +400,7 @@ fn frames_for_a_guest_without_receive_buffers_wait_in_the_taps_queue_in_every_me
         // The tap queues its txqueuelen (1,000) and drops the rest; a device
         // that read the tap would leave it almost nothing to drop.
         assert!(dropped >= FRAMES / 2, "{mode}: the tap dropped only {dropped} of {FRAMES}: something read them");
-        let grown = peak_rss_kib(server).saturating_sub(peak);
+        let grown = common::status_kib(server, "VmHWM").saturating_sub(peak);
         assert!(grown < 2048, "{mode}: the device's process grew by {grown} KiB");
         let counters = net_counters(&vm);
         assert_eq!(counter(&counters, "rx_frames"), 0, "{mode}: {counters}");

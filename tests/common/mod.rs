@@ -118,6 +118,23 @@ pub fn first_mib_hash(path: &std::path::Path) -> String {
     format!("{hash:#x}")
 }
 
+/// The value of `key` in /proc/PID/status.
+pub fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .trim()
+        .to_string()
+}
+
+/// A size in /proc/PID/status (`VmRSS`, say), in KiB.
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    let value = status_field(pid, key);
+    value.split_whitespace().next().and_then(|kib| kib.parse().ok()).unwrap_or_else(|| panic!("{key}: {value}"))
+}
+
 /// The size of the mapping a line of /proc/PID/maps describes.
 pub fn mapping_size(line: &str) -> u64 {
     let (start, end) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
@@ -290,9 +307,7 @@ impl LiveVm {
 
     /// Resident memory of the VMM process in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        status_kib(self.child.id(), "VmRSS")
     }
 
     /// Shuts the VM down through the API and returns skvm's exit status.

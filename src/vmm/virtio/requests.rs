@@ -355,25 +355,21 @@ impl Engine {
             // below, and its successor gets a posting area of its own.
             batch.release();
         }
-        let current = |engine: &Self| !engine.stopped.load(Ordering::SeqCst) && lock(&engine.connection).epoch == epoch;
-        if !current(&self) {
-            // Dropped unread: its answer slot can go back at once.
-            if let (Ok(Ok(answer)), Some(area)) = (&reply, &staging) {
-                area.answered(answer.slot);
-            }
-            return;
-        }
+        let current = |engine: &Self, connection: &Connection| {
+            !engine.stopped.load(Ordering::SeqCst) && connection.epoch == epoch
+        };
         let started = Instant::now();
         let outcome = match reply {
             Ok(Ok(answer)) => {
                 let slot = answer.slot;
-                // Applied under the connection lock, checked once more: a
-                // restart that began since has posted these grants again,
-                // and completing them now would make the new process's
+                // Checked and applied under the connection lock: a restart
+                // that began since has posted these grants again, and
+                // completing them now would make the new process's
                 // completions unknown.
                 let connection = lock(&self.connection);
-                if connection.epoch != epoch {
+                if !current(&self, &connection) {
                     drop(connection);
+                    // Dropped unread: its answer slot can go back at once.
                     staging.iter().for_each(|a| a.answered(slot));
                     return;
                 }
@@ -382,12 +378,13 @@ impl Engine {
                 // Its bytes are in guest RAM: the slot goes back with the next batch.
                 applied.map(|()| staging.iter().for_each(|a| a.answered(slot)))
             }
+            _ if !current(&self, &lock(&self.connection)) => return,
             Ok(Err(refused)) => Err(format!("it refused a batch: {refused}")),
             Err(e) => {
                 // A dead process is the likely cause: give its watcher a
                 // moment to record why (and start a new one).
                 for _ in 0..40 {
-                    if self.context.health.failed.load(Ordering::SeqCst) || !current(&self) {
+                    if self.context.health.failed.load(Ordering::SeqCst) || !current(&self, &lock(&self.connection)) {
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
