@@ -741,9 +741,22 @@ impl Outgoing {
 
     /// Gives the posting slot back (the batch was answered, or never will be).
     fn release(&mut self) {
-        if let (Some(area), Some(slot)) = (&self.staging, self.slot.take()) {
-            area.free_post_slot(slot);
-        }
+        free_post_slot(&self.staging, &mut self.slot);
+    }
+}
+
+/// A batch abandoned before it was taken (a broken ring ends the pop) was
+/// never posted: its posting slot goes straight back.
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        free_post_slot(&self.staging, &mut self.slot);
+    }
+}
+
+/// Gives `slot`, if held, back to the posting area it was taken from.
+fn free_post_slot(staging: &Option<Arc<Staging>>, slot: &mut Option<u8>) {
+    if let (Some(area), Some(slot)) = (staging, slot.take()) {
+        area.free_post_slot(slot);
     }
 }
 
@@ -1114,6 +1127,28 @@ mod tests {
         engine.stop();
         assert!(engine.pop_batch().unwrap().is_empty());
         assert_eq!(lock(&engine.context.access.grants).outstanding(), 0);
+    }
+
+    /// A pop that a broken chain ends gives back the posting slot its
+    /// batch had filled: that batch is never posted, and a slot kept would
+    /// be one fewer for every later batch of the process.
+    #[test]
+    fn a_batch_abandoned_on_a_broken_ring_gives_its_posting_slot_back() {
+        const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let staging = Arc::new(Staging::new().unwrap());
+        let (engine, _) = engine_staging(&mem, client(&Recorder::default()), Some(staging.clone()));
+        // A readable chain big enough to be staged, then one that leaves its table.
+        offer(&mem, 0);
+        mem.write_obj(MIN_STAGED_BYTES as u32, GuestAddress(DESC + 8)).unwrap();
+        offer(&mem, 1);
+        mem.write_obj(VRING_DESC_F_NEXT, GuestAddress(DESC + 16 + 12)).unwrap();
+        mem.write_obj(QUEUE_SIZE, GuestAddress(DESC + 16 + 14)).unwrap();
+        assert!(engine.pop_batch().is_err(), "the broken chain ends the pop");
+        let free = std::iter::from_fn(|| staging.take_post_slot()).count();
+        assert_eq!(free, STAGING_SLOTS as usize, "every posting slot is free again");
     }
 
     #[test]
