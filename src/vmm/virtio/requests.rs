@@ -1044,6 +1044,49 @@ mod tests {
         });
     }
 
+    /// A takeover that comes while a pop is under way waits for it (the pop
+    /// holds the connection throughout), so its snapshot has the pop's
+    /// grant and the popped batch, of the earlier epoch, is not sent: the
+    /// request reaches the new process once. Were the connection held only
+    /// to read the epoch, the grant would be issued after the snapshot and
+    /// the batch dropped as stale: the request would never be served.
+    #[test]
+    fn a_takeover_during_a_pop_waits_for_it_and_posts_what_it_popped() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let (old, new) = (Recorder::default(), Recorder::default());
+            let (engine, health) = engine(&mem, client(&old));
+            engine.disconnect(Instant::now());
+            offer(&mem, 3);
+            let pause = Duration::from_millis(50);
+            // With the queues held, the pop stops once it has the connection.
+            let queues = lock(&engine.queues);
+            let popping = std::thread::spawn({
+                let engine = engine.clone();
+                move || engine.pop_batch().unwrap()
+            });
+            std::thread::sleep(pause);
+            let taking_over = std::thread::spawn({
+                let (engine, client, runtime) = (engine.clone(), client(&new), tokio::runtime::Handle::current());
+                move || {
+                    let _context = runtime.enter();
+                    engine.reconnect(client)
+                }
+            });
+            std::thread::sleep(pause);
+            drop(queues);
+            let popped = popping.join().unwrap();
+            taking_over.join().unwrap().unwrap();
+            engine.send(popped);
+            completed(&mem, 1).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(*lock(&new.posted), [1], "the grants the new process was posted");
+            assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
+            assert_eq!(used(&mem), [3], "the request completed once");
+        });
+    }
+
     /// Waits (a while at most) for `count` completions in the used ring.
     async fn completed(mem: &GuestMemoryMmap, count: usize) -> Vec<u32> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1149,6 +1192,31 @@ mod tests {
         assert!(engine.pop_batch().is_err(), "the broken chain ends the pop");
         let free = std::iter::from_fn(|| staging.take_post_slot()).count();
         assert_eq!(free, STAGING_SLOTS as usize, "every posting slot is free again");
+    }
+
+    /// A pop that waits for the grant table while a reset stops the engine
+    /// and takes the grants back issues none: it looks at `stopped` only
+    /// once it holds the table. Looked at before, it would grant a request
+    /// after the reset had taken every grant back.
+    #[test]
+    fn a_pop_waiting_on_the_grants_during_a_reset_issues_none() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (engine, _) = engine(&mem, client(&Recorder::default()));
+        offer(&mem, 0);
+        let mut grants = lock(&engine.context.access.grants);
+        let popping = std::thread::spawn({
+            let engine = engine.clone();
+            move || engine.pop_batch().unwrap().requests.len()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        // `Engine::stop`'s two steps, the pop waiting on the table meanwhile.
+        engine.stopped.store(true, Ordering::SeqCst);
+        grants.revoke_all();
+        drop(grants);
+        assert_eq!(popping.join().unwrap(), 0, "the pop posts nothing");
+        assert_eq!(lock(&engine.context.access.grants).outstanding(), 0, "a grant was issued after the reset");
     }
 
     #[test]
