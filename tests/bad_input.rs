@@ -184,6 +184,66 @@ fn help_teaches() {
     }
 }
 
+/// The commands a `--help` lists, each `(name, summary)` line under its
+/// `Commands:` heading (clap's layout), but for `help` itself.
+fn commands_in(help: &str) -> Vec<String> {
+    let listed = help.split("Commands:").nth(1).and_then(|rest| rest.split("\n\n").next()).unwrap_or("");
+    let names = listed.lines().filter(|l| l.starts_with("  ") && !l.starts_with("   "));
+    names.filter_map(|l| l.split_whitespace().next()).filter(|n| *n != "help").map(String::from).collect()
+}
+
+/// The long flags a `--help` lists, each at the start of its own line.
+fn flags_in(help: &str) -> Vec<String> {
+    let long_flag = |line: &str| {
+        let line = line.trim_start();
+        // `-x, --flag`: the long form.
+        let line = match line.split_once(", ") {
+            Some((short, long)) if short.len() == 2 && short.starts_with('-') => long,
+            _ => line,
+        };
+        let flag = line.split(|c: char| c != '-' && !c.is_ascii_alphanumeric()).next()?;
+        flag.starts_with("--").then(|| flag.to_string())
+    };
+    help.lines().filter_map(long_flag).filter(|f| f != "--help" && f != "--version").collect()
+}
+
+/// README is where users look up a flag: every command and every flag
+/// that a `--help` lists is in it (`skvm NAME`, `--flag`), and `skvm
+/// ctl`'s usage line names every control command.
+#[test]
+fn readme_documents_every_command_and_flag() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let top = run(&["--help"]);
+    let commands = commands_in(&top.stdout);
+    assert!(commands.len() >= 4 && commands.contains(&"run".to_string()), "commands found: {commands:?}");
+    let mut missing = Vec::new();
+    for command in &commands {
+        if !readme.contains(&format!("skvm {command}")) {
+            missing.push(format!("skvm {command}"));
+        }
+        let help = run(&[command, "--help"]);
+        assert_eq!(help.code(), Some(0), "skvm {command} --help: {}", help.stderr);
+        let flags = flags_in(&help.stdout);
+        assert!(command != "run" || flags.len() > 10, "flags found in skvm run --help: {flags:?}");
+        missing
+            .extend(flags.into_iter().filter(|f| !readme.contains(f.as_str())).map(|f| format!("skvm {command} {f}")));
+    }
+    let ctl_usage =
+        readme.lines().find(|l| l.starts_with("`skvm ctl --api-socket")).expect("README has skvm ctl's usage line");
+    for command in commands_in(&run(&["ctl", "--help"]).stdout) {
+        if !ctl_usage.contains(&command) {
+            missing.push(format!("skvm ctl {command}"));
+        }
+        missing.extend(
+            flags_in(&run(&["ctl", &command, "--help"]).stdout)
+                .into_iter()
+                .filter(|f| !readme.contains(f.as_str()))
+                .map(|f| format!("skvm ctl {command} {f}")),
+        );
+    }
+    assert!(missing.is_empty(), "README does not document: {missing:?}");
+}
+
 /// A FIFO with nobody at the other end, a character device or a directory
 /// where a file belongs: a clear error at once, never a hang (SIGINT is
 /// blocked while the VM is set up) or an endless read.
