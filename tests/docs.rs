@@ -1,6 +1,6 @@
-//! The docs back their claims by naming the tests that check them: every
-//! test they name exists, so a renamed or deleted test cannot leave a
-//! claim pointing at nothing.
+//! The docs back their claims by naming the tests that check them and the
+//! files that do the work: every test and source file they name exists,
+//! so a renamed or deleted one cannot leave a claim pointing at nothing.
 use std::path::{Path, PathBuf};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -31,6 +31,44 @@ fn test_names(text: &str) -> Vec<&str> {
     text.split('`').skip(1).step_by(2).filter(is_name).collect()
 }
 
+/// README and the docs themselves (not the studies' generated reports below them).
+fn docs(root: &Path) -> Vec<PathBuf> {
+    let docs = std::fs::read_dir(root.join("docs")).unwrap().flatten().map(|e| e.path());
+    let mut docs: Vec<PathBuf> = docs.filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
+    docs.push(root.join("README.md"));
+    docs
+}
+
+/// Names in backquotes that read as a source file or script: a path
+/// ending in `.rs` or `.sh`.
+fn file_names(text: &str) -> Vec<&str> {
+    let is_path = |s: &&str| {
+        (s.ends_with(".rs") || s.ends_with(".sh")) && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
+    };
+    text.split('`').skip(1).step_by(2).filter(is_path).collect()
+}
+
+#[test]
+fn every_source_file_the_docs_name_exists() {
+    let root = Path::new(ROOT);
+    let mut sources: Vec<String> = Vec::new();
+    for dir in ["src", "tests", "rpc-schema", "benches", "scripts", ".ci"] {
+        sources.extend(files(&root.join(dir), "").iter().map(|p| p.to_string_lossy().into_owned()));
+    }
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for doc in docs(root) {
+        for name in file_names(&std::fs::read_to_string(&doc).unwrap()) {
+            named += 1;
+            if !sources.iter().any(|s| s.ends_with(&format!("/{name}"))) {
+                missing.push(format!("{}: {name}", doc.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    assert!(named >= 20, "only {named} file names found in the docs: the scan is broken");
+    assert!(missing.is_empty(), "the docs name files that do not exist: {missing:#?}");
+}
+
 #[test]
 fn every_test_the_docs_name_exists() {
     let root = Path::new(ROOT);
@@ -40,13 +78,10 @@ fn every_test_the_docs_name_exists() {
             functions.push_str(&std::fs::read_to_string(&file).unwrap());
         }
     }
-    // README and the docs themselves (not the studies' generated reports below them).
-    let docs = std::fs::read_dir(root.join("docs")).unwrap().flatten().map(|e| e.path());
-    let docs: Vec<PathBuf> = docs.filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
     let mut named = 0;
     let mut missing = Vec::new();
-    for doc in docs.iter().chain([&root.join("README.md")]) {
-        let text = std::fs::read_to_string(doc).unwrap();
+    for doc in docs(root) {
+        let text = std::fs::read_to_string(&doc).unwrap();
         for name in test_names(&text) {
             named += 1;
             if !functions.contains(&format!("fn {name}(")) {
