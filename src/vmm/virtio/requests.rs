@@ -1017,6 +1017,29 @@ mod tests {
         (0..u64::from(idx)).map(|i| mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap()).collect()
     }
 
+    /// An engine whose process died (a restart is under way: the old
+    /// process is disconnected), with a request at head 3 to pop; the old
+    /// process and the new one to take over.
+    fn restarting(mem: &GuestMemoryMmap) -> (Recorder, Recorder, Arc<Engine>, Arc<DeviceHealth>) {
+        let (old, new) = (Recorder::default(), Recorder::default());
+        let (engine, health) = engine(mem, client(&old));
+        engine.disconnect(Instant::now());
+        offer(mem, 3);
+        (old, new, engine, health)
+    }
+
+    /// The request at head 3 was posted to `new` once, never to `old`, and
+    /// completed once, and the device did not fail.
+    async fn served_once_by(new: &Recorder, old: &Recorder, health: &DeviceHealth, mem: &GuestMemoryMmap) {
+        completed(mem, 1).await;
+        // Time for a second posting to be answered too.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*lock(&new.posted), [1], "the grants the new process was posted");
+        assert!(lock(&old.posted).is_empty(), "the old process was posted a request after its death");
+        assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
+        assert_eq!(used(mem), [3], "the request completed once");
+    }
+
     /// A batch popped while a restart is under way, and sent only once the
     /// new process took over, reaches that process once: its grant is
     /// posted by the takeover itself. Sent as well, the request would be
@@ -1026,21 +1049,12 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-            let (old, new) = (Recorder::default(), Recorder::default());
-            let (engine, health) = engine(&mem, client(&old));
-            engine.disconnect(Instant::now());
-            offer(&mem, 3);
+            let (old, new, engine, health) = restarting(&mem);
             let popped = engine.pop_batch().unwrap();
             assert_eq!(popped.requests.len(), 1);
             engine.reconnect(client(&new)).unwrap();
             engine.send(popped);
-            completed(&mem, 1).await;
-            // Time for a second posting to be answered too.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            assert_eq!(*lock(&new.posted), [1], "the grants the new process was posted");
-            assert!(lock(&old.posted).is_empty(), "the old process was posted a request after its death");
-            assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
-            assert_eq!(used(&mem), [3], "the request completed once");
+            served_once_by(&new, &old, &health, &mem).await;
         });
     }
 
@@ -1055,10 +1069,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-            let (old, new) = (Recorder::default(), Recorder::default());
-            let (engine, health) = engine(&mem, client(&old));
-            engine.disconnect(Instant::now());
-            offer(&mem, 3);
+            let (old, new, engine, health) = restarting(&mem);
             let pause = Duration::from_millis(50);
             // With the queues held, the pop stops once it has the connection.
             let queues = lock(&engine.queues);
@@ -1079,11 +1090,7 @@ mod tests {
             let popped = popping.join().unwrap();
             taking_over.join().unwrap().unwrap();
             engine.send(popped);
-            completed(&mem, 1).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            assert_eq!(*lock(&new.posted), [1], "the grants the new process was posted");
-            assert!(!health.failed.load(Ordering::SeqCst), "{:?}", lock(&health.reason));
-            assert_eq!(used(&mem), [3], "the request completed once");
+            served_once_by(&new, &old, &health, &mem).await;
         });
     }
 
