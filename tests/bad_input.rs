@@ -207,26 +207,34 @@ fn flags_in(help: &str) -> Vec<String> {
     help.lines().filter_map(long_flag).filter(|f| f != "--help" && f != "--version").collect()
 }
 
+/// The long flags `skvm COMMAND --help` lists, and those of them README
+/// does not have (as `skvm COMMAND --flag`).
+fn undocumented_flags(readme: &str, command: &[&str]) -> (Vec<String>, Vec<String>) {
+    let help = run(&[command, &["--help"]].concat());
+    assert_eq!(help.code(), Some(0), "skvm {command:?} --help: {}", help.stderr);
+    let flags = flags_in(&help.stdout);
+    let command = command.join(" ");
+    let missing =
+        flags.iter().filter(|f| !readme.contains(f.as_str())).map(|f| format!("skvm {command} {f}")).collect();
+    (flags, missing)
+}
+
 /// README is where users look up a flag: every command and every flag
 /// that a `--help` lists is in it (`skvm NAME`, `--flag`), and `skvm
 /// ctl`'s usage line names every control command.
 #[test]
 fn readme_documents_every_command_and_flag() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let top = run(&["--help"]);
-    let commands = commands_in(&top.stdout);
+    let commands = commands_in(&run(&["--help"]).stdout);
     assert!(commands.len() >= 4 && commands.contains(&"run".to_string()), "commands found: {commands:?}");
     let mut missing = Vec::new();
     for command in &commands {
         if !readme.contains(&format!("skvm {command}")) {
             missing.push(format!("skvm {command}"));
         }
-        let help = run(&[command, "--help"]);
-        assert_eq!(help.code(), Some(0), "skvm {command} --help: {}", help.stderr);
-        let flags = flags_in(&help.stdout);
+        let (flags, undocumented) = undocumented_flags(&readme, &[command]);
         assert!(command != "run" || flags.len() > 10, "flags found in skvm run --help: {flags:?}");
-        missing
-            .extend(flags.into_iter().filter(|f| !readme.contains(f.as_str())).map(|f| format!("skvm {command} {f}")));
+        missing.extend(undocumented);
     }
     let ctl_usage =
         readme.lines().find(|l| l.starts_with("`skvm ctl --api-socket")).expect("README has skvm ctl's usage line");
@@ -234,12 +242,7 @@ fn readme_documents_every_command_and_flag() {
         if !ctl_usage.contains(&command) {
             missing.push(format!("skvm ctl {command}"));
         }
-        missing.extend(
-            flags_in(&run(&["ctl", &command, "--help"]).stdout)
-                .into_iter()
-                .filter(|f| !readme.contains(f.as_str()))
-                .map(|f| format!("skvm ctl {command} {f}")),
-        );
+        missing.extend(undocumented_flags(&readme, &["ctl", &command]).1);
     }
     assert!(missing.is_empty(), "README does not document: {missing:?}");
 }

@@ -19,6 +19,11 @@ fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     found
 }
 
+/// What the text puts in backquotes.
+fn quoted(text: &str) -> impl Iterator<Item = &str> {
+    text.split('`').skip(1).step_by(2)
+}
+
 /// Names in backquotes that read as a test's name: five or more
 /// lowercase words joined by `_` (shorter ones are field and function
 /// names as often as tests).
@@ -28,15 +33,7 @@ fn test_names(text: &str) -> Vec<&str> {
         words.len() >= 5
             && words.iter().all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
     };
-    text.split('`').skip(1).step_by(2).filter(is_name).collect()
-}
-
-/// README and the docs themselves (not the studies' generated reports below them).
-fn docs(root: &Path) -> Vec<PathBuf> {
-    let docs = std::fs::read_dir(root.join("docs")).unwrap().flatten().map(|e| e.path());
-    let mut docs: Vec<PathBuf> = docs.filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
-    docs.push(root.join("README.md"));
-    docs
+    quoted(text).filter(is_name).collect()
 }
 
 /// Names in backquotes that read as a source file or script: a path
@@ -45,7 +42,29 @@ fn file_names(text: &str) -> Vec<&str> {
     let is_path = |s: &&str| {
         (s.ends_with(".rs") || s.ends_with(".sh")) && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
     };
-    text.split('`').skip(1).step_by(2).filter(is_path).collect()
+    quoted(text).filter(is_path).collect()
+}
+
+/// The names `names_in` finds in README and the docs themselves (not the
+/// studies' generated reports below them) that `exists` does not know,
+/// each with the doc that names it; at least 20 must be found.
+fn named_but_missing(names_in: fn(&str) -> Vec<&str>, exists: impl Fn(&str) -> bool) -> Vec<String> {
+    let root = Path::new(ROOT);
+    let docs = std::fs::read_dir(root.join("docs")).unwrap().flatten().map(|e| e.path());
+    let docs = docs.filter(|p| p.extension().is_some_and(|e| e == "md")).chain([root.join("README.md")]);
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for name in names_in(&text) {
+            named += 1;
+            if !exists(name) {
+                missing.push(format!("{}: {name}", doc.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    assert!(named >= 20, "only {named} names found in the docs: the scan is broken");
+    missing
 }
 
 #[test]
@@ -55,17 +74,7 @@ fn every_source_file_the_docs_name_exists() {
     for dir in ["src", "tests", "rpc-schema", "benches", "scripts", ".ci"] {
         sources.extend(files(&root.join(dir), "").iter().map(|p| p.to_string_lossy().into_owned()));
     }
-    let mut named = 0;
-    let mut missing = Vec::new();
-    for doc in docs(root) {
-        for name in file_names(&std::fs::read_to_string(&doc).unwrap()) {
-            named += 1;
-            if !sources.iter().any(|s| s.ends_with(&format!("/{name}"))) {
-                missing.push(format!("{}: {name}", doc.strip_prefix(root).unwrap().display()));
-            }
-        }
-    }
-    assert!(named >= 20, "only {named} file names found in the docs: the scan is broken");
+    let missing = named_but_missing(file_names, |name| sources.iter().any(|s| s.ends_with(&format!("/{name}"))));
     assert!(missing.is_empty(), "the docs name files that do not exist: {missing:#?}");
 }
 
@@ -78,17 +87,6 @@ fn every_test_the_docs_name_exists() {
             functions.push_str(&std::fs::read_to_string(&file).unwrap());
         }
     }
-    let mut named = 0;
-    let mut missing = Vec::new();
-    for doc in docs(root) {
-        let text = std::fs::read_to_string(&doc).unwrap();
-        for name in test_names(&text) {
-            named += 1;
-            if !functions.contains(&format!("fn {name}(")) {
-                missing.push(format!("{}: {name}", doc.strip_prefix(root).unwrap().display()));
-            }
-        }
-    }
-    assert!(named >= 20, "only {named} test names found in the docs: the scan is broken");
+    let missing = named_but_missing(test_names, |name| functions.contains(&format!("fn {name}(")));
     assert!(missing.is_empty(), "the docs name tests that do not exist: {missing:#?}");
 }
